@@ -1,0 +1,472 @@
+//! The admin API: HTTP/1.1 on its own listener and thread, keep-alive and pipelining.
+//!
+//! It owns the admin sockets and turns requests into reactor commands: a publish is framed here, once, and the
+//! same bytes go to every reactor's mailbox. It does not touch client connections; presence and kicks are
+//! answered by the reactors that own them. Request framing and routing are sans-IO (`http`, `route`).
+
+pub mod http;
+pub mod route;
+
+use crate::frame;
+use crate::mailbox::{Command, Mailbox, Target};
+use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
+use http::{Method, Request};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use route::{Route, RouteError};
+use slab::Slab;
+use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(usize::MAX);
+
+/// How long the admin thread waits for every reactor to answer a presence query or a kick.
+pub const REACTOR_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Kick close code when the request names none: the 4000 range is for applications (RFC 6455 §7.4.2), and a
+/// client can tell "you were removed" from a restart (1001) or an error.
+pub const DEFAULT_KICK_CODE: u16 = 4000;
+/// Kick close reason when the request names none.
+pub const DEFAULT_KICK_REASON: &str = "disconnected by server";
+
+/// What the admin server needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Bearer key required on every route but `/healthz`; `None` = open.
+    pub api_key: Option<String>,
+    /// Request limits.
+    pub limits: http::Limits,
+}
+
+/// Everything the admin thread talks to.
+pub struct AdminServer {
+    poll: Poll,
+    listener: TcpListener,
+    conns: Slab<AdminConn>,
+    reactors: Vec<Arc<Mailbox>>,
+    reactor_metrics: Vec<Arc<ReactorMetrics>>,
+    metrics: Arc<AdminMetrics>,
+    settings: AdminSettings,
+}
+
+struct AdminConn {
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    close_after_write: bool,
+}
+
+/// A response before it is written.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(status: u16, value: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: value.to_string().into_bytes(),
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Reply {
+        Reply::json(status, serde_json::json!({ "error": message }))
+    }
+}
+
+impl AdminServer {
+    /// An admin server on an already bound, non-blocking listener.
+    pub fn new(
+        listener: std::net::TcpListener,
+        reactors: Vec<Arc<Mailbox>>,
+        reactor_metrics: Vec<Arc<ReactorMetrics>>,
+        metrics: Arc<AdminMetrics>,
+        settings: AdminSettings,
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(AdminServer {
+            poll,
+            listener,
+            conns: Slab::new(),
+            reactors,
+            reactor_metrics,
+            metrics,
+            settings,
+        })
+    }
+
+    /// Serves until the process exits.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("admin poll failed, admin API stops: {e}");
+                return;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    Token(key) => {
+                        if event.is_writable() || event.is_error() {
+                            self.write_out(key);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read_in(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let entry = self.conns.vacant_entry();
+                    let token = Token(entry.key());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        entry.insert(AdminConn {
+                            stream,
+                            inbuf: Vec::new(),
+                            outbuf: Vec::new(),
+                            close_after_write: false,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("admin accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_in(&mut self, key: usize) {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if conn.close_after_write {
+                return;
+            }
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => {
+                    // The client is done sending; answer what it sent, then close.
+                    conn.close_after_write = true;
+                    break;
+                }
+                Ok(n) => conn.inbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.conns.remove(key);
+                    return;
+                }
+            }
+        }
+        self.serve_buffered(key);
+        self.write_out(key);
+    }
+
+    /// Answers every complete request in the input buffer, in order (pipelining).
+    fn serve_buffered(&mut self, key: usize) {
+        loop {
+            let conn = &mut self.conns[key];
+            match http::parse_request(&conn.inbuf, &self.settings.limits) {
+                Ok(None) => return,
+                Ok(Some((request, consumed))) => {
+                    conn.inbuf.drain(..consumed);
+                    let keep_alive = request.keep_alive;
+                    let head_only = request.method == Method::Head;
+                    let reply = self.handle(&request);
+                    self.respond(key, reply, keep_alive, head_only);
+                    if !keep_alive {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let reply = Reply::error(error.status(), error.message());
+                    self.respond(key, reply, false, false);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn respond(&mut self, key: usize, reply: Reply, keep_alive: bool, head_only: bool) {
+        let counter = match reply.status {
+            200..=299 => &self.metrics.requests_2xx,
+            400..=499 => &self.metrics.requests_4xx,
+            _ => &self.metrics.requests_5xx,
+        };
+        counter.fetch_add(1, Relaxed);
+        let conn = &mut self.conns[key];
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        if head_only {
+            // HEAD: the GET answer's headers, Content-Length included, without its body (RFC 9110 §9.3.2).
+            let length = reply.body.len();
+            http::write_response_head(
+                &mut conn.outbuf,
+                reply.status,
+                reply.content_type,
+                &headers,
+                length,
+                keep_alive,
+            );
+        } else {
+            http::write_response(
+                &mut conn.outbuf,
+                reply.status,
+                reply.content_type,
+                &headers,
+                &reply.body,
+                keep_alive,
+            );
+        }
+        if !keep_alive {
+            conn.close_after_write = true;
+            conn.inbuf.clear();
+        }
+    }
+
+    fn write_out(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        while !conn.outbuf.is_empty() {
+            match conn.stream.write(&conn.outbuf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.conns.remove(key);
+                    return;
+                }
+            }
+        }
+        if conn.close_after_write {
+            self.conns.remove(key);
+        }
+    }
+
+    // ---- requests ----------------------------------------------------------------------------------------
+
+    fn handle(&self, request: &Request) -> Reply {
+        let route = match route::route(request.method, &request.path) {
+            Ok(route) => route,
+            Err(RouteError::NotFound) => return Reply::error(404, "no such route"),
+            Err(RouteError::MethodNotAllowed { allow }) => {
+                let mut reply = Reply::error(405, "method not allowed");
+                reply.headers.push(("Allow", allow.to_string()));
+                return reply;
+            }
+            Err(RouteError::BadSegment(why)) => return Reply::error(400, why),
+        };
+        if route != Route::Healthz && !self.authorized(request) {
+            let mut reply = Reply::error(
+                401,
+                "missing or wrong admin API key (Authorization: Bearer <key>)",
+            );
+            reply
+                .headers
+                .push(("WWW-Authenticate", "Bearer".to_string()));
+            return reply;
+        }
+        match route {
+            Route::PublishUser { user } => {
+                self.publish(Target::User(user), TargetKind::User, request)
+            }
+            Route::PublishUserClient { user, client } => self.publish(
+                Target::UserClient(user, client),
+                TargetKind::UserClient,
+                request,
+            ),
+            Route::PublishChannel { channel } => {
+                self.publish(Target::Channel(channel), TargetKind::Channel, request)
+            }
+            Route::PublishAll => self.publish(Target::All, TargetKind::All, request),
+            Route::KickUser { user } => self.kick(Target::User(user), request),
+            Route::KickUserClient { user, client } => {
+                self.kick(Target::UserClient(user, client), request)
+            }
+            Route::Presence { user } => self.presence(user),
+            Route::Healthz => Reply::json(200, serde_json::json!({ "status": "ok" })),
+            Route::Metrics => {
+                let reactors: Vec<&ReactorMetrics> =
+                    self.reactor_metrics.iter().map(|m| m.as_ref()).collect();
+                let text = metrics::render(&reactors, &self.metrics, metrics::resident_bytes());
+                Reply {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    headers: Vec::new(),
+                    body: text.into_bytes(),
+                }
+            }
+        }
+    }
+
+    fn authorized(&self, request: &Request) -> bool {
+        let Some(key) = self.settings.api_key.as_deref() else {
+            return true;
+        };
+        let presented = request
+            .authorization
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(presented.trim().as_bytes(), key.as_bytes())
+    }
+
+    fn publish(&self, target: Target, kind: TargetKind, request: &Request) -> Reply {
+        let binary = request
+            .content_type
+            .as_deref()
+            .and_then(|ct| ct.split(';').next())
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/octet-stream"));
+        if !binary && std::str::from_utf8(&request.body).is_err() {
+            return Reply::error(
+                400,
+                "body is not valid UTF-8; send binary with Content-Type: application/octet-stream",
+            );
+        }
+        // Framed once; every reactor and every recipient shares these bytes.
+        let frame = frame::encode_message(!binary, &request.body);
+        let target = Arc::new(target);
+        for mailbox in &self.reactors {
+            mailbox.send(Command::Publish {
+                target: target.clone(),
+                frame: frame.clone(),
+            });
+        }
+        self.metrics.published[kind as usize].fetch_add(1, Relaxed);
+        Reply::json(
+            202,
+            serde_json::json!({
+                "accepted": true,
+                "target": metrics::TARGET_LABELS[kind as usize],
+                "bytes": request.body.len(),
+                "binary": binary,
+            }),
+        )
+    }
+
+    fn kick(&self, target: Target, request: &Request) -> Reply {
+        let code = match crate::handshake::query_param(&request.query, "code") {
+            None => DEFAULT_KICK_CODE,
+            Some(text) => match text.parse::<u16>() {
+                Ok(code) if code == 1000 || (4000..=4999).contains(&code) => code,
+                _ => return Reply::error(400, "code must be 1000 or 4000-4999"),
+            },
+        };
+        let reason = crate::handshake::query_param(&request.query, "reason")
+            .map_or_else(|| DEFAULT_KICK_REASON.to_string(), |r| r.into_owned());
+        // A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason (RFC 6455 §5.5).
+        if reason.len() > 123 {
+            return Reply::error(400, "reason must be at most 123 bytes");
+        }
+        self.metrics.kicks.fetch_add(1, Relaxed);
+        let target = Arc::new(target);
+        let reason: Arc<str> = reason.into();
+        let answers = self.ask(|reply| Command::Kick {
+            target: target.clone(),
+            code,
+            reason: reason.clone(),
+            reply,
+        });
+        match answers {
+            Some(closed) => Reply::json(200, serde_json::json!({ "closed": closed, "code": code })),
+            None => Reply::error(503, "a reactor did not answer in time"),
+        }
+    }
+
+    fn presence(&self, user: String) -> Reply {
+        let user: Arc<str> = user.into();
+        match self.ask(|reply| Command::Presence {
+            user: user.clone(),
+            reply,
+        }) {
+            Some(count) => Reply::json(
+                200,
+                serde_json::json!({ "user": &*user, "connections": count }),
+            ),
+            None => Reply::error(503, "a reactor did not answer in time"),
+        }
+    }
+
+    /// Sends a question to every reactor and sums the answers; `None` if any reactor does not answer in time.
+    fn ask(&self, make: impl Fn(mpsc::Sender<usize>) -> Command) -> Option<usize> {
+        let (tx, rx) = mpsc::channel();
+        for mailbox in &self.reactors {
+            mailbox.send(make(tx.clone()));
+        }
+        drop(tx);
+        let deadline = Instant::now() + REACTOR_REPLY_TIMEOUT;
+        let mut total = 0;
+        for _ in 0..self.reactors.len() {
+            total += rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+        }
+        Some(total)
+    }
+}
+
+/// Compares secrets in time that depends only on their lengths, so response timing does not reveal a prefix.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HttpError;
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn http_error_reply_is_json() {
+        let reply = Reply::error(413, HttpError::BodyTooLarge.message());
+        let value: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert!(value["error"].as_str().is_some());
+    }
+}

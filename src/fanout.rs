@@ -1,0 +1,539 @@
+//! The per-reactor fanout index: user, client token and channel → connection slab keys.
+//!
+//! It owns the names (interned once per reactor, not once per connection) and each connection's membership
+//! record, kept in a vector indexed by slab key beside the connection slab. It does not own connections or
+//! decide what to send. Memory per connection is the point: a user's connections are an intrusive doubly
+//! linked list threaded through the membership records, so a user with one or two connections costs one
+//! table entry and no allocation; channel member lists are vectors with each member's position remembered,
+//! so joining and leaving are O(1) even for a channel with a million members.
+//!
+//! The caller must `remove` a key before the slab frees it, so a reused key never inherits memberships.
+
+use compact_str::CompactString;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use slab::Slab;
+use std::hash::BuildHasher;
+
+/// Slab key of a connection.
+pub type ConnKey = u32;
+/// Interned name id inside one table.
+type NameId = u32;
+/// "No key / no id".
+const NIL: u32 = u32::MAX;
+
+/// Names interned once per reactor: a hash table of ids over a slab of (name, value).
+/// Short names (up to 24 bytes) live inline in the entry, so an interned id costs no extra allocation.
+#[derive(Debug)]
+struct NameTable<V> {
+    hasher: DefaultHashBuilder,
+    index: HashTable<NameId>,
+    entries: Slab<(CompactString, V)>,
+}
+
+impl<V> NameTable<V> {
+    fn new() -> Self {
+        NameTable {
+            hasher: DefaultHashBuilder::default(),
+            index: HashTable::new(),
+            entries: Slab::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn find(&self, name: &str) -> Option<NameId> {
+        let hash = self.hasher.hash_one(name);
+        self.index
+            .find(hash, |&id| self.entries[id as usize].0 == name)
+            .copied()
+    }
+
+    fn get_or_insert_with(&mut self, name: &str, make: impl FnOnce() -> V) -> NameId {
+        if let Some(id) = self.find(name) {
+            return id;
+        }
+        let id = self.entries.insert((CompactString::from(name), make())) as NameId;
+        let hash = self.hasher.hash_one(name);
+        let (hasher, entries) = (&self.hasher, &self.entries);
+        self.index.insert_unique(hash, id, |&other| {
+            hasher.hash_one(entries[other as usize].0.as_str())
+        });
+        id
+    }
+
+    fn value(&self, id: NameId) -> &V {
+        &self.entries[id as usize].1
+    }
+
+    fn value_mut(&mut self, id: NameId) -> &mut V {
+        &mut self.entries[id as usize].1
+    }
+
+    fn remove(&mut self, id: NameId) {
+        let hash = self.hasher.hash_one(self.entries[id as usize].0.as_str());
+        if let Ok(entry) = self.index.find_entry(hash, |&other| other == id) {
+            entry.remove();
+        }
+        self.entries.remove(id as usize);
+    }
+}
+
+/// A user's connections: head of the intrusive list and its length.
+#[derive(Debug)]
+struct UserList {
+    head: ConnKey,
+    count: u32,
+}
+
+/// One channel membership of a connection, with its position in the channel's member vector.
+#[derive(Debug, Clone, Copy)]
+struct ChannelLink {
+    channel: NameId,
+    pos: u32,
+}
+
+/// Membership record of one connection (indexed by slab key). `user == NIL` means "not indexed".
+#[derive(Debug)]
+struct Member {
+    user: NameId,
+    client: NameId,
+    prev: ConnKey,
+    next: ConnKey,
+    channels: Box<[ChannelLink]>,
+}
+
+impl Member {
+    fn empty() -> Member {
+        // An empty boxed slice does not allocate.
+        Member {
+            user: NIL,
+            client: NIL,
+            prev: NIL,
+            next: NIL,
+            channels: Box::default(),
+        }
+    }
+}
+
+/// Sizes of the index, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FanoutSizes {
+    /// Indexed connections.
+    pub connections: usize,
+    /// Distinct users.
+    pub users: usize,
+    /// Distinct client tokens.
+    pub clients: usize,
+    /// Channels with at least one member.
+    pub channels: usize,
+}
+
+/// The fanout index of one reactor.
+#[derive(Debug)]
+pub struct Fanout {
+    users: NameTable<UserList>,
+    /// Client tokens with the number of connections holding each.
+    clients: NameTable<u32>,
+    channels: NameTable<Vec<ConnKey>>,
+    members: Vec<Member>,
+    indexed: usize,
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fanout {
+    /// An empty index.
+    pub fn new() -> Self {
+        Fanout {
+            users: NameTable::new(),
+            clients: NameTable::new(),
+            channels: NameTable::new(),
+            members: Vec::new(),
+            indexed: 0,
+        }
+    }
+
+    /// Indexes connection `key` under its identity. The key must not be indexed already.
+    pub fn add(&mut self, key: ConnKey, user: &str, client: Option<&str>, channels: &[String]) {
+        let k = key as usize;
+        if self.members.len() <= k {
+            self.members.resize_with(k + 1, Member::empty);
+        }
+        debug_assert_eq!(self.members[k].user, NIL, "connection {key} indexed twice");
+
+        let user_id = self.users.get_or_insert_with(user, || UserList {
+            head: NIL,
+            count: 0,
+        });
+        let list = self.users.value_mut(user_id);
+        let old_head = list.head;
+        list.head = key;
+        list.count += 1;
+        if old_head != NIL {
+            self.members[old_head as usize].prev = key;
+        }
+
+        let client_id = match client {
+            Some(name) => {
+                let id = self.clients.get_or_insert_with(name, || 0);
+                *self.clients.value_mut(id) += 1;
+                id
+            }
+            None => NIL,
+        };
+
+        let links: Box<[ChannelLink]> = channels
+            .iter()
+            .map(|name| {
+                let channel = self.channels.get_or_insert_with(name, Vec::new);
+                let list = self.channels.value_mut(channel);
+                list.push(key);
+                ChannelLink {
+                    channel,
+                    pos: (list.len() - 1) as u32,
+                }
+            })
+            .collect();
+
+        self.members[k] = Member {
+            user: user_id,
+            client: client_id,
+            prev: NIL,
+            next: old_head,
+            channels: links,
+        };
+        self.indexed += 1;
+    }
+
+    /// Removes connection `key` from every index; a key that is not indexed is ignored.
+    pub fn remove(&mut self, key: ConnKey) {
+        let Some(member) = self.members.get_mut(key as usize) else {
+            return;
+        };
+        if member.user == NIL {
+            return;
+        }
+        let member = std::mem::replace(member, Member::empty());
+        self.indexed -= 1;
+
+        if member.prev != NIL {
+            self.members[member.prev as usize].next = member.next;
+        }
+        if member.next != NIL {
+            self.members[member.next as usize].prev = member.prev;
+        }
+        let list = self.users.value_mut(member.user);
+        if list.head == key {
+            list.head = member.next;
+        }
+        list.count -= 1;
+        if list.count == 0 {
+            self.users.remove(member.user);
+        }
+
+        if member.client != NIL {
+            let refs = self.clients.value_mut(member.client);
+            *refs -= 1;
+            if *refs == 0 {
+                self.clients.remove(member.client);
+            }
+        }
+
+        for link in member.channels.iter() {
+            let list = self.channels.value_mut(link.channel);
+            let removed = list.swap_remove(link.pos as usize);
+            debug_assert_eq!(removed, key);
+            if let Some(&moved) = list.get(link.pos as usize) {
+                // The last member moved into our slot: fix its remembered position.
+                let moved_links = &mut self.members[moved as usize].channels;
+                if let Some(l) = moved_links.iter_mut().find(|l| l.channel == link.channel) {
+                    l.pos = link.pos;
+                }
+            }
+            if list.is_empty() {
+                self.channels.remove(link.channel);
+            }
+        }
+    }
+
+    /// Appends the keys of every connection of `user` to `out`.
+    pub fn user_conns(&self, user: &str, out: &mut Vec<ConnKey>) {
+        self.collect_user(user, None, out);
+    }
+
+    /// Appends the keys of the connections of `user` that carry client token `client`.
+    pub fn user_client_conns(&self, user: &str, client: &str, out: &mut Vec<ConnKey>) {
+        // An unknown client token matches nothing (not "every connection without a token").
+        if let Some(client_id) = self.clients.find(client) {
+            self.collect_user(user, Some(client_id), out);
+        }
+    }
+
+    fn collect_user(&self, user: &str, client: Option<NameId>, out: &mut Vec<ConnKey>) {
+        let Some(user_id) = self.users.find(user) else {
+            return;
+        };
+        let mut key = self.users.value(user_id).head;
+        while key != NIL {
+            let member = &self.members[key as usize];
+            if client.is_none_or(|c| c == member.client) {
+                out.push(key);
+            }
+            key = member.next;
+        }
+    }
+
+    /// Appends the keys of every connection subscribed to `channel`.
+    pub fn channel_conns(&self, channel: &str, out: &mut Vec<ConnKey>) {
+        if let Some(id) = self.channels.find(channel) {
+            out.extend_from_slice(self.channels.value(id));
+        }
+    }
+
+    /// Number of connections of `user` in this reactor.
+    pub fn user_count(&self, user: &str) -> usize {
+        self.users
+            .find(user)
+            .map_or(0, |id| self.users.value(id).count as usize)
+    }
+
+    /// Sizes of the index.
+    pub fn sizes(&self) -> FanoutSizes {
+        FanoutSizes {
+            connections: self.indexed,
+            users: self.users.len(),
+            clients: self.clients.len(),
+            channels: self.channels.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn sorted(mut v: Vec<ConnKey>) -> Vec<ConnKey> {
+        v.sort();
+        v
+    }
+
+    fn user(f: &Fanout, u: &str) -> Vec<ConnKey> {
+        let mut out = Vec::new();
+        f.user_conns(u, &mut out);
+        sorted(out)
+    }
+
+    fn user_client(f: &Fanout, u: &str, c: &str) -> Vec<ConnKey> {
+        let mut out = Vec::new();
+        f.user_client_conns(u, c, &mut out);
+        sorted(out)
+    }
+
+    fn channel(f: &Fanout, c: &str) -> Vec<ConnKey> {
+        let mut out = Vec::new();
+        f.channel_conns(c, &mut out);
+        sorted(out)
+    }
+
+    #[test]
+    fn user_lookup_returns_exactly_that_users_connections() {
+        let mut f = Fanout::new();
+        f.add(0, "alice", Some("phone"), &[]);
+        f.add(1, "bob", None, &[]);
+        f.add(2, "alice", Some("laptop"), &[]);
+        assert_eq!(user(&f, "alice"), vec![0, 2]);
+        assert_eq!(user(&f, "bob"), vec![1]);
+        assert_eq!(user(&f, "carol"), Vec::<ConnKey>::new());
+        assert_eq!(f.user_count("alice"), 2);
+    }
+
+    #[test]
+    fn client_lookup_filters_by_token_within_the_user() {
+        let mut f = Fanout::new();
+        f.add(0, "alice", Some("phone"), &[]);
+        f.add(1, "alice", Some("laptop"), &[]);
+        f.add(2, "alice", Some("phone"), &[]);
+        f.add(3, "bob", Some("phone"), &[]);
+        f.add(4, "alice", None, &[]);
+        assert_eq!(user_client(&f, "alice", "phone"), vec![0, 2]);
+        assert_eq!(user_client(&f, "bob", "phone"), vec![3]);
+        assert_eq!(user_client(&f, "alice", "tablet"), Vec::<ConnKey>::new());
+    }
+
+    #[test]
+    fn removing_from_middle_head_and_tail_keeps_the_list_linked() {
+        let mut f = Fanout::new();
+        for k in 0..5 {
+            f.add(k, "u", None, &[]);
+        }
+        f.remove(2); // middle
+        assert_eq!(user(&f, "u"), vec![0, 1, 3, 4]);
+        f.remove(4); // head (last added is the head)
+        assert_eq!(user(&f, "u"), vec![0, 1, 3]);
+        f.remove(0); // tail
+        assert_eq!(user(&f, "u"), vec![1, 3]);
+        assert_eq!(f.user_count("u"), 2);
+        f.remove(1);
+        f.remove(3);
+        assert_eq!(f.sizes(), FanoutSizes::default());
+    }
+
+    #[test]
+    fn channel_members_survive_swap_remove_position_fixups() {
+        let mut f = Fanout::new();
+        f.add(0, "a", None, &ch(&["news", "sport"]));
+        f.add(1, "b", None, &ch(&["news"]));
+        f.add(2, "c", None, &ch(&["sport", "news"]));
+        f.add(3, "d", None, &ch(&["news"]));
+        f.remove(0); // 3 moves into position 0 of "news"
+        assert_eq!(channel(&f, "news"), vec![1, 2, 3]);
+        assert_eq!(channel(&f, "sport"), vec![2]);
+        f.remove(3); // must find its moved position, not the stale one
+        assert_eq!(channel(&f, "news"), vec![1, 2]);
+        f.remove(1);
+        f.remove(2);
+        assert_eq!(channel(&f, "news"), Vec::<ConnKey>::new());
+        assert_eq!(f.sizes().channels, 0);
+    }
+
+    #[test]
+    fn reused_key_starts_with_no_memberships() {
+        let mut f = Fanout::new();
+        f.add(7, "alice", Some("phone"), &ch(&["news"]));
+        f.remove(7);
+        f.add(7, "bob", None, &[]);
+        assert_eq!(user(&f, "alice"), Vec::<ConnKey>::new());
+        assert_eq!(user(&f, "bob"), vec![7]);
+        assert_eq!(channel(&f, "news"), Vec::<ConnKey>::new());
+        assert_eq!(user_client(&f, "bob", "phone"), Vec::<ConnKey>::new());
+        assert_eq!(
+            f.sizes(),
+            FanoutSizes {
+                connections: 1,
+                users: 1,
+                clients: 0,
+                channels: 0
+            }
+        );
+    }
+
+    #[test]
+    fn removing_an_unindexed_key_is_harmless() {
+        let mut f = Fanout::new();
+        f.remove(3);
+        f.add(1, "a", None, &[]);
+        f.remove(0);
+        f.remove(1);
+        f.remove(1);
+        assert_eq!(f.sizes(), FanoutSizes::default());
+    }
+
+    #[test]
+    fn names_are_freed_when_their_last_connection_leaves() {
+        let mut f = Fanout::new();
+        f.add(0, "alice", Some("phone"), &ch(&["x"]));
+        f.add(1, "alice", Some("phone"), &ch(&["x"]));
+        assert_eq!(
+            f.sizes(),
+            FanoutSizes {
+                connections: 2,
+                users: 1,
+                clients: 1,
+                channels: 1
+            }
+        );
+        f.remove(0);
+        assert_eq!(
+            f.sizes(),
+            FanoutSizes {
+                connections: 1,
+                users: 1,
+                clients: 1,
+                channels: 1
+            }
+        );
+        f.remove(1);
+        assert_eq!(f.sizes(), FanoutSizes::default());
+    }
+
+    #[test]
+    fn long_names_work_as_well_as_inline_ones() {
+        let mut f = Fanout::new();
+        let long = "u".repeat(100);
+        f.add(0, &long, Some(&"c".repeat(60)), &[]);
+        assert_eq!(user(&f, &long), vec![0]);
+        assert_eq!(user_client(&f, &long, &"c".repeat(60)), vec![0]);
+    }
+
+    #[test]
+    fn random_add_remove_matches_a_naive_model() {
+        // Deterministic pseudo-random churn checked against a brute-force model.
+        let mut f = Fanout::new();
+        type Identity = (String, Option<String>, Vec<String>);
+        let mut model: Vec<Option<Identity>> = vec![None; 64];
+        let mut seed = 0x9e37_79b9_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..5_000 {
+            let k = (next() % 64) as usize;
+            if model[k].is_some() {
+                f.remove(k as u32);
+                model[k] = None;
+            } else {
+                let u = format!("user{}", next() % 8);
+                let c = if next() % 2 == 0 {
+                    Some(format!("c{}", next() % 3))
+                } else {
+                    None
+                };
+                let chans: Vec<String> = (0..next() % 3)
+                    .map(|i| format!("ch{}", (next() + i) % 4))
+                    .collect();
+                let mut chans_dedup = chans.clone();
+                chans_dedup.sort();
+                chans_dedup.dedup();
+                f.add(k as u32, &u, c.as_deref(), &chans_dedup);
+                model[k] = Some((u, c, chans_dedup));
+            }
+            for n in 0..8 {
+                let u = format!("user{n}");
+                let expect: Vec<ConnKey> = (0..64)
+                    .filter(|&i| model[i].as_ref().is_some_and(|m| m.0 == u))
+                    .map(|i| i as ConnKey)
+                    .collect();
+                assert_eq!(user(&f, &u), expect);
+                let expect_c0: Vec<ConnKey> = (0..64)
+                    .filter(|&i| {
+                        model[i]
+                            .as_ref()
+                            .is_some_and(|m| m.0 == u && m.1.as_deref() == Some("c0"))
+                    })
+                    .map(|i| i as ConnKey)
+                    .collect();
+                assert_eq!(user_client(&f, &u, "c0"), expect_c0);
+            }
+            for n in 0..4 {
+                let c = format!("ch{n}");
+                let expect: Vec<ConnKey> = (0..64)
+                    .filter(|&i| model[i].as_ref().is_some_and(|m| m.2.contains(&c)))
+                    .map(|i| i as ConnKey)
+                    .collect();
+                assert_eq!(channel(&f, &c), expect);
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! densepush: a WebSocket push server that holds millions of mostly idle connections per host.
+//!
+//! Reactor threads (`reactor`) each own a `SO_REUSEPORT` listener, a slab of connections (`conn`), a fanout
+//! index (`fanout`) and a timing wheel (`timer`). The admin API (`admin`) frames a published message once
+//! (`frame`) and hands the shared bytes to every reactor through its `mailbox`. Protocol logic is sans-IO:
+//! `handshake`, `auth`, `frame`, `outbox`, `fanout` and `timer` never touch a socket or a clock.
+#![deny(missing_docs)]
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod fanout;
+pub mod frame;
+pub mod handshake;
+pub mod mailbox;
+pub mod metrics;
+pub mod outbox;
+pub mod reactor;
+pub mod server;
+pub mod timer;

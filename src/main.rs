@@ -1,0 +1,138 @@
+//! The `densepush` binary: run the server, mint a development token, or check a config file.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use densepush::config::{AuthMode, Config};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "densepush",
+    version,
+    about = "WebSocket push server for millions of mostly idle connections"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (the default).
+    Run,
+    /// Print an HS256 JWT signed with the configured secret, for connecting a client.
+    Token {
+        /// The user id (`sub` claim).
+        #[arg(long)]
+        user: String,
+        /// The client/device token (`client` claim).
+        #[arg(long)]
+        client: Option<String>,
+        /// Channels to subscribe to, comma separated (`channels` claim).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Validate the configuration file and exit.
+    CheckConfig,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("densepush: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config =
+        Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
+    match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::CheckConfig => {
+            println!("{}: ok", cli.config.display());
+            Ok(())
+        }
+        Cmd::Token {
+            user,
+            client,
+            channels,
+            ttl,
+        } => {
+            let channels: Vec<String> = channels.into_iter().filter(|c| !c.is_empty()).collect();
+            let token = densepush::auth::issue_token(
+                &config.auth.secret,
+                &user,
+                client.as_deref(),
+                &channels,
+                ttl,
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+        Cmd::Run => serve(&config),
+    }
+}
+
+fn serve(config: &Config) -> anyhow::Result<()> {
+    env_logger::Builder::new()
+        .filter_level(config.log.level)
+        .parse_env("DENSEPUSH_LOG")
+        .format_timestamp_millis()
+        .init();
+    warn_about_unsafe_settings(config);
+
+    // Installed before any thread starts, so a signal arriving during start-up is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    let running = densepush::server::start(config)?;
+    log::info!(
+        "densepush {} listening: clients ws://{}{} admin http://{} reactors {}",
+        env!("CARGO_PKG_VERSION"),
+        running.client_addr,
+        config.server.path,
+        running.admin_addr,
+        config.server.reactors
+    );
+    // One machine-readable line on stdout, so scripts and tests can find ports chosen by the OS.
+    println!(
+        "densepush listening client={} admin={}",
+        running.client_addr, running.admin_addr
+    );
+
+    if let Some(signal) = signals.forever().next() {
+        log::info!(
+            "signal {signal}: closing connections (up to {} ms)",
+            config.server.shutdown_timeout_ms
+        );
+    }
+    running.shutdown();
+    running.join();
+    log::info!("all connections closed, exiting");
+    Ok(())
+}
+
+fn warn_about_unsafe_settings(config: &Config) {
+    if config.auth.mode == AuthMode::None {
+        log::warn!(
+            "auth.mode = \"none\": anyone who can reach {} picks their own user id; use it only on trusted networks",
+            config.server.listen
+        );
+    } else if config.uses_dev_secret() {
+        log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production");
+    }
+    if config.admin_exposed_without_key() {
+        log::warn!(
+            "admin API on {} is reachable from other hosts and has no admin.api_key: anyone there can publish",
+            config.admin.listen
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! Counters and gauges, written by the thread that owns them and read by the admin thread for `/metrics`.
+//!
+//! It owns the numbers and their Prometheus text rendering; it does not decide what to count. Each reactor has
+//! its own `ReactorMetrics` (one writer, relaxed atomics, no contention); hot loops add once per batch.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Labels of handshake rejections, indexed by [`RejectKind`].
+pub const REJECT_LABELS: [&str; 8] = [
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "upgrade_required",
+    "head_too_large",
+    "unavailable",
+    "timeout",
+];
+
+/// Why a handshake was refused; the index into [`REJECT_LABELS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// 400
+    BadRequest = 0,
+    /// 401
+    Unauthorized = 1,
+    /// 403 (origin)
+    Forbidden = 2,
+    /// 404
+    NotFound = 3,
+    /// 426
+    UpgradeRequired = 4,
+    /// 431
+    HeadTooLarge = 5,
+    /// 503 (connection limit)
+    Unavailable = 6,
+    /// No complete request within the handshake timeout.
+    Timeout = 7,
+}
+
+impl RejectKind {
+    /// The kind for an HTTP status the handshake answered with.
+    pub fn from_status(status: u16) -> RejectKind {
+        match status {
+            401 => RejectKind::Unauthorized,
+            403 => RejectKind::Forbidden,
+            404 => RejectKind::NotFound,
+            426 => RejectKind::UpgradeRequired,
+            431 => RejectKind::HeadTooLarge,
+            503 => RejectKind::Unavailable,
+            _ => RejectKind::BadRequest,
+        }
+    }
+}
+
+/// Labels of publish targets, indexed by [`TargetKind`].
+pub const TARGET_LABELS: [&str; 4] = ["user", "user_client", "channel", "all"];
+
+/// Kind of publish target; the index into [`TARGET_LABELS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Every connection of a user.
+    User = 0,
+    /// The connections of a user with one client token.
+    UserClient = 1,
+    /// Every subscriber of a channel.
+    Channel = 2,
+    /// Every connection.
+    All = 3,
+}
+
+/// One reactor's numbers. Gauges are plain stores; counters only grow.
+#[derive(Debug, Default)]
+pub struct ReactorMetrics {
+    /// Gauge: upgraded WebSocket connections.
+    pub connections_open: AtomicU64,
+    /// Gauge: TCP connections still in the handshake.
+    pub connections_handshaking: AtomicU64,
+    /// Gauge: connections currently owning a heap buffer (partial frame or unsent bytes).
+    pub buffers_live: AtomicU64,
+    /// Gauge: distinct users / client tokens / channels in the fanout index.
+    pub index_users: AtomicU64,
+    /// Gauge, see `index_users`.
+    pub index_clients: AtomicU64,
+    /// Gauge, see `index_users`.
+    pub index_channels: AtomicU64,
+    /// Counter: accepted TCP connections.
+    pub tcp_accepted: AtomicU64,
+    /// Counter: `accept` failures that paused accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    pub accept_errors: AtomicU64,
+    /// Counter: completed upgrades.
+    pub handshakes_accepted: AtomicU64,
+    /// Counter: refused handshakes by [`RejectKind`].
+    pub handshakes_rejected: [AtomicU64; REJECT_LABELS.len()],
+    /// Counter: data frames written to clients (one per message per recipient).
+    pub frames_delivered: AtomicU64,
+    /// Counter: bytes handed to the kernel.
+    pub bytes_written: AtomicU64,
+    /// Counter: connections closed for exceeding `max_outbox_bytes`.
+    pub slow_consumer_closes: AtomicU64,
+    /// Counter: connections failed for a protocol violation.
+    pub protocol_error_closes: AtomicU64,
+    /// Counter: connections closed for not answering a ping.
+    pub pong_timeouts: AtomicU64,
+    /// Counter: connections closed by an admin kick.
+    pub kicked: AtomicU64,
+    /// Counter: close handshakes the client started.
+    pub client_closes: AtomicU64,
+    /// Counter: connections that went away without a close handshake (EOF, reset).
+    pub abrupt_closes: AtomicU64,
+    /// Counter: pings sent.
+    pub pings_sent: AtomicU64,
+    /// Counter: pongs received.
+    pub pongs_received: AtomicU64,
+    /// Counter: pings received (answered with pongs).
+    pub pings_received: AtomicU64,
+    /// Counter: complete data messages received from clients (read and discarded).
+    pub messages_received: AtomicU64,
+}
+
+impl ReactorMetrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n != 0 {
+            counter.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a refused handshake.
+    pub fn reject(&self, kind: RejectKind) {
+        Self::inc(&self.handshakes_rejected[kind as usize]);
+    }
+}
+
+/// Numbers of the admin side.
+#[derive(Debug, Default)]
+pub struct AdminMetrics {
+    /// Counter: messages accepted for publishing, by [`TargetKind`].
+    pub published: [AtomicU64; TARGET_LABELS.len()],
+    /// Counter: kick requests.
+    pub kicks: AtomicU64,
+    /// Counter: admin requests answered, by status class (2xx, 4xx, 5xx).
+    pub requests_2xx: AtomicU64,
+    /// See `requests_2xx`.
+    pub requests_4xx: AtomicU64,
+    /// See `requests_2xx`.
+    pub requests_5xx: AtomicU64,
+}
+
+/// Reads one of a reactor's numbers.
+type Field = fn(&ReactorMetrics) -> &AtomicU64;
+
+/// Renders everything in the Prometheus text exposition format (version 0.0.4).
+pub fn render(
+    reactors: &[&ReactorMetrics],
+    admin: &AdminMetrics,
+    rss_bytes: Option<u64>,
+) -> String {
+    let mut out = String::with_capacity(4096);
+    let gauges: [(&str, &str, Field); 6] = [
+        (
+            "densepush_connections_open",
+            "Upgraded WebSocket connections.",
+            |m| &m.connections_open,
+        ),
+        (
+            "densepush_connections_handshaking",
+            "TCP connections in the handshake.",
+            |m| &m.connections_handshaking,
+        ),
+        (
+            "densepush_buffers_live",
+            "Connections owning a heap buffer.",
+            |m| &m.buffers_live,
+        ),
+        (
+            "densepush_index_users",
+            "Distinct users in the fanout index.",
+            |m| &m.index_users,
+        ),
+        (
+            "densepush_index_clients",
+            "Distinct client tokens in the fanout index.",
+            |m| &m.index_clients,
+        ),
+        (
+            "densepush_index_channels",
+            "Channels with subscribers.",
+            |m| &m.index_channels,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        per_reactor(&mut out, name, help, "gauge", reactors, get);
+    }
+    let counters: [(&str, &str, Field); 15] = [
+        (
+            "densepush_tcp_accepted_total",
+            "Accepted TCP connections.",
+            |m| &m.tcp_accepted,
+        ),
+        (
+            "densepush_accept_errors_total",
+            "accept() failures that paused accepting.",
+            |m| &m.accept_errors,
+        ),
+        (
+            "densepush_handshakes_accepted_total",
+            "Completed WebSocket upgrades.",
+            |m| &m.handshakes_accepted,
+        ),
+        (
+            "densepush_frames_delivered_total",
+            "Data frames written to clients.",
+            |m| &m.frames_delivered,
+        ),
+        (
+            "densepush_bytes_written_total",
+            "Bytes written to client sockets.",
+            |m| &m.bytes_written,
+        ),
+        (
+            "densepush_slow_consumer_closes_total",
+            "Connections closed over max_outbox_bytes.",
+            |m| &m.slow_consumer_closes,
+        ),
+        (
+            "densepush_protocol_error_closes_total",
+            "Connections failed for a protocol error.",
+            |m| &m.protocol_error_closes,
+        ),
+        (
+            "densepush_pong_timeouts_total",
+            "Connections closed for not answering a ping.",
+            |m| &m.pong_timeouts,
+        ),
+        (
+            "densepush_kicked_total",
+            "Connections closed by an admin kick.",
+            |m| &m.kicked,
+        ),
+        (
+            "densepush_client_closes_total",
+            "Close handshakes started by clients.",
+            |m| &m.client_closes,
+        ),
+        (
+            "densepush_abrupt_closes_total",
+            "Connections lost without a close handshake.",
+            |m| &m.abrupt_closes,
+        ),
+        ("densepush_pings_sent_total", "Pings sent.", |m| {
+            &m.pings_sent
+        }),
+        ("densepush_pongs_received_total", "Pongs received.", |m| {
+            &m.pongs_received
+        }),
+        (
+            "densepush_pings_received_total",
+            "Pings received from clients.",
+            |m| &m.pings_received,
+        ),
+        (
+            "densepush_messages_received_total",
+            "Data messages received from clients (discarded).",
+            |m| &m.messages_received,
+        ),
+    ];
+    for (name, help, get) in counters {
+        per_reactor(&mut out, name, help, "counter", reactors, get);
+    }
+
+    let name = "densepush_handshakes_rejected_total";
+    header(&mut out, name, "Refused handshakes by reason.", "counter");
+    for (i, label) in REJECT_LABELS.iter().enumerate() {
+        let sum: u64 = reactors
+            .iter()
+            .map(|m| m.handshakes_rejected[i].load(Relaxed))
+            .sum();
+        let _ = writeln!(out, "{name}{{reason=\"{label}\"}} {sum}");
+    }
+
+    let name = "densepush_messages_published_total";
+    header(
+        &mut out,
+        name,
+        "Messages accepted by the admin API, by target kind.",
+        "counter",
+    );
+    for (i, label) in TARGET_LABELS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{name}{{target=\"{label}\"}} {}",
+            admin.published[i].load(Relaxed)
+        );
+    }
+    let name = "densepush_admin_requests_total";
+    header(
+        &mut out,
+        name,
+        "Admin API requests by status class.",
+        "counter",
+    );
+    for (class, counter) in [
+        ("2xx", &admin.requests_2xx),
+        ("4xx", &admin.requests_4xx),
+        ("5xx", &admin.requests_5xx),
+    ] {
+        let _ = writeln!(out, "{name}{{class=\"{class}\"}} {}", counter.load(Relaxed));
+    }
+    single(
+        &mut out,
+        "densepush_kick_requests_total",
+        "Admin kick requests.",
+        "counter",
+        admin.kicks.load(Relaxed),
+    );
+    if let Some(rss) = rss_bytes {
+        single(
+            &mut out,
+            "densepush_process_resident_bytes",
+            "Resident set size of the process.",
+            "gauge",
+            rss,
+        );
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn single(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
+    header(out, name, help, kind);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn per_reactor(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    reactors: &[&ReactorMetrics],
+    get: Field,
+) {
+    header(out, name, help, kind);
+    for (i, m) in reactors.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{reactor=\"{i}\"}} {}", get(m).load(Relaxed));
+    }
+}
+
+/// Resident set size of this process from /proc/self/statm, in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_sums_rejections_and_labels_each_reactor() {
+        let a = ReactorMetrics::default();
+        let b = ReactorMetrics::default();
+        a.connections_open.store(3, Relaxed);
+        b.connections_open.store(4, Relaxed);
+        a.reject(RejectKind::Unauthorized);
+        b.reject(RejectKind::Unauthorized);
+        b.reject(RejectKind::from_status(426));
+        let admin = AdminMetrics::default();
+        admin.published[TargetKind::Channel as usize].fetch_add(5, Relaxed);
+        let text = render(&[&a, &b], &admin, Some(1234));
+        assert!(text.contains("densepush_connections_open{reactor=\"0\"} 3\n"));
+        assert!(text.contains("densepush_connections_open{reactor=\"1\"} 4\n"));
+        assert!(text.contains("densepush_handshakes_rejected_total{reason=\"unauthorized\"} 2\n"));
+        assert!(
+            text.contains("densepush_handshakes_rejected_total{reason=\"upgrade_required\"} 1\n")
+        );
+        assert!(text.contains("densepush_messages_published_total{target=\"channel\"} 5\n"));
+        assert!(text.contains("densepush_process_resident_bytes 1234\n"));
+    }
+
+    #[test]
+    fn every_sample_line_has_a_type_line_before_it() {
+        let text = render(
+            &[&ReactorMetrics::default()],
+            &AdminMetrics::default(),
+            None,
+        );
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(typed.contains(name), "{name} has no TYPE line");
+            }
+        }
+    }
+
+    #[test]
+    fn resident_bytes_reads_this_process() {
+        assert!(resident_bytes().unwrap() > 0);
+    }
+}

@@ -1,0 +1,179 @@
+//! Wiring: binds the listeners, builds the reactors and the admin server from a validated `Config`, starts
+//! their threads, and stops them.
+//!
+//! It owns start-up and shutdown order only; every request is handled by the threads it starts.
+
+use crate::admin::{http, AdminServer, AdminSettings};
+use crate::auth::{AuthLimits, Authenticator};
+use crate::config::{AuthMode, Config};
+use crate::frame;
+use crate::handshake::HandshakeLimits;
+use crate::mailbox::{Command, Mailbox};
+use crate::metrics::{AdminMetrics, ReactorMetrics};
+use crate::reactor::{Reactor, Settings};
+use anyhow::Context;
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Listen backlog; the kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// Sockets a reactor may track beyond its share of `max_connections`, for handshakes in flight (each answered
+/// with 503 when over the limit) before new sockets are simply closed.
+const HANDSHAKE_HEADROOM: usize = 1_024;
+
+/// A started server.
+pub struct Running {
+    /// The client listener's address (the real port when the config asked for port 0).
+    pub client_addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    mailboxes: Vec<Arc<Mailbox>>,
+    reactors: Vec<JoinHandle<()>>,
+    shutdown_timeout: Duration,
+}
+
+impl Running {
+    /// Asks every reactor to stop accepting and close its connections with 1001.
+    pub fn shutdown(&self) {
+        for mailbox in &self.mailboxes {
+            mailbox.send(Command::Shutdown {
+                timeout: self.shutdown_timeout,
+            });
+        }
+    }
+
+    /// Waits for every reactor to finish.
+    pub fn join(self) {
+        for handle in self.reactors {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Binds everything and starts the threads.
+pub fn start(config: &Config) -> anyhow::Result<Running> {
+    let reactors = config.server.reactors;
+    let limits = AuthLimits {
+        max_id_bytes: config.auth.max_id_bytes,
+        max_channels: config.auth.max_channels,
+    };
+    let auth = Arc::new(match config.auth.mode {
+        AuthMode::Jwt => Authenticator::jwt(&config.auth.secret, config.auth.leeway_secs, limits),
+        AuthMode::None => Authenticator::none(limits),
+    });
+    let settings = reactor_settings(config);
+
+    // The first listener settles the port (it may be 0); the others share it through SO_REUSEPORT, and the
+    // kernel spreads incoming connections over them.
+    let first = bind_reuseport(config.server.listen)
+        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+    let client_addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..reactors {
+        listeners.push(
+            bind_reuseport(client_addr).with_context(|| format!("binding {client_addr} again"))?,
+        );
+    }
+
+    let mut mailboxes = Vec::new();
+    let mut reactor_metrics = Vec::new();
+    let mut handles = Vec::new();
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), Reactor::WAKER_TOKEN)?;
+        let mailbox = Mailbox::new(waker);
+        let metrics = Arc::new(ReactorMetrics::default());
+        let reactor = Reactor::new(
+            poll,
+            listener,
+            mailbox.clone(),
+            auth.clone(),
+            metrics.clone(),
+            settings.clone(),
+        )?;
+        mailboxes.push(mailbox);
+        reactor_metrics.push(metrics);
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("reactor-{id}"))
+                .spawn(move || reactor.run())?,
+        );
+    }
+
+    let admin_listener = std::net::TcpListener::bind(config.admin.listen)
+        .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+    admin_listener.set_nonblocking(true)?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin = AdminServer::new(
+        admin_listener,
+        mailboxes.clone(),
+        reactor_metrics,
+        Arc::new(AdminMetrics::default()),
+        AdminSettings {
+            api_key: config.admin.api_key.clone(),
+            limits: http::Limits {
+                max_head_bytes: config.admin.max_request_head_bytes,
+                max_headers: config.admin.max_request_headers,
+                max_body_bytes: config.admin.max_publish_bytes,
+            },
+        },
+    )?;
+    // The admin thread is not joined: it serves until the process exits after the reactors drain.
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || admin.run())?;
+
+    Ok(Running {
+        client_addr,
+        admin_addr,
+        mailboxes,
+        reactors: handles,
+        shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
+    })
+}
+
+fn reactor_settings(config: &Config) -> Settings {
+    let ws = &config.websocket;
+    let tick_ms = ws.timer_tick_ms.max(1);
+    // Round up: a deadline never fires early.
+    let ticks = |ms: u64| ms.div_ceil(tick_ms).max(1);
+    let max_open = config
+        .server
+        .max_connections
+        .div_ceil(config.server.reactors);
+    Settings {
+        handshake: HandshakeLimits {
+            max_head_bytes: ws.max_handshake_bytes,
+            max_headers: ws.max_handshake_headers,
+            path: config.server.path.clone(),
+        },
+        allowed_origins: config.server.allowed_origins.clone(),
+        max_open,
+        max_tracked: max_open + HANDSHAKE_HEADROOM,
+        tick: Duration::from_millis(tick_ms),
+        handshake_timeout_ticks: ticks(ws.handshake_timeout_ms),
+        ping_interval_ticks: ticks(ws.ping_interval_ms),
+        pong_timeout_ticks: ticks(ws.pong_timeout_ms),
+        close_timeout_ticks: ticks(ws.close_timeout_ms),
+        frame_limits: frame::Limits {
+            max_message_bytes: ws.max_inbound_message_bytes as u64,
+        },
+        max_outbox_bytes: ws.max_outbox_bytes,
+        read_buffer_bytes: config.server.read_buffer_bytes,
+    }
+}
+
+/// A non-blocking listener with SO_REUSEPORT, so each reactor can have its own on the same port.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
