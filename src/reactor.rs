@@ -373,13 +373,13 @@ impl Reactor {
         let conn = &mut self.conns[key as usize];
         let buffered = conn.spill.as_ref().is_some_and(|s| !s.head.is_empty());
         if !buffered {
-            return self.try_upgrade(key, data);
+            return self.try_upgrade(key, data, true);
         }
         // Join the new bytes to the partial head kept from earlier reads.
         let spill = conn.spill.as_mut().expect("buffered head implies a spill");
         let mut head = std::mem::take(&mut spill.head);
         head.extend_from_slice(data);
-        let alive = self.try_upgrade(key, &mut head);
+        let alive = self.try_upgrade(key, &mut head, false);
         if let Some(conn) = self.conns.get_mut(key as usize) {
             if conn.phase == Phase::Handshaking {
                 // Still incomplete: keep the joined bytes.
@@ -389,16 +389,18 @@ impl Reactor {
         alive
     }
 
-    /// Parses the request head in `buf`; completes the upgrade, refuses it, or keeps the bytes for later.
-    fn try_upgrade(&mut self, key: u32, buf: &mut [u8]) -> bool {
+    /// Parses the request head in `buf`; completes the upgrade, refuses it, or keeps the bytes for later
+    /// (copying them out of the scratch buffer when `from_scratch`; otherwise the caller keeps its buffer).
+    fn try_upgrade(&mut self, key: u32, buf: &mut [u8], from_scratch: bool) -> bool {
         let parsed = handshake::parse_request(buf, &self.settings.handshake);
         let (response, identity, head_len) = match parsed {
             Ok(None) => {
+                if !from_scratch {
+                    return true;
+                }
                 let conn = &mut self.conns[key as usize];
                 let (spill, fresh) = conn.spill_mut();
-                if spill.head.is_empty() {
-                    spill.head.extend_from_slice(buf);
-                }
+                spill.head.extend_from_slice(buf);
                 if fresh {
                     self.metrics.buffers_live.fetch_add(1, Relaxed);
                 }
