@@ -13,7 +13,13 @@ use std::path::PathBuf;
 )]
 struct Cli {
     /// Configuration file.
-    #[arg(long, short, global = true, default_value = "config.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "DENSEPUSH_CONFIG",
+        default_value = "config.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Cmd>,

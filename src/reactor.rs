@@ -22,7 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,11 @@ pub struct Settings {
     pub handshake: HandshakeLimits,
     /// Browser origins allowed; empty allows any.
     pub allowed_origins: Vec<String>,
-    /// Upgraded connections this reactor holds at most; over it upgrades get 503.
+    /// Upgraded connections the whole server holds at most (counted in `open_total`); over it upgrades get 503.
     pub max_open: usize,
+    /// Upgraded connections of all reactors, shared: the kernel does not spread connections evenly over the
+    /// `SO_REUSEPORT` listeners, so a per-reactor share would refuse clients below the configured total.
+    pub open_total: Arc<AtomicUsize>,
     /// Sockets this reactor tracks at most (open plus handshaking); over it new sockets are closed at once.
     pub max_tracked: usize,
     /// Resolution of the timing wheel.
@@ -110,7 +113,6 @@ pub struct Reactor {
     pending_reads: Vec<(u32, u32)>,
     started: Instant,
     next_generation: u32,
-    open: usize,
     accept_paused: bool,
     shutdown_deadline: Option<Instant>,
 }
@@ -143,7 +145,6 @@ impl Reactor {
             pending_reads: Vec::new(),
             started: Instant::now(),
             next_generation: 0,
-            open: 0,
             accept_paused: false,
             shutdown_deadline: None,
         })
@@ -415,10 +416,6 @@ impl Reactor {
                     self.refuse(key, &Reject::Forbidden("origin not allowed"));
                     return false;
                 }
-                if self.open >= self.settings.max_open {
-                    self.refuse(key, &Reject::Unavailable("connection limit reached"));
-                    return false;
-                }
                 let identity = match self.auth.authenticate(request.query, request.authorization) {
                     Ok(identity) => identity,
                     Err(e) => {
@@ -426,6 +423,12 @@ impl Reactor {
                         return false;
                     }
                 };
+                // Take a slot last, so a refused request never holds one.
+                if self.settings.open_total.fetch_add(1, Relaxed) >= self.settings.max_open {
+                    self.settings.open_total.fetch_sub(1, Relaxed);
+                    self.refuse(key, &Reject::Unavailable("connection limit reached"));
+                    return false;
+                }
                 (
                     handshake::accept_response(request.key, None),
                     identity,
@@ -440,7 +443,6 @@ impl Reactor {
             identity.client.as_deref(),
             &identity.channels,
         );
-        self.open += 1;
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         self.metrics.connections_open.fetch_add(1, Relaxed);
         ReactorMetrics::inc(&self.metrics.handshakes_accepted);
@@ -694,7 +696,7 @@ impl Reactor {
             self.metrics.buffers_live.fetch_sub(1, Relaxed);
         }
         if conn.has(FLAG_UPGRADED) {
-            self.open -= 1;
+            self.settings.open_total.fetch_sub(1, Relaxed);
             self.metrics.connections_open.fetch_sub(1, Relaxed);
         } else {
             self.metrics.connections_handshaking.fetch_sub(1, Relaxed);

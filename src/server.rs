@@ -14,6 +14,7 @@ use crate::reactor::{Reactor, Settings};
 use anyhow::Context;
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,8 +22,8 @@ use std::time::Duration;
 /// Listen backlog; the kernel caps it at net.core.somaxconn.
 const LISTEN_BACKLOG: i32 = 65_535;
 
-/// Sockets a reactor may track beyond its share of `max_connections`, for handshakes in flight (each answered
-/// with 503 when over the limit) before new sockets are simply closed.
+/// Sockets a reactor may track beyond `max_connections`, for handshakes in flight (each answered with 503 when
+/// over the limit) before new sockets are simply closed.
 const HANDSHAKE_HEADROOM: usize = 1_024;
 
 /// A started server.
@@ -65,6 +66,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         AuthMode::Jwt => Authenticator::jwt(&config.auth.secret, config.auth.leeway_secs, limits),
         AuthMode::None => Authenticator::none(limits),
     });
+    // Every reactor gets a clone of these settings, and with it the same shared open-connection counter.
     let settings = reactor_settings(config);
 
     // The first listener settles the port (it may be 0); the others share it through SO_REUSEPORT, and the
@@ -141,10 +143,6 @@ fn reactor_settings(config: &Config) -> Settings {
     let tick_ms = ws.timer_tick_ms.max(1);
     // Round up: a deadline never fires early.
     let ticks = |ms: u64| ms.div_ceil(tick_ms).max(1);
-    let max_open = config
-        .server
-        .max_connections
-        .div_ceil(config.server.reactors);
     Settings {
         handshake: HandshakeLimits {
             max_head_bytes: ws.max_handshake_bytes,
@@ -152,8 +150,10 @@ fn reactor_settings(config: &Config) -> Settings {
             path: config.server.path.clone(),
         },
         allowed_origins: config.server.allowed_origins.clone(),
-        max_open,
-        max_tracked: max_open + HANDSHAKE_HEADROOM,
+        max_open: config.server.max_connections,
+        open_total: Arc::new(AtomicUsize::new(0)),
+        // One reactor may be handed most connections, so each may track up to the whole limit.
+        max_tracked: config.server.max_connections + HANDSHAKE_HEADROOM,
         tick: Duration::from_millis(tick_ms),
         handshake_timeout_ticks: ticks(ws.handshake_timeout_ms),
         ping_interval_ticks: ticks(ws.ping_interval_ms),

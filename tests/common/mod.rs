@@ -1,0 +1,847 @@
+//! Test harness for the integration tests: starts the real `densepush` binary on ephemeral loopback ports
+//! with a generated config, and talks to it with real clients (tungstenite, raw TCP, a small HTTP/1.1 admin
+//! client).
+//!
+//! Owns: process start/stop, config files, client helpers and timeouts. Every blocking read has a timeout,
+//! so a broken server fails a test instead of hanging it. Does not own: what a test asserts.
+
+// Each test file uses a different subset of the helpers.
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+/// Longest a single read may block before a test gives up on it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the server may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// A valid `Sec-WebSocket-Key` (RFC 6455 §4.1 item 7: 16 random bytes, base64).
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+/// A JWT secret long enough for HS256 (RFC 7518 §3.2: at least 32 bytes).
+pub const TEST_SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// A client WebSocket over a blocking std stream with a read timeout.
+pub type Ws = WebSocket<TcpStream>;
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_densepush")
+}
+
+/// A command for the binary with every `DENSEPUSH_*` variable removed, so the developer's environment
+/// cannot change (or, as unknown overrides, break) the configuration a test writes.
+pub fn command() -> Command {
+    let mut cmd = Command::new(bin());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("DENSEPUSH_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Runs the binary to completion with these arguments.
+pub fn cli(args: &[&str]) -> Output {
+    cli_with_env(args, &[])
+}
+
+/// Runs the binary to completion with these arguments and extra environment variables.
+pub fn cli_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command()
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running densepush")
+}
+
+/// The base test configuration plus dotted-key overrides. A value is parsed as a TOML value when it is
+/// one (`"300"` → integer, `"[\"a\"]"` → array, `"\"123\""` → string), and taken as a plain string otherwise
+/// (`"jwt"`).
+pub fn config_table(overrides: &[(&str, &str)]) -> toml::Table {
+    let base: &[(&str, &str)] = &[
+        ("server.listen", "127.0.0.1:0"),
+        ("admin.listen", "127.0.0.1:0"),
+        ("server.reactors", "1"),
+        ("auth.mode", "none"),
+        ("log.level", "debug"),
+    ];
+    let mut root = toml::Table::new();
+    for (dotted, value) in base.iter().chain(overrides) {
+        let (section, key) = dotted
+            .split_once('.')
+            .unwrap_or_else(|| panic!("override key {dotted:?} must be section.key"));
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String((*value).to_string()));
+        root.entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("section is a table")
+            .insert(key.to_string(), value);
+    }
+    root
+}
+
+/// Writes [`config_table`] to `path`.
+pub fn write_config(path: &Path, overrides: &[(&str, &str)]) {
+    let text = toml::to_string(&config_table(overrides)).expect("serialising config");
+    std::fs::write(path, text).expect("writing config");
+}
+
+/// A running server process, killed (SIGKILL) on drop unless it already exited.
+pub struct Server {
+    /// The client WebSocket listener.
+    pub client_addr: SocketAddr,
+    /// The admin HTTP listener.
+    pub admin_addr: SocketAddr,
+    /// The config file the server was started with (also usable for `densepush token`).
+    pub config_path: PathBuf,
+    child: Child,
+    exited: Option<ExitStatus>,
+    log_path: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server with the base config plus `overrides`; panics (with the server's log) if it does not
+    /// print its listening line in time.
+    pub fn start(overrides: &[(&str, &str)]) -> Server {
+        Server::start_with_env(overrides, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (e.g. `DENSEPUSH_*` overrides).
+    pub fn start_with_env(overrides: &[(&str, &str)], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("config.toml");
+        write_config(&config_path, overrides);
+        let log_path = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_path).expect("creating log file");
+        let mut child = command()
+            .arg("--config")
+            .arg(&config_path)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawning densepush");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("densepush listening ") {
+                    let _ = tx.send(rest.to_string());
+                    break;
+                }
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!(
+                    "server did not print its listening line ({e}); exit {status:?}; log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        };
+        let addr = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix(name))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} address in listening line {line:?}"))
+        };
+        Server {
+            client_addr: addr("client="),
+            admin_addr: addr("admin="),
+            config_path,
+            child,
+            exited: None,
+            log_path,
+            dir,
+        }
+    }
+
+    /// The server's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The temporary directory holding the config and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child, not yet reaped
+        // (`wait_exit` reaps it), so it cannot name another process.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited {
+                return Some(status);
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    // ---- WebSocket clients -----------------------------------------------------------------------------
+
+    /// `ws://` URL of the endpoint with this query (no leading `?`).
+    pub fn ws_url(&self, query: &str) -> String {
+        if query.is_empty() {
+            format!("ws://{}/ws", self.client_addr)
+        } else {
+            format!("ws://{}/ws?{query}", self.client_addr)
+        }
+    }
+
+    /// Connects a tungstenite client with this query; panics if the upgrade fails.
+    pub fn connect(&self, query: &str) -> Ws {
+        self.try_connect(query, &[])
+            .unwrap_or_else(|e| panic!("connect ?{query}: {e}"))
+    }
+
+    /// Connects a tungstenite client with this query and extra request headers.
+    pub fn try_connect(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tungstenite::Error> {
+        let mut request = self.ws_url(query).into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                tungstenite::http::HeaderValue::from_str(value).expect("header value"),
+            );
+        }
+        let stream = TcpStream::connect(self.client_addr)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        match tungstenite::client(request, stream) {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => Err(tungstenite::Error::Io(
+                io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
+            )),
+        }
+    }
+
+    /// The HTTP status the server refused an upgrade with; panics if it was accepted.
+    pub fn refused_status(&self, query: &str, headers: &[(&str, &str)]) -> u16 {
+        match self.try_connect(query, headers) {
+            Ok(_) => panic!("upgrade ?{query} was accepted, expected a refusal"),
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            Err(e) => panic!("upgrade ?{query} failed without an HTTP status: {e}"),
+        }
+    }
+
+    // ---- raw TCP ---------------------------------------------------------------------------------------
+
+    /// A plain TCP connection to the client listener, with read and write timeouts.
+    pub fn raw(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.client_addr).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream
+    }
+
+    /// Sends `head` on a fresh connection and returns the status and whole response (read until the server
+    /// closes, or a reset after some bytes).
+    pub fn raw_exchange(&self, head: &[u8]) -> (u16, String) {
+        let mut stream = self.raw();
+        stream.write_all(head).expect("writing request");
+        let response = read_to_close(&mut stream);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        (status_of(&text), text)
+    }
+
+    /// A connection on which a hand-written upgrade completed; the 101 head has been read and nothing after it.
+    pub fn raw_upgrade(&self, query: &str) -> TcpStream {
+        let mut stream = self.raw();
+        upgrade_on(&mut stream, query);
+        stream
+    }
+
+    // ---- admin API -------------------------------------------------------------------------------------
+
+    /// A keep-alive admin connection.
+    pub fn admin(&self) -> Admin {
+        Admin::connect(self.admin_addr)
+    }
+
+    /// One request on a fresh admin connection.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Response {
+        self.admin().request(method, path, body, headers)
+    }
+
+    /// `POST path` with a text body on a fresh admin connection.
+    pub fn post(&self, path: &str, body: &str) -> Response {
+        self.request("POST", path, body.as_bytes(), &[])
+    }
+
+    /// `POST path` and asserts 202 Accepted.
+    pub fn publish(&self, path: &str, body: &str) {
+        let response = self.post(path, body);
+        assert_eq!(response.status, 202, "POST {path}: {}", response.text());
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        let response = self.request("GET", "/metrics", b"", &[]);
+        assert_eq!(response.status, 200, "GET /metrics: {}", response.text());
+        response.text()
+    }
+
+    /// Sum of the samples of `name` whose labels include `labels`; panics if `name` has no sample at all.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        metric_in(&self.metrics_text(), name, labels)
+    }
+
+    /// Mints a token with `densepush token` run on this server's config (so with its secret).
+    pub fn token(&self, args: &[&str]) -> String {
+        token_with_config(&self.config_path, args)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- server log ----\n{}---- end of server log ----",
+                self.log()
+            );
+        }
+    }
+}
+
+/// Runs `densepush --config <config> token <args>` and returns the token.
+pub fn token_with_config(config: &Path, args: &[&str]) -> String {
+    let config = config.to_str().expect("utf-8 path");
+    let mut all = vec!["--config", config, "token"];
+    all.extend_from_slice(args);
+    let out = cli(&all);
+    assert!(
+        out.status.success(),
+        "densepush token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .expect("utf-8 token")
+        .trim()
+        .to_string();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
+    token
+}
+
+// ---- WebSocket helpers ---------------------------------------------------------------------------------
+
+/// Whether a tungstenite error is a read timeout.
+pub fn is_timeout(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+}
+
+/// The next data or close message, skipping pings and pongs; panics on timeout or error.
+pub fn recv(ws: &mut Ws) -> Message {
+    loop {
+        match ws.read() {
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(message) => return message,
+            Err(e) if is_timeout(&e) => panic!("timed out waiting for a message"),
+            Err(e) => panic!("reading a message: {e}"),
+        }
+    }
+}
+
+/// The next message, which must be text.
+pub fn recv_text(ws: &mut Ws) -> String {
+    match recv(ws) {
+        Message::Text(text) => text.as_str().to_string(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// Reads until the server's close frame, which must come before any data message, and returns it.
+pub fn recv_close(ws: &mut Ws) -> Option<CloseFrame> {
+    match recv(ws) {
+        Message::Close(frame) => frame,
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// After a close frame: keeps reading (which sends tungstenite's close reply) until the connection ends.
+/// Panics if it does not end within the I/O timeout.
+pub fn finish_close(ws: &mut Ws) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(_) => continue,
+            Err(e) if is_timeout(&e) => panic!("connection not closed after the close handshake"),
+            Err(_) => return,
+        }
+    }
+    panic!("connection not closed after the close handshake");
+}
+
+/// Publishes a marker to everyone and asserts it is the next message each of `clients` sees: none of them
+/// received anything in between.
+pub fn assert_next_is_marker(server: &Server, clients: &mut [&mut Ws], marker: &str) {
+    server.publish("/publish/all", marker);
+    for (i, ws) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            recv_text(ws),
+            marker,
+            "client #{i} received something before the marker"
+        );
+    }
+}
+
+/// Sends a clean close and waits for the connection to end.
+pub fn close_ws(mut ws: Ws) {
+    let _ = ws.close(None);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+// ---- raw TCP helpers -----------------------------------------------------------------------------------
+
+/// A hand-written upgrade request for `/ws?query` with the usual headers and `extra` header lines
+/// (each without CRLF).
+pub fn upgrade_request(query: &str, extra: &[&str]) -> String {
+    let target = if query.is_empty() {
+        "/ws".to_string()
+    } else {
+        format!("/ws?{query}")
+    };
+    let mut head = format!(
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for line in extra {
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// Performs an upgrade on `stream` and reads exactly the response head, which must be 101.
+pub fn upgrade_on(stream: &mut TcpStream, query: &str) {
+    stream
+        .write_all(upgrade_request(query, &[]).as_bytes())
+        .expect("writing upgrade");
+    let head = read_head(stream);
+    assert!(head.starts_with("HTTP/1.1 101 "), "upgrade refused: {head}");
+}
+
+/// Reads an HTTP response head byte by byte, so nothing after it is consumed.
+pub fn read_head(stream: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => panic!(
+                "EOF inside response head: {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => panic!("reading response head: {e}"),
+        }
+    }
+    String::from_utf8(head).expect("utf-8 head")
+}
+
+/// Reads until EOF; a reset or timeout after some bytes ends the read too (a reset can overtake the
+/// tail of a response the peer wrote before closing).
+pub fn read_to_close(stream: &mut impl Read) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if !out.is_empty() => {
+                eprintln!("read ended with {e} after {} bytes", out.len());
+                return out;
+            }
+            Err(e) => panic!("reading response: {e}"),
+        }
+    }
+}
+
+/// How a raw connection ended when read until it did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Orderly EOF.
+    Eof,
+    /// Connection reset.
+    Reset,
+    /// Still open when the read timed out.
+    TimedOut,
+}
+
+/// Reads and discards until the connection ends or a read times out.
+pub fn wait_end(stream: &mut TcpStream) -> End {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return End::Eof,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return End::TimedOut
+            }
+            Err(_) => return End::Reset,
+        }
+    }
+}
+
+/// Status code from the start of an HTTP response; 0 if there is none.
+pub fn status_of(response: &str) -> u16 {
+    response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One server frame read from a raw stream: `(fin, opcode, payload)`; `Ok(None)` on EOF at a frame
+/// boundary. Server frames are never masked (RFC 6455 §5.1).
+pub fn read_frame(stream: &mut impl Read) -> io::Result<Option<(bool, u8, Vec<u8>)>> {
+    let mut first = [0u8; 2];
+    match stream.read(&mut first[..1])? {
+        0 => return Ok(None),
+        _ => stream.read_exact(&mut first[1..])?,
+    }
+    let fin = first[0] & 0x80 != 0;
+    let opcode = first[0] & 0x0f;
+    assert_eq!(first[1] & 0x80, 0, "server frame is masked");
+    let len = match first[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            stream.read_exact(&mut ext)?;
+            u64::from(u16::from_be_bytes(ext))
+        }
+        127 => {
+            let mut ext = [0u8; 8];
+            stream.read_exact(&mut ext)?;
+            u64::from_be_bytes(ext)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; usize::try_from(len).expect("frame length fits usize")];
+    stream.read_exact(&mut payload)?;
+    Ok(Some((fin, opcode, payload)))
+}
+
+/// Writes one masked client frame with FIN set (RFC 6455 §5.2, §5.3).
+pub fn write_frame(stream: &mut impl Write, opcode: u8, payload: &[u8]) -> io::Result<()> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    stream.write_all(&frame)
+}
+
+// ---- admin client --------------------------------------------------------------------------------------
+
+/// An admin HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header fields in order, names as sent.
+    pub headers: Vec<(String, String)>,
+    /// The body (Content-Length bytes).
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// First value of a header, name compared case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; panics if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection to the admin API.
+pub struct Admin {
+    stream: TcpStream,
+    host: String,
+    /// Bytes read beyond the last response (pipelined answers).
+    buf: Vec<u8>,
+}
+
+impl Admin {
+    /// Connects to `addr`.
+    pub fn connect(addr: SocketAddr) -> Admin {
+        let stream = TcpStream::connect(addr).expect("connecting to admin");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let _ = stream.set_nodelay(true);
+        Admin {
+            stream,
+            host: addr.to_string(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The bytes of one request (with Host and Content-Length) for this connection.
+    pub fn encode(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Vec<u8> {
+        let mut out = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        for (name, value) in headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" {
+            out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    /// Writes raw bytes (e.g. several pipelined requests).
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("writing to admin");
+    }
+
+    /// Sends one request and reads its response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Response {
+        let bytes = self.encode(method, path, body, headers);
+        self.write_raw(&bytes);
+        self.read_response()
+    }
+
+    /// Reads the next response (not for HEAD requests: the body length is taken from Content-Length).
+    pub fn read_response(&mut self) -> Response {
+        self.read_response_inner(true)
+    }
+
+    /// Reads the next response to a HEAD request: its head only, whatever Content-Length says.
+    pub fn read_head_only_response(&mut self) -> Response {
+        self.read_response_inner(false)
+    }
+
+    fn read_response_inner(&mut self, with_body: bool) -> Response {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill();
+        };
+        let head = String::from_utf8(self.buf[..head_end].to_vec()).expect("utf-8 response head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_of(status_line);
+        assert_ne!(status, 0, "bad status line {status_line:?}");
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(':').expect("header line has a colon");
+                (n.trim().to_string(), v.trim().to_string())
+            })
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse().expect("numeric Content-Length"))
+            .unwrap_or(0);
+        let length = if with_body { length } else { 0 };
+        while self.buf.len() < head_end + length {
+            self.fill();
+        }
+        let body = self.buf[head_end..head_end + length].to_vec();
+        self.buf.drain(..head_end + length);
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Half-closes the connection: no more requests will follow.
+    pub fn shutdown_write(&mut self) {
+        self.stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown(Write)");
+    }
+
+    /// Whether the server closed this connection (reads EOF within the I/O timeout).
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn fill(&mut self) {
+        let mut chunk = [0u8; 64 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => panic!(
+                "admin connection closed mid-response; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("reading admin response: {e}"),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+// ---- metrics -------------------------------------------------------------------------------------------
+
+/// Sum of the samples of `name` in Prometheus text whose labels include every pair of `labels`.
+/// Panics if the text has no sample named `name`, so a renamed metric fails loudly.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut seen = false;
+    let mut sum = 0u64;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        seen = true;
+        let pairs: Vec<(&str, &str)> = label_text
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        if labels.iter().all(|want| pairs.contains(want)) {
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad sample {line:?}"));
+            sum += v as u64;
+        }
+    }
+    assert!(seen, "metric {name} not found in:\n{text}");
+    sum
+}
+
+// ---- waiting -------------------------------------------------------------------------------------------
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
