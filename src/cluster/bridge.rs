@@ -130,7 +130,7 @@ fn subscribe_and_receive(
         }
         // A Redis host that vanished without closing the socket is only noticed by asking it something.
         if last_ping.elapsed() >= heartbeat {
-            pubsub.ping::<String>()?;
+            pubsub.ping::<redis::Value>()?;
             last_ping = Instant::now();
         }
     }
