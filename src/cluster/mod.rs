@@ -261,11 +261,11 @@ impl Cluster {
         Ok(tally.presence())
     }
 
-    /// Nodes whose alive marker has not expired; forgets the ids of the others.
+    /// Nodes whose alive marker has not expired, this one always included; forgets the ids of the others.
     fn count_live_nodes(&self, conn: &mut redis::Connection) -> redis::RedisResult<u64> {
         let ids: Vec<String> = redis::cmd("SMEMBERS").arg(&self.names.nodes).query(conn)?;
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(1);
         }
         let mut mget = redis::cmd("MGET");
         for id in &ids {
@@ -284,7 +284,12 @@ impl Cluster {
                 .arg(&dead)
                 .query::<i64>(conn)?;
         }
-        Ok((ids.len() - dead.len()) as u64)
+        // This node is alive even before its first heartbeat lands.
+        let me_listed = ids
+            .iter()
+            .zip(&markers)
+            .any(|(id, m)| m.is_some() && id == self.node_id());
+        Ok((ids.len() - dead.len()) as u64 + u64::from(!me_listed))
     }
 
     /// Runs `f` on the publisher connection, (re)connecting it first when it is missing or older than the
@@ -426,8 +431,7 @@ struct Tally {
 }
 
 impl Tally {
-    /// Starts with this node's own count; `known` is the number of live alive markers (this node's included
-    /// once its first heartbeat is in).
+    /// Starts with this node's own count; `known` is the number of live nodes, this one included.
     fn new(local: u64, known: u64) -> Tally {
         Tally {
             connections: local,
@@ -530,7 +534,6 @@ mod tests {
     #[test]
     fn tally_of_a_lone_node_needs_no_answers() {
         assert!(Tally::new(5, 1).complete());
-        assert!(Tally::new(5, 0).complete());
     }
 
     #[test]
