@@ -111,7 +111,8 @@ fn subscribe_and_receive(
         cluster.names.bus.as_str(),
         cluster.names.reply(cluster.node_id()).as_str(),
     ])?;
-    pubsub.set_read_timeout(Some(POLL_INTERVAL.min(heartbeat)))?;
+    let poll = POLL_INTERVAL.min(heartbeat);
+    pubsub.set_read_timeout(Some(poll))?;
     // A new generation makes the admin thread's publisher reconnect: its old connection may be to a Redis
     // that has since restarted.
     cluster.link.generation.fetch_add(1, SeqCst);
@@ -129,8 +130,13 @@ fn subscribe_and_receive(
             Err(e) => return Err(e),
         }
         // A Redis host that vanished without closing the socket is only noticed by asking it something.
+        // The answer gets the full command timeout: a busy Redis is not a dead one.
         if last_ping.elapsed() >= heartbeat {
+            pubsub.set_read_timeout(Some(Duration::from_millis(
+                cluster.settings.command_timeout_ms,
+            )))?;
             pubsub.ping::<redis::Value>()?;
+            pubsub.set_read_timeout(Some(poll))?;
             last_ping = Instant::now();
         }
     }
