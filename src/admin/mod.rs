@@ -395,16 +395,16 @@ impl AdminServer {
             });
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
-        Reply::json(
-            202,
-            serde_json::json!({
-                "accepted": true,
-                "target": metrics::TARGET_LABELS[kind as usize],
-                "bytes": request.body.len(),
-                "binary": binary,
-                "cluster": self.cluster.is_some(),
-            }),
-        )
+        let mut answer = serde_json::json!({
+            "accepted": true,
+            "target": metrics::TARGET_LABELS[kind as usize],
+            "bytes": request.body.len(),
+            "binary": binary,
+        });
+        if self.cluster.is_some() {
+            answer["cluster"] = true.into();
+        }
+        Reply::json(202, answer)
     }
 
     fn kick(&self, target: Target, request: &Request) -> Reply {
@@ -436,11 +436,14 @@ impl AdminServer {
             reply,
         });
         match answers {
-            // In a cluster, `closed` counts this node's connections; the others close theirs on their own.
-            Some(closed) => Reply::json(
-                200,
-                serde_json::json!({ "closed": closed, "code": code, "cluster": self.cluster.is_some() }),
-            ),
+            Some(closed) => {
+                let mut answer = serde_json::json!({ "closed": closed, "code": code });
+                // In a cluster, `closed` counts this node's connections; the others close theirs on their own.
+                if self.cluster.is_some() {
+                    answer["cluster"] = true.into();
+                }
+                Reply::json(200, answer)
+            }
             None => Reply::error(503, "a reactor did not answer in time"),
         }
     }
