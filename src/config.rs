@@ -83,6 +83,26 @@ pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 32;
 /// Least severe log level that is printed.
 pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
 
+/// Redis URL of the cluster bus (`redis://[:password@]host:port[/db]` or `unix:///path`); empty runs a
+/// single node with no Redis at all.
+pub const DEFAULT_CLUSTER_REDIS_URL: &str = "";
+/// Prefix of every Redis channel and key the cluster uses, so several clusters can share one Redis.
+pub const DEFAULT_CLUSTER_CHANNEL_PREFIX: &str = "densepush";
+/// This node's id, unique in the cluster; empty means `<hostname>-<pid>`.
+pub const DEFAULT_CLUSTER_NODE_ID: &str = "";
+/// Milliseconds before the first reconnection attempt after the Redis link fails; doubled per failure.
+pub const DEFAULT_CLUSTER_RECONNECT_MIN_MS: u64 = 100;
+/// Milliseconds between reconnection attempts at most.
+pub const DEFAULT_CLUSTER_RECONNECT_MAX_MS: u64 = 5_000;
+/// Milliseconds a Redis connect, read or write may take before the link counts as down.
+pub const DEFAULT_CLUSTER_COMMAND_TIMEOUT_MS: u64 = 1_000;
+/// Milliseconds between a node's heartbeats (its alive marker in Redis, and a ping of the subscription).
+pub const DEFAULT_CLUSTER_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
+/// Milliseconds a node's alive marker outlives its last heartbeat; a dead node stops counting as known then.
+pub const DEFAULT_CLUSTER_NODE_TTL_MS: u64 = 10_000;
+/// Milliseconds a cluster presence query waits for the other nodes' answers.
+pub const DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS: u64 = 300;
+
 /// Prefix of the environment variables that override settings: `DENSEPUSH_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "DENSEPUSH_";
 /// Variables that carry [`ENV_PREFIX`] but are not overrides, so they are not rejected as unknown
@@ -129,6 +149,16 @@ pub mod limits {
     pub const MAX_REQUEST_HEAD_BYTES: RangeInclusive<usize> = 1024..=1 << 20;
     /// Headers in an admin request.
     pub const MAX_REQUEST_HEADERS: RangeInclusive<usize> = 4..=1024;
+    /// Bytes in the cluster's channel prefix.
+    pub const CLUSTER_CHANNEL_PREFIX_BYTES: RangeInclusive<usize> = 1..=64;
+    /// Bytes in a cluster node id.
+    pub const CLUSTER_NODE_ID_BYTES: RangeInclusive<usize> = 1..=128;
+    /// Milliseconds of a Redis command timeout: a blocked admin thread answers nothing meanwhile.
+    pub const CLUSTER_COMMAND_TIMEOUT_MS: RangeInclusive<u64> = 1..=60_000;
+    /// Milliseconds of reconnection backoff and heartbeat intervals.
+    pub const CLUSTER_INTERVAL_MS: RangeInclusive<u64> = 1..=3_600_000;
+    /// Milliseconds a presence query waits: the admin thread answers nothing meanwhile.
+    pub const CLUSTER_PRESENCE_TIMEOUT_MS: RangeInclusive<u64> = 1..=10_000;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,6 +262,8 @@ pub struct FileConfig {
     pub admin: AdminSection,
     /// `[log]`
     pub log: LogSection,
+    /// `[cluster]`
+    pub cluster: ClusterSection,
 }
 
 /// `[server]` as written. Field docs are on the `DEFAULT_*` constants.
@@ -389,6 +421,69 @@ impl Default for LogSection {
     }
 }
 
+/// `[cluster]` as written. Field docs are on the `DEFAULT_CLUSTER_*` constants.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [cluster] table")]
+#[allow(missing_docs)]
+pub struct ClusterSection {
+    pub redis_url: String,
+    pub channel_prefix: String,
+    pub node_id: String,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub command_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub node_ttl_ms: u64,
+    pub presence_timeout_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            redis_url: DEFAULT_CLUSTER_REDIS_URL.to_owned(),
+            channel_prefix: DEFAULT_CLUSTER_CHANNEL_PREFIX.to_owned(),
+            node_id: DEFAULT_CLUSTER_NODE_ID.to_owned(),
+            reconnect_min_ms: DEFAULT_CLUSTER_RECONNECT_MIN_MS,
+            reconnect_max_ms: DEFAULT_CLUSTER_RECONNECT_MAX_MS,
+            command_timeout_ms: DEFAULT_CLUSTER_COMMAND_TIMEOUT_MS,
+            heartbeat_interval_ms: DEFAULT_CLUSTER_HEARTBEAT_INTERVAL_MS,
+            node_ttl_ms: DEFAULT_CLUSTER_NODE_TTL_MS,
+            presence_timeout_ms: DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS,
+        }
+    }
+}
+
+// Hand-written so a password in the Redis URL never reaches a log line through `{:?}`.
+impl fmt::Debug for ClusterSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterSection")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("node_id", &self.node_id)
+            .field("reconnect_min_ms", &self.reconnect_min_ms)
+            .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("node_ttl_ms", &self.node_ttl_ms)
+            .field("presence_timeout_ms", &self.presence_timeout_ms)
+            .finish()
+    }
+}
+
+/// A URL with its user-info (`user:password@`) replaced, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// Debug stand-in for a secret: shows only its length (0 reads as "not set").
 struct Redacted(usize);
 
@@ -416,6 +511,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[log]`
     pub log: LogConfig,
+    /// `[cluster]`
+    pub cluster: ClusterConfig,
 }
 
 /// `[server]`, checked.
@@ -513,6 +610,45 @@ impl fmt::Debug for AdminConfig {
 pub struct LogConfig {
     /// Least severe level printed.
     pub level: log::LevelFilter,
+}
+
+/// `[cluster]`, checked, with the node id resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis URL; `None` runs a single node.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis channel and key: visible ASCII, 1 to 64 bytes.
+    pub channel_prefix: String,
+    /// This node's id: `cluster.node_id`, or `<hostname>-<pid>` when that is empty.
+    pub node_id: String,
+    /// Milliseconds before the first reconnection attempt.
+    pub reconnect_min_ms: u64,
+    /// Milliseconds between reconnection attempts at most; at least `reconnect_min_ms`.
+    pub reconnect_max_ms: u64,
+    /// Milliseconds a Redis connect, read or write may take.
+    pub command_timeout_ms: u64,
+    /// Milliseconds between heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds an alive marker lives; more than `heartbeat_interval_ms`.
+    pub node_ttl_ms: u64,
+    /// Milliseconds a presence query waits for answers.
+    pub presence_timeout_ms: u64,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("node_id", &self.node_id)
+            .field("reconnect_min_ms", &self.reconnect_min_ms)
+            .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("node_ttl_ms", &self.node_ttl_ms)
+            .field("presence_timeout_ms", &self.presence_timeout_ms)
+            .finish()
+    }
 }
 
 impl Config {
@@ -880,6 +1016,117 @@ fn check_api_key(key: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Checks a cluster name (prefix or node id): visible ASCII, so it embeds in Redis channel and key names and
+/// in log lines unambiguously.
+fn check_cluster_name(
+    key: &'static str,
+    value: &str,
+    bytes: RangeInclusive<usize>,
+) -> Result<String, ConfigError> {
+    check_range(key, value.len(), bytes.clone()).map_err(|_| {
+        invalid(
+            key,
+            format!(
+                "(`{value}`) must be {} to {} bytes long",
+                bytes.start(),
+                bytes.end()
+            ),
+        )
+    })?;
+    if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            format!("(`{value}`) must be visible ASCII, found {bad:?}"),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// `<hostname>-<pid>`: unique per process on a host, and readable in logs.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
+        .unwrap_or_else(|| "densepush".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+impl ClusterSection {
+    fn validate(self) -> Result<ClusterConfig, ConfigError> {
+        let redis_url = match self.redis_url.as_str() {
+            "" => None,
+            url => {
+                // The redis crate parses the URL as it would to connect; TLS (rediss://) is not built in.
+                if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+                    return Err(invalid(
+                        "cluster.redis_url",
+                        format!(
+                            "(`{}`) is not a usable Redis URL ({e}); expected redis://[:password@]host:port[/db] \
+                             or unix:///path/to/redis.sock",
+                            redact_url(url)
+                        ),
+                    ));
+                }
+                Some(self.redis_url.clone())
+            }
+        };
+        let channel_prefix = check_cluster_name(
+            "cluster.channel_prefix",
+            &self.channel_prefix,
+            limits::CLUSTER_CHANNEL_PREFIX_BYTES,
+        )?;
+        let node_id = match self.node_id.as_str() {
+            "" => default_node_id(),
+            id => check_cluster_name("cluster.node_id", id, limits::CLUSTER_NODE_ID_BYTES)?,
+        };
+        let interval =
+            |key: &'static str, ms: u64| check_range(key, ms, limits::CLUSTER_INTERVAL_MS);
+        let reconnect_min_ms = interval("cluster.reconnect_min_ms", self.reconnect_min_ms)?;
+        let reconnect_max_ms = interval("cluster.reconnect_max_ms", self.reconnect_max_ms)?;
+        if reconnect_max_ms < reconnect_min_ms {
+            return Err(invalid(
+                "cluster.reconnect_max_ms",
+                format!(
+                    "({reconnect_max_ms}) must be at least cluster.reconnect_min_ms ({reconnect_min_ms})"
+                ),
+            ));
+        }
+        let heartbeat_interval_ms =
+            interval("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms)?;
+        let node_ttl_ms = interval("cluster.node_ttl_ms", self.node_ttl_ms)?;
+        // A marker that expires before the next heartbeat renews it would make a live node look dead.
+        if node_ttl_ms <= heartbeat_interval_ms {
+            return Err(invalid(
+                "cluster.node_ttl_ms",
+                format!(
+                    "({node_ttl_ms}) must be more than cluster.heartbeat_interval_ms ({heartbeat_interval_ms})"
+                ),
+            ));
+        }
+        Ok(ClusterConfig {
+            redis_url,
+            channel_prefix,
+            node_id,
+            reconnect_min_ms,
+            reconnect_max_ms,
+            command_timeout_ms: check_range(
+                "cluster.command_timeout_ms",
+                self.command_timeout_ms,
+                limits::CLUSTER_COMMAND_TIMEOUT_MS,
+            )?,
+            heartbeat_interval_ms,
+            node_ttl_ms,
+            presence_timeout_ms: check_range(
+                "cluster.presence_timeout_ms",
+                self.presence_timeout_ms,
+                limits::CLUSTER_PRESENCE_TIMEOUT_MS,
+            )?,
+        })
+    }
+}
+
 fn default_reactors() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -893,6 +1140,7 @@ impl FileConfig {
             auth,
             admin,
             log,
+            cluster,
         } = self;
 
         let server = ServerConfig {
@@ -1099,6 +1347,7 @@ impl FileConfig {
             log: LogConfig {
                 level: log.level.to_level_filter(),
             },
+            cluster: cluster.validate()?,
         })
     }
 }
@@ -1233,7 +1482,10 @@ mod tests {
 
     #[test]
     fn schema_lists_every_section() {
-        assert_eq!(join_keys(&schema()), "admin, auth, log, server, websocket");
+        assert_eq!(
+            join_keys(&schema()),
+            "admin, auth, cluster, log, server, websocket"
+        );
     }
 
     #[test]
@@ -1724,5 +1976,96 @@ mod tests {
             err.to_string().contains("/nonexistent/densepush.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cluster_is_disabled_by_default_with_a_resolved_node_id() {
+        let c = defaults().cluster;
+        assert_eq!(c.redis_url, None);
+        assert_eq!(c.channel_prefix, DEFAULT_CLUSTER_CHANNEL_PREFIX);
+        assert!(
+            c.node_id.ends_with(&format!("-{}", std::process::id())),
+            "{}",
+            c.node_id
+        );
+        assert_eq!(c.reconnect_min_ms, DEFAULT_CLUSTER_RECONNECT_MIN_MS);
+        assert_eq!(c.reconnect_max_ms, DEFAULT_CLUSTER_RECONNECT_MAX_MS);
+        assert_eq!(c.command_timeout_ms, DEFAULT_CLUSTER_COMMAND_TIMEOUT_MS);
+        assert_eq!(
+            c.heartbeat_interval_ms,
+            DEFAULT_CLUSTER_HEARTBEAT_INTERVAL_MS
+        );
+        assert_eq!(c.node_ttl_ms, DEFAULT_CLUSTER_NODE_TTL_MS);
+        assert_eq!(c.presence_timeout_ms, DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn cluster_settings_are_read() {
+        let c = parse(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379/2\"\nnode_id = \"node-a\"\nchannel_prefix = \"dp\"",
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(c.node_id, "node-a");
+        assert_eq!(c.channel_prefix, "dp");
+    }
+
+    #[test]
+    fn cluster_redis_url_can_come_from_the_environment() {
+        let c = parse_env(
+            "",
+            &[("DENSEPUSH_CLUSTER_REDIS_URL", "redis://10.0.0.1:6380")],
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!(c.redis_url.as_deref(), Some("redis://10.0.0.1:6380"));
+    }
+
+    #[test]
+    fn each_cluster_validation_error_names_its_key() {
+        let cases: &[(&str, &str)] = &[
+            ("redis_url = \"http://x\"", "cluster.redis_url"),
+            ("redis_url = \"rediss://x:6379\"", "cluster.redis_url"),
+            ("channel_prefix = \"\"", "cluster.channel_prefix"),
+            ("channel_prefix = \"a b\"", "cluster.channel_prefix"),
+            ("node_id = \"n\\u00e9\"", "cluster.node_id"),
+            ("reconnect_min_ms = 0", "cluster.reconnect_min_ms"),
+            (
+                "reconnect_min_ms = 500\nreconnect_max_ms = 100",
+                "cluster.reconnect_max_ms",
+            ),
+            ("command_timeout_ms = 0", "cluster.command_timeout_ms"),
+            ("heartbeat_interval_ms = 0", "cluster.heartbeat_interval_ms"),
+            (
+                "heartbeat_interval_ms = 1000\nnode_ttl_ms = 1000",
+                "cluster.node_ttl_ms",
+            ),
+            ("presence_timeout_ms = 60000", "cluster.presence_timeout_ms"),
+        ];
+        for (body, want) in cases {
+            let (key, msg) = invalid_key(&format!("[cluster]\n{body}"));
+            assert_eq!(key, *want, "{body}: {msg}");
+        }
+    }
+
+    #[test]
+    fn redis_url_password_is_redacted_in_errors_and_debug() {
+        let (_, msg) = invalid_key("[cluster]\nredis_url = \"redis://:hunter2@\"");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let c = parse("[cluster]\nredis_url = \"redis://:hunter2@127.0.0.1:6379\"").unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("127.0.0.1:6379"), "{text}");
+    }
+
+    #[test]
+    fn redact_url_keeps_everything_but_the_credentials() {
+        assert_eq!(
+            redact_url("redis://user:pw@host:1/0"),
+            "redis://<redacted>@host:1/0"
+        );
+        assert_eq!(redact_url("redis://host:1"), "redis://host:1");
+        assert_eq!(redact_url("unix:///tmp/r@x.sock"), "unix:///tmp/r@x.sock");
     }
 }

@@ -3,11 +3,13 @@
 //! Reactor threads (`reactor`) each own a `SO_REUSEPORT` listener, a slab of connections (`conn`), a fanout
 //! index (`fanout`) and a timing wheel (`timer`). The admin API (`admin`) frames a published message once
 //! (`frame`) and hands the shared bytes to every reactor through its `mailbox`. Protocol logic is sans-IO:
-//! `handshake`, `auth`, `frame`, `outbox`, `fanout` and `timer` never touch a socket or a clock.
+//! `handshake`, `auth`, `frame`, `outbox`, `fanout` and `timer` never touch a socket or a clock. Several
+//! nodes form a cluster over Redis pub/sub (`cluster`).
 #![deny(missing_docs)]
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fanout;

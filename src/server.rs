@@ -5,6 +5,7 @@
 
 use crate::admin::{http, AdminServer, AdminSettings};
 use crate::auth::{AuthLimits, Authenticator};
+use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::frame;
 use crate::handshake::HandshakeLimits;
@@ -35,11 +36,15 @@ pub struct Running {
     mailboxes: Vec<Arc<Mailbox>>,
     reactors: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Running {
     /// Asks every reactor to stop accepting and close its connections with 1001.
     pub fn shutdown(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.leave();
+        }
         for mailbox in &self.mailboxes {
             mailbox.send(Command::Shutdown {
                 timeout: self.shutdown_timeout,
@@ -106,6 +111,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         );
     }
 
+    let cluster = Cluster::start(&config.cluster, mailboxes.clone())?;
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     admin_listener.set_nonblocking(true)?;
@@ -123,7 +129,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
                 max_body_bytes: config.admin.max_publish_bytes,
             },
         },
-    )?;
+    )?
+    .with_cluster(cluster.clone());
     // The admin thread is not joined: it serves until the process exits after the reactors drain.
     std::thread::Builder::new()
         .name("admin".into())
@@ -135,6 +142,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         mailboxes,
         reactors: handles,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
+        cluster,
     })
 }
 

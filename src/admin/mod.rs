@@ -7,6 +7,7 @@
 pub mod http;
 pub mod route;
 
+use crate::cluster::Cluster;
 use crate::frame;
 use crate::mailbox::{Command, Mailbox, Target};
 use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
@@ -50,6 +51,8 @@ pub struct AdminServer {
     reactor_metrics: Vec<Arc<ReactorMetrics>>,
     metrics: Arc<AdminMetrics>,
     settings: AdminSettings,
+    /// The cluster bridge, when `cluster.redis_url` is set: publishes and kicks go through Redis first.
+    cluster: Option<Arc<Cluster>>,
 }
 
 struct AdminConn {
@@ -103,7 +106,15 @@ impl AdminServer {
             reactor_metrics,
             metrics,
             settings,
+            cluster: None,
         })
+    }
+
+    /// Joins a cluster: publishes and kicks are sent to the other nodes through Redis before being delivered
+    /// here, and presence is counted cluster-wide.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Serves until the process exits.
@@ -320,11 +331,20 @@ impl AdminServer {
                 self.kick(Target::UserClient(user, client), request)
             }
             Route::Presence { user } => self.presence(user),
-            Route::Healthz => Reply::json(200, serde_json::json!({ "status": "ok" })),
+            Route::Healthz => Reply::json(
+                200,
+                serde_json::json!({
+                    "status": "ok",
+                    "cluster": self.cluster.as_ref().map_or("disabled", |c| c.health()),
+                }),
+            ),
             Route::Metrics => {
                 let reactors: Vec<&ReactorMetrics> =
                     self.reactor_metrics.iter().map(|m| m.as_ref()).collect();
-                let text = metrics::render(&reactors, &self.metrics, metrics::resident_bytes());
+                let mut text = metrics::render(&reactors, &self.metrics, metrics::resident_bytes());
+                if let Some(cluster) = &self.cluster {
+                    cluster.render_metrics(&mut text);
+                }
                 Reply {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -359,6 +379,12 @@ impl AdminServer {
                 "body is not valid UTF-8; send binary with Content-Type: application/octet-stream",
             );
         }
+        // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.publish(&target, binary, &request.body) {
+                return Reply::error(503, &e.to_string());
+            }
+        }
         // Framed once; every reactor and every recipient shares these bytes.
         let frame = frame::encode_message(!binary, &request.body);
         let target = Arc::new(target);
@@ -369,15 +395,16 @@ impl AdminServer {
             });
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
-        Reply::json(
-            202,
-            serde_json::json!({
-                "accepted": true,
-                "target": metrics::TARGET_LABELS[kind as usize],
-                "bytes": request.body.len(),
-                "binary": binary,
-            }),
-        )
+        let mut answer = serde_json::json!({
+            "accepted": true,
+            "target": metrics::TARGET_LABELS[kind as usize],
+            "bytes": request.body.len(),
+            "binary": binary,
+        });
+        if self.cluster.is_some() {
+            answer["cluster"] = true.into();
+        }
+        Reply::json(202, answer)
     }
 
     fn kick(&self, target: Target, request: &Request) -> Reply {
@@ -394,6 +421,11 @@ impl AdminServer {
         if reason.len() > 123 {
             return Reply::error(400, "reason must be at most 123 bytes");
         }
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.kick(&target, code, &reason) {
+                return Reply::error(503, &e.to_string());
+            }
+        }
         self.metrics.kicks.fetch_add(1, Relaxed);
         let target = Arc::new(target);
         let reason: Arc<str> = reason.into();
@@ -404,7 +436,14 @@ impl AdminServer {
             reply,
         });
         match answers {
-            Some(closed) => Reply::json(200, serde_json::json!({ "closed": closed, "code": code })),
+            Some(closed) => {
+                let mut answer = serde_json::json!({ "closed": closed, "code": code });
+                // In a cluster, `closed` counts this node's connections; the others close theirs on their own.
+                if self.cluster.is_some() {
+                    answer["cluster"] = true.into();
+                }
+                Reply::json(200, answer)
+            }
             None => Reply::error(503, "a reactor did not answer in time"),
         }
     }
@@ -415,10 +454,24 @@ impl AdminServer {
             user: user.clone(),
             reply,
         }) {
-            Some(count) => Reply::json(
-                200,
-                serde_json::json!({ "user": &*user, "connections": count }),
-            ),
+            Some(count) => match &self.cluster {
+                None => Reply::json(
+                    200,
+                    serde_json::json!({ "user": &*user, "connections": count }),
+                ),
+                Some(cluster) => match cluster.presence(&user, count as u64) {
+                    Ok(p) => Reply::json(
+                        200,
+                        serde_json::json!({
+                            "user": &*user,
+                            "connections": p.connections,
+                            "nodes": p.nodes,
+                            "nodes_known": p.nodes_known,
+                        }),
+                    ),
+                    Err(e) => Reply::error(503, &e.to_string()),
+                },
+            },
             None => Reply::error(503, "a reactor did not answer in time"),
         }
     }

@@ -1,0 +1,485 @@
+//! The bytes densepush nodes exchange through Redis pub/sub: encoding and decoding, sans-IO.
+//!
+//! It owns the message layout only; it does not publish, subscribe or deliver. Every message is
+//! `version (u8) | kind (u8) | origin node id (str) | body`, where a `str` is a big-endian `u32` length followed
+//! by that many UTF-8 bytes. Bodies by kind:
+//!
+//! - publish: `target | flags (u8, bit 0 = binary) | payload (the rest)`; the payload is not framed, so a 1 MiB
+//!   message costs 1 MiB on Redis, and each receiving node frames it once for all of its connections;
+//! - kick: `target | code (u16) | reason (str)`;
+//! - presence query: `request id (u64) | user (str)`; answered on the origin's reply channel;
+//! - presence answer: `request id (u64) | connections (u64)`.
+//!
+//! A target is `tag (u8: 0 user, 1 user+client, 2 channel, 3 all)` followed by its strings.
+
+use crate::mailbox::Target;
+
+/// Layout version; a node drops messages of another version instead of misreading them.
+pub const VERSION: u8 = 1;
+
+const KIND_PUBLISH: u8 = 0;
+const KIND_KICK: u8 = 1;
+const KIND_PRESENCE_QUERY: u8 = 2;
+const KIND_PRESENCE_ANSWER: u8 = 3;
+
+const TAG_USER: u8 = 0;
+const TAG_USER_CLIENT: u8 = 1;
+const TAG_CHANNEL: u8 = 2;
+const TAG_ALL: u8 = 3;
+
+const FLAG_BINARY: u8 = 1;
+
+/// What one node tells the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Deliver a message to the target's connections.
+    Publish {
+        /// Recipients.
+        target: Target,
+        /// Binary frame (true) or text frame (false).
+        binary: bool,
+        /// The message payload, unframed.
+        payload: Vec<u8>,
+    },
+    /// Close the target's connections.
+    Kick {
+        /// A user, or a user's client token.
+        target: Target,
+        /// Close code (1000 or 4000-4999).
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+    /// Count the user's connections and answer on the origin's reply channel.
+    PresenceQuery {
+        /// Chosen by the origin to match answers to its question.
+        request: u64,
+        /// The user.
+        user: String,
+    },
+    /// One node's answer to a presence query.
+    PresenceAnswer {
+        /// The query's request id.
+        request: u64,
+        /// The user's connections on the answering node.
+        connections: u64,
+    },
+}
+
+/// A decoded message: who sent it and what it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The node id of the sender.
+    pub origin: String,
+    /// The content.
+    pub body: Body,
+}
+
+/// Why bytes from Redis are not a message. Another program publishing on our channels, or a node of another
+/// version, gets its message dropped and counted, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The message ended before a field did.
+    #[error("message truncated")]
+    Truncated,
+    /// The version byte is not [`VERSION`].
+    #[error("unsupported message version {0}")]
+    Version(u8),
+    /// Unknown kind byte.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// Unknown target tag, or a target a kick cannot have.
+    #[error("bad target tag {0}")]
+    Target(u8),
+    /// A string field is not UTF-8, or a text payload is not UTF-8.
+    #[error("invalid UTF-8 in {0}")]
+    Utf8(&'static str),
+    /// Bytes after the last field of a fixed-size body.
+    #[error("trailing bytes after the message")]
+    Trailing,
+}
+
+/// Encodes a message; infallible (lengths are `u32`, and no field the admin API accepts comes near 4 GiB).
+pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
+    let payload_len = match body {
+        Body::Publish { payload, .. } => payload.len(),
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(64 + origin.len() + payload_len);
+    out.push(VERSION);
+    match body {
+        Body::Publish {
+            target,
+            binary,
+            payload,
+        } => {
+            out.push(KIND_PUBLISH);
+            put_str(&mut out, origin);
+            put_target(&mut out, target);
+            out.push(if *binary { FLAG_BINARY } else { 0 });
+            out.extend_from_slice(payload);
+        }
+        Body::Kick {
+            target,
+            code,
+            reason,
+        } => {
+            out.push(KIND_KICK);
+            put_str(&mut out, origin);
+            put_target(&mut out, target);
+            out.extend_from_slice(&code.to_be_bytes());
+            put_str(&mut out, reason);
+        }
+        Body::PresenceQuery { request, user } => {
+            out.push(KIND_PRESENCE_QUERY);
+            put_str(&mut out, origin);
+            out.extend_from_slice(&request.to_be_bytes());
+            put_str(&mut out, user);
+        }
+        Body::PresenceAnswer {
+            request,
+            connections,
+        } => {
+            out.push(KIND_PRESENCE_ANSWER);
+            put_str(&mut out, origin);
+            out.extend_from_slice(&request.to_be_bytes());
+            out.extend_from_slice(&connections.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// Decodes a message. A text publish's payload is checked to be UTF-8 here, so a malformed message from
+/// Redis can never make clients fail the connection with 1007 (RFC 6455 §8.1).
+pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+    let mut r = Reader { rest: bytes };
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let kind = r.u8()?;
+    let origin = r.string("origin")?;
+    let body = match kind {
+        KIND_PUBLISH => {
+            let target = r.target()?;
+            let flags = r.u8()?;
+            let binary = flags & FLAG_BINARY != 0;
+            let payload = r.rest.to_vec();
+            r.rest = &[];
+            if !binary && std::str::from_utf8(&payload).is_err() {
+                return Err(WireError::Utf8("text payload"));
+            }
+            Body::Publish {
+                target,
+                binary,
+                payload,
+            }
+        }
+        KIND_KICK => {
+            let target = r.target()?;
+            if matches!(target, Target::Channel(_) | Target::All) {
+                return Err(WireError::Target(target_tag(&target)));
+            }
+            let code = u16::from_be_bytes(r.array()?);
+            let reason = r.string("reason")?;
+            Body::Kick {
+                target,
+                code,
+                reason,
+            }
+        }
+        KIND_PRESENCE_QUERY => {
+            let request = u64::from_be_bytes(r.array()?);
+            let user = r.string("user")?;
+            Body::PresenceQuery { request, user }
+        }
+        KIND_PRESENCE_ANSWER => {
+            let request = u64::from_be_bytes(r.array()?);
+            let connections = u64::from_be_bytes(r.array()?);
+            Body::PresenceAnswer {
+                request,
+                connections,
+            }
+        }
+        other => return Err(WireError::Kind(other)),
+    };
+    if !r.rest.is_empty() {
+        return Err(WireError::Trailing);
+    }
+    Ok(Message { origin, body })
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(u32::try_from(s.len()).is_ok());
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn target_tag(target: &Target) -> u8 {
+    match target {
+        Target::User(_) => TAG_USER,
+        Target::UserClient(..) => TAG_USER_CLIENT,
+        Target::Channel(_) => TAG_CHANNEL,
+        Target::All => TAG_ALL,
+    }
+}
+
+fn put_target(out: &mut Vec<u8>, target: &Target) {
+    out.push(target_tag(target));
+    match target {
+        Target::User(user) => put_str(out, user),
+        Target::UserClient(user, client) => {
+            put_str(out, user);
+            put_str(out, client);
+        }
+        Target::Channel(channel) => put_str(out, channel),
+        Target::All => {}
+    }
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
+        if self.rest.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, WireError> {
+        let len = u32::from_be_bytes(self.array()?) as usize;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| WireError::Utf8(what))
+    }
+
+    fn target(&mut self) -> Result<Target, WireError> {
+        Ok(match self.u8()? {
+            TAG_USER => Target::User(self.string("user")?),
+            TAG_USER_CLIENT => Target::UserClient(self.string("user")?, self.string("client")?),
+            TAG_CHANNEL => Target::Channel(self.string("channel")?),
+            TAG_ALL => Target::All,
+            other => return Err(WireError::Target(other)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(body: Body) {
+        let bytes = encode("node-a", &body);
+        assert_eq!(
+            decode(&bytes),
+            Ok(Message {
+                origin: "node-a".into(),
+                body
+            })
+        );
+    }
+
+    #[test]
+    fn publish_to_each_target_kind_round_trips() {
+        for target in [
+            Target::User("42".into()),
+            Target::UserClient("42".into(), "phone".into()),
+            Target::Channel("news".into()),
+            Target::All,
+        ] {
+            round_trip(Body::Publish {
+                target,
+                binary: false,
+                payload: b"hello".to_vec(),
+            });
+        }
+    }
+
+    #[test]
+    fn binary_publish_keeps_arbitrary_bytes() {
+        round_trip(Body::Publish {
+            target: Target::User("u".into()),
+            binary: true,
+            payload: vec![0xff, 0x00, 0xfe],
+        });
+    }
+
+    #[test]
+    fn empty_payload_round_trips() {
+        round_trip(Body::Publish {
+            target: Target::All,
+            binary: false,
+            payload: Vec::new(),
+        });
+    }
+
+    #[test]
+    fn kick_round_trips() {
+        round_trip(Body::Kick {
+            target: Target::UserClient("u".into(), "c".into()),
+            code: 4001,
+            reason: "bye".into(),
+        });
+    }
+
+    #[test]
+    fn presence_query_and_answer_round_trip() {
+        round_trip(Body::PresenceQuery {
+            request: u64::MAX,
+            user: "a/b".into(),
+        });
+        round_trip(Body::PresenceAnswer {
+            request: 7,
+            connections: 12345,
+        });
+    }
+
+    #[test]
+    fn publish_layout_is_compact() {
+        let bytes = encode(
+            "n",
+            &Body::Publish {
+                target: Target::User("u".into()),
+                binary: false,
+                payload: b"hi".to_vec(),
+            },
+        );
+        // version, kind, origin (4+1), tag, user (4+1), flags, payload (2)
+        assert_eq!(bytes.len(), 1 + 1 + 5 + 1 + 5 + 1 + 2);
+        assert_eq!(&bytes[..2], &[VERSION, KIND_PUBLISH]);
+    }
+
+    #[test]
+    fn other_version_is_rejected() {
+        let mut bytes = encode(
+            "n",
+            &Body::PresenceAnswer {
+                request: 1,
+                connections: 1,
+            },
+        );
+        bytes[0] = VERSION + 1;
+        assert_eq!(decode(&bytes), Err(WireError::Version(VERSION + 1)));
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected() {
+        let mut bytes = encode(
+            "n",
+            &Body::PresenceAnswer {
+                request: 1,
+                connections: 1,
+            },
+        );
+        bytes[1] = 9;
+        assert_eq!(decode(&bytes), Err(WireError::Kind(9)));
+    }
+
+    #[test]
+    fn unknown_target_tag_is_rejected() {
+        let mut bytes = encode(
+            "n",
+            &Body::Publish {
+                target: Target::All,
+                binary: true,
+                payload: Vec::new(),
+            },
+        );
+        bytes[2 + 4 + 1] = 7; // the tag follows version, kind and the origin "n"
+        assert_eq!(decode(&bytes), Err(WireError::Target(7)));
+    }
+
+    #[test]
+    fn kick_of_a_channel_is_rejected() {
+        let bytes = encode(
+            "n",
+            &Body::Kick {
+                target: Target::Channel("c".into()),
+                code: 4000,
+                reason: String::new(),
+            },
+        );
+        assert_eq!(decode(&bytes), Err(WireError::Target(TAG_CHANNEL)));
+    }
+
+    #[test]
+    fn text_payload_that_is_not_utf8_is_rejected() {
+        let bytes = encode(
+            "n",
+            &Body::Publish {
+                target: Target::All,
+                binary: false,
+                payload: vec![0xff],
+            },
+        );
+        assert_eq!(decode(&bytes), Err(WireError::Utf8("text payload")));
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let bytes = encode(
+            "node",
+            &Body::Kick {
+                target: Target::User("user".into()),
+                code: 4000,
+                reason: "why".into(),
+            },
+        );
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "prefix of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_after_a_fixed_body_are_rejected() {
+        let mut bytes = encode(
+            "n",
+            &Body::PresenceAnswer {
+                request: 1,
+                connections: 1,
+            },
+        );
+        bytes.push(0);
+        assert_eq!(decode(&bytes), Err(WireError::Trailing));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn publishes_round_trip(
+            origin in ".{0,16}",
+            user in ".{0,16}",
+            client in ".{0,16}",
+            payload in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let body = Body::Publish {
+                target: Target::UserClient(user, client),
+                binary: true,
+                payload,
+            };
+            let decoded = decode(&encode(&origin, &body)).unwrap();
+            prop_assert_eq!(decoded, Message { origin, body });
+        }
+    }
+}
