@@ -127,7 +127,12 @@ fn reserved_bits_fail_with_1002() {
     for (case, rsv) in [("rsv1", 0x40), ("rsv2", 0x20), ("rsv3", 0x10)] {
         for opcode in [0x1u8, 0x2, 0x9] {
             let case = format!("{case} opcode {opcode:#x}");
-            assert_fails_with(&server, &case, &frame(0x80 | rsv | opcode, b"x", true), 1002);
+            assert_fails_with(
+                &server,
+                &case,
+                &frame(0x80 | rsv | opcode, b"x", true),
+                1002,
+            );
         }
     }
 }
@@ -170,7 +175,10 @@ fn continuation_rules_fail_with_1002() {
     let server = Server::start(&[]);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("continuation without a start", fin(0x0, b"orphan")),
-        ("unfinished continuation without a start", more(0x0, b"orphan")),
+        (
+            "unfinished continuation without a start",
+            more(0x0, b"orphan"),
+        ),
         (
             "continuation after a finished message",
             concat(&[fin(0x1, b"done"), fin(0x0, b"more")]),
@@ -214,7 +222,10 @@ fn code_point_split_between_fragments_is_valid_utf8() {
     }));
     server.publish("/publish/user/split", "still open");
     let (_, opcode, payload) = read_frame(&mut stream).unwrap().expect("a frame");
-    assert_eq!((opcode, payload.as_slice()), (0x1, b"still open".as_slice()));
+    assert_eq!(
+        (opcode, payload.as_slice()),
+        (0x1, b"still open".as_slice())
+    );
     assert_eq!(
         server.metric("densepush_protocol_error_closes_total", &[]),
         0
@@ -226,7 +237,11 @@ fn invalid_utf8_fails_with_1007_before_the_final_fragment() {
     // §8.1: invalid UTF-8 fails the connection. Each case sends only the start of a message (no FIN, or a
     // frame shorter than announced), so a close that arrives proves the server failed fast.
     let server = Server::start(&[]);
-    let mut truncated = frame(0x81, &[vec![b'a'; 10], vec![0xff], vec![b'b'; 989]].concat(), true);
+    let mut truncated = frame(
+        0x81,
+        &[vec![b'a'; 10], vec![0xff], vec![b'b'; 989]].concat(),
+        true,
+    );
     truncated.truncate(2 + 2 + 4 + 12); // header (126 form) + mask + 12 payload bytes
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("0xff in a first fragment", more(0x1, b"ok \xff")),
@@ -300,7 +315,11 @@ fn valid_close_codes_are_echoed_and_tcp_is_closed_after_the_reply() {
     let mut stream = server.raw_upgrade("user=closer");
     stream.write_all(&fin(0x8, b"")).unwrap();
     assert_eq!(read_close_code(&mut stream, "empty close"), None);
-    assert_eq!(wait_end(&mut stream), End::Eof, "empty close: TCP not closed");
+    assert_eq!(
+        wait_end(&mut stream),
+        End::Eof,
+        "empty close: TCP not closed"
+    );
     assert_eq!(
         server.metric("densepush_protocol_error_closes_total", &[]),
         0
@@ -362,5 +381,8 @@ fn unsolicited_pongs_are_ignored() {
     stream.write_all(&fin(0xa, b"")).unwrap();
     server.publish("/publish/user/ponger", "first frame back");
     let (_, opcode, got) = read_frame(&mut stream).unwrap().expect("a frame");
-    assert_eq!((opcode, got.as_slice()), (0x1, b"first frame back".as_slice()));
+    assert_eq!(
+        (opcode, got.as_slice()),
+        (0x1, b"first frame back".as_slice())
+    );
 }

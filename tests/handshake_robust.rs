@@ -58,7 +58,10 @@ fn terminating_crlf_split_across_writes_completes_the_upgrade() {
         std::thread::sleep(Duration::from_millis(20));
         stream.write_all(b).unwrap();
         let response = read_head(&mut stream);
-        assert!(response.starts_with("HTTP/1.1 101 "), "cut {cut}: {response}");
+        assert!(
+            response.starts_with("HTTP/1.1 101 "),
+            "cut {cut}: {response}"
+        );
     }
 }
 
@@ -72,7 +75,10 @@ fn ping_pipelined_in_the_same_write_as_the_head_is_answered_after_the_101() {
     let head = read_head(&mut stream);
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let (_, opcode, payload) = read_frame(&mut stream).unwrap().expect("a pong");
-    assert_eq!((opcode, payload.as_slice()), (0xa, b"early bird".as_slice()));
+    assert_eq!(
+        (opcode, payload.as_slice()),
+        (0xa, b"early bird".as_slice())
+    );
 }
 
 #[test]
@@ -109,7 +115,10 @@ fn pipelined_close_is_answered_after_the_101_and_tcp_closes() {
     let head = read_head(&mut stream);
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let (_, opcode, payload) = read_frame(&mut stream).unwrap().expect("a close");
-    assert_eq!((opcode, payload.as_slice()), (0x8, 1000u16.to_be_bytes().as_slice()));
+    assert_eq!(
+        (opcode, payload.as_slice()),
+        (0x8, 1000u16.to_be_bytes().as_slice())
+    );
     assert_eq!(wait_end(&mut stream), End::Eof);
 }
 
@@ -215,7 +224,11 @@ fn header_names_and_tokens_are_case_insensitive_and_connection_may_list_several_
         );
         server.publish(&format!("/publish/user/{user}"), "hi");
         let (_, opcode, payload) = read_frame(&mut stream).unwrap().expect("a frame");
-        assert_eq!((opcode, payload.as_slice()), (0x1, b"hi".as_slice()), "{case}");
+        assert_eq!(
+            (opcode, payload.as_slice()),
+            (0x1, b"hi".as_slice()),
+            "{case}"
+        );
     }
 }
 
