@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""A densepush client on the Python `websockets` library, driven by tests/interop.rs.
+
+Usage: ws_client.py URL [--bearer TOKEN]
+
+Connects (with `Authorization: Bearer TOKEN` when given, so the token can also stay out of the URL), then
+prints one JSON object per line on stdout for everything that happens:
+
+  {"event": "open"}
+  {"event": "message", "type": "text", "data": "..."}
+  {"event": "message", "type": "binary", "hex": "0a0b"}
+  {"event": "close", "code": 4000, "reason": "...", "by": "server"|"client"}
+  {"event": "error", "error": "..."}
+
+A text message "please-close:CODE" makes the client start the close handshake itself with CODE; the close
+event then reports the code the server echoed. Pings from the server are answered by the library (we turn off
+the library's own pings, so the keepalive seen is the server's).
+"""
+
+import json
+import sys
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+
+def report(**event):
+    print(json.dumps(event), flush=True)
+
+
+def main():
+    url = sys.argv[1]
+    headers = {}
+    if len(sys.argv) == 4 and sys.argv[2] == "--bearer":
+        headers["Authorization"] = "Bearer " + sys.argv[3]
+    try:
+        ws = connect(url, additional_headers=headers, ping_interval=None, open_timeout=10)
+    except Exception as exc:  # refused upgrade, connection error
+        report(event="error", error=str(exc))
+        return 1
+    report(event="open")
+    try:
+        for message in ws:
+            if isinstance(message, str):
+                report(event="message", type="text", data=message)
+                if message.startswith("please-close:"):
+                    ws.close(code=int(message.split(":", 1)[1]), reason="client says bye")
+                    break
+            else:
+                report(event="message", type="binary", hex=message.hex())
+    except ConnectionClosed:
+        pass
+    # close_rcvd is the close frame the server sent: its own, or its echo of ours when we closed first.
+    rcvd = ws.protocol.close_rcvd
+    by = "client" if ws.protocol.close_rcvd_then_sent is False else "server"
+    report(
+        event="close",
+        code=rcvd.code if rcvd is not None else None,
+        reason=rcvd.reason if rcvd is not None else None,
+        by=by,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
