@@ -72,10 +72,11 @@ fn phone_token(server: &Server) -> String {
 
 // ---- client processes ------------------------------------------------------------------------------------
 
-/// A client process that prints one JSON event per line on stdout. Dropping it closes its stdin (the browser
-/// driver then closes Chromium) and, if it has not exited within a few seconds, kills it.
+/// A client process that prints one JSON event per line on stdout. Dropping it kills it, except the browser
+/// driver: that one gets its stdin closed, closes Chromium and exits (and is killed only if it does not).
 struct Client {
     name: String,
+    graceful: bool,
     child: Child,
     stdin: Option<ChildStdin>,
     events: Receiver<Value>,
@@ -113,6 +114,7 @@ impl Client {
         });
         Client {
             name: name.to_string(),
+            graceful: false,
             stdin: child.stdin.take(),
             child,
             events,
@@ -155,6 +157,7 @@ impl Client {
             .current_dir(js_dir())
             .args(["browser.mjs", page_url, "90"]);
         let mut client = Client::spawn("chromium", command);
+        client.graceful = true;
         client.expect("driver-ready");
         client
     }
@@ -252,7 +255,8 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let grace = if self.graceful { 10_000 } else { 0 };
+        let deadline = Instant::now() + Duration::from_millis(grace);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
