@@ -1,0 +1,246 @@
+//! Command-line options of the generator.
+//!
+//! It owns argument names, defaults and their validation rules; it does not run anything. The hidden `worker`
+//! subcommand is how the coordinator re-executes its own binary for each worker process.
+
+use clap::builder::TypedValueParser as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The phases, in the order they always run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Open every connection; handshakes/s, failures by reason, handshake latency.
+    Connect,
+    /// Hold the connections idle; server RSS and kernel memory per connection.
+    Idle,
+    /// Publish to /publish/all; deliveries/s, end-to-end latency, exactly-once in-order check.
+    Broadcast,
+    /// Concurrent publishers to random users; publishes/s, latency, per-user check.
+    Unicast,
+    /// Close and reopen connections while publishing to all; memory after.
+    Churn,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "densepush-loadtest",
+    version,
+    about = "Load generator for densepush: N WebSocket clients from a few event-driven worker processes",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Internal: a worker process driven over stdin/stdout by the coordinator.
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Options of a load test run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Client WebSocket listener of the server (IP:PORT).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub server: SocketAddr,
+    /// Admin API of the server (IP:PORT).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub admin: SocketAddr,
+    /// Upgrade path.
+    #[arg(long, default_value = "/ws")]
+    pub path: String,
+    /// PID of the server, for RSS and CPU samples from /proc (without it those figures are absent).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Allow a server address outside loopback (127.0.0.0/8, ::1).
+    #[arg(long)]
+    pub allow_remote: bool,
+
+    /// Number of connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    pub conns: u64,
+    /// Worker processes (0 = as few as the open-files limit allows).
+    #[arg(short = 'w', long, default_value_t = 0)]
+    pub workers: usize,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(K+1), bound before connect; 0 = let the kernel choose.
+    #[arg(long, default_value_t = 4)]
+    pub source_ips: u8,
+    /// Connections per user: connection i belongs to user u{i / K}.
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::PossibleValuesParser::new(["1", "2", "5"])
+        .map(|s| s.parse::<u64>().expect("listed values are numbers")))]
+    pub conns_per_user: u64,
+    /// Channels: connection i joins ch{i % K} (0 = none).
+    #[arg(long, default_value_t = 16)]
+    pub channels: u64,
+    /// Phases to run (always in the order connect, idle, broadcast, unicast, churn; all but connect need it).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "connect,idle,broadcast,unicast,churn"
+    )]
+    pub phases: Vec<Phase>,
+
+    /// Connection attempts per second, over all workers (0 = as fast as --max-inflight allows).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    /// Handshakes in flight at once per worker.
+    #[arg(long, default_value_t = 1024)]
+    pub max_inflight: usize,
+    /// Milliseconds from connect() to a verified 101 before the attempt counts as timed out.
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+
+    /// Seconds to hold the connections idle before sampling memory.
+    #[arg(long, default_value_t = 10.0)]
+    pub idle_secs: f64,
+
+    /// Bytes in each published payload (the header is never cut, so tiny sizes grow to fit it).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Publish payloads as binary frames (Content-Type: application/octet-stream) instead of text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Messages published to /publish/all in the broadcast phase.
+    #[arg(long, default_value_t = 20)]
+    pub broadcast_messages: u64,
+    /// Milliseconds between broadcast publishes (0 = back to back).
+    #[arg(long, default_value_t = 0)]
+    pub broadcast_interval_ms: u64,
+
+    /// Concurrent publishers (keep-alive admin connections) in the unicast phase.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    /// Messages published to random users in the unicast phase, over all publishers.
+    #[arg(long, default_value_t = 10_000)]
+    pub unicast_messages: u64,
+
+    /// Seconds of churn.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_secs: f64,
+    /// Fraction of the connections closed and reopened per second during churn.
+    #[arg(long, default_value_t = 0.02)]
+    pub churn_fraction: f64,
+    /// Milliseconds between publishes to /publish/all during churn.
+    #[arg(long, default_value_t = 1000)]
+    pub churn_publish_interval_ms: u64,
+
+    /// Seconds each phase may take at most (connect, each delivery wait, churn settling).
+    #[arg(long, default_value_t = 60)]
+    pub phase_timeout_secs: u64,
+    /// Seconds the whole run may take; phases still to run are skipped and the report says so.
+    #[arg(long, default_value_t = 240)]
+    pub max_seconds: u64,
+
+    /// Print the report as JSON on stdout (the human summary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub json_file: Option<PathBuf>,
+    /// No progress line, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    /// Whether `phase` was asked for.
+    pub fn has(&self, phase: Phase) -> bool {
+        self.phases.contains(&phase)
+    }
+
+    /// Checks what clap cannot; the message names the option.
+    pub fn validate(&self) -> Result<(), String> {
+        let local = self.server.ip().is_loopback() && self.admin.ip().is_loopback();
+        if !(self.allow_remote || local) {
+            return Err(
+                "--server and --admin must be loopback addresses (127.0.0.0/8, ::1) unless --allow-remote is given"
+                    .into(),
+            );
+        }
+        if self.conns == 0 {
+            return Err("--conns must be at least 1".into());
+        }
+        if !self.has(Phase::Connect) && self.phases.iter().any(|p| *p != Phase::Connect) {
+            return Err("every phase needs connections: include connect in --phases".into());
+        }
+        if self.source_ips as u16 + 1 > 255 {
+            return Err("--source-ips must be at most 254".into());
+        }
+        if self.rate < 0.0 || !self.rate.is_finite() {
+            return Err("--rate must be a non-negative number".into());
+        }
+        if !(0.0..=1.0).contains(&self.churn_fraction) {
+            return Err("--churn-fraction must be between 0 and 1".into());
+        }
+        if !self.idle_secs.is_finite() || self.idle_secs < 0.0 {
+            return Err("--idle-secs must be a non-negative number".into());
+        }
+        if !self.churn_secs.is_finite() || self.churn_secs < 0.0 {
+            return Err("--churn-secs must be a non-negative number".into());
+        }
+        if self.publishers == 0 {
+            return Err("--publishers must be at least 1".into());
+        }
+        if !self.path.starts_with('/') {
+            return Err("--path must start with '/'".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> RunArgs {
+        let mut all = vec!["densepush-loadtest"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().run
+    }
+
+    #[test]
+    fn defaults_run_every_phase_against_loopback() {
+        let args = parse(&[]);
+        assert_eq!(args.phases.len(), 5);
+        assert!(args.validate().is_ok());
+    }
+
+    #[test]
+    fn remote_targets_need_the_flag() {
+        let args = parse(&["--server", "10.0.0.1:80"]);
+        assert!(args.validate().unwrap_err().contains("--allow-remote"));
+        assert!(parse(&["--server", "10.0.0.1:80", "--allow-remote"])
+            .validate()
+            .is_ok());
+        assert!(parse(&["--server", "[::1]:80", "--admin", "127.0.0.9:1"])
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn conns_per_user_accepts_only_listed_values() {
+        assert_eq!(parse(&["--conns-per-user", "5"]).conns_per_user, 5);
+        let mut argv = vec!["x", "--conns-per-user", "3"];
+        assert!(Cli::try_parse_from(argv.drain(..)).is_err());
+    }
+
+    #[test]
+    fn phases_without_connect_are_refused() {
+        assert!(parse(&["--phases", "idle"]).validate().is_err());
+        assert!(parse(&["--phases", "connect"]).validate().is_ok());
+    }
+
+    #[test]
+    fn worker_subcommand_is_hidden_but_parses() {
+        let cli = Cli::try_parse_from(["x", "worker"]).unwrap();
+        assert!(matches!(cli.command, Some(Cmd::Worker)));
+    }
+}

@@ -1,0 +1,250 @@
+//! Publishing through the admin API: a paced series to `/publish/all` (broadcast and churn streams) and P
+//! concurrent unicast publishers, each with its own keep-alive connection and thread.
+//!
+//! It owns what is published and the count of what the server accepted (202), which is what the workers are
+//! then told to expect. A message counts as sent only once accepted, so a refused publish is never "lost".
+//!
+//! Order is only defined per publisher connection, so each user is published to by exactly one publisher
+//! (user u by publisher u % P), and its per-user sequence numbers are in order by construction.
+
+use crate::admin::AdminClient;
+use crate::checker::{self, Stream};
+use crate::rng::Rng;
+use crate::stats::{self, Latency, Reasons};
+use crate::sys::monotonic_ns;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Consecutive failed publishes after which a publisher gives up (the admin API is gone).
+const MAX_CONSECUTIVE_FAILURES: u32 = 20;
+
+/// What a series of publishes achieved.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Accepted with 202; sequence numbers `0..accepted` are out (per user for unicast).
+    pub accepted: u64,
+    /// Refused or failed, by reason (`http_<status>` or `io`).
+    pub failures: Reasons,
+    /// Request round trip, write to 202.
+    pub latency: Latency,
+    /// CLOCK_MONOTONIC ns of the first and the last publish.
+    pub first_ns: u64,
+    /// See `first_ns`.
+    pub last_ns: u64,
+}
+
+impl Published {
+    fn merge(&mut self, other: Published) {
+        self.accepted += other.accepted;
+        stats::merge_reasons(&mut self.failures, &other.failures);
+        self.latency.merge_data(&other.latency.to_data());
+        if self.first_ns == 0 || (other.first_ns != 0 && other.first_ns < self.first_ns) {
+            self.first_ns = other.first_ns;
+        }
+        self.last_ns = self.last_ns.max(other.last_ns);
+    }
+}
+
+/// Payload settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PayloadSpec {
+    /// Bytes per payload.
+    pub bytes: usize,
+    /// Send as binary frames.
+    pub binary: bool,
+}
+
+/// Publishes `stream` messages to `/publish/all`, sequence numbers from 0, `interval` apart, until `count`
+/// are accepted, `stop` is set, or `deadline`.
+pub fn publish_all(
+    client: &mut AdminClient,
+    stream: Stream,
+    count: Option<u64>,
+    interval: Duration,
+    spec: PayloadSpec,
+    stop: &AtomicBool,
+    deadline: Instant,
+) -> Published {
+    let mut out = Published::default();
+    let mut failures_in_row = 0;
+    let start = Instant::now();
+    let mut attempts: u32 = 0;
+    while count.is_none_or(|c| out.accepted < c)
+        && !stop.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        if !interval.is_zero() {
+            // Paced from the start, so a slow request does not push every later one back.
+            let due = start + interval * attempts;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        attempts = attempts.saturating_add(1);
+        let ts = monotonic_ns();
+        let payload = checker::encode(stream, None, out.accepted, ts, spec.bytes);
+        let ok = publish_one(client, "/publish/all", &payload, spec.binary, ts, &mut out);
+        failures_in_row = if ok { 0 } else { failures_in_row + 1 };
+        if failures_in_row >= MAX_CONSECUTIVE_FAILURES {
+            break;
+        }
+    }
+    out
+}
+
+/// One POST; counts it in `out`; true if accepted.
+fn publish_one(
+    client: &mut AdminClient,
+    path: &str,
+    payload: &[u8],
+    binary: bool,
+    ts: u64,
+    out: &mut Published,
+) -> bool {
+    match client.post(path, payload, binary) {
+        Ok(resp) if resp.status == 202 => {
+            let done = monotonic_ns();
+            out.latency.record_between(ts, done);
+            out.accepted += 1;
+            if out.first_ns == 0 {
+                out.first_ns = ts;
+            }
+            out.last_ns = done;
+            true
+        }
+        Ok(resp) => {
+            stats::count(&mut out.failures, &format!("http_{}", resp.status), 1);
+            false
+        }
+        Err(_) => {
+            stats::count(&mut out.failures, "io", 1);
+            false
+        }
+    }
+}
+
+/// Starts `publish_all` on its own thread with its own admin connection; set the returned flag to stop it.
+pub fn spawn_publish_all(
+    admin: SocketAddr,
+    stream: Stream,
+    interval: Duration,
+    spec: PayloadSpec,
+    deadline: Instant,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<Published>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut client = AdminClient::new(admin);
+        publish_all(&mut client, stream, None, interval, spec, &flag, deadline)
+    });
+    (stop, handle)
+}
+
+/// Result of the unicast phase's publishing.
+#[derive(Debug, Default)]
+pub struct UnicastPublished {
+    /// Totals over all publishers.
+    pub totals: Published,
+    /// Messages accepted per user number.
+    pub per_user: Vec<u64>,
+    /// Publishers that ran.
+    pub publishers: usize,
+}
+
+/// Sends `messages` unicast messages to random users `0..users` from `publishers` concurrent publishers.
+pub fn unicast(
+    admin: SocketAddr,
+    publishers: usize,
+    messages: u64,
+    users: u64,
+    spec: PayloadSpec,
+    seed: u64,
+    deadline: Instant,
+) -> UnicastPublished {
+    let publishers = publishers.min(users.max(1) as usize).max(1);
+    let handles: Vec<_> = (0..publishers)
+        .map(|p| {
+            let share =
+                messages / publishers as u64 + u64::from((p as u64) < messages % publishers as u64);
+            std::thread::spawn(move || {
+                unicast_publisher(
+                    admin,
+                    p as u64,
+                    publishers as u64,
+                    share,
+                    users,
+                    spec,
+                    seed,
+                    deadline,
+                )
+            })
+        })
+        .collect();
+    let mut out = UnicastPublished {
+        per_user: vec![0; users as usize],
+        publishers,
+        ..Default::default()
+    };
+    for handle in handles {
+        let (published, counts) = handle.join().expect("publisher thread panicked");
+        out.totals.merge(published);
+        for (user, n) in counts {
+            out.per_user[user as usize] += n;
+        }
+    }
+    out
+}
+
+/// One publisher: users `p, p + P, p + 2P, ...`; returns its totals and (user, accepted) pairs.
+#[allow(clippy::too_many_arguments)]
+fn unicast_publisher(
+    admin: SocketAddr,
+    p: u64,
+    publishers: u64,
+    messages: u64,
+    users: u64,
+    spec: PayloadSpec,
+    seed: u64,
+    deadline: Instant,
+) -> (Published, Vec<(u64, u64)>) {
+    let mut client = AdminClient::new(admin);
+    let mut rng = Rng::new(seed ^ (p + 1).wrapping_mul(0x9E37_79B9));
+    let mine = users.saturating_sub(p).div_ceil(publishers);
+    let mut counts = vec![0u64; mine as usize];
+    let mut out = Published::default();
+    let mut failures_in_row = 0;
+    for _ in 0..messages {
+        if mine == 0 || Instant::now() >= deadline {
+            break;
+        }
+        let k = rng.below(mine);
+        let user = p + k * publishers;
+        let name = format!("u{user}");
+        let ts = monotonic_ns();
+        let payload = checker::encode(
+            Stream::Unicast,
+            Some(&name),
+            counts[k as usize],
+            ts,
+            spec.bytes,
+        );
+        let path = format!("/publish/user/{name}");
+        if publish_one(&mut client, &path, &payload, spec.binary, ts, &mut out) {
+            counts[k as usize] += 1;
+            failures_in_row = 0;
+        } else {
+            failures_in_row += 1;
+            if failures_in_row >= MAX_CONSECUTIVE_FAILURES {
+                break;
+            }
+        }
+    }
+    let pairs = counts
+        .into_iter()
+        .enumerate()
+        .map(|(k, n)| (p + k as u64 * publishers, n))
+        .collect();
+    (out, pairs)
+}

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The densepush load test in one command: builds the server and the load generator in release mode, starts
+# the server on loopback with a benchmark config (auth mode "none", ephemeral ports), drives N connections
+# through the generator's phases, prints the summary, and stops the server with SIGTERM.
+#
+# Usage: scripts/loadtest.sh [N] [--reactors R] [generator options...]
+#   N                   connections (default 15000); must come first
+#   --reactors R        server reactor threads (default 0 = one per CPU core)
+#   anything else goes to densepush-loadtest unchanged, e.g. --payload-bytes 256, --phases connect,idle,
+#   --json (report as JSON on stdout), --workers 2, --idle-secs 5, --conns-per-user 2; see
+#   `densepush-loadtest --help`.
+#
+# Environment:
+#   DENSEPUSH_BIN       server binary to use instead of building REPO/target/release/densepush
+#   LOADTEST_BIN        generator binary to use instead of building REPO/target/release/densepush-loadtest
+#   CARGO_TARGET_DIR    where cargo builds (default REPO/target)
+#   LOADTEST_KEEP_TMP=1 keep the temp dir with the config and the server log
+#
+# Exit status: the generator's (0 all checks passed, 1 a check failed, 2 setup error), or 1 if the server
+# failed to start or to stop cleanly.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+N=15000
+REACTORS=0
+PASS=()
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+say() { echo "loadtest.sh: $*" >&2; }
+
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then
+    N=$1
+    shift
+fi
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --reactors) REACTORS=${2:?--reactors needs a value}; shift 2 ;;
+        --reactors=*) REACTORS=${1#*=}; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) PASS+=("$1"); shift ;;
+    esac
+done
+[[ $REACTORS =~ ^[0-9]+$ ]] || { say "--reactors must be a number"; exit 2; }
+
+# ---- build ------------------------------------------------------------------------------------------------
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+[[ $TARGET == /* ]] || TARGET=$REPO/$TARGET
+PACKAGES=()
+[[ -n ${DENSEPUSH_BIN:-} ]] || PACKAGES+=(-p densepush)
+[[ -n ${LOADTEST_BIN:-} ]] || PACKAGES+=(-p densepush-loadtest)
+if [[ ${#PACKAGES[@]} -gt 0 ]]; then
+    say "building ${PACKAGES[*]} (release)"
+    (cd "$REPO" && cargo build --release "${PACKAGES[@]}" >&2)
+fi
+SERVER=${DENSEPUSH_BIN:-$TARGET/release/densepush}
+GENERATOR=${LOADTEST_BIN:-$TARGET/release/densepush-loadtest}
+for bin in "$SERVER" "$GENERATOR"; do
+    [[ -x $bin ]] || { say "$bin is not an executable"; exit 2; }
+done
+
+# ---- limits -----------------------------------------------------------------------------------------------
+# Each connection costs the server one descriptor, and the server is one process.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+if [[ $FD_LIMIT != unlimited ]] && ((N + 100 > FD_LIMIT)); then
+    say "$N connections need more than the open-files limit of $FD_LIMIT per process;"
+    say "raise it (ulimit -n, LimitNOFILE=, scripts/tune-host.sh for fs.nr_open) or use a smaller N"
+    exit 2
+fi
+
+# ---- server -----------------------------------------------------------------------------------------------
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/densepush-loadtest.XXXXXX")
+SERVER_PID=
+SHUTDOWN_MS=5000
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    local pid=$SERVER_PID status=0
+    SERVER_PID=
+    kill -TERM "$pid" 2>/dev/null || return 0
+    # SIGTERM drains: give it the shutdown timeout plus a margin, then insist.
+    for _ in $(seq $((SHUTDOWN_MS / 100 + 50))); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "server did not exit after SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" || status=$?
+    return "$status"
+}
+
+# shellcheck disable=SC2317 # called by the EXIT trap
+cleanup() {
+    stop_server || true
+    if [[ ${LOADTEST_KEEP_TMP:-0} == 1 ]]; then
+        say "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+cat >"$TMP/config.toml" <<EOF
+# Benchmark configuration written by scripts/loadtest.sh. Timers are left at their defaults.
+[server]
+listen = "127.0.0.1:0"
+reactors = $REACTORS
+shutdown_timeout_ms = $SHUTDOWN_MS
+
+[auth]
+mode = "none"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+level = "warn"
+EOF
+
+# The server reads every DENSEPUSH_* variable as a config override and refuses unknown ones, so this script's
+# own DENSEPUSH_BIN must not reach it.
+env -u DENSEPUSH_BIN "$SERVER" --config "$TMP/config.toml" >"$TMP/server.out" 2>"$TMP/server.log" &
+SERVER_PID=$!
+
+LISTENING=
+for _ in $(seq 100); do
+    LISTENING=$(grep -m1 '^densepush listening ' "$TMP/server.out" || true)
+    [[ -n $LISTENING ]] && break
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        break
+    fi
+    sleep 0.1
+done
+if [[ -z $LISTENING ]]; then
+    say "server did not start; its log:"
+    cat "$TMP/server.log" >&2
+    exit 1
+fi
+CLIENT_ADDR=$(sed -E 's/.* client=([^ ]+).*/\1/' <<<"$LISTENING")
+ADMIN_ADDR=$(sed -E 's/.* admin=([^ ]+).*/\1/' <<<"$LISTENING")
+say "server pid $SERVER_PID, reactors $REACTORS (0 = per core), clients $CLIENT_ADDR, admin $ADMIN_ADDR"
+
+# ---- load -------------------------------------------------------------------------------------------------
+STATUS=0
+"$GENERATOR" --server "$CLIENT_ADDR" --admin "$ADMIN_ADDR" --server-pid "$SERVER_PID" --conns "$N" \
+    "${PASS[@]}" || STATUS=$?
+
+SERVER_STATUS=0
+stop_server || SERVER_STATUS=$?
+if ((SERVER_STATUS != 0)); then
+    say "server exited with status $SERVER_STATUS after SIGTERM; last log lines:"
+    tail -20 "$TMP/server.log" >&2
+    ((STATUS != 0)) || STATUS=1
+fi
+exit "$STATUS"
