@@ -9,7 +9,6 @@ use super::wire::{self, Body};
 use super::{Backoff, Cluster};
 use crate::admin::REACTOR_REPLY_TIMEOUT;
 use crate::config::redact_url;
-use crate::frame;
 use crate::mailbox::Command;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{mpsc, Arc};
@@ -88,6 +87,8 @@ fn run_subscriber(cluster: &Cluster, queries: &mpsc::Sender<Query>) {
         };
         let error = error.to_string();
         cluster.link.up.store(false, SeqCst);
+        // Other nodes' messages are being missed: no stored position may be served as complete any more.
+        cluster.history.clear();
         *cluster
             .link
             .last_error
@@ -116,6 +117,8 @@ fn subscribe_and_receive(
     // A new generation makes the admin thread's publisher reconnect: its old connection may be to a Redis
     // that has since restarted.
     cluster.link.generation.fetch_add(1, SeqCst);
+    // Whatever was stored before this subscription may lack messages published while there was none.
+    cluster.history.clear();
     cluster.link.up.store(true, SeqCst);
     cluster.metrics.connects.fetch_add(1, Relaxed);
     state.up(cluster);
@@ -165,15 +168,10 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
             binary,
             payload,
         } => {
-            // Framed once for every connection on this node, exactly like a local publish.
-            let frame = frame::encode_message(!binary, &payload);
-            let target = Arc::new(target);
-            for mailbox in &cluster.reactors {
-                mailbox.send(Command::Publish {
-                    target: target.clone(),
-                    frame: frame.clone(),
-                });
-            }
+            // Stored and framed once for every connection on this node, exactly like a local publish.
+            cluster
+                .history
+                .publish(target, binary, &payload, &cluster.reactors);
             cluster.metrics.received.fetch_add(1, Relaxed);
         }
         Body::Kick {

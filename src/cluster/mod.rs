@@ -22,6 +22,7 @@ mod bridge;
 pub mod wire;
 
 use crate::config::{redact_url, ClusterConfig};
+use crate::history::History;
 use crate::mailbox::{Mailbox, Target};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -119,6 +120,9 @@ pub struct Cluster {
     names: Names,
     client: redis::Client,
     reactors: Vec<Arc<Mailbox>>,
+    /// This node's history: other nodes' publishes are stored and framed through it like local ones, and it is
+    /// cleared whenever the link goes down or comes up, because messages may have been missed meanwhile.
+    history: Arc<History>,
     link: Link,
     publisher: Mutex<Publisher>,
     /// Presence queries waiting for answers, by request id; the subscriber thread routes answers here.
@@ -136,6 +140,7 @@ impl Cluster {
     pub fn start(
         settings: &ClusterConfig,
         reactors: Vec<Arc<Mailbox>>,
+        history: Arc<History>,
     ) -> std::io::Result<Option<Arc<Cluster>>> {
         let Some(url) = settings.redis_url.as_deref() else {
             return Ok(None);
@@ -151,6 +156,7 @@ impl Cluster {
             settings: settings.clone(),
             client,
             reactors,
+            history,
             link: Link {
                 up: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
