@@ -406,15 +406,31 @@ impl AdminServer {
             );
         }
         // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
-        if let Some(cluster) = &self.cluster {
-            if let Err(e) = cluster.publish(&target, binary, &request.body) {
-                return Reply::error(503, &e.to_string());
+        let mut stamp = None;
+        match &self.cluster {
+            // A stream with shared history: Redis assigns the offset and every node, this one included, gets
+            // the message from the bus, in offset order.
+            Some(cluster) if self.history.keeps(&target) => {
+                let limits = self.history.settings().limits;
+                let epoch = self.history.fresh_epoch();
+                match cluster.publish_stamped(&target, binary, &request.body, &limits, &epoch) {
+                    Ok(assigned) => stamp = Some(assigned),
+                    Err(e) => return Reply::error(503, &e.to_string()),
+                }
             }
+            Some(cluster) => {
+                if let Err(e) = cluster.publish(&target, binary, &request.body) {
+                    return Reply::error(503, &e.to_string());
+                }
+            }
+            None => {}
         }
-        // Framed once (bare and enveloped), stored when the stream keeps history; every reactor and every
-        // recipient shares these bytes.
-        self.history
-            .publish(target, binary, &request.body, &self.reactors);
+        if stamp.is_none() {
+            // Framed once (bare and enveloped), stored when the stream keeps history; every reactor and every
+            // recipient shares these bytes.
+            self.history
+                .publish(target, binary, &request.body, &self.reactors);
+        }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
         let mut answer = serde_json::json!({
             "accepted": true,
@@ -424,6 +440,10 @@ impl AdminServer {
         });
         if self.cluster.is_some() {
             answer["cluster"] = true.into();
+        }
+        if let Some((epoch, offset)) = stamp {
+            answer["epoch"] = epoch.into();
+            answer["offset"] = offset.into();
         }
         Reply::json(202, answer)
     }
@@ -437,6 +457,11 @@ impl AdminServer {
             return Reply::error(404, "history is off for this kind of stream");
         }
         if request.method == Method::Delete {
+            if let Some(cluster) = &self.cluster {
+                if let Err(e) = cluster.delete_history(stream) {
+                    return Reply::error(503, &e.to_string());
+                }
+            }
             let deleted = self.history.delete(stream);
             return Reply::json(
                 200,

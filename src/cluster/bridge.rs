@@ -158,8 +158,9 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
             return;
         }
     };
-    // The origin delivered its own publish and kick when it accepted them.
-    if message.origin == cluster.node_id() {
+    // The origin delivered its own publish and kick when it accepted them; stamped publishes are the
+    // exception: every node, the origin included, delivers them here, in the order Redis stamped them.
+    if message.origin == cluster.node_id() && !matches!(message.body, Body::Stamped { .. }) {
         return;
     }
     match message.body {
@@ -173,6 +174,24 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
                 .history
                 .publish(target, binary, &payload, &cluster.reactors);
             cluster.metrics.received.fetch_add(1, Relaxed);
+        }
+        Body::Stamped {
+            target,
+            binary,
+            epoch,
+            offset,
+            payload,
+        } => {
+            let stamp = crate::history::envelope::Stamp {
+                epoch: &epoch,
+                offset,
+            };
+            cluster
+                .history
+                .publish_stamped(target, binary, &payload, stamp, &cluster.reactors);
+            if message.origin != cluster.node_id() {
+                cluster.metrics.received.fetch_add(1, Relaxed);
+            }
         }
         Body::Kick {
             target,

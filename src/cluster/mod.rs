@@ -19,6 +19,7 @@
 //!   reconnects with exponential backoff and logs once per state change.
 
 mod bridge;
+pub mod history;
 pub mod wire;
 
 use crate::config::{redact_url, ClusterConfig};
@@ -199,6 +200,52 @@ impl Cluster {
             },
         );
         self.send_to_bus(&bytes)
+    }
+
+    /// Stamps a message of a stream that keeps history with its epoch and next offset in Redis, stores it in
+    /// the stream's shared log and publishes it to every node, this one included, in one script
+    /// ([`history::PUBLISH_SCRIPT`]). `Ok` carries the epoch and offset; the caller must not deliver locally:
+    /// this node's subscriber does, in the order Redis assigned the offsets.
+    pub fn publish_stamped(
+        &self,
+        target: &Target,
+        binary: bool,
+        payload: &[u8],
+        limits: &crate::history::store::Limits,
+        candidate_epoch: &str,
+    ) -> Result<(String, u64), ClusterError> {
+        let (stream, _, client) = crate::history::stream_of(target);
+        let [epoch_key, offset_key, log_key] =
+            history::keys(&self.settings.channel_prefix, &stream);
+        let head = wire::encode_stamped_head(self.node_id(), target, binary);
+        let result = self.with_publisher(|conn| {
+            redis::cmd("EVAL")
+                .arg(history::PUBLISH_SCRIPT)
+                .arg(3)
+                .arg(&epoch_key)
+                .arg(&offset_key)
+                .arg(&log_key)
+                .arg(&self.names.bus)
+                .arg(&head)
+                .arg(payload)
+                .arg(candidate_epoch)
+                .arg(limits.size)
+                .arg(limits.ttl_ms.max(1))
+                .arg(client.unwrap_or(""))
+                .arg(if binary { "1" } else { "0" })
+                .query::<(String, u64)>(conn)
+        });
+        if result.is_ok() {
+            self.metrics.published.fetch_add(1, Relaxed);
+        }
+        result
+    }
+
+    /// Forgets a stream's shared history in Redis; its next message starts a new epoch on every node.
+    pub fn delete_history(&self, stream: &str) -> Result<(), ClusterError> {
+        let keys = history::keys(&self.settings.channel_prefix, stream);
+        self.with_publisher(|conn| redis::cmd("DEL").arg(&keys[..]).query::<i64>(conn))
+            .map(drop)
     }
 
     /// Sends a kick to the other nodes; the caller kicks its own connections after `Ok`.

@@ -192,6 +192,61 @@ impl History {
         );
     }
 
+    /// A fresh random epoch, offered to Redis when a stream starts there.
+    pub fn fresh_epoch(&self) -> String {
+        self.lock().fresh_epoch().to_string()
+    }
+
+    /// Whether messages published to `target` are stored.
+    pub fn keeps(&self, target: &Target) -> bool {
+        self.settings.enabled(stream_of(target).1)
+    }
+
+    /// [`History::publish`] for a message whose epoch and offset were assigned by the cluster (Redis): stored
+    /// with them, so every node holds the same offsets. Only the cluster bridge calls this, from one thread, in
+    /// the order Redis assigned the offsets.
+    pub fn publish_stamped(
+        &self,
+        target: Target,
+        binary: bool,
+        payload: &[u8],
+        stamp: Stamp<'_>,
+        mailboxes: &[Arc<Mailbox>],
+    ) {
+        let frame = frame::encode_message(!binary, payload);
+        let (stream, kind, client) = stream_of(&target);
+        let envelope_frame = |stamp: Stamp<'_>| {
+            frame::encode_message(
+                !binary,
+                &envelope::encode(&stream, Some(stamp), !binary, payload),
+            )
+        };
+        if !self.settings.enabled(kind) {
+            // This node's [history] differs from the publishing node's: deliver, with the cluster's stamp.
+            let envelope = envelope_frame(stamp);
+            send_all(mailboxes, Arc::new(target), frame, envelope, 0);
+            return;
+        }
+        let client = client.map(str::to_owned);
+        let now = self.now_ms();
+        let mut store = self.lock();
+        let appended = store.append_stamped(
+            &stream,
+            stamp,
+            client.as_deref(),
+            binary,
+            now,
+            envelope_frame,
+        );
+        send_all(
+            mailboxes,
+            Arc::new(target),
+            frame,
+            appended.frame,
+            appended.seq,
+        );
+    }
+
     /// Appends to `out` what a connection positioned at `positions` missed, among the messages with a sequence
     /// up to `applied_seq`; `resync` notices (text frames) take the place of positions that cannot be served.
     /// Positions in streams the connection does not receive, or whose kind keeps no history, are ignored.

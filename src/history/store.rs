@@ -211,9 +211,46 @@ impl Store {
         now_ms: u64,
         frame: impl FnOnce(Stamp<'_>) -> Bytes,
     ) -> Appended {
+        self.append_inner(stream, None, client, binary, now_ms, frame)
+    }
+
+    /// Stores a message whose epoch and offset were assigned elsewhere (by Redis, in a cluster). Anything but
+    /// the stream's next offset in its epoch — a new epoch, or a gap (messages this node never received) —
+    /// restarts the stream from this message, so positions before it get a resync instead of a silent hole.
+    pub fn append_stamped(
+        &mut self,
+        stream: &str,
+        stamp: Stamp<'_>,
+        client: Option<&str>,
+        binary: bool,
+        now_ms: u64,
+        frame: impl FnOnce(Stamp<'_>) -> Bytes,
+    ) -> Appended {
+        self.expire(now_ms);
+        let restart = self.streams.get(stream).map(|s| {
+            *s.epoch != *stamp.epoch || stamp.offset <= s.last || stamp.offset > s.last + 1
+        });
+        if restart == Some(true) {
+            self.delete(stream);
+        }
+        self.append_inner(stream, Some(stamp), client, binary, now_ms, frame)
+    }
+
+    fn append_inner(
+        &mut self,
+        stream: &str,
+        stamp: Option<Stamp<'_>>,
+        client: Option<&str>,
+        binary: bool,
+        now_ms: u64,
+        frame: impl FnOnce(Stamp<'_>) -> Bytes,
+    ) -> Appended {
         self.expire(now_ms);
         if !self.streams.contains_key(stream) {
-            let epoch = self.new_epoch();
+            let epoch = match stamp {
+                Some(stamp) => Arc::from(stamp.epoch),
+                None => self.new_epoch(),
+            };
             let id = self.next_id;
             self.next_id += 1;
             self.bytes += stream.len() + STREAM_OVERHEAD;
@@ -222,7 +259,7 @@ impl Store {
                 Stream {
                     id,
                     epoch,
-                    last: 0,
+                    last: stamp.map_or(0, |s| s.offset.saturating_sub(1)),
                     entries: VecDeque::new(),
                 },
             );
@@ -234,6 +271,7 @@ impl Store {
             .zip(self.streams.get_mut(stream))
             .expect("inserted above");
         s.last += 1;
+        debug_assert!(stamp.is_none_or(|st| st.offset == s.last));
         let offset = s.last;
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -415,6 +453,11 @@ impl Store {
                 s.id == q.id && s.entries.front().is_some_and(|e| e.offset <= q.offset)
             })
         });
+    }
+
+    /// A new random epoch, for a stream whose epoch is assigned elsewhere (Redis).
+    pub fn fresh_epoch(&mut self) -> Arc<str> {
+        self.new_epoch()
     }
 
     fn new_epoch(&mut self) -> Arc<str> {
@@ -681,6 +724,56 @@ mod tests {
         let got: Vec<u64> = page.entries.iter().map(|e| e.offset).collect();
         assert_eq!(got, [3, 4]);
         assert_eq!(page.entries[0].client.as_deref(), Some("x"));
+    }
+
+    fn push_stamped(store: &mut Store, stream: &str, epoch: &str, offset: u64) -> Appended {
+        store.append_stamped(stream, Stamp { epoch, offset }, None, false, 0, |stamp| {
+            Bytes::from(format!("{}@{}", stamp.offset, stamp.epoch))
+        })
+    }
+
+    #[test]
+    fn stamped_messages_keep_the_given_epoch_and_offsets() {
+        let mut s = Store::new(BIG, 1);
+        push_stamped(&mut s, "c", "REDIS1", 41);
+        push_stamped(&mut s, "c", "REDIS1", 42);
+        let page = s.read("c", 0, 10, 0).unwrap();
+        assert_eq!((&*page.epoch, page.first, page.last), ("REDIS1", 41, 42));
+        let mut out = Vec::new();
+        assert_eq!(
+            s.recover(&pos("c", "REDIS1", 41), None, u64::MAX, 0, &mut out),
+            Recovery::Replayed(1)
+        );
+        // The messages before 41 were never seen here: resync, not a silent gap.
+        assert!(matches!(
+            s.recover(&pos("c", "REDIS1", 39), None, u64::MAX, 0, &mut out),
+            Recovery::Resync { .. }
+        ));
+    }
+
+    #[test]
+    fn a_gap_in_stamped_offsets_drops_what_came_before_it() {
+        let mut s = Store::new(BIG, 1);
+        push_stamped(&mut s, "c", "E", 1);
+        push_stamped(&mut s, "c", "E", 2);
+        push_stamped(&mut s, "c", "E", 5);
+        let page = s.read("c", 0, 10, 0).unwrap();
+        assert_eq!((page.first, page.last, page.entries.len()), (5, 5, 1));
+        let mut out = Vec::new();
+        assert!(matches!(
+            s.recover(&pos("c", "E", 2), None, u64::MAX, 0, &mut out),
+            Recovery::Resync { offset: 5, .. }
+        ));
+    }
+
+    #[test]
+    fn a_new_stamped_epoch_replaces_the_stream() {
+        let mut s = Store::new(BIG, 1);
+        push_stamped(&mut s, "c", "OLD", 7);
+        push_stamped(&mut s, "c", "NEW", 1);
+        let page = s.read("c", 0, 10, 0).unwrap();
+        assert_eq!((&*page.epoch, page.first, page.last), ("NEW", 1, 1));
+        assert_eq!(s.messages(), 1);
     }
 
     #[test]
