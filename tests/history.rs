@@ -383,3 +383,56 @@ fn idle_recovering_connections_hold_no_buffers() {
         server.metric("densepush_buffers_live", &[]) == 0
     }));
 }
+
+/// The figure in docs/BENCHMARKS.md: process RSS per idle connection with history off, and with history on and
+/// every connection recovering (envelopes, one replayed message) before going idle. Ignored by default (it
+/// opens 2 × 4,000 sockets); run with `cargo test --test history -- --ignored --nocapture idle_connection_cost`.
+#[test]
+#[ignore]
+fn idle_connection_cost() {
+    const N: usize = 4_000;
+    let mut figures = Vec::new();
+    for history_on in [false, true] {
+        let flag = if history_on { "true" } else { "false" };
+        let server = Server::start(&[
+            ("server.reactors", "2"),
+            ("log.level", "warn"),
+            ("history.user", flag),
+            ("history.all", flag),
+        ]);
+        server.publish("/publish/all", "before everyone connected");
+        for i in 0..200 {
+            server.publish(&format!("/publish/user/u{i}"), "some history");
+        }
+        let warm: Vec<_> = (0..100)
+            .map(|i| server.raw_upgrade(&format!("user=w{i}")))
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let before = server.metric("densepush_process_resident_bytes", &[]);
+        let query = |i: usize| {
+            if history_on {
+                format!("user=u{i}&since=all@X:0,user:u{i}@X:0")
+            } else {
+                format!("user=u{i}")
+            }
+        };
+        let conns: Vec<_> = (0..N).map(|i| server.raw_upgrade(&query(i))).collect();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(server.metric("densepush_connections_open", &[]), (N + 100) as u64);
+        assert_eq!(server.metric("densepush_buffers_live", &[]), 0);
+        let after = server.metric("densepush_process_resident_bytes", &[]);
+        let per_conn = (after.saturating_sub(before)) as f64 / N as f64;
+        figures.push((history_on, per_conn));
+        eprintln!(
+            "history {flag}: {N} idle connections, RSS +{} bytes = {per_conn:.0} bytes per connection; history bytes {}",
+            after.saturating_sub(before),
+            if history_on {
+                server.metric("densepush_history_bytes", &[])
+            } else {
+                0
+            }
+        );
+        drop(conns);
+        drop(warm);
+    }
+}
