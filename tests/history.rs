@@ -418,7 +418,10 @@ fn idle_connection_cost() {
         };
         let conns: Vec<_> = (0..N).map(|i| server.raw_upgrade(&query(i))).collect();
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(server.metric("densepush_connections_open", &[]), (N + 100) as u64);
+        assert_eq!(
+            server.metric("densepush_connections_open", &[]),
+            (N + 100) as u64
+        );
         assert_eq!(server.metric("densepush_buffers_live", &[]), 0);
         let after = server.metric("densepush_process_resident_bytes", &[]);
         let per_conn = (after.saturating_sub(before)) as f64 / N as f64;

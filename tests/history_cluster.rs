@@ -509,3 +509,40 @@ fn streams_without_history_keep_the_old_cluster_path() {
         serde_json::json!({"s": "all", "d": "to all"})
     );
 }
+
+#[test]
+fn a_node_that_joins_later_backfills_from_the_shared_log() {
+    assert!(
+        redis_available(),
+        "redis-server is missing: run scripts/test.sh"
+    );
+    let redis = Redis::start();
+    let a = Node::start(&redis, "node-a");
+    let (status, reply) = a.publish("/publish/user/5", "first");
+    assert_eq!(status, 202, "{reply}");
+    let epoch = reply["epoch"].as_str().unwrap().to_owned();
+    let mut admin = Admin::connect(a.admin);
+    for i in 0..50 {
+        let (status, body) =
+            admin.request("POST", "/publish/user/5/client/phone", &format!("m{i}"));
+        assert_eq!(status, 202, "{body}");
+    }
+    // B starts after all of that: it has never seen the stream.
+    let b = Node::start(&redis, "node-b");
+    let mut early = b.connect(&format!("user=5&client=phone&since=user:5@{epoch}:1"));
+    assert_eq!(resync(&mut early, "user:5"), (String::new(), 0));
+    // The next message shows B the gap; it fetches offsets 1..=51 from Redis before delivering it.
+    let (status, _) = a.publish("/publish/user/5", "trigger");
+    assert_eq!(status, 202);
+    assert_eq!(envelope(&mut early), (epoch.clone(), 52, "trigger".into()));
+    let mut ws = b.connect(&format!("user=5&client=phone&since=user:5@{epoch}:1"));
+    for i in 0..50 {
+        assert_eq!(envelope(&mut ws), (epoch.clone(), 2 + i, format!("m{i}")));
+    }
+    assert_eq!(envelope(&mut ws), (epoch.clone(), 52, "trigger".into()));
+    // Tagged messages stay tagged after the trip through Redis.
+    let mut other = b.connect(&format!("user=5&client=laptop&since=user:5@{epoch}:1"));
+    assert_eq!(b.publish("/publish/user/5", "marker").0, 202);
+    assert_eq!(envelope(&mut other).2, "trigger");
+    assert_eq!(envelope(&mut other).2, "marker");
+}

@@ -123,12 +123,14 @@ fn subscribe_and_receive(
     cluster.metrics.connects.fetch_add(1, Relaxed);
     state.up(cluster);
     let mut last_ping = Instant::now();
+    // For reading shared history: the subscription's connection can only receive.
+    let mut side: Option<redis::Connection> = None;
     loop {
         if cluster.stop.load(SeqCst) {
             return Ok(());
         }
         match pubsub.get_message() {
-            Ok(msg) => deliver(cluster, msg.get_payload_bytes(), queries),
+            Ok(msg) => deliver(cluster, msg.get_payload_bytes(), queries, &mut side),
             Err(e) if e.is_timeout() => {}
             Err(e) => return Err(e),
         }
@@ -147,7 +149,12 @@ fn subscribe_and_receive(
 
 /// Hands one message from Redis to the reactors (publish, kick), the worker (presence query) or the admin
 /// thread waiting for answers (presence answer).
-fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
+fn deliver(
+    cluster: &Cluster,
+    bytes: &[u8],
+    queries: &mpsc::Sender<Query>,
+    side: &mut Option<redis::Connection>,
+) {
     let message = match wire::decode(bytes) {
         Ok(message) => message,
         Err(e) => {
@@ -186,9 +193,23 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
                 epoch: &epoch,
                 offset,
             };
-            cluster
-                .history
-                .publish_stamped(target, binary, &payload, stamp, &cluster.reactors);
+            // Messages of this stream this node never got (it started, or its link came back, since they
+            // were published): fetch them from the shared log first, so they can be replayed here too.
+            let backfill = match cluster.history.missing_before(&target, stamp) {
+                Some(from) => {
+                    let (stream, _, _) = crate::history::stream_of(&target);
+                    cluster.fetch_backfill(side, &stream, &epoch, from, offset - 1)
+                }
+                None => Vec::new(),
+            };
+            cluster.history.publish_stamped(
+                target,
+                binary,
+                &payload,
+                stamp,
+                &backfill,
+                &cluster.reactors,
+            );
             if message.origin != cluster.node_id() {
                 cluster.metrics.received.fetch_add(1, Relaxed);
             }

@@ -241,6 +241,44 @@ impl Cluster {
         result
     }
 
+    /// Reads offsets `from..=to` of a stream's shared log, if the stream is still in `epoch`, on the subscriber's
+    /// side connection (connected on first use, dropped on error). Any failure gives an empty backfill: the
+    /// node then holds the stream from the new message on, and earlier positions get a resync.
+    fn fetch_backfill(
+        &self,
+        conn: &mut Option<redis::Connection>,
+        stream: &str,
+        epoch: &str,
+        from: u64,
+        to: u64,
+    ) -> Vec<crate::history::Backfill> {
+        let [epoch_key, _, log_key] = history::keys(&self.settings.channel_prefix, stream);
+        if conn.is_none() {
+            *conn = self.connect().ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            return Vec::new();
+        };
+        let read: redis::RedisResult<(Option<String>, Vec<history::LogEntry>)> = redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(&epoch_key)
+            .cmd("XRANGE")
+            .arg(&log_key)
+            .arg(format!("{from}-1"))
+            .arg(format!("{to}-1"))
+            .query(c);
+        match read {
+            Ok((Some(current), entries)) if current == epoch => history::parse_log(&entries),
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                log::debug!("reading the shared history of {stream} failed: {e}");
+                *conn = None;
+                Vec::new()
+            }
+        }
+    }
+
     /// Forgets a stream's shared history in Redis; its next message starts a new epoch on every node.
     pub fn delete_history(&self, stream: &str) -> Result<(), ClusterError> {
         let keys = history::keys(&self.settings.channel_prefix, stream);

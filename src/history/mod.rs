@@ -109,6 +109,19 @@ impl Reader<'_> {
     }
 }
 
+/// A message of the shared log that this node never received, for [`History::publish_stamped`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backfill {
+    /// Its offset.
+    pub offset: u64,
+    /// The client token it was published to, if any.
+    pub client: Option<String>,
+    /// Binary (true) or text.
+    pub binary: bool,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
 /// The node's history: settings, the store behind a lock, and the clock the store is driven with.
 pub struct History {
     settings: Settings,
@@ -202,15 +215,29 @@ impl History {
         self.settings.enabled(stream_of(target).1)
     }
 
+    /// The first offset before `stamp` this node lacks in `target`'s stream (within `size`), so the cluster
+    /// bridge can fetch it from the shared log before delivering; `None` when nothing is missing or the stream
+    /// keeps no history here.
+    pub fn missing_before(&self, target: &Target, stamp: Stamp<'_>) -> Option<u64> {
+        let (stream, kind, _) = stream_of(target);
+        if !self.settings.enabled(kind) {
+            return None;
+        }
+        self.lock().missing_before(&stream, stamp)
+    }
+
     /// [`History::publish`] for a message whose epoch and offset were assigned by the cluster (Redis): stored
-    /// with them, so every node holds the same offsets. Only the cluster bridge calls this, from one thread, in
-    /// the order Redis assigned the offsets.
+    /// with them, so every node holds the same offsets. `backfill` holds earlier messages of the same stream
+    /// and epoch that this node never received (fetched from the shared log, in offset order): they are stored
+    /// first, for replay only. Only the cluster bridge calls this, from one thread, in the order Redis assigned
+    /// the offsets.
     pub fn publish_stamped(
         &self,
         target: Target,
         binary: bool,
         payload: &[u8],
         stamp: Stamp<'_>,
+        backfill: &[Backfill],
         mailboxes: &[Arc<Mailbox>],
     ) {
         let frame = frame::encode_message(!binary, payload);
@@ -230,9 +257,30 @@ impl History {
         let client = client.map(str::to_owned);
         let now = self.now_ms();
         let mut store = self.lock();
+        for old in backfill {
+            let old_stamp = Stamp {
+                epoch: stamp.epoch,
+                offset: old.offset,
+            };
+            store.append_stamped(
+                &stream,
+                old_stamp,
+                false,
+                old.client.as_deref(),
+                old.binary,
+                now,
+                |st| {
+                    frame::encode_message(
+                        !old.binary,
+                        &envelope::encode(&stream, Some(st), !old.binary, &old.payload),
+                    )
+                },
+            );
+        }
         let appended = store.append_stamped(
             &stream,
             stamp,
+            true,
             client.as_deref(),
             binary,
             now,

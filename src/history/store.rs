@@ -211,16 +211,22 @@ impl Store {
         now_ms: u64,
         frame: impl FnOnce(Stamp<'_>) -> Bytes,
     ) -> Appended {
-        self.append_inner(stream, None, client, binary, now_ms, frame)
+        self.append_inner(stream, None, true, client, binary, now_ms, frame)
     }
 
     /// Stores a message whose epoch and offset were assigned elsewhere (by Redis, in a cluster). Anything but
     /// the stream's next offset in its epoch — a new epoch, or a gap (messages this node never received) —
     /// restarts the stream from this message, so positions before it get a resync instead of a silent hole.
+    ///
+    /// A `live` message is on its way to the reactors and gets the next sequence number; a backfilled one
+    /// (fetched from the shared log, never delivered live here) gets sequence 0, which every reactor counts as
+    /// applied, so it is replayed and never expected live.
+    #[allow(clippy::too_many_arguments)]
     pub fn append_stamped(
         &mut self,
         stream: &str,
         stamp: Stamp<'_>,
+        live: bool,
         client: Option<&str>,
         binary: bool,
         now_ms: u64,
@@ -233,13 +239,31 @@ impl Store {
         if restart == Some(true) {
             self.delete(stream);
         }
-        self.append_inner(stream, Some(stamp), client, binary, now_ms, frame)
+        self.append_inner(stream, Some(stamp), live, client, binary, now_ms, frame)
     }
 
+    /// The first offset before `stamp` this store lacks and could hold (within `size`), when a stamped message
+    /// arrives: what a node that missed messages should fetch from the shared log first. `None` if nothing is
+    /// missing.
+    pub fn missing_before(&self, stream: &str, stamp: Stamp<'_>) -> Option<u64> {
+        let next = match self.streams.get(stream) {
+            Some(s) if *s.epoch == *stamp.epoch => s.last + 1,
+            _ => 1,
+        };
+        let window = stamp
+            .offset
+            .saturating_sub(self.limits.size as u64 - 1)
+            .max(1);
+        let from = next.max(window);
+        (from < stamp.offset).then_some(from)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn append_inner(
         &mut self,
         stream: &str,
         stamp: Option<Stamp<'_>>,
+        live: bool,
         client: Option<&str>,
         binary: bool,
         now_ms: u64,
@@ -273,8 +297,8 @@ impl Store {
         s.last += 1;
         debug_assert!(stamp.is_none_or(|st| st.offset == s.last));
         let offset = s.last;
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = if live { self.next_seq } else { 0 };
+        self.next_seq += u64::from(live);
         let frame = frame(Stamp {
             epoch: &s.epoch,
             offset,
@@ -727,9 +751,15 @@ mod tests {
     }
 
     fn push_stamped(store: &mut Store, stream: &str, epoch: &str, offset: u64) -> Appended {
-        store.append_stamped(stream, Stamp { epoch, offset }, None, false, 0, |stamp| {
-            Bytes::from(format!("{}@{}", stamp.offset, stamp.epoch))
-        })
+        store.append_stamped(
+            stream,
+            Stamp { epoch, offset },
+            true,
+            None,
+            false,
+            0,
+            |stamp| Bytes::from(format!("{}@{}", stamp.offset, stamp.epoch)),
+        )
     }
 
     #[test]
@@ -774,6 +804,70 @@ mod tests {
         let page = s.read("c", 0, 10, 0).unwrap();
         assert_eq!((&*page.epoch, page.first, page.last), ("NEW", 1, 1));
         assert_eq!(s.messages(), 1);
+    }
+
+    #[test]
+    fn backfilled_messages_replay_before_the_live_one_that_revealed_the_gap() {
+        let mut s = Store::new(BIG, 1);
+        let live = push_stamped(&mut s, "c", "E", 3);
+        assert_eq!(
+            s.missing_before(
+                "c",
+                Stamp {
+                    epoch: "E",
+                    offset: 7
+                }
+            ),
+            Some(4)
+        );
+        for offset in 4..7 {
+            let b = s.append_stamped(
+                "c",
+                Stamp { epoch: "E", offset },
+                false,
+                None,
+                false,
+                0,
+                |st| Bytes::from(format!("{}@{}", st.offset, st.epoch)),
+            );
+            assert_eq!(b.seq, 0);
+        }
+        let seven = push_stamped(&mut s, "c", "E", 7);
+        let mut out = Vec::new();
+        // A reactor that has applied offset 3 but not yet 7: 4..6 are replayed, 7 will come live.
+        assert_eq!(
+            s.recover(&pos("c", "E", 3), None, live.seq, 0, &mut out),
+            Recovery::Replayed(3)
+        );
+        assert_eq!(offsets(&out), [4, 5, 6]);
+        out.clear();
+        s.recover(&pos("c", "E", 3), None, seven.seq, 0, &mut out);
+        assert_eq!(offsets(&out), [4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn missing_before_looks_back_at_most_size_messages() {
+        let s = Store::new(Limits { size: 10, ..BIG }, 1);
+        assert_eq!(
+            s.missing_before(
+                "c",
+                Stamp {
+                    epoch: "E",
+                    offset: 100
+                }
+            ),
+            Some(91)
+        );
+        assert_eq!(
+            s.missing_before(
+                "c",
+                Stamp {
+                    epoch: "E",
+                    offset: 1
+                }
+            ),
+            None
+        );
     }
 
     #[test]
