@@ -476,6 +476,9 @@ impl Reactor {
         conn.phase = Phase::Open;
         conn.set(FLAG_UPGRADED, true);
         conn.set(FLAG_RECOVER, recover);
+        if recover {
+            self.settings.history.count_recovering(true);
+        }
         conn.timer_stamp = self.wheel.schedule(key, self.settings.ping_interval_ticks);
         if let Some(spill) = conn.spill.as_mut() {
             spill.head = Vec::new();
@@ -762,6 +765,9 @@ impl Reactor {
         if conn.spill.is_some() {
             self.metrics.buffers_live.fetch_sub(1, Relaxed);
         }
+        if conn.has(FLAG_RECOVER) {
+            self.settings.history.count_recovering(false);
+        }
         if conn.has(FLAG_UPGRADED) {
             self.settings.open_total.fetch_sub(1, Relaxed);
             self.metrics.connections_open.fetch_sub(1, Relaxed);
@@ -898,6 +904,8 @@ impl Reactor {
         self.collect(target);
         let recipients = std::mem::take(&mut self.recipients);
         let mut delivered = 0u64;
+        // Built once for this reactor if the publisher skipped it (nobody had opted in when it was queued).
+        let mut lazy: Option<Bytes> = None;
         for &key in &recipients {
             // Closing connections already have their close frame queued: nothing may follow it.
             let Some(conn) = self.conns.get(key as usize) else {
@@ -906,10 +914,10 @@ impl Reactor {
             if conn.phase != Phase::Open {
                 continue;
             }
-            let bytes = if conn.has(FLAG_RECOVER) {
-                envelope
-            } else {
-                frame
+            let bytes = match conn.has(FLAG_RECOVER) {
+                false => frame,
+                true if !envelope.is_empty() => envelope,
+                true => &*lazy.get_or_insert_with(|| history::lazy_envelope(target, frame)),
             };
             if self.send(key, bytes) {
                 delivered += 1;

@@ -18,7 +18,8 @@ use crate::history::Backfill;
 /// none), binary flag (`"1"`/`"0"`). Returns `{epoch, offset}`.
 pub const PUBLISH_SCRIPT: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then
+-- A lost offset counter (evicted on its own) would restart offsets under the old epoch: start over instead.
+if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
   epoch = ARGV[4]
   redis.call('SET', KEYS[1], epoch)
   redis.call('DEL', KEYS[2], KEYS[3])

@@ -21,6 +21,7 @@ use crate::mailbox::{Command, Mailbox, Target};
 use bytes::Bytes;
 use envelope::{Position, Stamp};
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use store::{Limits, Recovery, Store, REASON_LABELS};
@@ -127,6 +128,9 @@ pub struct History {
     settings: Settings,
     store: Mutex<Store>,
     started: Instant,
+    /// Open connections that opted into envelopes, over all reactors. While there are none, a message of a
+    /// stream without history is not enveloped at all, so users who do not use recovery pay nothing for it.
+    recovering: AtomicUsize,
 }
 
 impl std::fmt::Debug for History {
@@ -149,7 +153,17 @@ impl History {
             settings,
             store: Mutex::new(Store::new(settings.limits, seed)),
             started: Instant::now(),
+            recovering: AtomicUsize::new(0),
         })
+    }
+
+    /// Counts a connection that opted into envelopes (`opened`) or one of them closing.
+    pub fn count_recovering(&self, opened: bool) {
+        if opened {
+            self.recovering.fetch_add(1, Relaxed);
+        } else {
+            self.recovering.fetch_sub(1, Relaxed);
+        }
     }
 
     /// The settings.
@@ -186,7 +200,13 @@ impl History {
             frame::encode_message(!binary, &envelope::encode(&stream, stamp, !binary, payload))
         };
         if !self.settings.enabled(kind) {
-            let envelope = envelope_frame(None);
+            // Empty when nobody opted in; a reactor that meets a connection which opted in meanwhile builds
+            // the envelope itself (`lazy_envelope`).
+            let envelope = if self.recovering.load(Relaxed) > 0 {
+                envelope_frame(None)
+            } else {
+                Bytes::new()
+            };
             send_all(mailboxes, Arc::new(target), frame, envelope, 0);
             return;
         }
@@ -416,6 +436,15 @@ impl History {
     }
 }
 
+/// The envelope of a message of a stream without history, built from its bare frame: for a publish that was
+/// queued while no connection had opted in, reaching one that has.
+pub fn lazy_envelope(target: &Target, frame: &[u8]) -> Bytes {
+    let text = frame.first().is_some_and(|b| b & 0x0f == 0x1);
+    let (stream, _, _) = stream_of(target);
+    let payload = envelope::frame_payload(frame);
+    frame::encode_message(text, &envelope::encode(&stream, None, text, payload))
+}
+
 fn send_all(
     mailboxes: &[Arc<Mailbox>],
     target: Arc<Target>,
@@ -479,6 +508,17 @@ mod tests {
         assert!(r.may_read("channel:news"));
         assert!(!r.may_read("channel:sport"));
         assert!(r.may_read("all"));
+    }
+
+    #[test]
+    fn lazy_envelope_matches_the_eager_one() {
+        let target = Target::Channel("n".into());
+        for (text, payload) in [(true, &b"hi"[..]), (false, &[0u8, 1, 2][..])] {
+            let bare = frame::encode_message(text, payload);
+            let eager =
+                frame::encode_message(text, &envelope::encode("channel:n", None, text, payload));
+            assert_eq!(lazy_envelope(&target, &bare), eager);
+        }
     }
 
     #[test]
