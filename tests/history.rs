@@ -439,3 +439,39 @@ fn idle_connection_cost() {
         drop(warm);
     }
 }
+
+#[test]
+fn reconnecting_again_and_again_during_a_flood_never_skips_or_repeats() {
+    const TOTAL: u64 = 1_500;
+    let server = start(&[("history.user", "true"), ("history.size", "5000")]);
+    server.publish("/publish/user/9", "0");
+    let page = server.request("GET", "/history/user:9", b"", &[]).json();
+    let epoch = page["epoch"].as_str().unwrap().to_owned();
+    let addr = server.admin_addr;
+    let flood = std::thread::spawn(move || {
+        let mut admin = common::Admin::connect(addr);
+        for i in 1..TOTAL {
+            let r = admin.request("POST", "/publish/user/9", i.to_string().as_bytes(), &[]);
+            assert_eq!(r.status, 202);
+        }
+    });
+    let mut last = 0u64;
+    let mut sessions = 0;
+    while last < TOTAL {
+        let mut ws = server.connect(&format!("user=9&since=user:9@{epoch}:{last}"));
+        sessions += 1;
+        for _ in 0..(7 + sessions % 50) {
+            if last == TOTAL {
+                break;
+            }
+            let (e, offset, payload) = envelope(&mut ws);
+            assert_eq!(e, epoch);
+            assert_eq!(offset, last + 1, "session {sessions}: gap or duplicate");
+            assert_eq!(payload, last.to_string());
+            last = offset;
+        }
+        drop(ws); // abrupt, like a phone losing its network
+    }
+    flood.join().unwrap();
+    assert!(sessions > 20, "only {sessions} reconnections");
+}
