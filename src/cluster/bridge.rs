@@ -124,7 +124,10 @@ fn subscribe_and_receive(
     state.up(cluster);
     let mut last_ping = Instant::now();
     // For reading shared history: the subscription's connection can only receive.
-    let mut side: Option<redis::Connection> = None;
+    let mut side = Side {
+        conn: None,
+        budget: Budget::new(Instant::now()),
+    };
     loop {
         if cluster.stop.load(SeqCst) {
             return Ok(());
@@ -149,12 +152,7 @@ fn subscribe_and_receive(
 
 /// Hands one message from Redis to the reactors (publish, kick), the worker (presence query) or the admin
 /// thread waiting for answers (presence answer).
-fn deliver(
-    cluster: &Cluster,
-    bytes: &[u8],
-    queries: &mpsc::Sender<Query>,
-    side: &mut Option<redis::Connection>,
-) {
+fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side: &mut Side) {
     let message = match wire::decode(bytes) {
         Ok(message) => message,
         Err(e) => {
@@ -195,12 +193,18 @@ fn deliver(
             };
             // Messages of this stream this node never got (it started, or its link came back, since they
             // were published): fetch them from the shared log first, so they can be replayed here too.
+            // Within a time budget: after a reconnection every stream's first message shows a gap, and a
+            // subscriber busy reading history falls behind the bus. Past it, earlier positions get a resync.
             let backfill = match cluster.history.missing_before(&target, stamp) {
-                Some(from) => {
+                Some(from) if side.budget.allows(Instant::now()) => {
                     let (stream, _, _) = crate::history::stream_of(&target);
-                    cluster.fetch_backfill(side, &stream, &epoch, from, offset - 1)
+                    let started = Instant::now();
+                    let got =
+                        cluster.fetch_backfill(&mut side.conn, &stream, &epoch, from, offset - 1);
+                    side.budget.spend(started.elapsed());
+                    got
                 }
-                None => Vec::new(),
+                _ => Vec::new(),
             };
             cluster.history.publish_stamped(
                 target,
@@ -248,6 +252,42 @@ fn deliver(
                 let _ = waiting.send(connections);
             }
         }
+    }
+}
+
+/// The subscriber's connection for reading shared history, and the time it may spend on that.
+struct Side {
+    conn: Option<redis::Connection>,
+    budget: Budget,
+}
+
+/// At most [`Budget::SHARE`] of each second goes to backfilling, so delivery keeps up with the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Budget {
+    window: Instant,
+    spent: Duration,
+}
+
+impl Budget {
+    const WINDOW: Duration = Duration::from_secs(1);
+    const SHARE: Duration = Duration::from_millis(200);
+
+    fn new(now: Instant) -> Budget {
+        Budget {
+            window: now,
+            spent: Duration::ZERO,
+        }
+    }
+
+    fn allows(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window) >= Self::WINDOW {
+            *self = Budget::new(now);
+        }
+        self.spent < Self::SHARE
+    }
+
+    fn spend(&mut self, took: Duration) {
+        self.spent += took;
     }
 }
 
@@ -395,4 +435,21 @@ fn local_presence(cluster: &Cluster, user: &str) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backfill_budget_is_a_share_of_each_second() {
+        let start = Instant::now();
+        let mut budget = Budget::new(start);
+        assert!(budget.allows(start));
+        budget.spend(Duration::from_millis(150));
+        assert!(budget.allows(start + Duration::from_millis(10)));
+        budget.spend(Duration::from_millis(60));
+        assert!(!budget.allows(start + Duration::from_millis(500)));
+        assert!(budget.allows(start + Duration::from_millis(1_000)));
+    }
 }
