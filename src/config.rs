@@ -103,6 +103,19 @@ pub const DEFAULT_CLUSTER_NODE_TTL_MS: u64 = 10_000;
 /// Milliseconds a cluster presence query waits for the other nodes' answers.
 pub const DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS: u64 = 300;
 
+/// Keep history for `user:{user}` streams (publishes to a user and to its client tokens).
+pub const DEFAULT_HISTORY_USER: bool = false;
+/// Keep history for `channel:{name}` streams.
+pub const DEFAULT_HISTORY_CHANNEL: bool = false;
+/// Keep history for the `all` stream.
+pub const DEFAULT_HISTORY_ALL: bool = false;
+/// Messages kept per stream.
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// Seconds a message is kept.
+pub const DEFAULT_HISTORY_TTL_SECS: u64 = 3_600;
+/// Bytes all streams' history may use together; the oldest messages of any stream are evicted first.
+pub const DEFAULT_HISTORY_MAX_BYTES: usize = 67_108_864;
+
 /// Prefix of the environment variables that override settings: `DENSEPUSH_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "DENSEPUSH_";
 /// Variables that carry [`ENV_PREFIX`] but are not overrides, so they are not rejected as unknown
@@ -159,6 +172,12 @@ pub mod limits {
     pub const CLUSTER_INTERVAL_MS: RangeInclusive<u64> = 1..=3_600_000;
     /// Milliseconds a presence query waits: the admin thread answers nothing meanwhile.
     pub const CLUSTER_PRESENCE_TIMEOUT_MS: RangeInclusive<u64> = 1..=10_000;
+    /// Messages kept per stream.
+    pub const HISTORY_SIZE: RangeInclusive<usize> = 1..=1_000_000;
+    /// Seconds a message is kept: at most 30 days.
+    pub const HISTORY_TTL_SECS: RangeInclusive<u64> = 1..=2_592_000;
+    /// Bytes of history: at least a page, at most 1 TiB.
+    pub const HISTORY_MAX_BYTES: RangeInclusive<usize> = 4096..=1 << 40;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,6 +283,8 @@ pub struct FileConfig {
     pub log: LogSection,
     /// `[cluster]`
     pub cluster: ClusterSection,
+    /// `[history]`
+    pub history: HistorySection,
 }
 
 /// `[server]` as written. Field docs are on the `DEFAULT_*` constants.
@@ -453,6 +474,66 @@ impl Default for ClusterSection {
     }
 }
 
+/// `[history]` as written. Field docs are on the `DEFAULT_HISTORY_*` constants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [history] table")]
+#[allow(missing_docs)]
+pub struct HistorySection {
+    pub user: bool,
+    pub channel: bool,
+    pub all: bool,
+    pub size: usize,
+    pub ttl_secs: u64,
+    pub max_bytes: usize,
+}
+
+impl Default for HistorySection {
+    fn default() -> Self {
+        HistorySection {
+            user: DEFAULT_HISTORY_USER,
+            channel: DEFAULT_HISTORY_CHANNEL,
+            all: DEFAULT_HISTORY_ALL,
+            size: DEFAULT_HISTORY_SIZE,
+            ttl_secs: DEFAULT_HISTORY_TTL_SECS,
+            max_bytes: DEFAULT_HISTORY_MAX_BYTES,
+        }
+    }
+}
+
+impl HistorySection {
+    fn validate(self) -> Result<HistoryConfig, ConfigError> {
+        Ok(HistoryConfig {
+            user: self.user,
+            channel: self.channel,
+            all: self.all,
+            size: check_range("history.size", self.size, limits::HISTORY_SIZE)?,
+            ttl_secs: check_range("history.ttl_secs", self.ttl_secs, limits::HISTORY_TTL_SECS)?,
+            max_bytes: check_range(
+                "history.max_bytes",
+                self.max_bytes,
+                limits::HISTORY_MAX_BYTES,
+            )?,
+        })
+    }
+}
+
+/// `[history]`, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// History for `user:` streams.
+    pub user: bool,
+    /// History for `channel:` streams.
+    pub channel: bool,
+    /// History for the `all` stream.
+    pub all: bool,
+    /// Messages kept per stream.
+    pub size: usize,
+    /// Seconds a message is kept.
+    pub ttl_secs: u64,
+    /// Bytes all streams' history may use.
+    pub max_bytes: usize,
+}
+
 // Hand-written so a password in the Redis URL never reaches a log line through `{:?}`.
 impl fmt::Debug for ClusterSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -513,6 +594,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[cluster]`
     pub cluster: ClusterConfig,
+    /// `[history]`
+    pub history: HistoryConfig,
 }
 
 /// `[server]`, checked.
@@ -1141,6 +1224,7 @@ impl FileConfig {
             admin,
             log,
             cluster,
+            history,
         } = self;
 
         let server = ServerConfig {
@@ -1348,6 +1432,7 @@ impl FileConfig {
                 level: log.level.to_level_filter(),
             },
             cluster: cluster.validate()?,
+            history: history.validate()?,
         })
     }
 }
@@ -1484,7 +1569,7 @@ mod tests {
     fn schema_lists_every_section() {
         assert_eq!(
             join_keys(&schema()),
-            "admin, auth, cluster, log, server, websocket"
+            "admin, auth, cluster, history, log, server, websocket"
         );
     }
 
@@ -1997,6 +2082,31 @@ mod tests {
         );
         assert_eq!(c.node_ttl_ms, DEFAULT_CLUSTER_NODE_TTL_MS);
         assert_eq!(c.presence_timeout_ms, DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn history_is_off_by_default() {
+        let h = defaults().history;
+        assert!(!h.user && !h.channel && !h.all);
+        assert_eq!(h.size, DEFAULT_HISTORY_SIZE);
+        assert_eq!(h.max_bytes, DEFAULT_HISTORY_MAX_BYTES);
+    }
+
+    #[test]
+    fn history_settings_are_read_and_checked() {
+        let h = parse("[history]\nuser = true\nsize = 5\nttl_secs = 60\nmax_bytes = 100000")
+            .unwrap()
+            .history;
+        assert!(h.user && !h.channel);
+        assert_eq!((h.size, h.ttl_secs, h.max_bytes), (5, 60, 100_000));
+        for (body, key) in [
+            ("size = 0", "history.size"),
+            ("ttl_secs = 0", "history.ttl_secs"),
+            ("max_bytes = 10", "history.max_bytes"),
+        ] {
+            let (got, _) = invalid_key(&format!("[history]\n{body}"));
+            assert_eq!(got, key, "{body}");
+        }
     }
 
     #[test]

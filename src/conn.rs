@@ -30,6 +30,9 @@ pub const FLAG_PING_SENT: u8 = 1;
 pub const FLAG_HEARD: u8 = 2;
 /// Flag: upgraded at some point (counted in `connections_open` until closed).
 pub const FLAG_UPGRADED: u8 = 4;
+/// Flag: the client opted into envelopes (`?recover=1`, `since`, or the `densepush.v1` subprotocol), so it gets
+/// each message wrapped with its stream, epoch and offset (`history::envelope`).
+pub const FLAG_RECOVER: u8 = 8;
 
 /// Heap state of a busy connection. Boxed so an idle connection pays one null pointer for all of it.
 #[derive(Debug, Default)]

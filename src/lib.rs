@@ -4,7 +4,8 @@
 //! index (`fanout`) and a timing wheel (`timer`). The admin API (`admin`) frames a published message once
 //! (`frame`) and hands the shared bytes to every reactor through its `mailbox`. Protocol logic is sans-IO:
 //! `handshake`, `auth`, `frame`, `outbox`, `fanout` and `timer` never touch a socket or a clock. Several
-//! nodes form a cluster over Redis pub/sub (`cluster`).
+//! nodes form a cluster over Redis pub/sub (`cluster`). Clients that reconnect recover what they missed from
+//! per-stream history (`history`).
 #![deny(missing_docs)]
 
 pub mod admin;
@@ -15,6 +16,7 @@ pub mod conn;
 pub mod fanout;
 pub mod frame;
 pub mod handshake;
+pub mod history;
 pub mod mailbox;
 pub mod metrics;
 pub mod outbox;

@@ -32,6 +32,10 @@ pub enum Command {
         target: Arc<Target>,
         /// The frame, encoded once and shared by every recipient.
         frame: Bytes,
+        /// The same message in its envelope (`history::envelope`), for connections that opted in; also shared.
+        envelope: Bytes,
+        /// Its publish sequence number when its stream keeps history (`history`), else 0.
+        seq: u64,
     },
     /// Close the target's connections with this close code and reason; reply with how many.
     Kick {

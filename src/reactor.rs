@@ -7,10 +7,11 @@
 //! readiness is drained until `WouldBlock`.
 
 use crate::auth::Authenticator;
-use crate::conn::{Conn, Phase, Sent, FLAG_HEARD, FLAG_PING_SENT, FLAG_UPGRADED};
+use crate::conn::{Conn, Phase, Sent, FLAG_HEARD, FLAG_PING_SENT, FLAG_RECOVER, FLAG_UPGRADED};
 use crate::fanout::Fanout;
 use crate::frame::{self, Event, Feed, ProtocolError};
 use crate::handshake::{self, HandshakeLimits, Reject};
+use crate::history::{self, envelope, History};
 use crate::mailbox::{Command, Mailbox, Target};
 use crate::metrics::{ReactorMetrics, RejectKind};
 use crate::outbox::Flush;
@@ -68,6 +69,8 @@ pub struct Settings {
     pub max_outbox_bytes: usize,
     /// Size of the reactor-wide read buffer.
     pub read_buffer_bytes: usize,
+    /// The node's message history, read at upgrades that carry `since`.
+    pub history: Arc<History>,
 }
 
 impl Settings {
@@ -111,6 +114,11 @@ pub struct Reactor {
     recipients: Vec<u32>,
     /// Connections that still had bytes to read when their turn ended.
     pending_reads: Vec<(u32, u32)>,
+    /// Sequence number of the last stored message this reactor delivered (see `history`): replays stop there,
+    /// later ones are still in the mailbox and arrive live.
+    applied_seq: u64,
+    /// Reusable list of replay frames.
+    replay: Vec<Bytes>,
     started: Instant,
     next_generation: u32,
     accept_paused: bool,
@@ -143,6 +151,8 @@ impl Reactor {
             settings,
             recipients: Vec::new(),
             pending_reads: Vec::new(),
+            applied_seq: 0,
+            replay: Vec::new(),
             started: Instant::now(),
             next_generation: 0,
             accept_paused: false,
@@ -394,7 +404,7 @@ impl Reactor {
     /// (copying them out of the scratch buffer when `from_scratch`; otherwise the caller keeps its buffer).
     fn try_upgrade(&mut self, key: u32, buf: &mut [u8], from_scratch: bool) -> bool {
         let parsed = handshake::parse_request(buf, &self.settings.handshake);
-        let (response, identity, head_len) = match parsed {
+        let (response, identity, head_len, recover, since) = match parsed {
             Ok(None) => {
                 if !from_scratch {
                     return true;
@@ -412,6 +422,18 @@ impl Reactor {
                 return false;
             }
             Ok(Some((request, head_len))) => {
+                let since = envelope::raw_query_param(request.query, "since")
+                    .filter(|_| self.settings.history.any_enabled())
+                    .map(envelope::parse_since)
+                    .unwrap_or_default();
+                if !since.is_empty() {
+                    // Apply what is queued before reading history (see `history`): the client may have had
+                    // those messages on another reactor's connection before it reconnected here.
+                    self.drain_mailbox();
+                    if !self.conns.contains(key as usize) {
+                        return false; // a shutdown in the mailbox closed it
+                    }
+                }
                 if !handshake::origin_allowed(request.origin, &self.settings.allowed_origins) {
                     self.refuse(key, &Reject::Forbidden("origin not allowed"));
                     return false;
@@ -429,10 +451,14 @@ impl Reactor {
                     self.refuse(key, &Reject::Unavailable("connection limit reached"));
                     return false;
                 }
+                let protocol =
+                    history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
                 (
-                    handshake::accept_response(request.key, None),
+                    handshake::accept_response(request.key, protocol),
                     identity,
                     head_len,
+                    history::wants_envelopes(request.query, request.protocols),
+                    since,
                 )
             }
         };
@@ -449,11 +475,18 @@ impl Reactor {
         let conn = &mut self.conns[key as usize];
         conn.phase = Phase::Open;
         conn.set(FLAG_UPGRADED, true);
+        conn.set(FLAG_RECOVER, recover);
+        if recover {
+            self.settings.history.count_recovering(true);
+        }
         conn.timer_stamp = self.wheel.schedule(key, self.settings.ping_interval_ticks);
         if let Some(spill) = conn.spill.as_mut() {
             spill.head = Vec::new();
         }
         if !self.send(key, &Bytes::from(response)) {
+            return false;
+        }
+        if !since.is_empty() && !self.replay_missed(key, &since, &identity) {
             return false;
         }
         // Bytes after the head are the client's first frames, sent without waiting for our 101.
@@ -463,6 +496,43 @@ impl Reactor {
             return true;
         }
         self.on_frame_bytes(key, rest)
+    }
+
+    /// Sends a recovering connection what it missed (or `resync` notices), right after its 101 and before any
+    /// live message: the connection is already in the fanout index, but this reactor applies no publish before
+    /// this returns. Returns false if the connection is gone.
+    fn replay_missed(
+        &mut self,
+        key: u32,
+        since: &[envelope::Position],
+        identity: &crate::auth::Identity,
+    ) -> bool {
+        let mut replay = std::mem::take(&mut self.replay);
+        let reader = history::Reader {
+            user: &identity.user,
+            client: identity.client.as_deref(),
+            channels: &identity.channels,
+        };
+        self.settings
+            .history
+            .recover(since, reader, self.applied_seq, &mut replay);
+        let mut alive = true;
+        for frame in replay.drain(..) {
+            if alive && !self.send(key, &frame) {
+                alive = false;
+            }
+        }
+        self.replay = replay;
+        alive
+    }
+
+    /// Applies every queued command now, in order.
+    fn drain_mailbox(&mut self) {
+        let mut commands = Vec::new();
+        self.mailbox.take_all(&mut commands);
+        for command in commands {
+            self.handle_command(command);
+        }
     }
 
     /// Answers a refused upgrade with its HTTP status and closes once it is written.
@@ -695,6 +765,9 @@ impl Reactor {
         if conn.spill.is_some() {
             self.metrics.buffers_live.fetch_sub(1, Relaxed);
         }
+        if conn.has(FLAG_RECOVER) {
+            self.settings.history.count_recovering(false);
+        }
         if conn.has(FLAG_UPGRADED) {
             self.settings.open_total.fetch_sub(1, Relaxed);
             self.metrics.connections_open.fetch_sub(1, Relaxed);
@@ -773,7 +846,18 @@ impl Reactor {
 
     fn handle_command(&mut self, command: Command) {
         match command {
-            Command::Publish { target, frame } => self.publish(&target, &frame),
+            Command::Publish {
+                target,
+                frame,
+                envelope,
+                seq,
+            } => {
+                if seq != 0 {
+                    debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
+                    self.applied_seq = seq;
+                }
+                self.publish(&target, &frame, &envelope);
+            }
             Command::Kick {
                 target,
                 code,
@@ -816,18 +900,26 @@ impl Reactor {
         }
     }
 
-    fn publish(&mut self, target: &Target, frame: &Bytes) {
+    fn publish(&mut self, target: &Target, frame: &Bytes, envelope: &Bytes) {
         self.collect(target);
         let recipients = std::mem::take(&mut self.recipients);
         let mut delivered = 0u64;
+        // Built once for this reactor if the publisher skipped it (nobody had opted in when it was queued).
+        let mut lazy: Option<Bytes> = None;
         for &key in &recipients {
             // Closing connections already have their close frame queued: nothing may follow it.
-            if self
-                .conns
-                .get(key as usize)
-                .is_some_and(|c| c.phase == Phase::Open)
-                && self.send(key, frame)
-            {
+            let Some(conn) = self.conns.get(key as usize) else {
+                continue;
+            };
+            if conn.phase != Phase::Open {
+                continue;
+            }
+            let bytes = match conn.has(FLAG_RECOVER) {
+                false => frame,
+                true if !envelope.is_empty() => envelope,
+                true => &*lazy.get_or_insert_with(|| history::lazy_envelope(target, frame)),
+            };
+            if self.send(key, bytes) {
                 delivered += 1;
             }
         }

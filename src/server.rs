@@ -9,6 +9,7 @@ use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::frame;
 use crate::handshake::HandshakeLimits;
+use crate::history::{self, store::Limits, History};
 use crate::mailbox::{Command, Mailbox};
 use crate::metrics::{AdminMetrics, ReactorMetrics};
 use crate::reactor::{Reactor, Settings};
@@ -72,7 +73,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         AuthMode::None => Authenticator::none(limits),
     });
     // Every reactor gets a clone of these settings, and with it the same shared open-connection counter.
-    let settings = reactor_settings(config);
+    let history = History::new(history_settings(config));
+    let settings = reactor_settings(config, history.clone());
 
     // The first listener settles the port (it may be 0); the others share it through SO_REUSEPORT, and the
     // kernel spreads incoming connections over them.
@@ -111,7 +113,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         );
     }
 
-    let cluster = Cluster::start(&config.cluster, mailboxes.clone())?;
+    let cluster = Cluster::start(&config.cluster, mailboxes.clone(), history.clone())?;
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     admin_listener.set_nonblocking(true)?;
@@ -130,7 +132,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
             },
         },
     )?
-    .with_cluster(cluster.clone());
+    .with_cluster(cluster.clone())
+    .with_history(history);
     // The admin thread is not joined: it serves until the process exits after the reactors drain.
     std::thread::Builder::new()
         .name("admin".into())
@@ -146,7 +149,21 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     })
 }
 
-fn reactor_settings(config: &Config) -> Settings {
+fn history_settings(config: &Config) -> history::Settings {
+    let h = &config.history;
+    history::Settings {
+        user: h.user,
+        channel: h.channel,
+        all: h.all,
+        limits: Limits {
+            size: h.size,
+            ttl_ms: h.ttl_secs.saturating_mul(1000),
+            max_bytes: h.max_bytes,
+        },
+    }
+}
+
+fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
     let ws = &config.websocket;
     let tick_ms = ws.timer_tick_ms.max(1);
     // Round up: a deadline never fires early.
@@ -172,6 +189,7 @@ fn reactor_settings(config: &Config) -> Settings {
         },
         max_outbox_bytes: ws.max_outbox_bytes,
         read_buffer_bytes: config.server.read_buffer_bytes,
+        history,
     }
 }
 

@@ -8,9 +8,10 @@ pub mod http;
 pub mod route;
 
 use crate::cluster::Cluster;
-use crate::frame;
+use crate::history::{self, envelope, History};
 use crate::mailbox::{Command, Mailbox, Target};
 use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
+use base64::Engine as _;
 use http::{Method, Request};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -30,6 +31,11 @@ pub const REACTOR_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Kick close code when the request names none: the 4000 range is for applications (RFC 6455 §7.4.2), and a
 /// client can tell "you were removed" from a restart (1001) or an error.
 pub const DEFAULT_KICK_CODE: u16 = 4000;
+/// Messages a `GET /history` answers with when the request names no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: u64 = 100;
+/// Most messages one `GET /history` answers with.
+pub const MAX_HISTORY_LIMIT: u64 = 1_000;
+
 /// Kick close reason when the request names none.
 pub const DEFAULT_KICK_REASON: &str = "disconnected by server";
 
@@ -53,6 +59,8 @@ pub struct AdminServer {
     settings: AdminSettings,
     /// The cluster bridge, when `cluster.redis_url` is set: publishes and kicks go through Redis first.
     cluster: Option<Arc<Cluster>>,
+    /// Message history: publishes are stored and framed through it.
+    history: Arc<History>,
 }
 
 struct AdminConn {
@@ -107,6 +115,16 @@ impl AdminServer {
             metrics,
             settings,
             cluster: None,
+            history: History::new(history::Settings {
+                user: false,
+                channel: false,
+                all: false,
+                limits: history::store::Limits {
+                    size: 1,
+                    ttl_ms: 1,
+                    max_bytes: 0,
+                },
+            }),
         })
     }
 
@@ -114,6 +132,12 @@ impl AdminServer {
     /// here, and presence is counted cluster-wide.
     pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
         self.cluster = cluster;
+        self
+    }
+
+    /// Uses this history (the one the reactors read) instead of the default, which keeps none.
+    pub fn with_history(mut self, history: Arc<History>) -> Self {
+        self.history = history;
         self
     }
 
@@ -331,6 +355,7 @@ impl AdminServer {
                 self.kick(Target::UserClient(user, client), request)
             }
             Route::Presence { user } => self.presence(user),
+            Route::History { stream } => self.history_route(&stream, request),
             Route::Healthz => Reply::json(
                 200,
                 serde_json::json!({
@@ -345,6 +370,7 @@ impl AdminServer {
                 if let Some(cluster) = &self.cluster {
                     cluster.render_metrics(&mut text);
                 }
+                self.history.render_metrics(&mut text);
                 Reply {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -380,19 +406,30 @@ impl AdminServer {
             );
         }
         // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
-        if let Some(cluster) = &self.cluster {
-            if let Err(e) = cluster.publish(&target, binary, &request.body) {
-                return Reply::error(503, &e.to_string());
+        let mut stamp = None;
+        match &self.cluster {
+            // A stream with shared history: Redis assigns the offset and every node, this one included, gets
+            // the message from the bus, in offset order.
+            Some(cluster) if self.history.keeps(&target) => {
+                let limits = self.history.settings().limits;
+                let epoch = self.history.fresh_epoch();
+                match cluster.publish_stamped(&target, binary, &request.body, &limits, &epoch) {
+                    Ok(assigned) => stamp = Some(assigned),
+                    Err(e) => return Reply::error(503, &e.to_string()),
+                }
             }
+            Some(cluster) => {
+                if let Err(e) = cluster.publish(&target, binary, &request.body) {
+                    return Reply::error(503, &e.to_string());
+                }
+            }
+            None => {}
         }
-        // Framed once; every reactor and every recipient shares these bytes.
-        let frame = frame::encode_message(!binary, &request.body);
-        let target = Arc::new(target);
-        for mailbox in &self.reactors {
-            mailbox.send(Command::Publish {
-                target: target.clone(),
-                frame: frame.clone(),
-            });
+        if stamp.is_none() {
+            // Framed once (bare and enveloped), stored when the stream keeps history; every reactor and every
+            // recipient shares these bytes.
+            self.history
+                .publish(target, binary, &request.body, &self.reactors);
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
         let mut answer = serde_json::json!({
@@ -404,7 +441,83 @@ impl AdminServer {
         if self.cluster.is_some() {
             answer["cluster"] = true.into();
         }
+        if let Some((epoch, offset)) = stamp {
+            answer["epoch"] = epoch.into();
+            answer["offset"] = offset.into();
+        }
         Reply::json(202, answer)
+    }
+
+    /// `GET /history/{stream}?since=&limit=` and `DELETE /history/{stream}`.
+    fn history_route(&self, stream: &str, request: &Request) -> Reply {
+        let Some(kind) = history::kind_of(stream) else {
+            return Reply::error(404, "not a stream: use user:{user}, channel:{name} or all");
+        };
+        if !self.history.settings().enabled(kind) {
+            return Reply::error(404, "history is off for this kind of stream");
+        }
+        if request.method == Method::Delete {
+            if let Some(cluster) = &self.cluster {
+                if let Err(e) = cluster.delete_history(stream) {
+                    return Reply::error(503, &e.to_string());
+                }
+            }
+            let deleted = self.history.delete(stream);
+            return Reply::json(
+                200,
+                serde_json::json!({ "stream": stream, "deleted": deleted }),
+            );
+        }
+        let number = |name: &str, default: u64| -> Result<u64, Reply> {
+            match crate::handshake::query_param(&request.query, name) {
+                None => Ok(default),
+                Some(text) => text.parse().map_err(|_| {
+                    Reply::error(400, &format!("{name} must be a non-negative integer"))
+                }),
+            }
+        };
+        let since = match number("since", 0) {
+            Ok(n) => n,
+            Err(reply) => return reply,
+        };
+        let limit = match number("limit", DEFAULT_HISTORY_LIMIT) {
+            Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n,
+            Ok(_) => return Reply::error(400, &format!("limit must be 1 to {MAX_HISTORY_LIMIT}")),
+            Err(reply) => return reply,
+        };
+        let Some(page) = self.history.read(stream, since, limit as usize) else {
+            return Reply::error(404, "no history held for this stream");
+        };
+        let messages: Vec<serde_json::Value> = page
+            .entries
+            .iter()
+            .map(|e| {
+                let payload =
+                    envelope::decode_payload(envelope::frame_payload(&e.frame), !e.binary)
+                        .unwrap_or_default();
+                let data = if e.binary {
+                    base64::engine::general_purpose::STANDARD.encode(&payload)
+                } else {
+                    String::from_utf8_lossy(&payload).into_owned()
+                };
+                serde_json::json!({
+                    "o": e.offset,
+                    "client": e.client.as_deref(),
+                    "binary": e.binary,
+                    "data": data,
+                })
+            })
+            .collect();
+        Reply::json(
+            200,
+            serde_json::json!({
+                "stream": stream,
+                "epoch": &*page.epoch,
+                "first": page.first,
+                "last": page.last,
+                "messages": messages,
+            }),
+        )
     }
 
     fn kick(&self, target: Target, request: &Request) -> Reply {

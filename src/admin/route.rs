@@ -28,6 +28,8 @@ pub enum Route {
     KickUserClient { user: String, client: String },
     /// `GET|HEAD /presence/user/{user}`
     Presence { user: String },
+    /// `GET|HEAD|DELETE /history/{stream}` (the handler tells reading from deleting by the method)
+    History { stream: String },
     /// `GET|HEAD /healthz`
     Healthz,
     /// `GET|HEAD /metrics`
@@ -78,6 +80,7 @@ const MAX_SEGMENTS: usize = 5;
 const GET: &[Method] = &[Method::Get, Method::Head];
 const POST: &[Method] = &[Method::Post];
 const DELETE: &[Method] = &[Method::Delete];
+const GET_DELETE: &[Method] = &[Method::Get, Method::Head, Method::Delete];
 
 struct Entry {
     pattern: &'static [Seg],
@@ -130,6 +133,12 @@ static ROUTES: &[Entry] = &[
         methods: GET,
         allow: "GET, HEAD",
         build: |[user, _]| Route::Presence { user },
+    },
+    Entry {
+        pattern: &[Lit("history"), Param],
+        methods: GET_DELETE,
+        allow: "GET, HEAD, DELETE",
+        build: |[stream, _]| Route::History { stream },
     },
     Entry {
         pattern: &[Lit("healthz")],

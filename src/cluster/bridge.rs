@@ -9,7 +9,6 @@ use super::wire::{self, Body};
 use super::{Backoff, Cluster};
 use crate::admin::REACTOR_REPLY_TIMEOUT;
 use crate::config::redact_url;
-use crate::frame;
 use crate::mailbox::Command;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{mpsc, Arc};
@@ -88,6 +87,8 @@ fn run_subscriber(cluster: &Cluster, queries: &mpsc::Sender<Query>) {
         };
         let error = error.to_string();
         cluster.link.up.store(false, SeqCst);
+        // Other nodes' messages are being missed: no stored position may be served as complete any more.
+        cluster.history.clear();
         *cluster
             .link
             .last_error
@@ -116,16 +117,23 @@ fn subscribe_and_receive(
     // A new generation makes the admin thread's publisher reconnect: its old connection may be to a Redis
     // that has since restarted.
     cluster.link.generation.fetch_add(1, SeqCst);
+    // Whatever was stored before this subscription may lack messages published while there was none.
+    cluster.history.clear();
     cluster.link.up.store(true, SeqCst);
     cluster.metrics.connects.fetch_add(1, Relaxed);
     state.up(cluster);
     let mut last_ping = Instant::now();
+    // For reading shared history: the subscription's connection can only receive.
+    let mut side = Side {
+        conn: None,
+        budget: Budget::new(Instant::now()),
+    };
     loop {
         if cluster.stop.load(SeqCst) {
             return Ok(());
         }
         match pubsub.get_message() {
-            Ok(msg) => deliver(cluster, msg.get_payload_bytes(), queries),
+            Ok(msg) => deliver(cluster, msg.get_payload_bytes(), queries, &mut side),
             Err(e) if e.is_timeout() => {}
             Err(e) => return Err(e),
         }
@@ -144,7 +152,7 @@ fn subscribe_and_receive(
 
 /// Hands one message from Redis to the reactors (publish, kick), the worker (presence query) or the admin
 /// thread waiting for answers (presence answer).
-fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
+fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side: &mut Side) {
     let message = match wire::decode(bytes) {
         Ok(message) => message,
         Err(e) => {
@@ -155,8 +163,9 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
             return;
         }
     };
-    // The origin delivered its own publish and kick when it accepted them.
-    if message.origin == cluster.node_id() {
+    // The origin delivered its own publish and kick when it accepted them; stamped publishes are the
+    // exception: every node, the origin included, delivers them here, in the order Redis stamped them.
+    if message.origin == cluster.node_id() && !matches!(message.body, Body::Stamped { .. }) {
         return;
     }
     match message.body {
@@ -165,16 +174,49 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
             binary,
             payload,
         } => {
-            // Framed once for every connection on this node, exactly like a local publish.
-            let frame = frame::encode_message(!binary, &payload);
-            let target = Arc::new(target);
-            for mailbox in &cluster.reactors {
-                mailbox.send(Command::Publish {
-                    target: target.clone(),
-                    frame: frame.clone(),
-                });
-            }
+            // Stored and framed once for every connection on this node, exactly like a local publish.
+            cluster
+                .history
+                .publish(target, binary, &payload, &cluster.reactors);
             cluster.metrics.received.fetch_add(1, Relaxed);
+        }
+        Body::Stamped {
+            target,
+            binary,
+            epoch,
+            offset,
+            payload,
+        } => {
+            let stamp = crate::history::envelope::Stamp {
+                epoch: &epoch,
+                offset,
+            };
+            // Messages of this stream this node never got (it started, or its link came back, since they
+            // were published): fetch them from the shared log first, so they can be replayed here too.
+            // Within a time budget: after a reconnection every stream's first message shows a gap, and a
+            // subscriber busy reading history falls behind the bus. Past it, earlier positions get a resync.
+            let backfill = match cluster.history.missing_before(&target, stamp) {
+                Some(from) if side.budget.allows(Instant::now()) => {
+                    let (stream, _, _) = crate::history::stream_of(&target);
+                    let started = Instant::now();
+                    let got =
+                        cluster.fetch_backfill(&mut side.conn, &stream, &epoch, from, offset - 1);
+                    side.budget.spend(started.elapsed());
+                    got
+                }
+                _ => Vec::new(),
+            };
+            cluster.history.publish_stamped(
+                target,
+                binary,
+                &payload,
+                stamp,
+                &backfill,
+                &cluster.reactors,
+            );
+            if message.origin != cluster.node_id() {
+                cluster.metrics.received.fetch_add(1, Relaxed);
+            }
         }
         Body::Kick {
             target,
@@ -210,6 +252,42 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>) {
                 let _ = waiting.send(connections);
             }
         }
+    }
+}
+
+/// The subscriber's connection for reading shared history, and the time it may spend on that.
+struct Side {
+    conn: Option<redis::Connection>,
+    budget: Budget,
+}
+
+/// At most [`Budget::SHARE`] of each second goes to backfilling, so delivery keeps up with the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Budget {
+    window: Instant,
+    spent: Duration,
+}
+
+impl Budget {
+    const WINDOW: Duration = Duration::from_secs(1);
+    const SHARE: Duration = Duration::from_millis(200);
+
+    fn new(now: Instant) -> Budget {
+        Budget {
+            window: now,
+            spent: Duration::ZERO,
+        }
+    }
+
+    fn allows(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window) >= Self::WINDOW {
+            *self = Budget::new(now);
+        }
+        self.spent < Self::SHARE
+    }
+
+    fn spend(&mut self, took: Duration) {
+        self.spent += took;
     }
 }
 
@@ -357,4 +435,21 @@ fn local_presence(cluster: &Cluster, user: &str) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backfill_budget_is_a_share_of_each_second() {
+        let start = Instant::now();
+        let mut budget = Budget::new(start);
+        assert!(budget.allows(start));
+        budget.spend(Duration::from_millis(150));
+        assert!(budget.allows(start + Duration::from_millis(10)));
+        budget.spend(Duration::from_millis(60));
+        assert!(!budget.allows(start + Duration::from_millis(500)));
+        assert!(budget.allows(start + Duration::from_millis(1_000)));
+    }
 }

@@ -19,9 +19,11 @@
 //!   reconnects with exponential backoff and logs once per state change.
 
 mod bridge;
+pub mod history;
 pub mod wire;
 
 use crate::config::{redact_url, ClusterConfig};
+use crate::history::History;
 use crate::mailbox::{Mailbox, Target};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -119,6 +121,9 @@ pub struct Cluster {
     names: Names,
     client: redis::Client,
     reactors: Vec<Arc<Mailbox>>,
+    /// This node's history: other nodes' publishes are stored and framed through it like local ones, and it is
+    /// cleared whenever the link goes down or comes up, because messages may have been missed meanwhile.
+    history: Arc<History>,
     link: Link,
     publisher: Mutex<Publisher>,
     /// Presence queries waiting for answers, by request id; the subscriber thread routes answers here.
@@ -136,6 +141,7 @@ impl Cluster {
     pub fn start(
         settings: &ClusterConfig,
         reactors: Vec<Arc<Mailbox>>,
+        history: Arc<History>,
     ) -> std::io::Result<Option<Arc<Cluster>>> {
         let Some(url) = settings.redis_url.as_deref() else {
             return Ok(None);
@@ -151,6 +157,7 @@ impl Cluster {
             settings: settings.clone(),
             client,
             reactors,
+            history,
             link: Link {
                 up: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
@@ -193,6 +200,90 @@ impl Cluster {
             },
         );
         self.send_to_bus(&bytes)
+    }
+
+    /// Stamps a message of a stream that keeps history with its epoch and next offset in Redis, stores it in
+    /// the stream's shared log and publishes it to every node, this one included, in one script
+    /// ([`history::PUBLISH_SCRIPT`]). `Ok` carries the epoch and offset; the caller must not deliver locally:
+    /// this node's subscriber does, in the order Redis assigned the offsets.
+    pub fn publish_stamped(
+        &self,
+        target: &Target,
+        binary: bool,
+        payload: &[u8],
+        limits: &crate::history::store::Limits,
+        candidate_epoch: &str,
+    ) -> Result<(String, u64), ClusterError> {
+        let (stream, _, client) = crate::history::stream_of(target);
+        let [epoch_key, offset_key, log_key] =
+            history::keys(&self.settings.channel_prefix, &stream);
+        let head = wire::encode_stamped_head(self.node_id(), target, binary);
+        let result = self.with_publisher(|conn| {
+            redis::cmd("EVAL")
+                .arg(history::PUBLISH_SCRIPT)
+                .arg(3)
+                .arg(&epoch_key)
+                .arg(&offset_key)
+                .arg(&log_key)
+                .arg(&self.names.bus)
+                .arg(&head)
+                .arg(payload)
+                .arg(candidate_epoch)
+                .arg(limits.size)
+                .arg(limits.ttl_ms.max(1))
+                .arg(client.unwrap_or(""))
+                .arg(if binary { "1" } else { "0" })
+                .query::<(String, u64)>(conn)
+        });
+        if result.is_ok() {
+            self.metrics.published.fetch_add(1, Relaxed);
+        }
+        result
+    }
+
+    /// Reads offsets `from..=to` of a stream's shared log, if the stream is still in `epoch`, on the subscriber's
+    /// side connection (connected on first use, dropped on error). Any failure gives an empty backfill: the
+    /// node then holds the stream from the new message on, and earlier positions get a resync.
+    fn fetch_backfill(
+        &self,
+        conn: &mut Option<redis::Connection>,
+        stream: &str,
+        epoch: &str,
+        from: u64,
+        to: u64,
+    ) -> Vec<crate::history::Backfill> {
+        let [epoch_key, _, log_key] = history::keys(&self.settings.channel_prefix, stream);
+        if conn.is_none() {
+            *conn = self.connect().ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            return Vec::new();
+        };
+        let read: redis::RedisResult<(Option<String>, Vec<history::LogEntry>)> = redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(&epoch_key)
+            .cmd("XRANGE")
+            .arg(&log_key)
+            .arg(format!("{from}-1"))
+            .arg(format!("{to}-1"))
+            .query(c);
+        match read {
+            Ok((Some(current), entries)) if current == epoch => history::parse_log(&entries),
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                log::debug!("reading the shared history of {stream} failed: {e}");
+                *conn = None;
+                Vec::new()
+            }
+        }
+    }
+
+    /// Forgets a stream's shared history in Redis; its next message starts a new epoch on every node.
+    pub fn delete_history(&self, stream: &str) -> Result<(), ClusterError> {
+        let keys = history::keys(&self.settings.channel_prefix, stream);
+        self.with_publisher(|conn| redis::cmd("DEL").arg(&keys[..]).query::<i64>(conn))
+            .map(drop)
     }
 
     /// Sends a kick to the other nodes; the caller kicks its own connections after `Ok`.

@@ -8,7 +8,10 @@
 //!   message costs 1 MiB on Redis, and each receiving node frames it once for all of its connections;
 //! - kick: `target | code (u16) | reason (str)`;
 //! - presence query: `request id (u64) | user (str)`; answered on the origin's reply channel;
-//! - presence answer: `request id (u64) | connections (u64)`.
+//! - presence answer: `request id (u64) | connections (u64)`;
+//! - stamped publish (a message of a stream that keeps history): `target | flags (u8) | epoch length (u8) |
+//!   epoch | offset (ASCII decimal) | '\n' | payload (the rest)`. Redis builds the part after the flags in the
+//!   publish script (`cluster::history`), where the epoch and offset are assigned, hence the text offset.
 //!
 //! A target is `tag (u8: 0 user, 1 user+client, 2 channel, 3 all)` followed by its strings.
 
@@ -21,6 +24,7 @@ const KIND_PUBLISH: u8 = 0;
 const KIND_KICK: u8 = 1;
 const KIND_PRESENCE_QUERY: u8 = 2;
 const KIND_PRESENCE_ANSWER: u8 = 3;
+const KIND_STAMPED: u8 = 4;
 
 const TAG_USER: u8 = 0;
 const TAG_USER_CLIENT: u8 = 1;
@@ -56,6 +60,19 @@ pub enum Body {
         request: u64,
         /// The user.
         user: String,
+    },
+    /// Deliver a message of a stream that keeps history, with the epoch and offset Redis assigned.
+    Stamped {
+        /// Recipients.
+        target: Target,
+        /// Binary (true) or text frame (false).
+        binary: bool,
+        /// The stream's epoch.
+        epoch: String,
+        /// The message's offset in its stream.
+        offset: u64,
+        /// The message payload, unframed.
+        payload: Vec<u8>,
     },
     /// One node's answer to a presence query.
     PresenceAnswer {
@@ -102,7 +119,7 @@ pub enum WireError {
 /// Encodes a message; infallible (lengths are `u32`, and no field the admin API accepts comes near 4 GiB).
 pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
     let payload_len = match body {
-        Body::Publish { payload, .. } => payload.len(),
+        Body::Publish { payload, .. } | Body::Stamped { payload, .. } => payload.len(),
         _ => 0,
     };
     let mut out = Vec::with_capacity(64 + origin.len() + payload_len);
@@ -117,6 +134,21 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
             put_str(&mut out, origin);
             put_target(&mut out, target);
             out.push(if *binary { FLAG_BINARY } else { 0 });
+            out.extend_from_slice(payload);
+        }
+        Body::Stamped {
+            target,
+            binary,
+            epoch,
+            offset,
+            payload,
+        } => {
+            out = encode_stamped_head(origin, target, *binary);
+            debug_assert!(epoch.len() <= u8::MAX as usize);
+            out.push(epoch.len() as u8);
+            out.extend_from_slice(epoch.as_bytes());
+            out.extend_from_slice(offset.to_string().as_bytes());
+            out.push(b'\n');
             out.extend_from_slice(payload);
         }
         Body::Kick {
@@ -149,6 +181,17 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
     out
 }
 
+/// The start of a stamped publish, up to and including its flags; the publish script appends the rest.
+pub fn encode_stamped_head(origin: &str, target: &Target, binary: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + origin.len());
+    out.push(VERSION);
+    out.push(KIND_STAMPED);
+    put_str(&mut out, origin);
+    put_target(&mut out, target);
+    out.push(if binary { FLAG_BINARY } else { 0 });
+    out
+}
+
 /// Decodes a message. A text publish's payload is checked to be UTF-8 here, so a malformed message from
 /// Redis can never make clients fail the connection with 1007 (RFC 6455 §8.1).
 pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
@@ -172,6 +215,33 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             Body::Publish {
                 target,
                 binary,
+                payload,
+            }
+        }
+        KIND_STAMPED => {
+            let target = r.target()?;
+            let binary = r.u8()? & FLAG_BINARY != 0;
+            let epoch_len = r.u8()? as usize;
+            let epoch = std::str::from_utf8(r.take(epoch_len)?)
+                .map_err(|_| WireError::Utf8("epoch"))?
+                .to_owned();
+            let digits = r.rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            let offset = std::str::from_utf8(r.take(digits)?)
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok())
+                .ok_or(WireError::Truncated)?;
+            if r.u8()? != b'\n' {
+                return Err(WireError::Truncated);
+            }
+            let payload = std::mem::take(&mut r.rest).to_vec();
+            if !binary && std::str::from_utf8(&payload).is_err() {
+                return Err(WireError::Utf8("text payload"));
+            }
+            Body::Stamped {
+                target,
+                binary,
+                epoch,
+                offset,
                 payload,
             }
         }
@@ -310,6 +380,40 @@ mod tests {
                 payload: b"hello".to_vec(),
             });
         }
+    }
+
+    #[test]
+    fn stamped_publish_round_trips() {
+        round_trip(Body::Stamped {
+            target: Target::UserClient("42".into(), "phone".into()),
+            binary: true,
+            epoch: "Ab3xYz12".into(),
+            offset: 1234567,
+            payload: vec![b'\n', 0, 1],
+        });
+    }
+
+    #[test]
+    fn stamped_publish_is_the_head_plus_what_the_script_appends() {
+        let mut bytes = encode_stamped_head("n", &Target::All, false);
+        bytes.extend_from_slice(b"\x02EP17\nhi");
+        assert_eq!(
+            decode(&bytes).unwrap().body,
+            Body::Stamped {
+                target: Target::All,
+                binary: false,
+                epoch: "EP".into(),
+                offset: 17,
+                payload: b"hi".to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn stamped_publish_without_an_offset_is_refused() {
+        let mut bytes = encode_stamped_head("n", &Target::All, false);
+        bytes.extend_from_slice(b"\x02EP\nhi");
+        assert!(decode(&bytes).is_err());
     }
 
     #[test]

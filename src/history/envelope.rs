@@ -1,0 +1,282 @@
+//! The bytes a recovering client receives: message envelopes and `resync` notices, and the `since` positions
+//! it sends back when it reconnects. Sans-IO.
+//!
+//! Owns the exact wire format documented in the README ("Missed-message recovery"); it does not frame (the
+//! caller wraps the returned payload with `frame::encode_message`), store or deliver anything.
+//!
+//! - Text message: a JSON object `{"s":STREAM,"e":EPOCH,"o":OFFSET,"d":PAYLOAD}` in a text frame, PAYLOAD the
+//!   published text as a JSON string. A stream without history gets `{"s":STREAM,"d":PAYLOAD}`.
+//! - Binary message: in a binary frame, `version (u8 = 1) | stream length (u16 BE) | stream | epoch length (u8)
+//!   | epoch | offset (u64 BE) | payload`. A stream without history has an empty epoch and offset 0.
+//! - Resync: a text frame `{"type":"resync","s":STREAM,"e":EPOCH,"o":OFFSET}`; `e` is `""` when the server holds
+//!   no history for the stream (its next message starts a new epoch).
+
+use std::borrow::Cow;
+
+/// Version byte of the binary envelope.
+pub const BINARY_VERSION: u8 = 1;
+
+/// Most positions one `since` parameter may carry; more are ignored (a connection has one user stream, at most
+/// `auth.max_channels` channels and `all`, so honest clients never come near it).
+pub const MAX_POSITIONS: usize = 64;
+
+/// Where a message sits in its stream, when the stream keeps history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp<'a> {
+    /// The stream's epoch.
+    pub epoch: &'a str,
+    /// The message's offset, from 1.
+    pub offset: u64,
+}
+
+/// The envelope payload (not yet framed) of a message published to `stream`. `text` payloads must be UTF-8
+/// (the admin API checked it); a non-UTF-8 one is encoded lossily rather than panicking.
+pub fn encode(stream: &str, stamp: Option<Stamp<'_>>, text: bool, payload: &[u8]) -> Vec<u8> {
+    if text {
+        let data = String::from_utf8_lossy(payload);
+        let mut out = String::with_capacity(payload.len() + stream.len() + 48);
+        out.push_str("{\"s\":");
+        push_json_str(&mut out, stream);
+        if let Some(stamp) = stamp {
+            out.push_str(",\"e\":");
+            push_json_str(&mut out, stamp.epoch);
+            out.push_str(",\"o\":");
+            out.push_str(&stamp.offset.to_string());
+        }
+        out.push_str(",\"d\":");
+        push_json_str(&mut out, &data);
+        out.push('}');
+        return out.into_bytes();
+    }
+    let (epoch, offset) = stamp.map_or(("", 0), |s| (s.epoch, s.offset));
+    debug_assert!(stream.len() <= u16::MAX as usize && epoch.len() <= u8::MAX as usize);
+    let stream = &stream.as_bytes()[..stream.len().min(u16::MAX as usize)];
+    let epoch = &epoch.as_bytes()[..epoch.len().min(u8::MAX as usize)];
+    let mut out = Vec::with_capacity(12 + stream.len() + epoch.len() + payload.len());
+    out.push(BINARY_VERSION);
+    out.extend_from_slice(&(stream.len() as u16).to_be_bytes());
+    out.extend_from_slice(stream);
+    out.push(epoch.len() as u8);
+    out.extend_from_slice(epoch);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The payload of a `resync` notice (a text frame).
+pub fn encode_resync(stream: &str, epoch: &str, offset: u64) -> Vec<u8> {
+    let mut out = String::with_capacity(stream.len() + epoch.len() + 48);
+    out.push_str("{\"type\":\"resync\",\"s\":");
+    push_json_str(&mut out, stream);
+    out.push_str(",\"e\":");
+    push_json_str(&mut out, epoch);
+    out.push_str(",\"o\":");
+    out.push_str(&offset.to_string());
+    out.push('}');
+    out.into_bytes()
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json escapes exactly what JSON requires (RFC 8259 §7); serialising a &str cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+/// The payload of a WebSocket frame this server built (unmasked, RFC 6455 §5.2): the bytes after its header.
+pub fn frame_payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(header..).unwrap_or(&[])
+}
+
+/// The published payload inside an envelope payload built by [`encode`]; `None` if it is not one.
+pub fn decode_payload(envelope: &[u8], text: bool) -> Option<Vec<u8>> {
+    if text {
+        let value: serde_json::Value = serde_json::from_slice(envelope).ok()?;
+        return Some(value.get("d")?.as_str()?.as_bytes().to_vec());
+    }
+    let (&version, rest) = envelope.split_first()?;
+    if version != BINARY_VERSION {
+        return None;
+    }
+    let stream_len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let rest = rest.get(2 + stream_len..)?;
+    let (&epoch_len, rest) = rest.split_first()?;
+    Some(rest.get(epoch_len as usize + 8..)?.to_vec())
+}
+
+/// A client's position in one stream: the last offset it has seen in that epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// `user:{user}`, `channel:{name}` or `all`.
+    pub stream: String,
+    /// The epoch the offset belongs to.
+    pub epoch: String,
+    /// The last offset received (0 = none yet).
+    pub offset: u64,
+}
+
+/// Parses the raw (still percent-encoded) value of `since`: comma-separated `STREAM@EPOCH:OFFSET` items.
+/// Each item is split on the raw commas first and percent-decoded afterwards, so a stream name containing `,`
+/// is sent as `%2C`. The epoch and offset are taken from the right, so stream names may contain `@` and `:`.
+/// Malformed items are skipped (the client then gets no replay for that stream, only live messages and what
+/// its own refetch brings); at most [`MAX_POSITIONS`] are read.
+pub fn parse_since(raw: &str) -> Vec<Position> {
+    raw.split(',')
+        .filter(|item| !item.is_empty())
+        .take(MAX_POSITIONS)
+        .filter_map(|item| {
+            let item = decode(item)?;
+            let (rest, offset) = item.rsplit_once(':')?;
+            let (stream, epoch) = rest.rsplit_once('@')?;
+            let offset = offset.parse().ok()?;
+            if stream.is_empty() || !epoch.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return None;
+            }
+            Some(Position {
+                stream: stream.to_owned(),
+                epoch: epoch.to_owned(),
+                offset,
+            })
+        })
+        .collect()
+}
+
+fn decode(item: &str) -> Option<Cow<'_, str>> {
+    // `+` stays `+` here: it is only a space in form encoding, and stream names are path-like.
+    percent_encoding::percent_decode_str(item)
+        .decode_utf8()
+        .ok()
+}
+
+/// The raw value of the first query parameter `name` (not percent-decoded), so `since` can be split on its
+/// literal commas before decoding.
+pub fn raw_query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_envelope_is_compact_json_with_the_payload_as_a_string() {
+        let stamp = Stamp {
+            epoch: "Ab3xYz12",
+            offset: 17,
+        };
+        let bytes = encode("user:42", Some(stamp), true, b"he said \"hi\"\n");
+        let text = String::from_utf8(bytes).unwrap();
+        assert_eq!(
+            text,
+            r#"{"s":"user:42","e":"Ab3xYz12","o":17,"d":"he said \"hi\"\n"}"#
+        );
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["d"], "he said \"hi\"\n");
+    }
+
+    #[test]
+    fn text_envelope_without_history_has_no_epoch_or_offset() {
+        let text = String::from_utf8(encode("channel:news", None, true, b"x")).unwrap();
+        assert_eq!(text, r#"{"s":"channel:news","d":"x"}"#);
+    }
+
+    #[test]
+    fn binary_envelope_layout() {
+        let stamp = Stamp {
+            epoch: "EP",
+            offset: 258,
+        };
+        let bytes = encode("all", Some(stamp), false, &[0xff, 0x00]);
+        assert_eq!(
+            bytes,
+            [1, 0, 3, b'a', b'l', b'l', 2, b'E', b'P', 0, 0, 0, 0, 0, 0, 1, 2, 0xff, 0x00]
+        );
+    }
+
+    #[test]
+    fn payloads_come_back_out_of_envelopes() {
+        let stamp = Some(Stamp {
+            epoch: "E",
+            offset: 3,
+        });
+        let text = encode("user:1", stamp, true, "ünï \"q\"".as_bytes());
+        assert_eq!(decode_payload(&text, true).unwrap(), "ünï \"q\"".as_bytes());
+        let bin = encode("user:1", stamp, false, &[9, 8, 7]);
+        assert_eq!(decode_payload(&bin, false).unwrap(), [9, 8, 7]);
+        assert_eq!(decode_payload(&[2, 0], false), None);
+    }
+
+    #[test]
+    fn frame_payload_skips_every_header_length() {
+        assert_eq!(frame_payload(&[0x81, 2, b'h', b'i']), b"hi");
+        let mut long = vec![0x82, 126, 1, 0];
+        long.extend(vec![7u8; 256]);
+        assert_eq!(frame_payload(&long).len(), 256);
+        assert_eq!(frame_payload(&[]), b"");
+    }
+
+    #[test]
+    fn resync_names_stream_epoch_and_offset() {
+        let text = String::from_utf8(encode_resync("user:a\"b", "E1", 9)).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["type"], "resync");
+        assert_eq!(value["s"], "user:a\"b");
+        assert_eq!(value["e"], "E1");
+        assert_eq!(value["o"], 9);
+    }
+
+    #[test]
+    fn since_parses_several_positions() {
+        let got = parse_since("user:42@EPOCH1:17,channel:news@X9:230,all@Q:0");
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[0],
+            Position {
+                stream: "user:42".into(),
+                epoch: "EPOCH1".into(),
+                offset: 17
+            }
+        );
+        assert_eq!(got[1].stream, "channel:news");
+        assert_eq!(got[1].offset, 230);
+        assert_eq!(got[2].stream, "all");
+    }
+
+    #[test]
+    fn since_stream_names_may_hold_encoded_commas_and_literal_at_signs() {
+        let got = parse_since("channel:a%2Cb@E:1,user:me@home@E2:3");
+        assert_eq!(got[0].stream, "channel:a,b");
+        assert_eq!(got[1].stream, "user:me@home");
+        assert_eq!(got[1].epoch, "E2");
+    }
+
+    #[test]
+    fn since_skips_malformed_items() {
+        let got = parse_since("user:1@E:x,nope,user:2@E:5,@E:1,user:3@bad-epoch:1");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].stream, "user:2");
+    }
+
+    #[test]
+    fn since_reads_at_most_max_positions() {
+        let raw: Vec<String> = (0..100).map(|i| format!("channel:{i}@E:1")).collect();
+        assert_eq!(parse_since(&raw.join(",")).len(), MAX_POSITIONS);
+    }
+
+    #[test]
+    fn raw_query_param_keeps_percent_escapes() {
+        assert_eq!(
+            raw_query_param("token=x&since=a%2Cb@E:1,c@E:2", "since"),
+            Some("a%2Cb@E:1,c@E:2")
+        );
+        assert_eq!(raw_query_param("recover", "recover"), Some(""));
+        assert_eq!(raw_query_param("a=1", "since"), None);
+    }
+}
