@@ -247,16 +247,11 @@ impl Conn {
             };
         }
         let spill = self.spill.as_mut().expect("queued bytes imply a spill");
-        match max_queued {
-            Some(max) => {
-                if spill.outbox.queued_bytes() + frame.len() > max
-                    || !budget.try_reserve(frame.len())
-                {
-                    return Sent::Overflow;
-                }
-                spill.charged += frame.len();
+        if let Some(max) = max_queued {
+            if spill.outbox.queued_bytes() + frame.len() > max || !budget.try_reserve(frame.len()) {
+                return Sent::Overflow;
             }
-            None => {}
+            spill.charged += frame.len();
         }
         spill.outbox.push(frame.clone());
         self.settle(budget);
