@@ -473,6 +473,12 @@ fn accept_failing_with_emfile_backs_off_without_spinning_and_recovers_when_descr
         server.log()
     );
 
+    // An admin request made now waits in the admin listener's backlog too.
+    let mut pending_admin = TcpStream::connect(server.admin_addr).unwrap();
+    pending_admin
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+
     // Backlog non-empty, accept failing: the reactor must not spin.
     let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     let before = cpu_ticks(pid);
@@ -506,6 +512,17 @@ fn accept_failing_with_emfile_backs_off_without_spinning_and_recovers_when_descr
             "waiting socket {i} after recovery: {head}"
         );
     }
+    // The admin request made during the exhaustion is answered without any new admin connection to wake
+    // the admin listener.
+    pending_admin.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut answer = Vec::new();
+    let _ = pending_admin.read_to_end(&mut answer);
+    assert_eq!(
+        status_of(&String::from_utf8_lossy(&answer)),
+        200,
+        "admin request made during EMFILE: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
     let mut late = server.connect("user=late");
     server.publish("/publish/all", "after");
     assert_eq!(recv_text(&mut late), "after");
