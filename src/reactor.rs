@@ -527,8 +527,9 @@ impl Reactor {
         ReactorMetrics::add(&self.metrics.pings_received, pings);
         ReactorMetrics::add(&self.metrics.pongs_received, pongs_in);
         ReactorMetrics::add(&self.metrics.messages_received, messages);
-        if !decoder.is_idle() {
-            // A frame straddles reads: its state needs the spill, which the budget may refuse.
+        // A frame straddles reads: its state needs the spill, which the budget may refuse. (After an error or a
+        // close the state no longer matters: the connection is ending with its own code.)
+        if !decoder.is_idle() && matches!(result, Ok(Feed::More)) {
             let Some(fresh) = conn.try_grow(&self.settings.budget, 0) else {
                 self.refuse_buffer(key);
                 return false;
@@ -730,9 +731,14 @@ impl Reactor {
         }
     }
 
+    /// Frees the connection's spill if it holds nothing, else brings its budget charge up to date (a request
+    /// head dropped after the upgrade, for one).
     fn release_if_idle(&mut self, key: u32) {
-        if self.conns[key as usize].release_spill_if_idle(&self.settings.budget) {
+        let conn = &mut self.conns[key as usize];
+        if conn.release_spill_if_idle(&self.settings.budget) {
             self.metrics.buffers_live.fetch_sub(1, Relaxed);
+        } else {
+            conn.settle(&self.settings.budget);
         }
     }
 

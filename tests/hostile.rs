@@ -442,8 +442,9 @@ fn accept_failing_with_emfile_backs_off_without_spinning_and_recovers_when_descr
         stream
             .write_all(upgrade_request(&format!("user=fill{i}"), &[]).as_bytes())
             .unwrap();
+        // Accepted sockets answer within microseconds on loopback; the wait only costs the backlogged ones.
         stream
-            .set_read_timeout(Some(Duration::from_millis(300)))
+            .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let mut first = [0u8; 1];
         match stream.peek(&mut first) {
@@ -636,10 +637,11 @@ fn partial_frames_past_the_buffer_budget_are_closed_with_1013_and_normal_clients
         stream.write_all(&partial).unwrap();
         streams.push(stream);
     }
+    // One reactor handled each client's frame before the next client's upgrade: every 1013 is already sent.
     let mut closed_1013 = 0usize;
     for stream in &mut streams {
         stream
-            .set_read_timeout(Some(Duration::from_millis(20)))
+            .set_read_timeout(Some(Duration::from_millis(5)))
             .unwrap();
         if let Ok(Some((_, 0x8, payload))) = read_frame(stream) {
             assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1013);
@@ -665,6 +667,13 @@ fn partial_frames_past_the_buffer_budget_are_closed_with_1013_and_normal_clients
     let mut ws = server.connect("user=normal");
     server.publish("/publish/user/normal", "served");
     assert_eq!(recv_text(&mut ws), "served");
+    // With the budget still used up, a protocol error keeps its own close code (RFC 6455 §7.4.1: 1002 for
+    // an unmasked client frame), not 1013.
+    let mut bad = server.raw_upgrade("user=bad");
+    bad.write_all(&[0x82, 0x05, 1, 2]).unwrap();
+    let (_, opcode, payload) = read_frame(&mut bad).unwrap().expect("a close frame");
+    assert_eq!(opcode, 0x8);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1002);
     drop(streams);
     wait_gauges_zero(
         &server,
