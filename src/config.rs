@@ -52,6 +52,10 @@ pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 1_048_576;
 pub const DEFAULT_MAX_HANDSHAKE_BYTES: usize = 8_192;
 /// Headers in the largest accepted upgrade request.
 pub const DEFAULT_MAX_HANDSHAKE_HEADERS: usize = 32;
+/// Bytes all connections together may hold in heap buffers (partial request heads, partial inbound frames,
+/// unsent outbound bytes); past it new buffering is refused. 256 MiB: 256 slow consumers at the default
+/// `max_outbox_bytes`, or 32,768 partial request heads of the default `max_handshake_bytes`.
+pub const DEFAULT_MAX_BUFFERED_BYTES_TOTAL: usize = 256 << 20;
 /// Milliseconds per tick of the timing wheel; every timeout is rounded up to whole ticks.
 pub const DEFAULT_TIMER_TICK_MS: u64 = 100;
 
@@ -148,6 +152,9 @@ pub mod limits {
     /// Headers in an upgrade request: RFC 6455 §4.1 requires Host, Upgrade, Connection,
     /// Sec-WebSocket-Key and Sec-WebSocket-Version, and browsers add Origin.
     pub const MAX_HANDSHAKE_HEADERS: RangeInclusive<usize> = 6..=1024;
+    /// Bytes in the server-wide buffer budget: at least 64 KiB (and at least `websocket.max_outbox_bytes`,
+    /// checked separately), at most 1 TiB.
+    pub const MAX_BUFFERED_BYTES_TOTAL: RangeInclusive<usize> = 64 << 10..=1 << 40;
     /// Seconds of JWT clock-skew leeway.
     pub const JWT_LEEWAY_SECS: RangeInclusive<u64> = 0..=300;
     /// Bytes in a JWT secret: RFC 7518 §3.2 requires an HS256 key of at least 256 bits.
@@ -331,6 +338,7 @@ pub struct WebSocketSection {
     pub max_outbox_bytes: usize,
     pub max_handshake_bytes: usize,
     pub max_handshake_headers: usize,
+    pub max_buffered_bytes_total: usize,
     pub timer_tick_ms: u64,
 }
 
@@ -345,6 +353,7 @@ impl Default for WebSocketSection {
             max_outbox_bytes: DEFAULT_MAX_OUTBOX_BYTES,
             max_handshake_bytes: DEFAULT_MAX_HANDSHAKE_BYTES,
             max_handshake_headers: DEFAULT_MAX_HANDSHAKE_HEADERS,
+            max_buffered_bytes_total: DEFAULT_MAX_BUFFERED_BYTES_TOTAL,
             timer_tick_ms: DEFAULT_TIMER_TICK_MS,
         }
     }
@@ -630,6 +639,7 @@ pub struct WebSocketConfig {
     pub max_outbox_bytes: usize,
     pub max_handshake_bytes: usize,
     pub max_handshake_headers: usize,
+    pub max_buffered_bytes_total: usize,
     pub timer_tick_ms: u64,
 }
 
@@ -1303,8 +1313,24 @@ impl FileConfig {
                 ws.max_handshake_headers,
                 limits::MAX_HANDSHAKE_HEADERS,
             )?,
+            max_buffered_bytes_total: check_range(
+                "websocket.max_buffered_bytes_total",
+                ws.max_buffered_bytes_total,
+                limits::MAX_BUFFERED_BYTES_TOTAL,
+            )?,
             timer_tick_ms: tick,
         };
+        // A budget below one connection's outbox limit would close every slow reader on the budget, not on
+        // its own limit, and make max_outbox_bytes meaningless.
+        if websocket.max_buffered_bytes_total < websocket.max_outbox_bytes {
+            return Err(invalid(
+                "websocket.max_buffered_bytes_total",
+                format!(
+                    "({}) must be at least websocket.max_outbox_bytes ({})",
+                    websocket.max_buffered_bytes_total, websocket.max_outbox_bytes
+                ),
+            ));
+        }
         // The next ping is due before the pong for the previous one is overdue otherwise, and the
         // liveness check would never fire.
         if websocket.pong_timeout_ms >= websocket.ping_interval_ms {
@@ -1516,6 +1542,10 @@ mod tests {
             c.websocket.max_handshake_headers,
             DEFAULT_MAX_HANDSHAKE_HEADERS
         );
+        assert_eq!(
+            c.websocket.max_buffered_bytes_total,
+            DEFAULT_MAX_BUFFERED_BYTES_TOTAL
+        );
         assert_eq!(c.websocket.timer_tick_ms, DEFAULT_TIMER_TICK_MS);
         assert_eq!(c.auth.mode, AuthMode::Jwt);
         assert_eq!(c.auth.secret, DEFAULT_JWT_SECRET.as_bytes());
@@ -1658,6 +1688,14 @@ mod tests {
             (
                 "[websocket]\nmax_handshake_headers = 5",
                 "websocket.max_handshake_headers",
+            ),
+            (
+                "[websocket]\nmax_buffered_bytes_total = 65535",
+                "websocket.max_buffered_bytes_total",
+            ),
+            (
+                "[websocket]\nmax_buffered_bytes_total = 100000",
+                "websocket.max_buffered_bytes_total",
             ),
             ("[auth]\njwt_secret = \"short\"", "auth.jwt_secret"),
             ("[auth]\njwt_secret = \"\"", "auth.jwt_secret"),

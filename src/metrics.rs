@@ -3,8 +3,10 @@
 //! It owns the numbers and their Prometheus text rendering; it does not decide what to count. Each reactor has
 //! its own `ReactorMetrics` (one writer, relaxed atomics, no contention); hot loops add once per batch.
 
+use crate::budget::Budget;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Labels of handshake rejections, indexed by [`RejectKind`].
 pub const REJECT_LABELS: [&str; 8] = [
@@ -101,6 +103,8 @@ pub struct ReactorMetrics {
     pub slow_consumer_closes: AtomicU64,
     /// Counter: connections failed for a protocol violation.
     pub protocol_error_closes: AtomicU64,
+    /// Counter: connections closed with 1013 because the buffer budget refused a partial frame's buffer.
+    pub budget_closes: AtomicU64,
     /// Counter: connections closed for not answering a ping.
     pub pong_timeouts: AtomicU64,
     /// Counter: connections closed by an admin kick.
@@ -151,6 +155,8 @@ pub struct AdminMetrics {
     pub requests_4xx: AtomicU64,
     /// See `requests_2xx`.
     pub requests_5xx: AtomicU64,
+    /// The server-wide buffer budget, rendered as its use and its limit.
+    pub buffer_budget: Option<Arc<Budget>>,
 }
 
 /// Reads one of a reactor's numbers.
@@ -198,7 +204,7 @@ pub fn render(
     for (name, help, get) in gauges {
         per_reactor(&mut out, name, help, "gauge", reactors, get);
     }
-    let counters: [(&str, &str, Field); 15] = [
+    let counters: [(&str, &str, Field); 16] = [
         (
             "densepush_tcp_accepted_total",
             "Accepted TCP connections.",
@@ -233,6 +239,11 @@ pub fn render(
             "densepush_protocol_error_closes_total",
             "Connections failed for a protocol error.",
             |m| &m.protocol_error_closes,
+        ),
+        (
+            "densepush_budget_closes_total",
+            "Connections closed with 1013 when the buffer budget was exhausted.",
+            |m| &m.budget_closes,
         ),
         (
             "densepush_pong_timeouts_total",
@@ -273,6 +284,25 @@ pub fn render(
     ];
     for (name, help, get) in counters {
         per_reactor(&mut out, name, help, "counter", reactors, get);
+    }
+
+    if let Some(budget) = &admin.buffer_budget {
+        let gauges = [
+            (
+                "densepush_buffered_bytes",
+                "Bytes held in connection buffers, against max_buffered_bytes_total.",
+                budget.used(),
+            ),
+            (
+                "densepush_buffered_bytes_limit",
+                "websocket.max_buffered_bytes_total.",
+                budget.limit(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            header(&mut out, name, help, "gauge");
+            let _ = writeln!(out, "{name} {value}");
+        }
     }
 
     let name = "densepush_handshakes_rejected_total";

@@ -42,6 +42,12 @@ impl Outbox {
         self.bytes
     }
 
+    /// Heap bytes the queue keeps alive: the queued frames (counted whole, as if not shared) and the
+    /// queue's own slots.
+    pub fn footprint(&self) -> usize {
+        self.bytes + self.queue.capacity() * std::mem::size_of::<Bytes>()
+    }
+
     /// Queues `frame` behind what is already queued. Empty frames are ignored.
     pub fn push(&mut self, frame: Bytes) {
         if frame.is_empty() {

@@ -7,6 +7,7 @@
 //! readiness is drained until `WouldBlock`.
 
 use crate::auth::Authenticator;
+use crate::budget::Budget;
 use crate::conn::{Conn, Phase, Sent, FLAG_HEARD, FLAG_PING_SENT, FLAG_RECOVER, FLAG_UPGRADED};
 use crate::fanout::Fanout;
 use crate::frame::{self, Event, Feed, ProtocolError};
@@ -33,6 +34,9 @@ const WAKER: Token = Token(usize::MAX - 1);
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
 const READS_PER_TURN: usize = 16;
+
+/// Reason given when the server-wide buffer budget (`websocket.max_buffered_bytes_total`) refuses a buffer.
+const BUDGET_EXHAUSTED: &str = "server busy: buffer budget exhausted";
 
 /// A ping with no payload: the same bytes for every connection.
 static PING_FRAME: [u8; 2] = [0x89, 0x00];
@@ -71,6 +75,8 @@ pub struct Settings {
     pub read_buffer_bytes: usize,
     /// The node's message history, read at upgrades that carry `since`.
     pub history: Arc<History>,
+    /// Bytes all connections of all reactors may hold in heap buffers together (shared).
+    pub budget: Arc<Budget>,
 }
 
 impl Settings {
@@ -386,9 +392,14 @@ impl Reactor {
         if !buffered {
             return self.try_upgrade(key, data, true);
         }
-        // Join the new bytes to the partial head kept from earlier reads.
+        // Join the new bytes to the partial head kept from earlier reads, if the buffer budget allows it.
+        if conn.try_grow(&self.settings.budget, data.len()).is_none() {
+            self.refuse(key, &Reject::Unavailable(BUDGET_EXHAUSTED));
+            return false;
+        }
         let spill = conn.spill.as_mut().expect("buffered head implies a spill");
         let mut head = std::mem::take(&mut spill.head);
+        head.reserve_exact(data.len());
         head.extend_from_slice(data);
         let alive = self.try_upgrade(key, &mut head, false);
         if let Some(conn) = self.conns.get_mut(key as usize) {
@@ -396,6 +407,7 @@ impl Reactor {
                 // Still incomplete: keep the joined bytes.
                 conn.spill_mut().0.head = head;
             }
+            conn.settle(&self.settings.budget);
         }
         alive
     }
@@ -410,8 +422,14 @@ impl Reactor {
                     return true;
                 }
                 let conn = &mut self.conns[key as usize];
-                let (spill, fresh) = conn.spill_mut();
+                let Some(fresh) = conn.try_grow(&self.settings.budget, buf.len()) else {
+                    self.refuse(key, &Reject::Unavailable(BUDGET_EXHAUSTED));
+                    return false;
+                };
+                let spill = conn.spill.as_mut().expect("try_grow allocates the spill");
+                spill.head.reserve_exact(buf.len());
                 spill.head.extend_from_slice(buf);
+                conn.settle(&self.settings.budget);
                 if fresh {
                     self.metrics.buffers_live.fetch_add(1, Relaxed);
                 }
@@ -545,7 +563,9 @@ impl Reactor {
             spill.head = Vec::new();
         }
         conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-        if self.send(key, &Bytes::from(reject.response())) {
+        // Unbounded: a refusal is a short answer that must go out even when the buffer budget is what refused
+        // (a bounded send over budget would answer an HTTP client with a WebSocket close frame).
+        if self.send_control(key, &Bytes::from(reject.response())) {
             self.flush(key);
         }
     }
@@ -577,9 +597,17 @@ impl Reactor {
         ReactorMetrics::add(&self.metrics.pings_received, pings);
         ReactorMetrics::add(&self.metrics.pongs_received, pongs_in);
         ReactorMetrics::add(&self.metrics.messages_received, messages);
-        if !decoder.is_idle() {
-            let (spill, fresh) = conn.spill_mut();
-            spill.decoder = decoder;
+        // A frame straddles reads: its state needs the spill, which the budget may refuse. (After an error or a
+        // close the state no longer matters: the connection is ending with its own code.)
+        if !decoder.is_idle() && matches!(result, Ok(Feed::More)) {
+            let Some(fresh) = conn.try_grow(&self.settings.budget, 0) else {
+                self.refuse_buffer(key);
+                return false;
+            };
+            conn.spill
+                .as_mut()
+                .expect("try_grow allocates the spill")
+                .decoder = decoder;
             if fresh {
                 self.metrics.buffers_live.fetch_add(1, Relaxed);
             }
@@ -649,6 +677,21 @@ impl Reactor {
         self.flush(key);
     }
 
+    /// A frame straddles reads but the server-wide buffer budget is exhausted: close with 1013 Try Again Later
+    /// (RFC 6455 §7.4.1 via the IANA registry, RFC 6455 §11.7) instead of holding the frame's state.
+    fn refuse_buffer(&mut self, key: u32) {
+        ReactorMetrics::inc(&self.metrics.budget_closes);
+        log::debug!("connection {key}: buffer budget exhausted, closing with 1013");
+        let conn = &mut self.conns[key as usize];
+        let was_open = conn.phase == Phase::Open;
+        conn.phase = Phase::Flushing;
+        conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
+        if was_open && !self.send_control(key, &frame::encode_close(1013, BUDGET_EXHAUSTED)) {
+            return;
+        }
+        self.flush(key);
+    }
+
     /// Starts a server-side close: the close frame goes behind what is queued; the client's close (or the
     /// close timeout) ends it.
     fn begin_close(&mut self, key: u32, code: u16, reason: &str) -> bool {
@@ -679,6 +722,7 @@ impl Reactor {
         let sent = conn.send(
             frame,
             self.settings.max_outbox_bytes,
+            &self.settings.budget,
             &mut written,
             &mut allocated,
         );
@@ -700,7 +744,12 @@ impl Reactor {
     fn send_control(&mut self, key: u32, frame: &Bytes) -> bool {
         let mut written = 0;
         let mut allocated = false;
-        let sent = self.conns[key as usize].send_unbounded(frame, &mut written, &mut allocated);
+        let sent = self.conns[key as usize].send_unbounded(
+            frame,
+            &self.settings.budget,
+            &mut written,
+            &mut allocated,
+        );
         self.account_write(written, allocated);
         if sent == Sent::Failed {
             self.close(key, Ending::Abrupt);
@@ -724,6 +773,7 @@ impl Reactor {
         if let Some(spill) = conn.spill.as_mut() {
             spill.outbox.drop_unstarted();
         }
+        conn.settle(&self.settings.budget);
         conn.phase = Phase::Closing;
         conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
         self.send_control(
@@ -736,7 +786,7 @@ impl Reactor {
     fn flush(&mut self, key: u32) {
         let mut written = 0;
         let conn = &mut self.conns[key as usize];
-        let result = conn.flush(&mut written);
+        let result = conn.flush(&self.settings.budget, &mut written);
         ReactorMetrics::add(&self.metrics.bytes_written, written);
         match result {
             Ok(Flush::Drained) => {
@@ -751,9 +801,14 @@ impl Reactor {
         }
     }
 
+    /// Frees the connection's spill if it holds nothing, else brings its budget charge up to date (a request
+    /// head dropped after the upgrade, for one).
     fn release_if_idle(&mut self, key: u32) {
-        if self.conns[key as usize].release_spill_if_idle() {
+        let conn = &mut self.conns[key as usize];
+        if conn.release_spill_if_idle(&self.settings.budget) {
             self.metrics.buffers_live.fetch_sub(1, Relaxed);
+        } else {
+            conn.settle(&self.settings.budget);
         }
     }
 
@@ -761,8 +816,8 @@ impl Reactor {
     /// registration, since no other descriptor refers to it).
     fn close(&mut self, key: u32, ending: Ending) {
         self.fanout.remove(key);
-        let conn = self.conns.remove(key as usize);
-        if conn.spill.is_some() {
+        let mut conn = self.conns.remove(key as usize);
+        if conn.drop_spill(&self.settings.budget) {
             self.metrics.buffers_live.fetch_sub(1, Relaxed);
         }
         if conn.has(FLAG_RECOVER) {

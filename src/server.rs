@@ -5,6 +5,7 @@
 
 use crate::admin::{http, AdminServer, AdminSettings};
 use crate::auth::{AuthLimits, Authenticator};
+use crate::budget::Budget;
 use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::frame;
@@ -122,7 +123,10 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         admin_listener,
         mailboxes.clone(),
         reactor_metrics,
-        Arc::new(AdminMetrics::default()),
+        Arc::new(AdminMetrics {
+            buffer_budget: Some(settings.budget.clone()),
+            ..AdminMetrics::default()
+        }),
         AdminSettings {
             api_key: config.admin.api_key.clone(),
             limits: http::Limits {
@@ -190,6 +194,7 @@ fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
         max_outbox_bytes: ws.max_outbox_bytes,
         read_buffer_bytes: config.server.read_buffer_bytes,
         history,
+        budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
     }
 }
 

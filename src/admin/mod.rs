@@ -61,7 +61,13 @@ pub struct AdminServer {
     cluster: Option<Arc<Cluster>>,
     /// Message history: publishes are stored and framed through it.
     history: Arc<History>,
+    /// `accept` failed for lack of descriptors: retry on a timer, since the edge-triggered listener reports
+    /// no new readiness for connections already waiting in the backlog.
+    accept_paused: bool,
 }
+
+/// How often a paused admin listener retries `accept`.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct AdminConn {
     stream: TcpStream,
@@ -125,6 +131,7 @@ impl AdminServer {
                     max_bytes: 0,
                 },
             }),
+            accept_paused: false,
         })
     }
 
@@ -145,12 +152,16 @@ impl AdminServer {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = self.accept_paused.then_some(ACCEPT_RETRY);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 log::error!("admin poll failed, admin API stops: {e}");
                 return;
+            }
+            if self.accept_paused {
+                self.accept_all();
             }
             for event in events.iter() {
                 match event.token() {
@@ -172,6 +183,7 @@ impl AdminServer {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
+                    self.accept_paused = false;
                     let entry = self.conns.vacant_entry();
                     let token = Token(entry.key());
                     if self
@@ -191,7 +203,12 @@ impl AdminServer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("admin accept failed: {e}");
+                    // Without descriptors (EMFILE/ENFILE) the pending connection stays in the backlog and
+                    // no new edge will come for it: retry on a timer until one is accepted.
+                    if !self.accept_paused {
+                        log::warn!("admin accept failed: {e}");
+                    }
+                    self.accept_paused = true;
                     return;
                 }
             }

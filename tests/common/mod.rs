@@ -121,20 +121,30 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables (e.g. `DENSEPUSH_*` overrides).
     pub fn start_with_env(overrides: &[(&str, &str)], env: &[(&str, &str)]) -> Server {
+        Server::start_configured(overrides, env, |_| {})
+    }
+
+    /// [`Server::start_with_env`], letting `configure` adjust the command before it is spawned (e.g. a
+    /// `pre_exec` hook that lowers a resource limit).
+    pub fn start_configured(
+        overrides: &[(&str, &str)],
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("config.toml");
         write_config(&config_path, overrides);
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).expect("creating log file");
-        let mut child = command()
-            .arg("--config")
+        let mut cmd = command();
+        cmd.arg("--config")
             .arg(&config_path)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawning densepush");
+            .stderr(Stdio::from(log));
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawning densepush");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -175,6 +185,11 @@ impl Server {
             log_path,
             dir,
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The server's stderr so far.
