@@ -43,11 +43,16 @@ pub struct Spill {
     pub decoder: Decoder,
     /// Unsent outbound frames.
     pub outbox: Outbox,
+    /// `[diagnostics] echo` only: the client's data message assembled so far, waiting for its last fragment.
+    pub echo: Vec<u8>,
 }
 
 impl Spill {
     fn is_idle(&self) -> bool {
-        self.head.is_empty() && self.decoder.is_idle() && self.outbox.is_empty()
+        self.head.is_empty()
+            && self.decoder.is_idle()
+            && self.outbox.is_empty()
+            && self.echo.is_empty()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod echo;
 pub mod fanout;
 pub mod frame;
 pub mod handshake;

@@ -190,6 +190,7 @@ fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
         max_outbox_bytes: ws.max_outbox_bytes,
         read_buffer_bytes: config.server.read_buffer_bytes,
         history,
+        echo: config.diagnostics.echo,
     }
 }
 
