@@ -44,15 +44,16 @@ const SECRET = "js-client-test-secret-0123456789abcdef";
 
 /** A densepush process with fixed ports (so it can be restarted in place) and history on. */
 export class DensepushServer {
-  static async create(extra = "") {
+  static async create({ extra = "", apiKey = "" } = {}) {
     const dir = mkdtempSync(join(tmpdir(), "densepush-js-"));
-    const server = new DensepushServer(dir, await freePort(), await freePort(), extra);
+    const server = new DensepushServer(dir, await freePort(), await freePort(), extra, apiKey);
     await server.start();
     return server;
   }
 
-  constructor(dir, clientPort, adminPort, extra) {
+  constructor(dir, clientPort, adminPort, extra, apiKey) {
     this.dir = dir;
+    this.apiKey = apiKey;
     this.clientPort = clientPort;
     this.adminPort = adminPort;
     this.config = join(dir, "config.toml");
@@ -74,6 +75,7 @@ jwt_secret = "${SECRET}"
 
 [admin]
 listen = "127.0.0.1:${adminPort}"
+api_key = "${apiKey}"
 
 [log]
 level = "warn"
@@ -149,7 +151,8 @@ ${extra}
   }
 
   async request(method, path, body) {
-    const res = await fetch(this.admin + path, { method, body });
+    const headers = this.apiKey ? { Authorization: `Bearer ${this.apiKey}` } : {};
+    const res = await fetch(this.admin + path, { method, body, headers });
     const text = await res.text();
     if (res.status >= 300) throw new Error(`${method} ${path}: ${res.status} ${text}`);
     return text ? JSON.parse(text) : null;
@@ -235,4 +238,39 @@ export class Proxy {
     }
     return new Promise((resolve) => this.server.close(resolve));
   }
+}
+
+/** Headless Chromium from the system (`/usr/bin/chromium`, or DP_TEST_CHROMIUM), with a fresh profile. */
+export async function launchChromium() {
+  const { chromium } = await import("playwright-core");
+  const profile = mkdtempSync(join(tmpdir(), "densepush-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.DP_TEST_CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    viewport: { width: 1280, height: 860 },
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  const close = async () => {
+    await context.close();
+    rmSync(profile, { recursive: true, force: true });
+  };
+  return { context, close };
+}
+
+/** Records console errors and uncaught exceptions of a page. */
+export function watchErrors(page) {
+  const errors = [];
+  page.on("console", (msg) => {
+    if (msg.type() === "error") errors.push(msg.text());
+  });
+  page.on("pageerror", (e) => errors.push(String(e)));
+  return errors;
 }
