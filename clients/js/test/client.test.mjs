@@ -149,3 +149,41 @@ test("a 401 at the handshake stops the client until it gets a new token", async 
   h.client.setToken(server.token("denied", ["news"]));
   await waitFor(() => h.client.state === State.OPEN, "open with the new token");
 });
+
+test("a slow-consumer close (1008) reconnects with backoff and recovers what was not delivered", async () => {
+  // A server of its own with a small outbox, so a stalled reader is closed quickly.
+  const slow = await DensepushServer.create({
+    // A long close timeout: the 1008 close frame waits behind the stalled bytes until the reader resumes.
+    websocket: "max_outbox_bytes = 65536\nclose_timeout_ms = 30000",
+    admin: "max_publish_bytes = 65536",
+  });
+  const slowProxy = await Proxy.create(slow.clientPort);
+  try {
+    const client = connect(slowProxy.url(), { ...FAST, token: slow.token("slow") });
+    clients.push(client);
+    const got = [];
+    const closes = [];
+    client.on("message", (m) => got.push(m.data));
+    client.on("close", (c) => closes.push(c.code));
+    await waitFor(() => client.state === State.OPEN, "open");
+    await slow.publish("user/slow", "first");
+    await waitFor(() => got.length === 1, "first message");
+    slowProxy.stall(true);
+    // Enough to fill the loopback socket buffers and then the 64 KiB outbox.
+    const body = "x".repeat(16_000);
+    const total = 600;
+    for (let i = 0; i < total; i++) await slow.publish("user/slow", `${i}:${body}`);
+    slowProxy.stall(false);
+    await waitFor(() => closes.includes(1008), "close 1008", 15_000).catch((e) => {
+      throw new Error(`${e.message}; closes seen: ${closes}`);
+    });
+    await waitFor(() => got.length === total + 1, `all ${total} messages after recovery`, 20_000);
+    assert.deepEqual(
+      got.slice(1).map((d) => Number(d.split(":")[0])),
+      Array.from({ length: total }, (_, i) => i),
+    );
+  } finally {
+    await slowProxy.close();
+    await slow.dispose();
+  }
+});

@@ -44,14 +44,14 @@ const SECRET = "js-client-test-secret-0123456789abcdef";
 
 /** A densepush process with fixed ports (so it can be restarted in place) and history on. */
 export class DensepushServer {
-  static async create({ extra = "", apiKey = "" } = {}) {
+  static async create({ extra = "", apiKey = "", websocket = "", admin = "" } = {}) {
     const dir = mkdtempSync(join(tmpdir(), "densepush-js-"));
-    const server = new DensepushServer(dir, await freePort(), await freePort(), extra, apiKey);
+    const server = new DensepushServer(dir, await freePort(), await freePort(), extra, apiKey, websocket, admin);
     await server.start();
     return server;
   }
 
-  constructor(dir, clientPort, adminPort, extra, apiKey) {
+  constructor(dir, clientPort, adminPort, extra, apiKey, websocket, admin) {
     this.dir = dir;
     this.apiKey = apiKey;
     this.clientPort = clientPort;
@@ -68,6 +68,7 @@ shutdown_timeout_ms = 2000
 ping_interval_ms = 500
 pong_timeout_ms = 400
 timer_tick_ms = 20
+${websocket}
 
 [auth]
 mode = "jwt"
@@ -76,6 +77,7 @@ jwt_secret = "${SECRET}"
 [admin]
 listen = "127.0.0.1:${adminPort}"
 api_key = "${apiKey}"
+${admin}
 
 [log]
 level = "warn"
@@ -229,6 +231,14 @@ export class Proxy {
 
   freeze() {
     for (const pair of this.pairs) pair.frozen = true;
+  }
+
+  /** Stops reading from the server on every proxied connection (a client that does not keep up), or resumes. */
+  stall(on) {
+    for (const pair of this.pairs) {
+      if (on) pair.upstream.pause();
+      else pair.upstream.resume();
+    }
   }
 
   close() {
