@@ -39,5 +39,13 @@ if [ ! -d tests/js/node_modules/ws ] || [ ! -d tests/js/node_modules/playwright-
     (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# Dashboard and JS client tests (tests/js_client.rs): node 20+ and clients/js devDependencies (ws,
+# playwright-core); chromium comes with the system packages above.
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+    echo "scripts/test.sh: warning: node $(node --version) is older than 20, which clients/js supports" >&2
+fi
+if [ ! -d clients/js/node_modules ]; then
+    (cd clients/js && npm ci --no-audit --no-fund)
+fi
 cargo build --workspace --all-targets
 cargo test --workspace --all-targets

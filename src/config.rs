@@ -120,6 +120,9 @@ pub const DEFAULT_HISTORY_TTL_SECS: u64 = 3_600;
 /// Bytes all streams' history may use together; the oldest messages of any stream are evicted first.
 pub const DEFAULT_HISTORY_MAX_BYTES: usize = 67_108_864;
 
+/// Send every complete data message a client sends back to it unchanged (for conformance suites).
+pub const DEFAULT_DIAGNOSTICS_ECHO: bool = false;
+
 /// Prefix of the environment variables that override settings: `DENSEPUSH_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "DENSEPUSH_";
 /// Variables that carry [`ENV_PREFIX`] but are not overrides, so they are not rejected as unknown
@@ -292,6 +295,8 @@ pub struct FileConfig {
     pub cluster: ClusterSection,
     /// `[history]`
     pub history: HistorySection,
+    /// `[diagnostics]`
+    pub diagnostics: DiagnosticsSection,
 }
 
 /// `[server]` as written. Field docs are on the `DEFAULT_*` constants.
@@ -526,6 +531,22 @@ impl HistorySection {
     }
 }
 
+/// `[diagnostics]` as written (and as checked: a flag needs no validation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [diagnostics] table")]
+pub struct DiagnosticsSection {
+    /// See [`DEFAULT_DIAGNOSTICS_ECHO`].
+    pub echo: bool,
+}
+
+impl Default for DiagnosticsSection {
+    fn default() -> Self {
+        DiagnosticsSection {
+            echo: DEFAULT_DIAGNOSTICS_ECHO,
+        }
+    }
+}
+
 /// `[history]`, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryConfig {
@@ -605,6 +626,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[history]`
     pub history: HistoryConfig,
+    /// `[diagnostics]`
+    pub diagnostics: DiagnosticsSection,
 }
 
 /// `[server]`, checked.
@@ -1235,6 +1258,7 @@ impl FileConfig {
             log,
             cluster,
             history,
+            diagnostics,
         } = self;
 
         let server = ServerConfig {
@@ -1459,6 +1483,7 @@ impl FileConfig {
             },
             cluster: cluster.validate()?,
             history: history.validate()?,
+            diagnostics,
         })
     }
 }
@@ -1599,7 +1624,7 @@ mod tests {
     fn schema_lists_every_section() {
         assert_eq!(
             join_keys(&schema()),
-            "admin, auth, cluster, history, log, server, websocket"
+            "admin, auth, cluster, diagnostics, history, log, server, websocket"
         );
     }
 
@@ -2120,6 +2145,18 @@ mod tests {
         );
         assert_eq!(c.node_ttl_ms, DEFAULT_CLUSTER_NODE_TTL_MS);
         assert_eq!(c.presence_timeout_ms, DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn echo_is_off_by_default_and_can_be_switched_on() {
+        assert!(!defaults().diagnostics.echo);
+        assert!(
+            parse("[diagnostics]\necho = true")
+                .unwrap()
+                .diagnostics
+                .echo
+        );
+        assert!(parse_error("[diagnostics]\necho = 1").contains("echo"));
     }
 
     #[test]

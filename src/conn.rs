@@ -46,6 +46,8 @@ pub struct Spill {
     pub outbox: Outbox,
     /// Bytes this spill holds against the server-wide buffer budget; given back when it is freed.
     pub charged: usize,
+    /// `[diagnostics] echo` only: the client's data message assembled so far, waiting for its last fragment.
+    pub echo: Vec<u8>,
 }
 
 /// What a spill costs before it holds any bytes: the box itself (with the fixed-size frame decoder).
@@ -53,7 +55,10 @@ pub const SPILL_BYTES: usize = std::mem::size_of::<Spill>();
 
 impl Spill {
     fn is_idle(&self) -> bool {
-        self.head.is_empty() && self.decoder.is_idle() && self.outbox.is_empty()
+        self.head.is_empty()
+            && self.decoder.is_idle()
+            && self.outbox.is_empty()
+            && self.echo.is_empty()
     }
 
     /// Heap bytes this spill holds: the box, the head's allocation and the queued frames. Queued frames are

@@ -14,6 +14,7 @@ pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod echo;
 pub mod fanout;
 pub mod frame;
 pub mod handshake;

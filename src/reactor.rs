@@ -77,6 +77,8 @@ pub struct Settings {
     pub history: Arc<History>,
     /// Bytes all connections of all reactors may hold in heap buffers together (shared).
     pub budget: Arc<Budget>,
+    /// `[diagnostics] echo`: send each complete client data message back (see `echo`).
+    pub echo: bool,
 }
 
 impl Settings {
@@ -585,6 +587,10 @@ impl Reactor {
         let mut pongs: Vec<Bytes> = Vec::new();
         let mut peer_close: Option<Option<u16>> = None;
         let (mut pings, mut pongs_in, mut messages) = (0u64, 0u64, 0u64);
+        let mut echo = self
+            .settings
+            .echo
+            .then(|| crate::echo::Echo::resume(conn.spill.as_deref_mut()));
         let result = decoder.feed(data, &self.settings.frame_limits, |event| match event {
             Event::Ping(payload) => {
                 pings += 1;
@@ -592,7 +598,14 @@ impl Reactor {
             }
             Event::Pong(_) => pongs_in += 1,
             Event::Close { code, .. } => peer_close = Some(code),
-            Event::Data { last, .. } => messages += u64::from(last),
+            Event::Data {
+                text, chunk, last, ..
+            } => {
+                messages += u64::from(last);
+                if let Some(echo) = echo.as_mut() {
+                    echo.chunk(text, chunk, last);
+                }
+            }
         });
         ReactorMetrics::add(&self.metrics.pings_received, pings);
         ReactorMetrics::add(&self.metrics.pongs_received, pongs_in);
@@ -612,10 +625,14 @@ impl Reactor {
                 self.metrics.buffers_live.fetch_add(1, Relaxed);
             }
         }
+        let echoes = match echo {
+            Some(echo) => echo.suspend(conn, &self.metrics),
+            None => Vec::new(),
+        };
 
         // Once our close frame is out, nothing else may follow it (RFC 6455 §5.5.1), pongs included.
         if conn.phase == Phase::Open {
-            for pong in &pongs {
+            for pong in pongs.iter().chain(&echoes) {
                 if !self.send(key, pong) {
                     return false;
                 }

@@ -195,6 +195,7 @@ fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
         read_buffer_bytes: config.server.read_buffer_bytes,
         history,
         budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
+        echo: config.diagnostics.echo,
     }
 }
 

@@ -593,3 +593,32 @@ fn single_node_reports_cluster_disabled() {
     assert_eq!(json(&presence)["connections"], 0);
     assert!(json(&presence).get("nodes").is_none());
 }
+
+#[test]
+fn dashboard_stats_show_the_link_and_the_node_count() {
+    assert!(
+        redis_available(),
+        "redis-server is missing: run scripts/test.sh"
+    );
+    let redis = Redis::start();
+    let a = Node::start(&redis, "node-a");
+    let _b = Node::start(&redis, "node-b");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let (status, body) = http(a.admin, "GET", "/stats", "");
+        assert_eq!(status, 200, "{body}");
+        let stats = json(&body);
+        if stats["cluster"]["nodes"] == 2 || Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(stats["cluster"]["link_up"], true, "{stats}");
+    assert_eq!(stats["cluster"]["nodes"], 2, "{stats}");
+    // Asking for the node count is not a failed cluster request.
+    let (_, metrics) = http(a.admin, "GET", "/metrics", "");
+    assert!(
+        metrics.contains("densepush_cluster_failed_total 0"),
+        "{metrics}"
+    );
+}

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod route;
+pub mod stats;
 
 use crate::cluster::Cluster;
 use crate::history::{self, envelope, History};
@@ -35,6 +36,13 @@ pub const DEFAULT_KICK_CODE: u16 = 4000;
 pub const DEFAULT_HISTORY_LIMIT: u64 = 100;
 /// Most messages one `GET /history` answers with.
 pub const MAX_HISTORY_LIMIT: u64 = 1_000;
+
+/// The live dashboard: one self-contained page (inline CSS and JS, no network but `/stats` on this origin),
+/// compiled into the binary.
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+/// The dashboard's Content-Security-Policy: inline script and style only, fetches to this origin only.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                             connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'";
 
 /// Kick close reason when the request names none.
 pub const DEFAULT_KICK_REASON: &str = "disconnected by server";
@@ -344,7 +352,9 @@ impl AdminServer {
             }
             Err(RouteError::BadSegment(why)) => return Reply::error(400, why),
         };
-        if route != Route::Healthz && !self.authorized(request) {
+        // The dashboard page holds no data (its script fetches /stats, which needs the key), so it is served
+        // to anyone who can reach the admin port; the page asks for the key when /stats answers 401.
+        if route != Route::Healthz && route != Route::Dashboard && !self.authorized(request) {
             let mut reply = Reply::error(
                 401,
                 "missing or wrong admin API key (Authorization: Bearer <key>)",
@@ -380,22 +390,51 @@ impl AdminServer {
                     "cluster": self.cluster.as_ref().map_or("disabled", |c| c.health()),
                 }),
             ),
-            Route::Metrics => {
-                let reactors: Vec<&ReactorMetrics> =
-                    self.reactor_metrics.iter().map(|m| m.as_ref()).collect();
-                let mut text = metrics::render(&reactors, &self.metrics, metrics::resident_bytes());
-                if let Some(cluster) = &self.cluster {
-                    cluster.render_metrics(&mut text);
-                }
-                self.history.render_metrics(&mut text);
-                Reply {
-                    status: 200,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    headers: Vec::new(),
-                    body: text.into_bytes(),
-                }
-            }
+            Route::Metrics => Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                headers: Vec::new(),
+                body: self.metrics_text().into_bytes(),
+            },
+            Route::Stats => self.stats(),
+            Route::Dashboard => Reply {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                headers: vec![
+                    // Everything the page needs is inline; it may only fetch from this origin.
+                    ("Content-Security-Policy", DASHBOARD_CSP.to_string()),
+                    ("Cache-Control", "no-cache".to_string()),
+                ],
+                body: DASHBOARD_HTML.as_bytes().to_vec(),
+            },
         }
+    }
+
+    /// The Prometheus exposition `/metrics` answers with (and `/stats` is built from).
+    fn metrics_text(&self) -> String {
+        let reactors: Vec<&ReactorMetrics> =
+            self.reactor_metrics.iter().map(|m| m.as_ref()).collect();
+        let mut text = metrics::render(&reactors, &self.metrics, metrics::resident_bytes());
+        if let Some(cluster) = &self.cluster {
+            cluster.render_metrics(&mut text);
+        }
+        self.history.render_metrics(&mut text);
+        text
+    }
+
+    fn stats(&self) -> Reply {
+        let cluster = self.cluster.as_ref().map(|c| stats::ClusterState {
+            link_up: c.is_up(),
+            nodes: c.nodes_known(),
+        });
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut reply = Reply::json(200, stats::document(&self.metrics_text(), cluster, now_ms));
+        reply
+            .headers
+            .push(("Cache-Control", "no-store".to_string()));
+        reply
     }
 
     fn authorized(&self, request: &Request) -> bool {

@@ -34,6 +34,10 @@ pub enum Route {
     Healthz,
     /// `GET|HEAD /metrics`
     Metrics,
+    /// `GET|HEAD /` and `/dashboard`: the live dashboard page (it carries no data itself)
+    Dashboard,
+    /// `GET|HEAD /stats`: the dashboard's numbers as JSON
+    Stats,
 }
 
 /// Why a request did not reach a route.
@@ -152,6 +156,18 @@ static ROUTES: &[Entry] = &[
         allow: "GET, HEAD",
         build: |_| Route::Metrics,
     },
+    Entry {
+        pattern: &[Lit("dashboard")],
+        methods: GET,
+        allow: "GET, HEAD",
+        build: |_| Route::Dashboard,
+    },
+    Entry {
+        pattern: &[Lit("stats")],
+        methods: GET,
+        allow: "GET, HEAD",
+        build: |_| Route::Stats,
+    },
 ];
 
 /// Resolves `method` and the raw (still percent-encoded, query-free) `path` to a route.
@@ -163,7 +179,15 @@ pub fn route(method: Method, path: &str) -> Result<Route, RouteError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(RouteError::NotFound);
     };
-    if rest.is_empty() || rest.ends_with('/') {
+    if rest.is_empty() {
+        // `/` is the dashboard, so an operator can open the admin address in a browser as it is.
+        return if GET.contains(&method) {
+            Ok(Route::Dashboard)
+        } else {
+            Err(RouteError::MethodNotAllowed { allow: "GET, HEAD" })
+        };
+    }
+    if rest.ends_with('/') {
         return Err(RouteError::NotFound);
     }
     let mut segments = [""; MAX_SEGMENTS];
@@ -298,6 +322,10 @@ mod tests {
             ),
             (Method::Get, "/healthz", Route::Healthz),
             (Method::Get, "/metrics", Route::Metrics),
+            (Method::Get, "/", Route::Dashboard),
+            (Method::Get, "/dashboard", Route::Dashboard),
+            (Method::Head, "/dashboard", Route::Dashboard),
+            (Method::Get, "/stats", Route::Stats),
         ];
         for (method, path, expected) in table {
             assert_eq!(ok(method, path), expected, "{method:?} {path}");
@@ -360,7 +388,6 @@ mod tests {
     #[test]
     fn unknown_paths_are_not_found() {
         for path in [
-            "/",
             "",
             "healthz",
             "/nope",
@@ -378,6 +405,15 @@ mod tests {
                 "{path:?}"
             );
         }
+    }
+
+    #[test]
+    fn root_is_the_dashboard_for_get_only() {
+        assert_eq!(route(Method::Head, "/"), Ok(Route::Dashboard));
+        assert_eq!(
+            route(Method::Post, "/"),
+            Err(RouteError::MethodNotAllowed { allow: "GET, HEAD" })
+        );
     }
 
     #[test]

@@ -454,6 +454,15 @@ impl Cluster {
         }
     }
 
+    /// Nodes with a live alive marker in Redis (this one included), for the dashboard; `None` while the link
+    /// is down (asked only when up, so a dashboard poll never counts as a failed cluster request).
+    pub fn nodes_known(&self) -> Option<u64> {
+        if !self.is_up() {
+            return None;
+        }
+        self.with_publisher(|conn| self.count_live_nodes(conn)).ok()
+    }
+
     /// `"up"` or `"down"`, for `/healthz`.
     pub fn health(&self) -> &'static str {
         if self.is_up() {
