@@ -126,8 +126,9 @@ pub const DEFAULT_DIAGNOSTICS_ECHO: bool = false;
 /// Prefix of the environment variables that override settings: `DENSEPUSH_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "DENSEPUSH_";
 /// Variables that carry [`ENV_PREFIX`] but are not overrides, so they are not rejected as unknown
-/// keys: `DENSEPUSH_CONFIG` is left free for `main` to take the config file's path from.
-pub const ENV_NOT_OVERRIDES: &[&str] = &["DENSEPUSH_CONFIG"];
+/// keys: `DENSEPUSH_CONFIG` names the config file and `DENSEPUSH_LOG` is an env_logger filter (both read by
+/// `main`).
+pub const ENV_NOT_OVERRIDES: &[&str] = &["DENSEPUSH_CONFIG", "DENSEPUSH_LOG"];
 
 /// Accepted ranges (inclusive) for the settings that have one. Upper bounds exist to turn typos
 /// into errors and to keep allocations and deadline arithmetic (`Instant + Duration`, which
@@ -1993,6 +1994,11 @@ mod tests {
     #[test]
     fn env_config_path_variable_is_not_an_override() {
         assert!(parse_env("", &[("DENSEPUSH_CONFIG", "/etc/densepush.toml")]).is_ok());
+    }
+
+    #[test]
+    fn env_log_filter_variable_is_not_an_override() {
+        assert!(parse_env("", &[("DENSEPUSH_LOG", "densepush=debug")]).is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use mio::Waker;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -67,7 +68,13 @@ pub enum Command {
 pub struct Mailbox {
     queue: Mutex<Vec<Command>>,
     waker: Waker,
+    /// Commands sent and not yet applied by the reactor (queued here or in its backlog).
+    pending: AtomicUsize,
 }
+
+/// Commands a reactor may have pending before the admin API refuses new publishes with 503: past it the
+/// reactor is not keeping up, and queuing more would only grow memory and latency without bound.
+pub const MAX_PENDING_COMMANDS: usize = 4_096;
 
 impl Mailbox {
     /// A mailbox whose waker belongs to the reactor's `Poll`.
@@ -75,11 +82,23 @@ impl Mailbox {
         Arc::new(Mailbox {
             queue: Mutex::new(Vec::new()),
             waker,
+            pending: AtomicUsize::new(0),
         })
+    }
+
+    /// Commands sent and not yet applied.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The reactor applied `n` commands.
+    pub fn applied(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Queues a command and wakes the reactor if it may be asleep.
     pub fn send(&self, command: Command) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
         let was_empty = {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let was_empty = queue.is_empty();

@@ -81,6 +81,8 @@ pub struct ReactorMetrics {
     pub connections_handshaking: AtomicU64,
     /// Gauge: connections currently owning a heap buffer (partial frame or unsent bytes).
     pub buffers_live: AtomicU64,
+    /// Gauge: publishes, kicks and queries sent to this reactor and not yet applied.
+    pub commands_pending: AtomicU64,
     /// Gauge: distinct users / client tokens / channels in the fanout index.
     pub index_users: AtomicU64,
     /// Gauge, see `index_users`.
@@ -169,7 +171,7 @@ pub fn render(
     rss_bytes: Option<u64>,
 ) -> String {
     let mut out = String::with_capacity(4096);
-    let gauges: [(&str, &str, Field); 6] = [
+    let gauges: [(&str, &str, Field); 7] = [
         (
             "densepush_connections_open",
             "Upgraded WebSocket connections.",
@@ -184,6 +186,11 @@ pub fn render(
             "densepush_buffers_live",
             "Connections owning a heap buffer.",
             |m| &m.buffers_live,
+        ),
+        (
+            "densepush_commands_pending",
+            "Commands sent to the reactor and not yet applied (publishes get 503 at 4096).",
+            |m| &m.commands_pending,
         ),
         (
             "densepush_index_users",

@@ -22,6 +22,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -30,6 +31,10 @@ use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
+
+/// Sends (or closes) a turn of the loop applies from the command backlog before it polls sockets again: about
+/// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst.
+const SENDS_PER_TURN: usize = 8_192;
 
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
@@ -122,6 +127,8 @@ pub struct Reactor {
     recipients: Vec<u32>,
     /// Connections that still had bytes to read when their turn ended.
     pending_reads: Vec<(u32, u32)>,
+    /// Commands taken from the mailbox and not yet applied (a turn applies a bounded amount).
+    backlog: VecDeque<Command>,
     /// Sequence number of the last stored message this reactor delivered (see `history`): replays stop there,
     /// later ones are still in the mailbox and arrive live.
     applied_seq: u64,
@@ -159,6 +166,7 @@ impl Reactor {
             settings,
             recipients: Vec::new(),
             pending_reads: Vec::new(),
+            backlog: VecDeque::new(),
             applied_seq: 0,
             replay: Vec::new(),
             started: Instant::now(),
@@ -174,7 +182,6 @@ impl Reactor {
     /// Runs until a shutdown completes.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut commands = Vec::new();
         loop {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -187,12 +194,7 @@ impl Reactor {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
-                    WAKER => {
-                        self.mailbox.take_all(&mut commands);
-                        for command in commands.drain(..) {
-                            self.handle_command(command);
-                        }
-                    }
+                    WAKER => self.take_mailbox(),
                     token => {
                         let (key, generation) = split_token(token);
                         // An error or hang-up surfaces through the read or write that follows.
@@ -211,6 +213,7 @@ impl Reactor {
             for (key, generation) in std::mem::take(&mut self.pending_reads) {
                 self.on_readable(key, generation);
             }
+            self.apply_backlog(SENDS_PER_TURN);
             self.run_timers();
             if self.finished() {
                 return;
@@ -219,7 +222,7 @@ impl Reactor {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.pending_reads.is_empty() {
+        if !self.pending_reads.is_empty() || !self.backlog.is_empty() {
             return Duration::ZERO;
         }
         let tick_ns = self.settings.tick.as_nanos().max(1);
@@ -546,13 +549,33 @@ impl Reactor {
         alive
     }
 
-    /// Applies every queued command now, in order.
+    /// Applies every command sent so far, in order, however many.
     fn drain_mailbox(&mut self) {
+        self.take_mailbox();
+        self.apply_backlog(usize::MAX);
+    }
+
+    /// Moves the mailbox's commands behind the backlog.
+    fn take_mailbox(&mut self) {
         let mut commands = Vec::new();
         self.mailbox.take_all(&mut commands);
-        for command in commands {
-            self.handle_command(command);
+        self.backlog.extend(commands);
+    }
+
+    /// Applies backlog commands in order until about `budget` sends are done. Bounding a turn keeps a burst of
+    /// publishes from starving socket reads (pongs) and timers: the rest waits for the next turn, which polls
+    /// without sleeping.
+    fn apply_backlog(&mut self, budget: usize) {
+        let mut spent = 0;
+        let mut applied = 0;
+        while spent < budget {
+            let Some(command) = self.backlog.pop_front() else {
+                break;
+            };
+            spent += self.handle_command(command).max(1);
+            applied += 1;
         }
+        self.mailbox.applied(applied);
     }
 
     /// Answers a refused upgrade with its HTTP status and closes once it is written.
@@ -874,6 +897,9 @@ impl Reactor {
         let sizes = self.fanout.sizes();
         self.metrics.index_users.store(sizes.users as u64, Relaxed);
         self.metrics
+            .commands_pending
+            .store(self.mailbox.pending() as u64, Relaxed);
+        self.metrics
             .index_clients
             .store(sizes.clients as u64, Relaxed);
         self.metrics
@@ -904,6 +930,27 @@ impl Reactor {
                         .saturating_sub(settings.pong_timeout_ticks);
                     conn.timer_stamp = self.wheel.schedule(key, next_ping);
                 } else {
+                    // Read what may have arrived while this turn was busy before calling the peer silent:
+                    // under load a pong can sit unread in the socket past its deadline.
+                    let generation = conn.generation;
+                    self.on_readable(key, generation);
+                    let Some(conn) = self.conns.get(key as usize) else {
+                        return;
+                    };
+                    if conn.generation != generation || conn.phase != Phase::Open {
+                        return;
+                    }
+                    if conn.has(FLAG_HEARD) {
+                        // Heard just now: back to the ping rhythm.
+                        let next_ping = self
+                            .settings
+                            .ping_interval_ticks
+                            .saturating_sub(self.settings.pong_timeout_ticks);
+                        let conn = &mut self.conns[key as usize];
+                        conn.set(FLAG_PING_SENT, false);
+                        conn.timer_stamp = self.wheel.schedule(key, next_ping);
+                        return;
+                    }
                     // Silent since the ping: the peer or the path is dead, no close frame would arrive.
                     ReactorMetrics::inc(&self.metrics.pong_timeouts);
                     self.close(key, Ending::Done);
@@ -916,7 +963,8 @@ impl Reactor {
 
     // ---- commands from other threads -------------------------------------------------------------------
 
-    fn handle_command(&mut self, command: Command) {
+    /// Applies one command; returns how many connections it wrote to or closed.
+    fn handle_command(&mut self, command: Command) -> usize {
         match command {
             Command::Publish {
                 target,
@@ -928,7 +976,7 @@ impl Reactor {
                     debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
                     self.applied_seq = seq;
                 }
-                self.publish(&target, &frame, &envelope);
+                self.publish(&target, &frame, &envelope)
             }
             Command::Kick {
                 target,
@@ -945,11 +993,16 @@ impl Reactor {
                 }
                 ReactorMetrics::add(&self.metrics.kicked, closed as u64);
                 let _ = reply.send(closed);
+                closed
             }
             Command::Presence { user, reply } => {
                 let _ = reply.send(self.fanout.user_count(&user));
+                1
             }
-            Command::Shutdown { timeout } => self.begin_shutdown(timeout),
+            Command::Shutdown { timeout } => {
+                self.begin_shutdown(timeout);
+                self.conns.len()
+            }
         }
     }
 
@@ -972,7 +1025,8 @@ impl Reactor {
         }
     }
 
-    fn publish(&mut self, target: &Target, frame: &Bytes, envelope: &Bytes) {
+    /// Sends a published frame to its recipients; returns how many there were.
+    fn publish(&mut self, target: &Target, frame: &Bytes, envelope: &Bytes) -> usize {
         self.collect(target);
         let recipients = std::mem::take(&mut self.recipients);
         let mut delivered = 0u64;
@@ -995,8 +1049,10 @@ impl Reactor {
                 delivered += 1;
             }
         }
+        let count = recipients.len();
         self.recipients = recipients;
         ReactorMetrics::add(&self.metrics.frames_delivered, delivered);
+        count
     }
 
     fn begin_shutdown(&mut self, timeout: Duration) {

@@ -10,7 +10,7 @@ pub mod stats;
 
 use crate::cluster::Cluster;
 use crate::history::{self, envelope, History};
-use crate::mailbox::{Command, Mailbox, Target};
+use crate::mailbox::{Command, Mailbox, Target, MAX_PENDING_COMMANDS};
 use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
 use base64::Engine as _;
 use http::{Method, Request};
@@ -460,6 +460,19 @@ impl AdminServer {
                 400,
                 "body is not valid UTF-8; send binary with Content-Type: application/octet-stream",
             );
+        }
+        // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
+        if self
+            .reactors
+            .iter()
+            .any(|m| m.pending() >= MAX_PENDING_COMMANDS)
+        {
+            let mut reply = Reply::error(
+                503,
+                "overloaded: reactors are behind on earlier publishes; retry later",
+            );
+            reply.headers.push(("Retry-After", "1".to_string()));
+            return reply;
         }
         // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
         let mut stamp = None;
