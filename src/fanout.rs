@@ -1,11 +1,13 @@
 //! The per-reactor fanout index: user, client token and channel → connection slab keys.
 //!
-//! It owns the names (interned once per reactor, not once per connection) and each connection's membership
-//! record, kept in a vector indexed by slab key beside the connection slab. It does not own connections or
-//! decide what to send. Memory per connection is the point: a user's connections are an intrusive doubly
-//! linked list threaded through the membership records, so a user with one or two connections costs one
-//! table entry and no allocation; channel member lists are vectors with each member's position remembered,
-//! so joining and leaving are O(1) even for a channel with a million members.
+//! It owns the user and channel names (interned once per reactor, not once per connection) and each
+//! connection's membership record, kept in a vector indexed by slab key beside the connection slab. It does
+//! not own connections or decide what to send. Memory per connection is the point: a user's connections are
+//! an intrusive doubly linked list threaded through the membership records, so a user with one or two
+//! connections costs one table entry and no allocation; channel member lists are vectors with each member's
+//! position remembered, so joining and leaving are O(1) even for a channel with a million members. Client
+//! tokens are per device, so they are kept inline in the membership record and matched while walking the
+//! user's (short) list, instead of being interned in a table that would share nothing.
 //!
 //! The caller must `remove` a key before the slab frees it, so a reused key never inherits memberships.
 
@@ -32,10 +34,16 @@ struct NameTable<V> {
 
 impl<V> NameTable<V> {
     fn new() -> Self {
+        Self::with_capacity(0)
+    }
+
+    /// Reserves the entries' slab (address space; the hash index still grows as needed, since a reserved
+    /// hash table would initialise its control bytes and make them resident).
+    fn with_capacity(entries: usize) -> Self {
         NameTable {
             hasher: DefaultHashBuilder::default(),
             index: HashTable::new(),
-            entries: Slab::new(),
+            entries: Slab::with_capacity(entries),
         }
     }
 
@@ -95,25 +103,55 @@ struct ChannelLink {
 }
 
 /// Membership record of one connection (indexed by slab key). `user == NIL` means "not indexed".
+///
+/// Laid out for the common connection: one user, at most one channel, and a client token that is unique
+/// to its device. The token is kept inline (up to 24 bytes without allocating) rather than interned: a
+/// per-reactor table of device tokens would cost a table entry per connection for nothing shared. The
+/// first channel membership is inline too; only connections in two or more channels allocate.
 #[derive(Debug)]
 struct Member {
     user: NameId,
-    client: NameId,
     prev: ConnKey,
     next: ConnKey,
-    channels: Box<[ChannelLink]>,
+    /// First channel membership; `channel == NIL` when there is none.
+    first: ChannelLink,
+    /// Memberships after the first, only for connections in two or more channels. Boxed on purpose: a thin
+    /// 8-byte pointer in every record, where a `Vec` would be 24 bytes for the rare connection that needs it.
+    #[allow(clippy::box_collection)]
+    more: Option<Box<Vec<ChannelLink>>>,
+    /// Client token; empty when the connection has none (an empty token is refused at the handshake).
+    client: CompactString,
 }
 
 impl Member {
+    const NO_CHANNEL: ChannelLink = ChannelLink {
+        channel: NIL,
+        pos: 0,
+    };
+
     fn empty() -> Member {
-        // An empty boxed slice does not allocate.
         Member {
             user: NIL,
-            client: NIL,
             prev: NIL,
             next: NIL,
-            channels: Box::default(),
+            first: Self::NO_CHANNEL,
+            more: None,
+            client: CompactString::default(),
         }
+    }
+
+    fn links_mut(&mut self) -> impl Iterator<Item = &mut ChannelLink> {
+        let first = (self.first.channel != NIL).then_some(&mut self.first);
+        first
+            .into_iter()
+            .chain(self.more.iter_mut().flat_map(|more| more.iter_mut()))
+    }
+
+    fn into_links(self) -> impl Iterator<Item = ChannelLink> {
+        let first = (self.first.channel != NIL).then_some(self.first);
+        first
+            .into_iter()
+            .chain(self.more.into_iter().flat_map(|more| *more))
     }
 }
 
@@ -124,7 +162,7 @@ pub struct FanoutSizes {
     pub connections: usize,
     /// Distinct users.
     pub users: usize,
-    /// Distinct client tokens.
+    /// Indexed connections that carry a client token.
     pub clients: usize,
     /// Channels with at least one member.
     pub channels: usize,
@@ -134,11 +172,11 @@ pub struct FanoutSizes {
 #[derive(Debug)]
 pub struct Fanout {
     users: NameTable<UserList>,
-    /// Client tokens with the number of connections holding each.
-    clients: NameTable<u32>,
     channels: NameTable<Vec<ConnKey>>,
     members: Vec<Member>,
     indexed: usize,
+    /// Indexed connections with a client token.
+    with_client: usize,
 }
 
 impl Default for Fanout {
@@ -150,12 +188,20 @@ impl Default for Fanout {
 impl Fanout {
     /// An empty index.
     pub fn new() -> Self {
+        Self::with_capacity(0)
+    }
+
+    /// An empty index with room reserved for membership records of slab keys below `keys`. The reservation
+    /// is address space only: pages become resident as keys are used, so a large reservation costs nothing
+    /// while idle and spares the index the doubling slack and the copies of a growing vector.
+    pub fn with_capacity(keys: usize) -> Self {
         Fanout {
-            users: NameTable::new(),
-            clients: NameTable::new(),
+            // At most one user per connection: reserve as many entries as keys.
+            users: NameTable::with_capacity(keys),
             channels: NameTable::new(),
-            members: Vec::new(),
+            members: Vec::with_capacity(keys),
             indexed: 0,
+            with_client: 0,
         }
     }
 
@@ -179,34 +225,32 @@ impl Fanout {
             self.members[old_head as usize].prev = key;
         }
 
-        let client_id = match client {
-            Some(name) => {
-                let id = self.clients.get_or_insert_with(name, || 0);
-                *self.clients.value_mut(id) += 1;
-                id
-            }
-            None => NIL,
-        };
+        let client = client.unwrap_or_default();
+        debug_assert!(client.len() <= u32::MAX as usize);
+        if !client.is_empty() {
+            self.with_client += 1;
+        }
 
-        let links: Box<[ChannelLink]> = channels
-            .iter()
-            .map(|name| {
-                let channel = self.channels.get_or_insert_with(name, Vec::new);
-                let list = self.channels.value_mut(channel);
-                list.push(key);
-                ChannelLink {
-                    channel,
-                    pos: (list.len() - 1) as u32,
-                }
-            })
-            .collect();
+        let mut links = channels.iter().map(|name| {
+            let channel = self.channels.get_or_insert_with(name, Vec::new);
+            let list = self.channels.value_mut(channel);
+            list.push(key);
+            ChannelLink {
+                channel,
+                pos: (list.len() - 1) as u32,
+            }
+        });
+        let first = links.next().unwrap_or(Member::NO_CHANNEL);
+        let rest: Vec<ChannelLink> = links.collect();
+        let more = (!rest.is_empty()).then(|| Box::new(rest));
 
         self.members[k] = Member {
             user: user_id,
-            client: client_id,
             prev: NIL,
             next: old_head,
-            channels: links,
+            first,
+            more,
+            client: CompactString::from(client),
         };
         self.indexed += 1;
     }
@@ -237,22 +281,18 @@ impl Fanout {
             self.users.remove(member.user);
         }
 
-        if member.client != NIL {
-            let refs = self.clients.value_mut(member.client);
-            *refs -= 1;
-            if *refs == 0 {
-                self.clients.remove(member.client);
-            }
+        if !member.client.is_empty() {
+            self.with_client -= 1;
         }
 
-        for link in member.channels.iter() {
+        for link in member.into_links() {
             let list = self.channels.value_mut(link.channel);
             let removed = list.swap_remove(link.pos as usize);
             debug_assert_eq!(removed, key);
             if let Some(&moved) = list.get(link.pos as usize) {
                 // The last member moved into our slot: fix its remembered position.
-                let moved_links = &mut self.members[moved as usize].channels;
-                if let Some(l) = moved_links.iter_mut().find(|l| l.channel == link.channel) {
+                let moved_member = &mut self.members[moved as usize];
+                if let Some(l) = moved_member.links_mut().find(|l| l.channel == link.channel) {
                     l.pos = link.pos;
                 }
             }
@@ -269,20 +309,20 @@ impl Fanout {
 
     /// Appends the keys of the connections of `user` that carry client token `client`.
     pub fn user_client_conns(&self, user: &str, client: &str, out: &mut Vec<ConnKey>) {
-        // An unknown client token matches nothing (not "every connection without a token").
-        if let Some(client_id) = self.clients.find(client) {
-            self.collect_user(user, Some(client_id), out);
+        // An empty token matches nothing (not "every connection without a token").
+        if !client.is_empty() {
+            self.collect_user(user, Some(client), out);
         }
     }
 
-    fn collect_user(&self, user: &str, client: Option<NameId>, out: &mut Vec<ConnKey>) {
+    fn collect_user(&self, user: &str, client: Option<&str>, out: &mut Vec<ConnKey>) {
         let Some(user_id) = self.users.find(user) else {
             return;
         };
         let mut key = self.users.value(user_id).head;
         while key != NIL {
             let member = &self.members[key as usize];
-            if client.is_none_or(|c| c == member.client) {
+            if client.is_none_or(|c| member.client == c) {
                 out.push(key);
             }
             key = member.next;
@@ -308,7 +348,7 @@ impl Fanout {
         FanoutSizes {
             connections: self.indexed,
             users: self.users.len(),
-            clients: self.clients.len(),
+            clients: self.with_client,
             channels: self.channels.len(),
         }
     }
@@ -443,12 +483,14 @@ mod tests {
         let mut f = Fanout::new();
         f.add(0, "alice", Some("phone"), &ch(&["x"]));
         f.add(1, "alice", Some("phone"), &ch(&["x"]));
+        f.add(2, "alice", None, &ch(&["x"]));
+        f.remove(2);
         assert_eq!(
             f.sizes(),
             FanoutSizes {
                 connections: 2,
                 users: 1,
-                clients: 1,
+                clients: 2,
                 channels: 1
             }
         );
@@ -462,6 +504,29 @@ mod tests {
                 channels: 1
             }
         );
+        f.remove(1);
+        assert_eq!(f.sizes(), FanoutSizes::default());
+    }
+
+    #[test]
+    fn membership_record_stays_small() {
+        // One per connection: user, list links, one inline channel, a pointer for more, an inline token.
+        assert!(
+            std::mem::size_of::<Member>() <= 56,
+            "Member is {} bytes",
+            std::mem::size_of::<Member>()
+        );
+    }
+
+    #[test]
+    fn many_channels_spill_past_the_inline_one_and_come_back() {
+        let mut f = Fanout::new();
+        f.add(0, "a", None, &ch(&["c1", "c2", "c3"]));
+        f.add(1, "b", None, &ch(&["c3", "c1"]));
+        f.remove(0);
+        assert_eq!(channel(&f, "c1"), vec![1]);
+        assert_eq!(channel(&f, "c2"), Vec::<ConnKey>::new());
+        assert_eq!(channel(&f, "c3"), vec![1]);
         f.remove(1);
         assert_eq!(f.sizes(), FanoutSizes::default());
     }

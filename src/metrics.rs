@@ -85,7 +85,7 @@ pub struct ReactorMetrics {
     pub commands_pending: AtomicU64,
     /// Gauge: distinct users / client tokens / channels in the fanout index.
     pub index_users: AtomicU64,
-    /// Gauge, see `index_users`.
+    /// Gauge: indexed connections that carry a client token.
     pub index_clients: AtomicU64,
     /// Gauge, see `index_users`.
     pub index_channels: AtomicU64,
@@ -199,7 +199,7 @@ pub fn render(
         ),
         (
             "densepush_index_clients",
-            "Distinct client tokens in the fanout index.",
+            "Connections in the fanout index that carry a client token.",
             |m| &m.index_clients,
         ),
         (

@@ -156,8 +156,10 @@ impl Reactor {
         Ok(Reactor {
             poll,
             listener: Some(listener),
-            conns: Slab::new(),
-            fanout: Fanout::new(),
+            // Reserved, not touched: the slab and the index grow into address space that is already theirs,
+            // so there is no doubling slack and no copy of millions of records while clients connect.
+            conns: Slab::with_capacity(settings.max_tracked),
+            fanout: Fanout::with_capacity(settings.max_tracked),
             wheel: TimerWheel::new(settings.max_delay_ticks()),
             mailbox,
             auth,

@@ -190,6 +190,10 @@ fn slowloris_connections_are_closed_at_handshake_timeout_and_do_not_stop_a_real_
     };
 
     // While they are all held: a real client connects and receives a publish.
+    // Connected means queued in the kernel's backlog; give the reactors a moment to accept them all.
+    let tracked =
+        || server.metric("densepush_connections_handshaking", &[]) as usize >= total * 9 / 10;
+    wait_until(Duration::from_millis(1_500), tracked);
     let handshaking = server.metric("densepush_connections_handshaking", &[]);
     assert!(
         handshaking as usize >= total * 9 / 10,
