@@ -78,8 +78,15 @@ impl TimerWheel {
         for tick in first..=to_tick {
             let slot = &mut self.slots[(tick % slots) as usize];
             self.len -= slot.len();
-            // append keeps the slot's capacity: the next round of deadlines lands in the same memory.
-            out.append(slot);
+            // The slot hands its buffer over instead of keeping its capacity: a burst of connections fills
+            // whichever slots its ticks hit, and slots that each kept their own peak would hold the memory of
+            // every past burst at once. Idle memory returns to idle size; the next burst allocates afresh.
+            let fired = std::mem::take(slot);
+            if out.is_empty() {
+                *out = fired;
+            } else {
+                out.extend(fired);
+            }
         }
         self.now_tick = to_tick;
     }
@@ -150,6 +157,18 @@ mod tests {
             assert!(fire(&mut wheel, round * 3 + 2).is_empty());
             assert_eq!(fire(&mut wheel, round * 3 + 3), vec![round as u32]);
         }
+    }
+
+    #[test]
+    fn fired_slots_keep_no_capacity() {
+        let mut wheel = TimerWheel::new(4);
+        for k in 0..1_000 {
+            wheel.schedule(k, 2);
+        }
+        let mut out = Vec::new();
+        wheel.advance(2, &mut out);
+        assert_eq!(out.len(), 1_000);
+        assert!(wheel.slots.iter().all(|slot| slot.capacity() == 0));
     }
 
     #[test]
