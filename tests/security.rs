@@ -248,3 +248,19 @@ fn admin_unknown_route_is_404_and_wrong_method_is_405_even_with_a_key() {
     assert_eq!(response.status, 405);
     assert!(response.header("Allow").is_some_and(|a| a.contains("POST")));
 }
+
+#[test]
+fn admin_routes_are_not_revealed_without_the_key() {
+    let server = Server::start(&[("admin.api_key", "k-0123456789")]);
+    // Unknown and known routes, right or wrong method: all the same 401 without the key.
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("GET", "/publish/all"),
+        ("POST", "/publish/all"),
+    ] {
+        let response = server.request(method, path, b"", &[]);
+        assert_eq!(response.status, 401, "{method} {path}");
+        assert_eq!(response.header("WWW-Authenticate"), Some("Bearer"));
+    }
+    assert_eq!(server.request("GET", "/healthz", b"", &[]).status, 200);
+}

@@ -342,19 +342,12 @@ impl AdminServer {
     // ---- requests ----------------------------------------------------------------------------------------
 
     fn handle(&self, request: &Request) -> Reply {
-        let route = match route::route(request.method, &request.path) {
-            Ok(route) => route,
-            Err(RouteError::NotFound) => return Reply::error(404, "no such route"),
-            Err(RouteError::MethodNotAllowed { allow }) => {
-                let mut reply = Reply::error(405, "method not allowed");
-                reply.headers.push(("Allow", allow.to_string()));
-                return reply;
-            }
-            Err(RouteError::BadSegment(why)) => return Reply::error(400, why),
-        };
+        let routed = route::route(request.method, &request.path);
         // The dashboard page holds no data (its script fetches /stats, which needs the key), so it is served
-        // to anyone who can reach the admin port; the page asks for the key when /stats answers 401.
-        if route != Route::Healthz && route != Route::Dashboard && !self.authorized(request) {
+        // to anyone who can reach the admin port; the page asks for the key when /stats answers 401. The key
+        // is checked before a route is looked up, so without it a client cannot tell routes from 404s.
+        let public = matches!(routed, Ok(Route::Healthz | Route::Dashboard));
+        if !public && !self.authorized(request) {
             let mut reply = Reply::error(
                 401,
                 "missing or wrong admin API key (Authorization: Bearer <key>)",
@@ -364,6 +357,16 @@ impl AdminServer {
                 .push(("WWW-Authenticate", "Bearer".to_string()));
             return reply;
         }
+        let route = match routed {
+            Ok(route) => route,
+            Err(RouteError::NotFound) => return Reply::error(404, "no such route"),
+            Err(RouteError::MethodNotAllowed { allow }) => {
+                let mut reply = Reply::error(405, "method not allowed");
+                reply.headers.push(("Allow", allow.to_string()));
+                return reply;
+            }
+            Err(RouteError::BadSegment(why)) => return Reply::error(400, why),
+        };
         match route {
             Route::PublishUser { user } => {
                 self.publish(Target::User(user), TargetKind::User, request)
