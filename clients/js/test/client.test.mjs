@@ -154,7 +154,8 @@ test("a slow-consumer close (1008) reconnects with backoff and recovers what was
   // A server of its own with a small outbox, so a stalled reader is closed quickly.
   const slow = await DensepushServer.create({
     // A long close timeout: the 1008 close frame waits behind the stalled bytes until the reader resumes.
-    websocket: "max_outbox_bytes = 65536\nclose_timeout_ms = 30000",
+    // Slow pings: a stalled reader must overflow the outbox (1008), not miss a pong first (1006).
+    websocket: "max_outbox_bytes = 65536\nclose_timeout_ms = 30000\nping_interval_ms = 20000\npong_timeout_ms = 15000",
     admin: "max_publish_bytes = 65536",
   });
   const slowProxy = await Proxy.create(slow.clientPort);

@@ -42,6 +42,18 @@ export async function freePort() {
 
 const SECRET = "js-client-test-secret-0123456789abcdef";
 
+/** Fast keepalive by default (dead connections show within a second); a test may override any key. */
+const WEBSOCKET_DEFAULTS = { ping_interval_ms: "500", pong_timeout_ms: "400", timer_tick_ms: "20" };
+
+function websocketSection(lines) {
+  const given = lines.split("\n").filter((line) => line.trim() !== "");
+  const keys = new Set(given.map((line) => line.split("=")[0].trim()));
+  const defaults = Object.entries(WEBSOCKET_DEFAULTS)
+    .filter(([key]) => !keys.has(key))
+    .map(([key, value]) => `${key} = ${value}`);
+  return [...defaults, ...given].join("\n");
+}
+
 /** A densepush process with fixed ports (so it can be restarted in place) and history on. */
 export class DensepushServer {
   static async create({ extra = "", apiKey = "", websocket = "", admin = "" } = {}) {
@@ -65,10 +77,7 @@ reactors = 2
 shutdown_timeout_ms = 2000
 
 [websocket]
-ping_interval_ms = 500
-pong_timeout_ms = 400
-timer_tick_ms = 20
-${websocket}
+${websocketSection(websocket)}
 
 [auth]
 mode = "jwt"
