@@ -88,11 +88,23 @@ fn position_taken_on_one_node_recovers_on_another() {
         );
         assert_eq!(&payload, want);
     }
-    // Both nodes hold the same history.
-    let (_, page_a) = http(a.admin, "GET", "/history/user:42?limit=1000", "");
-    let (_, page_b) = http(b.admin, "GET", "/history/user:42?limit=1000", "");
-    assert_eq!(json(&page_a)["messages"], json(&page_b)["messages"]);
-    assert_eq!(json(&page_a)["last"], 132);
+    // Both nodes hold the same history once each has the last message from the bus (the one published
+    // through B reaches A's copy a moment after B's answer).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, page_a) = http(a.admin, "GET", "/history/user:42?limit=1000", "");
+        let (_, page_b) = http(b.admin, "GET", "/history/user:42?limit=1000", "");
+        let (page_a, page_b) = (json(&page_a), json(&page_b));
+        if page_a["last"] == 132 && page_b["last"] == 132 {
+            assert_eq!(page_a["messages"], page_b["messages"]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history copies differ: {page_a} / {page_b}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
