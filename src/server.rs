@@ -17,7 +17,7 @@ use crate::reactor::{Reactor, Settings};
 use anyhow::Context;
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -39,11 +39,14 @@ pub struct Running {
     reactors: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
     cluster: Option<Arc<Cluster>>,
+    /// Shared with the admin server: set when draining starts.
+    draining: Arc<AtomicBool>,
 }
 
 impl Running {
     /// Asks every reactor to stop accepting and close its connections with 1001.
     pub fn shutdown(&self) {
+        self.draining.store(true, Ordering::Relaxed);
         if let Some(cluster) = &self.cluster {
             cluster.leave();
         }
@@ -119,6 +122,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     admin_listener.set_nonblocking(true)?;
     let admin_addr = admin_listener.local_addr()?;
+    let draining = Arc::new(AtomicBool::new(false));
     let admin = AdminServer::new(
         admin_listener,
         mailboxes.clone(),
@@ -134,6 +138,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
                 max_headers: config.admin.max_request_headers,
                 max_body_bytes: config.admin.max_publish_bytes,
             },
+            draining: draining.clone(),
         },
     )?
     .with_cluster(cluster.clone())
@@ -150,6 +155,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         reactors: handles,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
         cluster,
+        draining,
     })
 }
 

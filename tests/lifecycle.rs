@@ -104,6 +104,40 @@ fn sigterm_exits_0_by_shutdown_timeout_when_a_client_never_answers_the_close() {
 }
 
 #[test]
+fn while_draining_healthz_and_publishes_answer_503() {
+    let mut server = Server::start(&[
+        ("server.shutdown_timeout_ms", "1500"),
+        ("websocket.close_timeout_ms", "1500"),
+        ("websocket.timer_tick_ms", "10"),
+    ]);
+    let healthz = server.request("GET", "/healthz", b"", &[]);
+    assert_eq!(healthz.status, 200);
+    assert_eq!(healthz.json()["status"], "ok");
+    // A client that never answers the close keeps the server draining for the shutdown timeout.
+    let _silent = server.raw_upgrade("user=silent");
+    server.sigterm();
+    assert!(
+        wait_until(Duration::from_secs(1), || server
+            .request("GET", "/healthz", b"", &[])
+            .status
+            == 503),
+        "healthz did not turn 503 while draining"
+    );
+    let healthz = server.request("GET", "/healthz", b"", &[]);
+    assert_eq!(healthz.json()["status"], "draining");
+    let publish = server.post("/publish/all", "too late");
+    assert_eq!(publish.status, 503);
+    assert!(publish.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("shutting down"));
+    let status = server
+        .wait_exit(Duration::from_secs(4))
+        .expect("server did not exit");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn sigterm_with_no_connections_exits_0_promptly() {
     let mut server = Server::start(&[]);
     server.sigterm();

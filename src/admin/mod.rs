@@ -19,7 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 use route::{Route, RouteError};
 use slab::Slab;
 use std::io::{self, Read, Write};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +54,9 @@ pub struct AdminSettings {
     pub api_key: Option<String>,
     /// Request limits.
     pub limits: http::Limits,
+    /// Set when the server starts draining (SIGTERM): health checks answer 503 so load balancers stop
+    /// sending clients, and publishes answer 503 instead of a 202 for connections that are closing.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// Everything the admin thread talks to.
@@ -386,13 +389,16 @@ impl AdminServer {
             }
             Route::Presence { user } => self.presence(user),
             Route::History { stream } => self.history_route(&stream, request),
-            Route::Healthz => Reply::json(
-                200,
-                serde_json::json!({
-                    "status": "ok",
-                    "cluster": self.cluster.as_ref().map_or("disabled", |c| c.health()),
-                }),
-            ),
+            Route::Healthz => {
+                let draining = self.settings.draining.load(Relaxed);
+                Reply::json(
+                    if draining { 503 } else { 200 },
+                    serde_json::json!({
+                        "status": if draining { "draining" } else { "ok" },
+                        "cluster": self.cluster.as_ref().map_or("disabled", |c| c.health()),
+                    }),
+                )
+            }
             Route::Metrics => Reply {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -462,6 +468,12 @@ impl AdminServer {
             return Reply::error(
                 400,
                 "body is not valid UTF-8; send binary with Content-Type: application/octet-stream",
+            );
+        }
+        if self.settings.draining.load(Relaxed) {
+            return Reply::error(
+                503,
+                "shutting down: connections are closing; publish through another node",
             );
         }
         // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
