@@ -4,8 +4,6 @@
 mod common;
 
 use common::*;
-use socket2::{Domain, Socket, Type};
-use std::net::TcpStream;
 use std::time::Duration;
 
 const MESSAGE_BYTES: usize = 4096;
@@ -21,18 +19,6 @@ fn seq_of(text: &str) -> usize {
         .and_then(|rest| rest.get(..6))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("not a numbered message: {:?}", &text[..text.len().min(20)]))
-}
-
-/// A client socket with a tiny receive buffer, so the server's writes block soon.
-fn tiny_window_stream(server: &Server) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    // Before connect, so the advertised window is small from the start.
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.client_addr.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
 }
 
 #[test]

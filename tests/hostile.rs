@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::SockRef;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -264,17 +264,6 @@ fn numbered(i: usize) -> String {
     let mut text = format!("seq:{i:06}:");
     text.extend(std::iter::repeat_n('p', MESSAGE_BYTES - text.len()));
     text
-}
-
-/// A client socket with a tiny receive buffer (set before connect, so the window is small from the start).
-fn tiny_window_stream(server: &Server) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.client_addr.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
 }
 
 #[test]
