@@ -8,20 +8,19 @@
 //! per-stream history (`history`).
 #![deny(missing_docs)]
 
+pub mod accept;
 pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod conn;
-pub mod echo;
 pub mod fanout;
 pub mod frame;
 pub mod handshake;
 pub mod history;
 pub mod mailbox;
 pub mod metrics;
-pub mod outbox;
 pub mod reactor;
 pub mod server;
 pub mod timer;

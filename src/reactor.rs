@@ -1,21 +1,23 @@
 //! One reactor thread: a `mio::Poll` loop over its own `SO_REUSEPORT` listener, its slab of connections, its
 //! fanout index and its timing wheel.
 //!
-//! This is the only place that calls `accept`, `read`, `write` and the clock. Protocol decisions are delegated
-//! to the sans-IO cores (`handshake`, `auth`, `frame`, `outbox`, `fanout`, `timer`); the reactor moves bytes
-//! between them and the sockets. Sockets are registered once, edge-triggered, for read and write, and every
-//! readiness is drained until `WouldBlock`.
+//! This is the only place that calls `accept`, `read`, `write` (through a connection's transport), `epoll`
+//! and the clock. It moves bytes, events and time into each connection's machine (`conn::Machine`) and
+//! carries out what the machine answers: removing a connection, scheduling its timer. It also owns what spans
+//! connections: the upgrade decision (origin, identity, connection slots), the fanout index, replays from
+//! history, and the commands other threads send through the mailbox. Sockets are registered once,
+//! edge-triggered, for read and write, and every readiness is drained until `WouldBlock`.
 
-use crate::auth::Authenticator;
+use crate::accept::Acceptor;
+use crate::auth::{Authenticator, Identity};
 use crate::budget::Budget;
-use crate::conn::{Conn, Phase, Sent, FLAG_HEARD, FLAG_PING_SENT, FLAG_RECOVER, FLAG_UPGRADED};
+use crate::conn::transport::Plain;
+use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
 use crate::fanout::Fanout;
-use crate::frame::{self, Event, Feed, ProtocolError};
-use crate::handshake::{self, HandshakeLimits, Reject};
+use crate::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::history::{self, envelope, History};
 use crate::mailbox::{Command, Mailbox, Target};
-use crate::metrics::{ReactorMetrics, RejectKind};
-use crate::outbox::Flush;
+use crate::metrics::ReactorMetrics;
 use crate::timer::TimerWheel;
 use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
@@ -40,14 +42,6 @@ const SENDS_PER_TURN: usize = 8_192;
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
 const READS_PER_TURN: usize = 16;
 
-/// Reason given when the server-wide buffer budget (`websocket.max_buffered_bytes_total`) refuses a buffer.
-const BUDGET_EXHAUSTED: &str = "server busy: buffer budget exhausted";
-
-/// A ping with no payload: the same bytes for every connection.
-static PING_FRAME: [u8; 2] = [0x89, 0x00];
-/// A close frame with no payload, the reply to a client close that carried no code (RFC 6455 §5.5.1).
-static EMPTY_CLOSE_FRAME: [u8; 2] = [0x88, 0x00];
-
 /// What a reactor needs to know, resolved from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -64,56 +58,21 @@ pub struct Settings {
     pub max_tracked: usize,
     /// Resolution of the timing wheel.
     pub tick: Duration,
-    /// Ticks a client has to complete the upgrade.
-    pub handshake_timeout_ticks: u64,
-    /// Ticks between pings.
-    pub ping_interval_ticks: u64,
-    /// Ticks a client has to send any frame after a ping.
-    pub pong_timeout_ticks: u64,
-    /// Ticks to wait for the client's close frame or the final flush.
-    pub close_timeout_ticks: u64,
-    /// Inbound frame limits.
-    pub frame_limits: frame::Limits,
-    /// Unsent bytes per connection before it is closed as a slow consumer.
-    pub max_outbox_bytes: usize,
+    /// The connection rules (timeouts in ticks, frame and outbox limits, echo).
+    pub rules: Rules,
     /// Size of the reactor-wide read buffer.
     pub read_buffer_bytes: usize,
     /// The node's message history, read at upgrades that carry `since`.
     pub history: Arc<History>,
     /// Bytes all connections of all reactors may hold in heap buffers together (shared).
     pub budget: Arc<Budget>,
-    /// `[diagnostics] echo`: send each complete client data message back (see `echo`).
-    pub echo: bool,
-}
-
-impl Settings {
-    /// The longest delay the timing wheel must hold.
-    fn max_delay_ticks(&self) -> u64 {
-        [
-            self.handshake_timeout_ticks,
-            self.ping_interval_ticks,
-            self.pong_timeout_ticks,
-            self.close_timeout_ticks,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(1)
-    }
-}
-
-/// Why a connection ends, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    /// Close handshake done, HTTP error sent, or timeout in closing: already counted elsewhere.
-    Done,
-    /// EOF or socket error without a close handshake.
-    Abrupt,
 }
 
 /// One reactor and everything it owns.
 pub struct Reactor {
     poll: Poll,
     listener: Option<TcpListener>,
+    acceptor: Acceptor,
     conns: Slab<Conn>,
     fanout: Fanout,
     wheel: TimerWheel,
@@ -136,7 +95,6 @@ pub struct Reactor {
     replay: Vec<Bytes>,
     started: Instant,
     next_generation: u32,
-    accept_paused: bool,
     shutdown_deadline: Option<Instant>,
 }
 
@@ -156,11 +114,12 @@ impl Reactor {
         Ok(Reactor {
             poll,
             listener: Some(listener),
+            acceptor: Acceptor::default(),
             // Reserved, not touched: the slab and the index grow into address space that is already theirs,
             // so there is no doubling slack and no copy of millions of records while clients connect.
             conns: Slab::with_capacity(settings.max_tracked),
             fanout: Fanout::with_capacity(settings.max_tracked),
-            wheel: TimerWheel::new(settings.max_delay_ticks()),
+            wheel: TimerWheel::new(settings.rules.max_delay_ticks()),
             mailbox,
             auth,
             metrics,
@@ -173,7 +132,6 @@ impl Reactor {
             replay: Vec::new(),
             started: Instant::now(),
             next_generation: 0,
-            accept_paused: false,
             shutdown_deadline: None,
         })
     }
@@ -203,8 +161,8 @@ impl Reactor {
                         let readable =
                             event.is_readable() || event.is_read_closed() || event.is_error();
                         let writable = event.is_writable() || event.is_error();
-                        if writable {
-                            self.on_writable(key, generation);
+                        if writable && self.live(key, generation) {
+                            self.drive(key, |m, cx, t| m.handle_writable(cx, t));
                         }
                         if readable {
                             self.on_readable(key, generation);
@@ -254,50 +212,102 @@ impl Reactor {
             );
             let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
             for key in keys {
-                self.close(key as u32, Ending::Done);
+                self.remove(key as u32, Ending::Done);
             }
             return true;
         }
         false
     }
 
+    // ---- the machine and its surroundings ----------------------------------------------------------------
+
+    /// Runs one input of connection `key`'s machine with its context and transport, and carries out the
+    /// answer. Returns false if the connection is gone (or was already).
+    fn drive(
+        &mut self,
+        key: u32,
+        input: impl FnOnce(&mut Machine, &mut Ctx<'_>, &mut Plain<'_>) -> Next,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(key as usize) else {
+            return false;
+        };
+        let mut cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        let next = input(&mut conn.machine, &mut cx, &mut Plain(&conn.stream));
+        self.carry_out(key, next)
+    }
+
+    fn carry_out(&mut self, key: u32, next: Next) -> bool {
+        match next {
+            Next::Continue => true,
+            Next::Remove(ending) => {
+                self.remove(key, ending);
+                false
+            }
+        }
+    }
+
+    fn live(&self, key: u32, generation: u32) -> bool {
+        self.conns
+            .get(key as usize)
+            .is_some_and(|c| c.generation == generation)
+    }
+
+    /// Removes the connection everywhere and closes its socket (dropping the stream also drops its epoll
+    /// registration, since no other descriptor refers to it).
+    fn remove(&mut self, key: u32, ending: Ending) {
+        self.fanout.remove(key);
+        let mut conn = self.conns.remove(key as usize);
+        let cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        conn.machine.teardown(&cx);
+        if conn.machine.wants_envelopes() {
+            self.settings.history.count_recovering(false);
+        }
+        if conn.machine.was_upgraded() {
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            self.metrics.connections_open.fetch_sub(1, Relaxed);
+        } else {
+            self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
+        }
+        if ending == Ending::Abrupt {
+            ReactorMetrics::inc(&self.metrics.abrupt_closes);
+        }
+    }
+
     // ---- accepting -------------------------------------------------------------------------------------
 
     fn accept_all(&mut self) {
-        loop {
-            let Some(listener) = self.listener.as_ref() else {
-                return;
-            };
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    self.accept_paused = false;
-                    self.admit(stream);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_resource_exhaustion(&e) => {
-                    // The pending connection stays in the backlog; with edge-triggered readiness no new event
-                    // may come, so the timer tick retries. Backing off keeps the loop from spinning.
-                    if !self.accept_paused {
-                        log::warn!(
-                            "accept failed ({e}); pausing accepts until descriptors free up"
-                        );
-                    }
-                    ReactorMetrics::inc(&self.metrics.accept_errors);
-                    self.accept_paused = true;
-                    return;
-                }
-                // The peer went away between SYN and accept (ECONNABORTED) and the like: next one.
-                Err(_) => continue,
-            }
-        }
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let mut acceptor = std::mem::take(&mut self.acceptor);
+        let metrics = self.metrics.clone();
+        acceptor.accept_all(
+            &listener,
+            "client listener",
+            |stream| self.admit(stream),
+            || ReactorMetrics::inc(&metrics.accept_errors),
+        );
+        self.acceptor = acceptor;
+        self.listener = Some(listener);
     }
 
     fn admit(&mut self, stream: TcpStream) {
         ReactorMetrics::inc(&self.metrics.tcp_accepted);
         if self.conns.len() >= self.settings.max_tracked {
             // Past the hard cap even the 503 would cost a slot; closing at once is the only bounded answer.
-            self.metrics.reject(RejectKind::Unavailable);
+            self.metrics.reject(crate::metrics::RejectKind::Unavailable);
             return;
         }
         let stream = std::net::TcpStream::from(stream);
@@ -307,39 +317,34 @@ impl Reactor {
         let key = entry.key() as u32;
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
-        let token = make_token(key, generation);
         let fd = stream.as_raw_fd();
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
-            token,
+            make_token(key, generation),
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("register failed: {e}");
             return;
         }
-        let mut conn = Conn::new(stream, generation);
-        conn.timer_stamp = self
-            .wheel
-            .schedule(key, self.settings.handshake_timeout_ticks);
-        entry.insert(conn);
+        let mut cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        let machine = Machine::new(&mut cx);
+        entry.insert(Conn {
+            stream,
+            generation,
+            machine,
+        });
         self.metrics.connections_handshaking.fetch_add(1, Relaxed);
         // The request may already be there (TCP Fast Open, or a fast client); edge-triggered readiness for it
         // will still be reported, so there is nothing to read eagerly here.
     }
 
-    // ---- readiness -------------------------------------------------------------------------------------
-
-    fn live(&self, key: u32, generation: u32) -> bool {
-        self.conns
-            .get(key as usize)
-            .is_some_and(|c| c.generation == generation)
-    }
-
-    fn on_writable(&mut self, key: u32, generation: u32) {
-        if self.live(key, generation) {
-            self.flush(key);
-        }
-    }
+    // ---- reading ---------------------------------------------------------------------------------------
 
     fn on_readable(&mut self, key: u32, generation: u32) {
         if !self.live(key, generation) {
@@ -353,16 +358,18 @@ impl Reactor {
 
     fn read_turn(&mut self, key: u32, generation: u32, scratch: &mut [u8]) {
         for _ in 0..READS_PER_TURN {
+            // A handler may have removed the connection (a shutdown applied while draining the mailbox).
             let Some(conn) = self.conns.get_mut(key as usize) else {
                 return;
             };
-            if conn.phase == Phase::Flushing {
-                // Nothing more will be read; what the client still sends is discarded with the socket.
+            if conn.generation != generation || !conn.machine.reads() {
+                // Once flushing, nothing more is read; what the client still sends is discarded with the socket.
                 return;
             }
-            match conn.stream.read(scratch) {
+            match (&conn.stream).read(scratch) {
                 Ok(0) => {
-                    self.close(key, Ending::Abrupt);
+                    let next = conn.machine.handle_broken();
+                    self.carry_out(key, next);
                     return;
                 }
                 Ok(n) => {
@@ -373,120 +380,95 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    self.close(key, Ending::Abrupt);
+                    let next = conn.machine.handle_broken();
+                    self.carry_out(key, next);
                     return;
                 }
             }
         }
-        // Budget used up and not yet WouldBlock: come back after the others had their turn.
+        // Not yet WouldBlock: come back after the others had their turn.
         self.pending_reads.push((key, generation));
     }
 
-    /// Handles bytes read from a connection; returns false if the connection is gone or reads must stop.
+    /// Hands bytes read from a connection to its machine; returns false if the connection is gone.
     fn on_bytes(&mut self, key: u32, data: &mut [u8]) -> bool {
-        match self.conns[key as usize].phase {
-            Phase::Handshaking => self.on_handshake_bytes(key, data),
-            Phase::Open | Phase::Closing => self.on_frame_bytes(key, data),
-            Phase::Flushing => false,
+        match self.conns[key as usize].machine.phase() {
+            Phase::Handshaking => self.on_request_bytes(key, data),
+            Phase::Open | Phase::Closing => {
+                self.drive(key, |m, cx, t| m.handle_frames(cx, t, data))
+            }
+            Phase::Flushing => true,
         }
     }
 
-    // ---- handshake -------------------------------------------------------------------------------------
+    // ---- the upgrade -------------------------------------------------------------------------------------
 
-    fn on_handshake_bytes(&mut self, key: u32, data: &mut [u8]) -> bool {
-        let conn = &mut self.conns[key as usize];
-        let buffered = conn.spill.as_ref().is_some_and(|s| !s.head.is_empty());
-        if !buffered {
-            return self.try_upgrade(key, data, true);
-        }
-        // Join the new bytes to the partial head kept from earlier reads, if the buffer budget allows it.
-        if conn.try_grow(&self.settings.budget, data.len()).is_none() {
-            self.refuse(key, &Reject::Unavailable(BUDGET_EXHAUSTED));
+    /// Bytes of a request head: joined to what earlier reads left, parsed, and decided once complete.
+    fn on_request_bytes(&mut self, key: u32, data: &mut [u8]) -> bool {
+        let mut joined = None;
+        let kept = self.drive(key, |m, cx, t| match m.join_head(cx, t, data) {
+            Ok(head) => {
+                joined = head;
+                Next::Continue
+            }
+            Err(next) => next,
+        });
+        if !kept {
             return false;
         }
-        let spill = conn.spill.as_mut().expect("buffered head implies a spill");
-        let mut head = std::mem::take(&mut spill.head);
-        head.reserve_exact(data.len());
-        head.extend_from_slice(data);
-        let alive = self.try_upgrade(key, &mut head, false);
-        if let Some(conn) = self.conns.get_mut(key as usize) {
-            if conn.phase == Phase::Handshaking {
-                // Still incomplete: keep the joined bytes.
-                conn.spill_mut().0.head = head;
-            }
-            conn.settle(&self.settings.budget);
-        }
-        alive
-    }
-
-    /// Parses the request head in `buf`; completes the upgrade, refuses it, or keeps the bytes for later
-    /// (copying them out of the scratch buffer when `from_scratch`; otherwise the caller keeps its buffer).
-    fn try_upgrade(&mut self, key: u32, buf: &mut [u8], from_scratch: bool) -> bool {
-        let parsed = handshake::parse_request(buf, &self.settings.handshake);
-        let (response, identity, head_len, recover, since) = match parsed {
+        let buf: &mut [u8] = match joined.as_mut() {
+            Some(head) => head,
+            None => data,
+        };
+        match handshake::parse_request(buf, &self.settings.handshake) {
             Ok(None) => {
-                if !from_scratch {
+                let head = match joined {
+                    Some(head) => Head::Joined(head),
+                    None => Head::Fresh(data),
+                };
+                self.drive(key, |m, cx, t| m.keep_head(cx, t, head))
+            }
+            Err(reject) => self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject))),
+            Ok(Some((request, head_len))) => {
+                if !self.upgrade(key, request) {
+                    return false;
+                }
+                // Bytes after the head are the client's first frames, sent without waiting for our 101.
+                let rest = &mut buf[head_len..];
+                if rest.is_empty() {
                     return true;
                 }
-                let conn = &mut self.conns[key as usize];
-                let Some(fresh) = conn.try_grow(&self.settings.budget, buf.len()) else {
-                    self.refuse(key, &Reject::Unavailable(BUDGET_EXHAUSTED));
-                    return false;
-                };
-                let spill = conn.spill.as_mut().expect("try_grow allocates the spill");
-                spill.head.reserve_exact(buf.len());
-                spill.head.extend_from_slice(buf);
-                conn.settle(&self.settings.budget);
-                if fresh {
-                    self.metrics.buffers_live.fetch_add(1, Relaxed);
-                }
-                return true;
+                self.drive(key, |m, cx, t| m.handle_frames(cx, t, rest))
             }
+        }
+    }
+
+    /// Decides a complete upgrade request: origin, identity and a connection slot; then indexes the
+    /// connection, answers 101 and replays what a recovering client missed. Returns false if it is gone.
+    fn upgrade(&mut self, key: u32, request: Request<'_>) -> bool {
+        let generation = self.conns[key as usize].generation;
+        let since = envelope::raw_query_param(request.query, "since")
+            .filter(|_| self.settings.history.any_enabled())
+            .map(envelope::parse_since)
+            .unwrap_or_default();
+        if !since.is_empty() {
+            // Apply what is queued before reading history (see `history`): the client may have had those
+            // messages on another reactor's connection before it reconnected here.
+            self.drain_mailbox();
+            if !self.live(key, generation) {
+                return false; // a shutdown in the mailbox closed it
+            }
+        }
+        let identity = match self.admit_request(&request) {
+            Ok(identity) => identity,
             Err(reject) => {
-                self.refuse(key, &reject);
-                return false;
-            }
-            Ok(Some((request, head_len))) => {
-                let since = envelope::raw_query_param(request.query, "since")
-                    .filter(|_| self.settings.history.any_enabled())
-                    .map(envelope::parse_since)
-                    .unwrap_or_default();
-                if !since.is_empty() {
-                    // Apply what is queued before reading history (see `history`): the client may have had
-                    // those messages on another reactor's connection before it reconnected here.
-                    self.drain_mailbox();
-                    if !self.conns.contains(key as usize) {
-                        return false; // a shutdown in the mailbox closed it
-                    }
-                }
-                if !handshake::origin_allowed(request.origin, &self.settings.allowed_origins) {
-                    self.refuse(key, &Reject::Forbidden("origin not allowed"));
-                    return false;
-                }
-                let identity = match self.auth.authenticate(request.query, request.authorization) {
-                    Ok(identity) => identity,
-                    Err(e) => {
-                        self.refuse(key, &Reject::Unauthorized(e.reason()));
-                        return false;
-                    }
-                };
-                // Take a slot last, so a refused request never holds one.
-                if self.settings.open_total.fetch_add(1, Relaxed) >= self.settings.max_open {
-                    self.settings.open_total.fetch_sub(1, Relaxed);
-                    self.refuse(key, &Reject::Unavailable("connection limit reached"));
-                    return false;
-                }
-                let protocol =
-                    history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
-                (
-                    handshake::accept_response(request.key, protocol),
-                    identity,
-                    head_len,
-                    history::wants_envelopes(request.query, request.protocols),
-                    since,
-                )
+                return self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
             }
         };
+        let protocol =
+            history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
+        let response = handshake::accept_response(request.key, protocol);
+        let recover = history::wants_envelopes(request.query, request.protocols);
 
         self.fanout.add(
             key,
@@ -497,30 +479,30 @@ impl Reactor {
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         self.metrics.connections_open.fetch_add(1, Relaxed);
         ReactorMetrics::inc(&self.metrics.handshakes_accepted);
-        let conn = &mut self.conns[key as usize];
-        conn.phase = Phase::Open;
-        conn.set(FLAG_UPGRADED, true);
-        conn.set(FLAG_RECOVER, recover);
         if recover {
             self.settings.history.count_recovering(true);
         }
-        conn.timer_stamp = self.wheel.schedule(key, self.settings.ping_interval_ticks);
-        if let Some(spill) = conn.spill.as_mut() {
-            spill.head = Vec::new();
-        }
-        if !self.send(key, &Bytes::from(response)) {
+        if !self.drive(key, |m, cx, t| m.accept(cx, t, response, recover)) {
             return false;
         }
-        if !since.is_empty() && !self.replay_missed(key, &since, &identity) {
-            return false;
+        since.is_empty() || self.replay_missed(key, &since, &identity)
+    }
+
+    /// The checks that decide an upgrade, in the order that names the most specific refusal; takes a
+    /// connection slot last, so a refused request never holds one.
+    fn admit_request(&self, request: &Request<'_>) -> Result<Identity, Reject> {
+        if !handshake::origin_allowed(request.origin, &self.settings.allowed_origins) {
+            return Err(Reject::Forbidden("origin not allowed"));
         }
-        // Bytes after the head are the client's first frames, sent without waiting for our 101.
-        let rest = &mut buf[head_len..];
-        if rest.is_empty() {
-            self.release_if_idle(key);
-            return true;
+        let identity = self
+            .auth
+            .authenticate(request.query, request.authorization)
+            .map_err(|e| Reject::Unauthorized(e.reason()))?;
+        if self.settings.open_total.fetch_add(1, Relaxed) >= self.settings.max_open {
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            return Err(Reject::Unavailable("connection limit reached"));
         }
-        self.on_frame_bytes(key, rest)
+        Ok(identity)
     }
 
     /// Sends a recovering connection what it missed (or `resync` notices), right after its 101 and before any
@@ -530,7 +512,7 @@ impl Reactor {
         &mut self,
         key: u32,
         since: &[envelope::Position],
-        identity: &crate::auth::Identity,
+        identity: &Identity,
     ) -> bool {
         let mut replay = std::mem::take(&mut self.replay);
         let reader = history::Reader {
@@ -543,13 +525,62 @@ impl Reactor {
             .recover(since, reader, self.applied_seq, &mut replay);
         let mut alive = true;
         for frame in replay.drain(..) {
-            if alive && !self.send(key, &frame) {
-                alive = false;
+            if alive {
+                alive = self.drive(key, |m, cx, t| m.send(cx, t, &frame));
             }
         }
         self.replay = replay;
         alive
     }
+
+    // ---- timers ----------------------------------------------------------------------------------------
+
+    fn run_timers(&mut self) {
+        let now = self.now_tick();
+        if now <= self.wheel.now_tick() {
+            return;
+        }
+        if self.acceptor.is_paused() {
+            self.accept_all();
+        }
+        let mut expired = Vec::new();
+        self.wheel.advance(now, &mut expired);
+        for entry in expired {
+            let mut silent = false;
+            self.drive(entry.key, |m, cx, t| {
+                match m.handle_timeout(cx, t, entry.stamp) {
+                    Expired::Stale => Next::Continue,
+                    Expired::Next(next) => next,
+                    Expired::Silent => {
+                        silent = true;
+                        Next::Continue
+                    }
+                }
+            });
+            if silent {
+                // Read what may have arrived while this turn was busy before calling the peer silent: under
+                // load a pong can sit unread in the socket past its deadline.
+                let generation = self.conns[entry.key as usize].generation;
+                self.on_readable(entry.key, generation);
+                if self.live(entry.key, generation) {
+                    self.drive(entry.key, |m, cx, _| m.pong_deadline(cx));
+                }
+            }
+        }
+        let sizes = self.fanout.sizes();
+        self.metrics.index_users.store(sizes.users as u64, Relaxed);
+        self.metrics
+            .commands_pending
+            .store(self.mailbox.pending() as u64, Relaxed);
+        self.metrics
+            .index_clients
+            .store(sizes.clients as u64, Relaxed);
+        self.metrics
+            .index_channels
+            .store(sizes.channels as u64, Relaxed);
+    }
+
+    // ---- commands from other threads -------------------------------------------------------------------
 
     /// Applies every command sent so far, in order, however many.
     fn drain_mailbox(&mut self) {
@@ -580,391 +611,6 @@ impl Reactor {
         self.mailbox.applied(applied);
     }
 
-    /// Answers a refused upgrade with its HTTP status and closes once it is written.
-    fn refuse(&mut self, key: u32, reject: &Reject) {
-        self.metrics
-            .reject(RejectKind::from_status(reject.status()));
-        let conn = &mut self.conns[key as usize];
-        conn.phase = Phase::Flushing;
-        if let Some(spill) = conn.spill.as_mut() {
-            spill.head = Vec::new();
-        }
-        conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-        // Unbounded: a refusal is a short answer that must go out even when the buffer budget is what refused
-        // (a bounded send over budget would answer an HTTP client with a WebSocket close frame).
-        if self.send_control(key, &Bytes::from(reject.response())) {
-            self.flush(key);
-        }
-    }
-
-    // ---- frames ----------------------------------------------------------------------------------------
-
-    /// Decodes client frames; returns false if the connection is gone or reading must stop.
-    fn on_frame_bytes(&mut self, key: u32, data: &mut [u8]) -> bool {
-        let conn = &mut self.conns[key as usize];
-        conn.set(FLAG_HEARD, true);
-        // The decoder lives on the stack unless a frame straddles reads; then it waits in the spill.
-        let mut decoder = conn
-            .spill
-            .as_mut()
-            .map(|s| std::mem::take(&mut s.decoder))
-            .unwrap_or_default();
-        let mut pongs: Vec<Bytes> = Vec::new();
-        let mut peer_close: Option<Option<u16>> = None;
-        let (mut pings, mut pongs_in, mut messages) = (0u64, 0u64, 0u64);
-        let mut echo = self
-            .settings
-            .echo
-            .then(|| crate::echo::Echo::resume(conn.spill.as_deref_mut()));
-        let result = decoder.feed(data, &self.settings.frame_limits, |event| match event {
-            Event::Ping(payload) => {
-                pings += 1;
-                pongs.push(frame::encode_pong(payload));
-            }
-            Event::Pong(_) => pongs_in += 1,
-            Event::Close { code, .. } => peer_close = Some(code),
-            Event::Data {
-                text, chunk, last, ..
-            } => {
-                messages += u64::from(last);
-                if let Some(echo) = echo.as_mut() {
-                    echo.chunk(text, chunk, last);
-                }
-            }
-        });
-        ReactorMetrics::add(&self.metrics.pings_received, pings);
-        ReactorMetrics::add(&self.metrics.pongs_received, pongs_in);
-        ReactorMetrics::add(&self.metrics.messages_received, messages);
-        // A frame straddles reads: its state needs the spill, which the budget may refuse. (After an error or a
-        // close the state no longer matters: the connection is ending with its own code.)
-        if !decoder.is_idle() && matches!(result, Ok(Feed::More)) {
-            let Some(fresh) = conn.try_grow(&self.settings.budget, 0) else {
-                self.refuse_buffer(key);
-                return false;
-            };
-            conn.spill
-                .as_mut()
-                .expect("try_grow allocates the spill")
-                .decoder = decoder;
-            if fresh {
-                self.metrics.buffers_live.fetch_add(1, Relaxed);
-            }
-        }
-        let echoes = match echo {
-            Some(echo) => echo.suspend(conn, &self.metrics),
-            None => Vec::new(),
-        };
-
-        // Once our close frame is out, nothing else may follow it (RFC 6455 §5.5.1), pongs included.
-        if conn.phase == Phase::Open {
-            for pong in pongs.iter().chain(&echoes) {
-                if !self.send(key, pong) {
-                    return false;
-                }
-            }
-        }
-        match result {
-            Err(error) => {
-                self.fail(key, error);
-                false
-            }
-            Ok(Feed::Closed) => {
-                self.on_peer_close(key, peer_close.flatten());
-                false
-            }
-            Ok(Feed::More) => {
-                self.release_if_idle(key);
-                true
-            }
-        }
-    }
-
-    /// The client sent a close frame: answer it (RFC 6455 §5.5.1), or finish our own close, then close TCP
-    /// once written — the server closes the TCP connection first (§7.1.1).
-    fn on_peer_close(&mut self, key: u32, code: Option<u16>) {
-        let conn = &mut self.conns[key as usize];
-        let was_open = conn.phase == Phase::Open;
-        conn.phase = Phase::Flushing;
-        conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-        if was_open {
-            ReactorMetrics::inc(&self.metrics.client_closes);
-            // Echo the code the client sent; an empty close is answered with an empty close.
-            let reply = match code {
-                Some(code) => frame::encode_close(code, ""),
-                None => Bytes::from_static(&EMPTY_CLOSE_FRAME),
-            };
-            if !self.send_control(key, &reply) {
-                return;
-            }
-        }
-        self.flush(key);
-    }
-
-    /// Fails the connection for a protocol violation (RFC 6455 §7.1.7): close frame with the code, then close.
-    fn fail(&mut self, key: u32, error: ProtocolError) {
-        ReactorMetrics::inc(&self.metrics.protocol_error_closes);
-        log::debug!("connection {key}: protocol error: {error}");
-        let conn = &mut self.conns[key as usize];
-        let was_open = conn.phase == Phase::Open;
-        conn.phase = Phase::Flushing;
-        conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-        if was_open
-            && !self.send_control(
-                key,
-                &frame::encode_close(error.close_code(), error.reason()),
-            )
-        {
-            return;
-        }
-        self.flush(key);
-    }
-
-    /// A frame straddles reads but the server-wide buffer budget is exhausted: close with 1013 Try Again Later
-    /// (RFC 6455 §7.4.1 via the IANA registry, RFC 6455 §11.7) instead of holding the frame's state.
-    fn refuse_buffer(&mut self, key: u32) {
-        ReactorMetrics::inc(&self.metrics.budget_closes);
-        log::debug!("connection {key}: buffer budget exhausted, closing with 1013");
-        let conn = &mut self.conns[key as usize];
-        let was_open = conn.phase == Phase::Open;
-        conn.phase = Phase::Flushing;
-        conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-        if was_open && !self.send_control(key, &frame::encode_close(1013, BUDGET_EXHAUSTED)) {
-            return;
-        }
-        self.flush(key);
-    }
-
-    /// Starts a server-side close: the close frame goes behind what is queued; the client's close (or the
-    /// close timeout) ends it.
-    fn begin_close(&mut self, key: u32, code: u16, reason: &str) -> bool {
-        let conn = &mut self.conns[key as usize];
-        match conn.phase {
-            Phase::Open => {
-                conn.phase = Phase::Closing;
-                conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-                self.send_control(key, &frame::encode_close(code, reason));
-                true
-            }
-            Phase::Handshaking => {
-                self.close(key, Ending::Done);
-                false
-            }
-            Phase::Closing | Phase::Flushing => false,
-        }
-    }
-
-    // ---- writing ---------------------------------------------------------------------------------------
-
-    /// Sends a frame within the outbox limit; a connection over it is closed as a slow consumer.
-    /// Returns false if the connection is gone or closing because of it.
-    fn send(&mut self, key: u32, frame: &Bytes) -> bool {
-        let mut written = 0;
-        let mut allocated = false;
-        let conn = &mut self.conns[key as usize];
-        let sent = conn.send(
-            frame,
-            self.settings.max_outbox_bytes,
-            &self.settings.budget,
-            &mut written,
-            &mut allocated,
-        );
-        self.account_write(written, allocated);
-        match sent {
-            Sent::Ok => true,
-            Sent::Failed => {
-                self.close(key, Ending::Abrupt);
-                false
-            }
-            Sent::Overflow => {
-                self.overflow(key);
-                false
-            }
-        }
-    }
-
-    /// Sends a control frame that must go out whatever the outbox holds (it is at most 127 bytes).
-    fn send_control(&mut self, key: u32, frame: &Bytes) -> bool {
-        let mut written = 0;
-        let mut allocated = false;
-        let sent = self.conns[key as usize].send_unbounded(
-            frame,
-            &self.settings.budget,
-            &mut written,
-            &mut allocated,
-        );
-        self.account_write(written, allocated);
-        if sent == Sent::Failed {
-            self.close(key, Ending::Abrupt);
-            return false;
-        }
-        true
-    }
-
-    fn account_write(&self, written: u64, allocated: bool) {
-        ReactorMetrics::add(&self.metrics.bytes_written, written);
-        if allocated {
-            self.metrics.buffers_live.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// A slow consumer: keep only what must finish (a partly written frame), add close 1008, and give the
-    /// client the close timeout to read it. Accepted messages are not dropped silently: the connection goes.
-    fn overflow(&mut self, key: u32) {
-        ReactorMetrics::inc(&self.metrics.slow_consumer_closes);
-        let conn = &mut self.conns[key as usize];
-        if let Some(spill) = conn.spill.as_mut() {
-            spill.outbox.drop_unstarted();
-        }
-        conn.settle(&self.settings.budget);
-        conn.phase = Phase::Closing;
-        conn.timer_stamp = self.wheel.schedule(key, self.settings.close_timeout_ticks);
-        self.send_control(
-            key,
-            &frame::encode_close(1008, "slow consumer: outbox limit exceeded"),
-        );
-    }
-
-    /// Writes what is queued; closes a flushing connection once drained.
-    fn flush(&mut self, key: u32) {
-        let mut written = 0;
-        let conn = &mut self.conns[key as usize];
-        let result = conn.flush(&self.settings.budget, &mut written);
-        ReactorMetrics::add(&self.metrics.bytes_written, written);
-        match result {
-            Ok(Flush::Drained) => {
-                if conn.phase == Phase::Flushing {
-                    self.close(key, Ending::Done);
-                } else {
-                    self.release_if_idle(key);
-                }
-            }
-            Ok(Flush::Blocked) => {}
-            Err(_) => self.close(key, Ending::Abrupt),
-        }
-    }
-
-    /// Frees the connection's spill if it holds nothing, else brings its budget charge up to date (a request
-    /// head dropped after the upgrade, for one).
-    fn release_if_idle(&mut self, key: u32) {
-        let conn = &mut self.conns[key as usize];
-        if conn.release_spill_if_idle(&self.settings.budget) {
-            self.metrics.buffers_live.fetch_sub(1, Relaxed);
-        } else {
-            conn.settle(&self.settings.budget);
-        }
-    }
-
-    /// Removes the connection everywhere and closes its socket (dropping the stream also drops its epoll
-    /// registration, since no other descriptor refers to it).
-    fn close(&mut self, key: u32, ending: Ending) {
-        self.fanout.remove(key);
-        let mut conn = self.conns.remove(key as usize);
-        if conn.drop_spill(&self.settings.budget) {
-            self.metrics.buffers_live.fetch_sub(1, Relaxed);
-        }
-        if conn.has(FLAG_RECOVER) {
-            self.settings.history.count_recovering(false);
-        }
-        if conn.has(FLAG_UPGRADED) {
-            self.settings.open_total.fetch_sub(1, Relaxed);
-            self.metrics.connections_open.fetch_sub(1, Relaxed);
-        } else {
-            self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
-        }
-        if ending == Ending::Abrupt && conn.phase != Phase::Flushing {
-            ReactorMetrics::inc(&self.metrics.abrupt_closes);
-        }
-    }
-
-    // ---- timers ----------------------------------------------------------------------------------------
-
-    fn run_timers(&mut self) {
-        let now = self.now_tick();
-        if now <= self.wheel.now_tick() {
-            return;
-        }
-        if self.accept_paused {
-            self.accept_all();
-        }
-        let mut expired = Vec::new();
-        self.wheel.advance(now, &mut expired);
-        for entry in expired {
-            let Some(conn) = self.conns.get(entry.key as usize) else {
-                continue;
-            };
-            if conn.timer_stamp == entry.stamp {
-                self.on_timer(entry.key);
-            }
-        }
-        let sizes = self.fanout.sizes();
-        self.metrics.index_users.store(sizes.users as u64, Relaxed);
-        self.metrics
-            .commands_pending
-            .store(self.mailbox.pending() as u64, Relaxed);
-        self.metrics
-            .index_clients
-            .store(sizes.clients as u64, Relaxed);
-        self.metrics
-            .index_channels
-            .store(sizes.channels as u64, Relaxed);
-    }
-
-    fn on_timer(&mut self, key: u32) {
-        let settings = &self.settings;
-        let conn = &mut self.conns[key as usize];
-        match conn.phase {
-            Phase::Handshaking => {
-                self.metrics.reject(RejectKind::Timeout);
-                self.close(key, Ending::Done);
-            }
-            Phase::Open if !conn.has(FLAG_PING_SENT) => {
-                conn.set(FLAG_PING_SENT, true);
-                conn.set(FLAG_HEARD, false);
-                conn.timer_stamp = self.wheel.schedule(key, settings.pong_timeout_ticks);
-                ReactorMetrics::inc(&self.metrics.pings_sent);
-                self.send(key, &Bytes::from_static(&PING_FRAME));
-            }
-            Phase::Open => {
-                if conn.has(FLAG_HEARD) {
-                    conn.set(FLAG_PING_SENT, false);
-                    let next_ping = settings
-                        .ping_interval_ticks
-                        .saturating_sub(settings.pong_timeout_ticks);
-                    conn.timer_stamp = self.wheel.schedule(key, next_ping);
-                } else {
-                    // Read what may have arrived while this turn was busy before calling the peer silent:
-                    // under load a pong can sit unread in the socket past its deadline.
-                    let generation = conn.generation;
-                    self.on_readable(key, generation);
-                    let Some(conn) = self.conns.get(key as usize) else {
-                        return;
-                    };
-                    if conn.generation != generation || conn.phase != Phase::Open {
-                        return;
-                    }
-                    if conn.has(FLAG_HEARD) {
-                        // Heard just now: back to the ping rhythm.
-                        let next_ping = self
-                            .settings
-                            .ping_interval_ticks
-                            .saturating_sub(self.settings.pong_timeout_ticks);
-                        let conn = &mut self.conns[key as usize];
-                        conn.set(FLAG_PING_SENT, false);
-                        conn.timer_stamp = self.wheel.schedule(key, next_ping);
-                        return;
-                    }
-                    // Silent since the ping: the peer or the path is dead, no close frame would arrive.
-                    ReactorMetrics::inc(&self.metrics.pong_timeouts);
-                    self.close(key, Ending::Done);
-                }
-            }
-            // The client did not finish the close handshake, or did not read our last bytes, in time.
-            Phase::Closing | Phase::Flushing => self.close(key, Ending::Done),
-        }
-    }
-
-    // ---- commands from other threads -------------------------------------------------------------------
-
     /// Applies one command; returns how many connections it wrote to or closed.
     fn handle_command(&mut self, command: Command) -> usize {
         match command {
@@ -989,9 +635,16 @@ impl Reactor {
                 self.collect(&target);
                 let mut closed = 0;
                 for key in std::mem::take(&mut self.recipients) {
-                    if self.begin_close(key, code, &reason) {
-                        closed += 1;
-                    }
+                    let open = self
+                        .conns
+                        .get(key as usize)
+                        .is_some_and(|c| c.machine.is_open());
+                    let kick = Close::Kick {
+                        code,
+                        reason: &reason,
+                    };
+                    self.drive(key, |m, cx, t| m.close(cx, t, kick));
+                    closed += usize::from(open);
                 }
                 ReactorMetrics::add(&self.metrics.kicked, closed as u64);
                 let _ = reply.send(closed);
@@ -1021,7 +674,7 @@ impl Reactor {
             Target::All => self.recipients.extend(
                 self.conns
                     .iter()
-                    .filter(|(_, c)| c.phase == Phase::Open)
+                    .filter(|(_, c)| c.machine.is_open())
                     .map(|(k, _)| k as u32),
             ),
         }
@@ -1039,15 +692,15 @@ impl Reactor {
             let Some(conn) = self.conns.get(key as usize) else {
                 continue;
             };
-            if conn.phase != Phase::Open {
+            if !conn.machine.is_open() {
                 continue;
             }
-            let bytes = match conn.has(FLAG_RECOVER) {
+            let bytes = match conn.machine.wants_envelopes() {
                 false => frame,
                 true if !envelope.is_empty() => envelope,
                 true => &*lazy.get_or_insert_with(|| history::lazy_envelope(target, frame)),
             };
-            if self.send(key, bytes) {
+            if self.drive(key, |m, cx, t| m.send(cx, t, bytes)) {
                 delivered += 1;
             }
         }
@@ -1067,7 +720,7 @@ impl Reactor {
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.begin_close(key as u32, 1001, "server shutting down");
+            self.drive(key as u32, |m, cx, t| m.close(cx, t, Close::Shutdown));
         }
     }
 }
@@ -1078,13 +731,6 @@ fn make_token(key: u32, generation: u32) -> Token {
 
 fn split_token(token: Token) -> (u32, u32) {
     (token.0 as u32, (token.0 >> 32) as u32)
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 #[cfg(test)]

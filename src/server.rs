@@ -8,6 +8,7 @@ use crate::auth::{AuthLimits, Authenticator};
 use crate::budget::Budget;
 use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config};
+use crate::conn::Rules;
 use crate::frame;
 use crate::handshake::HandshakeLimits;
 use crate::history::{self, store::Limits, History};
@@ -190,18 +191,20 @@ fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
         // One reactor may be handed most connections, so each may track up to the whole limit.
         max_tracked: config.server.max_connections + HANDSHAKE_HEADROOM,
         tick: Duration::from_millis(tick_ms),
-        handshake_timeout_ticks: ticks(ws.handshake_timeout_ms),
-        ping_interval_ticks: ticks(ws.ping_interval_ms),
-        pong_timeout_ticks: ticks(ws.pong_timeout_ms),
-        close_timeout_ticks: ticks(ws.close_timeout_ms),
-        frame_limits: frame::Limits {
-            max_message_bytes: ws.max_inbound_message_bytes as u64,
+        rules: Rules {
+            handshake_timeout_ticks: ticks(ws.handshake_timeout_ms),
+            ping_interval_ticks: ticks(ws.ping_interval_ms),
+            pong_timeout_ticks: ticks(ws.pong_timeout_ms),
+            close_timeout_ticks: ticks(ws.close_timeout_ms),
+            frame_limits: frame::Limits {
+                max_message_bytes: ws.max_inbound_message_bytes as u64,
+            },
+            max_outbox_bytes: ws.max_outbox_bytes,
+            echo: config.diagnostics.echo,
         },
-        max_outbox_bytes: ws.max_outbox_bytes,
         read_buffer_bytes: config.server.read_buffer_bytes,
         history,
         budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
-        echo: config.diagnostics.echo,
     }
 }
 

@@ -6,13 +6,11 @@
 //! decode, validate (the frame decoder has already checked UTF-8 and `max_inbound_message_bytes`, RFC 6455
 //! §8.1 and §10.4) or write anything: the reactor sends the frames it returns. When echo is off the reactor
 //! never builds an [`Echo`], so it costs one branch per read; when on, a message that straddles reads waits in
-//! the connection's spill (`conn::Spill::echo`) and the buffer is freed once the message is complete.
+//! the connection's spill (`Spill::echo`) and the buffer is freed once the message is complete.
 
-use crate::conn::{Conn, Spill};
+use super::spill::Spill;
 use crate::frame;
-use crate::metrics::ReactorMetrics;
 use bytes::Bytes;
-use std::sync::atomic::Ordering::Relaxed;
 
 /// Echo state for one pass of the decoder over one read.
 #[derive(Debug, Default)]
@@ -51,17 +49,10 @@ impl Echo {
         }
     }
 
-    /// The frames to send back now. An unfinished message is parked in the connection's spill until the next
-    /// read (allocating the spill if needed, counted in `buffers_live`).
-    pub fn suspend(self, conn: &mut Conn, metrics: &ReactorMetrics) -> Vec<Bytes> {
-        if !self.partial.is_empty() {
-            let (spill, fresh) = conn.spill_mut();
-            spill.echo = self.partial;
-            if fresh {
-                metrics.buffers_live.fetch_add(1, Relaxed);
-            }
-        }
-        self.frames
+    /// The frames to send back now, and the unfinished message (empty if none) that must wait in the
+    /// connection's spill until the next read.
+    pub fn suspend(self) -> (Vec<Bytes>, Vec<u8>) {
+        (self.frames, self.partial)
     }
 
     /// Frames completed so far (for tests).

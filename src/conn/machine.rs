@@ -1,0 +1,1233 @@
+//! The connection machine: every rule about one client connection — its phases, what its timer means, what it
+//! writes, and how it closes — in one sans-IO state machine with its tests beside it.
+//!
+//! Inputs: client bytes (`handle_frames`, and during the handshake `join_head`/`keep_head`/`accept`), the
+//! socket becoming writable (`handle_writable`) or failing (`handle_broken`), a timer entry firing
+//! (`handle_timeout`), and the reactor's commands (`send` a frame, `close` for a [`Close`] reason). Outputs:
+//! bytes written through the [`Transport`] it is handed for the call, entries armed in the reactor's timing
+//! wheel, and a [`Next`] saying whether the reactor must remove the connection. It never reads a socket or a
+//! clock and never touches the fanout index: the reactor does those and is the only caller.
+//!
+//! Memory is the point of its shape: the machine is a timer stamp, two state bytes and one pointer to heap
+//! buffers ([`Buffers`]) that is null while the connection is idle. Frames are written straight through when
+//! nothing is queued; only what the transport does not take is queued, as references to the shared frame.
+//!
+//! Every close goes through [`Machine::close`], whatever its reason: the reason decides the counter, the close
+//! frame (RFC 6455 §5.5.1, §7.4) and whether the server then waits for the client's close (`Closing`) or
+//! closes TCP once its last bytes are out (`Flushing`, RFC 6455 §7.1.1: the server closes TCP first).
+
+use super::echo::Echo;
+use super::spill::{Buffers, SPILL_BYTES};
+use super::state::{Flag, Phase, State, Timer};
+use super::transport::{write_some, Transport};
+use crate::budget::Budget;
+use crate::frame::{self, Event, Feed, ProtocolError};
+use crate::handshake::Reject;
+use crate::metrics::{ReactorMetrics, RejectKind};
+use crate::timer::TimerWheel;
+use bytes::Bytes;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Reason given when the server-wide buffer budget (`websocket.max_buffered_bytes_total`) refuses a buffer.
+pub const BUDGET_EXHAUSTED: &str = "server busy: buffer budget exhausted";
+/// Close reason for a slow consumer (code 1008).
+pub const SLOW_CONSUMER: &str = "slow consumer: outbox limit exceeded";
+/// Close reason at shutdown (code 1001).
+pub const SHUTTING_DOWN: &str = "server shutting down";
+
+/// A ping with no payload: the same bytes for every connection (RFC 6455 §5.5.2).
+static PING_FRAME: [u8; 2] = [0x89, 0x00];
+/// A close frame with no payload, the reply to a client close that carried no code (RFC 6455 §5.5.1).
+static EMPTY_CLOSE_FRAME: [u8; 2] = [0x88, 0x00];
+
+/// The connection rules that come from the configuration, shared by every connection of a reactor.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Ticks a client has to complete the upgrade.
+    pub handshake_timeout_ticks: u64,
+    /// Ticks between pings.
+    pub ping_interval_ticks: u64,
+    /// Ticks a client has to send any frame after a ping.
+    pub pong_timeout_ticks: u64,
+    /// Ticks to wait for the client's close frame or the final flush.
+    pub close_timeout_ticks: u64,
+    /// Inbound frame limits.
+    pub frame_limits: frame::Limits,
+    /// Unsent bytes per connection before it is closed as a slow consumer.
+    pub max_outbox_bytes: usize,
+    /// `[diagnostics] echo`: send each complete client data message back.
+    pub echo: bool,
+}
+
+impl Rules {
+    /// The longest delay a timing wheel must hold for these rules.
+    pub fn max_delay_ticks(&self) -> u64 {
+        [
+            self.handshake_timeout_ticks,
+            self.ping_interval_ticks,
+            self.pong_timeout_ticks,
+            self.close_timeout_ticks,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(1)
+    }
+}
+
+/// What the machine needs from its reactor for one call.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// The connection's slab key (timer entries carry it).
+    pub key: u32,
+    /// The configured rules.
+    pub rules: &'a Rules,
+    /// The server-wide buffer budget.
+    pub budget: &'a Budget,
+    /// The reactor's timing wheel.
+    pub wheel: &'a mut TimerWheel,
+    /// The reactor's counters.
+    pub metrics: &'a ReactorMetrics,
+}
+
+/// Why a connection ends, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Close handshake done, HTTP error sent, a deadline passed: already counted where it was decided.
+    Done,
+    /// EOF or a socket error without a close handshake (counted as an abrupt close).
+    Abrupt,
+}
+
+/// What the reactor must do after an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Next {
+    /// Keep the connection.
+    Continue,
+    /// Remove it now: out of the index, socket closed.
+    Remove(Ending),
+}
+
+/// What a fired timer entry asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Expired {
+    /// The entry is not the connection's live one (rescheduled since): nothing to do.
+    Stale,
+    /// Handled; carry on as this says.
+    Next(Next),
+    /// The pong deadline passed with nothing heard. Read what the socket holds (under load a pong can sit
+    /// unread past its deadline), then call [`Machine::pong_deadline`].
+    Silent,
+}
+
+/// Why the server closes (or refuses) a connection. Every close takes this one path.
+#[derive(Debug, Clone, Copy)]
+pub enum Close<'a> {
+    /// The client's close frame arrived (RFC 6455 §5.5.1) with this code (`None`: it had no payload).
+    Peer(Option<u16>),
+    /// The client broke the protocol (RFC 6455 §7.1.7).
+    Protocol(ProtocolError),
+    /// A frame straddles reads but the buffer budget refused its state: 1013 Try Again Later.
+    Budget,
+    /// Unsent data passed `max_outbox_bytes`: 1008.
+    SlowConsumer,
+    /// The backend asked (1000 or 4000-4999).
+    Kick {
+        /// Close code.
+        code: u16,
+        /// Close reason (UTF-8).
+        reason: &'a str,
+    },
+    /// The server is draining: 1001.
+    Shutdown,
+    /// The upgrade request is refused with an HTTP status (handshake phase only).
+    Refuse(&'a Reject),
+}
+
+/// Request-head bytes to keep until the rest arrives.
+#[derive(Debug)]
+pub enum Head<'a> {
+    /// Bytes read just now (in the reactor's scratch buffer): copied into the connection's buffer.
+    Fresh(&'a [u8]),
+    /// The buffer [`Machine::join_head`] returned, grown by the latest read: kept as it is.
+    Joined(Vec<u8>),
+}
+
+/// What happened to a frame handed to the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Written, or queued behind earlier frames.
+    Ok,
+    /// Over the outbox limit or the budget; the connection must go as a slow consumer.
+    Overflow,
+    /// The socket failed.
+    Failed,
+}
+
+/// One connection's protocol state: 16 bytes while idle.
+#[derive(Debug)]
+pub struct Machine {
+    /// Stamp of the connection's one live timer entry.
+    timer_stamp: u32,
+    state: State,
+    buffers: Buffers,
+}
+
+impl Machine {
+    /// A connection just accepted: handshaking, with the handshake deadline armed.
+    pub fn new(cx: &mut Ctx<'_>) -> Machine {
+        let mut machine = Machine {
+            timer_stamp: 0,
+            state: State::new(),
+            buffers: Buffers::default(),
+        };
+        machine.arm(cx, cx.rules.handshake_timeout_ticks);
+        machine
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> Phase {
+        self.state.phase()
+    }
+
+    /// Upgraded and not closing: it receives pushes.
+    pub fn is_open(&self) -> bool {
+        self.phase() == Phase::Open
+    }
+
+    /// Whether the reactor should read from the socket (not once the connection only flushes its last bytes).
+    pub fn reads(&self) -> bool {
+        self.phase() != Phase::Flushing
+    }
+
+    /// Whether the client opted into envelopes.
+    pub fn wants_envelopes(&self) -> bool {
+        self.state.has(Flag::Recover)
+    }
+
+    /// Whether the connection was upgraded at some point (so it counts among open connections).
+    pub fn was_upgraded(&self) -> bool {
+        self.state.has(Flag::Upgraded)
+    }
+
+    /// Whether the connection holds heap buffers now.
+    pub fn holds_buffers(&self) -> bool {
+        self.buffers.is_allocated()
+    }
+
+    /// Unsent bytes queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.buffers.queued_bytes()
+    }
+
+    // ---- handshake ---------------------------------------------------------------------------------------
+
+    /// Joins `data` to the partial request head kept from earlier reads, if any (`Ok(None)`: nothing kept, parse
+    /// `data` where it is). The caller parses the joined head, then hands it back with [`Machine::keep_head`]
+    /// if it is still incomplete. `Err` when the buffer budget refuses the growth (the connection is answered
+    /// 503).
+    pub fn join_head<T: Transport>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        data: &[u8],
+    ) -> Result<Option<Vec<u8>>, Next> {
+        if self.buffers.get().is_none_or(|s| s.head.is_empty()) {
+            return Ok(None);
+        }
+        if self.buffers.try_grow(cx.budget, data.len()).is_none() {
+            return Err(self.refuse_busy(cx, t));
+        }
+        let spill = self.buffers.get_mut().expect("a head is buffered");
+        let mut head = std::mem::take(&mut spill.head);
+        head.reserve_exact(data.len());
+        head.extend_from_slice(data);
+        Ok(Some(head))
+    }
+
+    /// Keeps an incomplete request head until more bytes arrive (the handshake deadline still runs). A fresh
+    /// head the buffer budget cannot hold is answered 503.
+    pub fn keep_head<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, head: Head<'_>) -> Next {
+        match head {
+            Head::Fresh(bytes) => {
+                let Some(fresh) = self.buffers.try_grow(cx.budget, bytes.len()) else {
+                    return self.refuse_busy(cx, t);
+                };
+                let (spill, _) = self.buffers.spill_mut();
+                spill.head.reserve_exact(bytes.len());
+                spill.head.extend_from_slice(bytes);
+                if fresh {
+                    cx.metrics.buffers_live.fetch_add(1, Relaxed);
+                }
+            }
+            Head::Joined(head) => self.buffers.spill_mut().0.head = head,
+        }
+        self.buffers.settle(cx.budget);
+        Next::Continue
+    }
+
+    /// The upgrade was accepted: writes the `101` answer, opens the connection and arms the first ping.
+    /// `recover` opts the connection into envelopes. Frames the client sent behind its request go to
+    /// [`Machine::handle_frames`] next.
+    pub fn accept<T: Transport>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        response: Vec<u8>,
+        recover: bool,
+    ) -> Next {
+        debug_assert_eq!(self.phase(), Phase::Handshaking);
+        self.state.set_phase(Phase::Open);
+        self.state.set(Flag::Upgraded, true);
+        self.state.set(Flag::Recover, recover);
+        self.arm(cx, cx.rules.ping_interval_ticks);
+        if let Some(spill) = self.buffers.get_mut() {
+            spill.head = Vec::new();
+        }
+        match self.deliver(cx, t, &Bytes::from(response), true) {
+            Next::Continue => {
+                self.release_if_idle(cx);
+                Next::Continue
+            }
+            gone => gone,
+        }
+    }
+
+    fn refuse_busy<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+        self.close(cx, t, Close::Refuse(&Reject::Unavailable(BUDGET_EXHAUSTED)))
+    }
+
+    // ---- data ----------------------------------------------------------------------------------------------
+
+    /// Sends a data frame (a push, a replayed message) within the outbox limit; a connection over it is closed
+    /// as a slow consumer. Nothing is sent unless the connection is open: once our close frame is out nothing
+    /// may follow it (RFC 6455 §5.5.1).
+    pub fn send<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, frame: &Bytes) -> Next {
+        if !self.is_open() {
+            return Next::Continue;
+        }
+        self.deliver(cx, t, frame, true)
+    }
+
+    /// Decodes client frames: answers pings, echoes data in echo mode, and closes on a close frame or a
+    /// protocol violation.
+    pub fn handle_frames<T: Transport>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        data: &mut [u8],
+    ) -> Next {
+        self.state.set(Flag::Heard, true);
+        // The decoder lives on the stack unless a frame straddles reads; then it waits in the spill.
+        let mut decoder = self
+            .buffers
+            .get_mut()
+            .map(|s| std::mem::take(&mut s.decoder))
+            .unwrap_or_default();
+        let mut pongs: Vec<Bytes> = Vec::new();
+        let mut peer_close: Option<Option<u16>> = None;
+        let (mut pings, mut pongs_in, mut messages) = (0u64, 0u64, 0u64);
+        let mut echo = cx.rules.echo.then(|| Echo::resume(self.buffers.get_mut()));
+        let result = decoder.feed(data, &cx.rules.frame_limits, |event| match event {
+            Event::Ping(payload) => {
+                pings += 1;
+                pongs.push(frame::encode_pong(payload));
+            }
+            Event::Pong(_) => pongs_in += 1,
+            Event::Close { code, .. } => peer_close = Some(code),
+            Event::Data {
+                text, chunk, last, ..
+            } => {
+                messages += u64::from(last);
+                if let Some(echo) = echo.as_mut() {
+                    echo.chunk(text, chunk, last);
+                }
+            }
+        });
+        ReactorMetrics::add(&cx.metrics.pings_received, pings);
+        ReactorMetrics::add(&cx.metrics.pongs_received, pongs_in);
+        ReactorMetrics::add(&cx.metrics.messages_received, messages);
+        // A frame straddles reads: its state needs the spill, which the budget may refuse. (After an error or a
+        // close the state no longer matters: the connection is ending with its own code.)
+        if !decoder.is_idle() && matches!(result, Ok(Feed::More)) {
+            let Some(fresh) = self.buffers.try_grow(cx.budget, 0) else {
+                return self.close(cx, t, Close::Budget);
+            };
+            self.buffers.get_mut().expect("try_grow allocates").decoder = decoder;
+            if fresh {
+                cx.metrics.buffers_live.fetch_add(1, Relaxed);
+            }
+        }
+        let echoes = match echo {
+            Some(echo) => {
+                let (frames, partial) = echo.suspend();
+                if !partial.is_empty() {
+                    let (spill, fresh) = self.buffers.spill_mut();
+                    spill.echo = partial;
+                    if fresh {
+                        cx.metrics.buffers_live.fetch_add(1, Relaxed);
+                    }
+                }
+                frames
+            }
+            None => Vec::new(),
+        };
+        for answer in pongs.iter().chain(&echoes) {
+            // Once our close frame is out, nothing else may follow it (RFC 6455 §5.5.1), pongs included.
+            if !self.is_open() {
+                break;
+            }
+            if let Next::Remove(ending) = self.deliver(cx, t, answer, true) {
+                return Next::Remove(ending);
+            }
+        }
+        match result {
+            Err(error) => self.close(cx, t, Close::Protocol(error)),
+            Ok(Feed::Closed) => self.close(cx, t, Close::Peer(peer_close.flatten())),
+            Ok(Feed::More) => {
+                self.release_if_idle(cx);
+                Next::Continue
+            }
+        }
+    }
+
+    /// The socket can take more: writes what is queued.
+    pub fn handle_writable<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+        self.flush(cx, t)
+    }
+
+    /// The client went away (EOF) or the socket failed.
+    pub fn handle_broken(&self) -> Next {
+        Next::Remove(self.ending(Ending::Abrupt))
+    }
+
+    // ---- time ----------------------------------------------------------------------------------------------
+
+    /// A timer entry with `stamp` fired for this connection.
+    pub fn handle_timeout<T: Transport>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        stamp: u32,
+    ) -> Expired {
+        if stamp != self.timer_stamp {
+            return Expired::Stale;
+        }
+        match self.state.timer() {
+            Timer::Handshake => {
+                cx.metrics.reject(RejectKind::Timeout);
+                Expired::Next(Next::Remove(Ending::Done))
+            }
+            Timer::Ping => {
+                self.state.set(Flag::PingSent, true);
+                self.state.set(Flag::Heard, false);
+                self.arm(cx, cx.rules.pong_timeout_ticks);
+                ReactorMetrics::inc(&cx.metrics.pings_sent);
+                Expired::Next(self.deliver(cx, t, &Bytes::from_static(&PING_FRAME), true))
+            }
+            Timer::Pong if self.state.has(Flag::Heard) => {
+                self.back_to_pinging(cx);
+                Expired::Next(Next::Continue)
+            }
+            Timer::Pong => Expired::Silent,
+            // The client did not finish the close handshake, or did not read our last bytes, in time.
+            Timer::Close => Expired::Next(Next::Remove(Ending::Done)),
+        }
+    }
+
+    /// After [`Expired::Silent`] and a last read: a connection that still sent nothing since the ping is dead
+    /// (no close frame would arrive); one that did goes back to the ping rhythm.
+    pub fn pong_deadline(&mut self, cx: &mut Ctx<'_>) -> Next {
+        if self.state.timer() != Timer::Pong {
+            return Next::Continue; // the read changed its phase (it closed)
+        }
+        if self.state.has(Flag::Heard) {
+            self.back_to_pinging(cx);
+            return Next::Continue;
+        }
+        ReactorMetrics::inc(&cx.metrics.pong_timeouts);
+        Next::Remove(Ending::Done)
+    }
+
+    fn back_to_pinging(&mut self, cx: &mut Ctx<'_>) {
+        self.state.set(Flag::PingSent, false);
+        let rules = cx.rules;
+        self.arm(
+            cx,
+            rules
+                .ping_interval_ticks
+                .saturating_sub(rules.pong_timeout_ticks),
+        );
+    }
+
+    fn arm(&mut self, cx: &mut Ctx<'_>, ticks: u64) {
+        self.timer_stamp = cx.wheel.schedule(cx.key, ticks);
+    }
+
+    // ---- closing -------------------------------------------------------------------------------------------
+
+    /// Starts closing the connection for `why`: the one close path. Open connections get a close frame behind
+    /// what is already queued; a handshaking one gets its HTTP refusal, or is dropped if it never upgraded.
+    pub fn close<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, why: Close<'_>) -> Next {
+        let phase = self.phase();
+        match (phase, why) {
+            // Its last bytes are already on their way.
+            (Phase::Flushing, _) => return Next::Continue,
+            (Phase::Handshaking, Close::Refuse(reject)) => return self.refuse(cx, t, reject),
+            // Never upgraded: there is nobody to send a close frame to.
+            (Phase::Handshaking, _) => return Next::Remove(Ending::Done),
+            // Our close frame is already out; the client's close or the close deadline ends it.
+            (Phase::Closing, Close::Kick { .. } | Close::Shutdown | Close::SlowConsumer) => {
+                return Next::Continue
+            }
+            (_, Close::Refuse(_)) => {
+                debug_assert!(false, "refusals happen only during the handshake");
+                return Next::Continue;
+            }
+            _ => {}
+        }
+        let was_open = phase == Phase::Open;
+        let metrics = cx.metrics;
+        // The close frame, and whether the server then waits for the client's close (`Closing`) or closes TCP
+        // once its last bytes are out (`Flushing`).
+        let (code, reason, next) = match why {
+            Close::Peer(code) => {
+                if was_open {
+                    ReactorMetrics::inc(&metrics.client_closes);
+                }
+                // Echo the code the client sent (RFC 6455 §5.5.1); an empty close is answered empty.
+                (code, "", Phase::Flushing)
+            }
+            Close::Protocol(error) => {
+                ReactorMetrics::inc(&metrics.protocol_error_closes);
+                log::debug!("connection {}: protocol error: {error}", cx.key);
+                (Some(error.close_code()), error.reason(), Phase::Flushing)
+            }
+            Close::Budget => {
+                ReactorMetrics::inc(&metrics.budget_closes);
+                log::debug!(
+                    "connection {}: buffer budget exhausted, closing with 1013",
+                    cx.key
+                );
+                // 1013 Try Again Later (RFC 6455 §7.4.1 via the IANA registry, §11.7).
+                (Some(1013), BUDGET_EXHAUSTED, Phase::Flushing)
+            }
+            Close::SlowConsumer => {
+                ReactorMetrics::inc(&metrics.slow_consumer_closes);
+                // Keep only what must finish (a partly written frame): accepted messages are not dropped
+                // silently, the connection goes and says why.
+                if let Some(spill) = self.buffers.get_mut() {
+                    spill.outbox.drop_unstarted();
+                }
+                self.buffers.settle(cx.budget);
+                (Some(1008), SLOW_CONSUMER, Phase::Closing)
+            }
+            Close::Kick { code, reason } => (Some(code), reason, Phase::Closing),
+            Close::Shutdown => (Some(1001), SHUTTING_DOWN, Phase::Closing),
+            Close::Refuse(_) => unreachable!("handled above"),
+        };
+        self.state.set_phase(next);
+        self.arm(cx, cx.rules.close_timeout_ticks);
+        if was_open {
+            let frame = match code {
+                Some(code) => frame::encode_close(code, reason),
+                None => Bytes::from_static(&EMPTY_CLOSE_FRAME),
+            };
+            // Unbounded: a close frame (at most 127 bytes) must go out whatever the outbox holds.
+            if let Next::Remove(ending) = self.deliver(cx, t, &frame, false) {
+                return Next::Remove(ending);
+            }
+        }
+        match next {
+            Phase::Flushing => self.flush(cx, t),
+            _ => Next::Continue,
+        }
+    }
+
+    /// Answers a refused upgrade with its HTTP status and closes once it is written.
+    fn refuse<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, reject: &Reject) -> Next {
+        cx.metrics.reject(RejectKind::from_status(reject.status()));
+        self.state.set_phase(Phase::Flushing);
+        if let Some(spill) = self.buffers.get_mut() {
+            spill.head = Vec::new();
+        }
+        self.arm(cx, cx.rules.close_timeout_ticks);
+        // Unbounded: a refusal is a short answer that must go out even when the buffer budget is what refused
+        // (a bounded send over budget would answer an HTTP client with a WebSocket close frame).
+        match self.deliver(cx, t, &Bytes::from(reject.response()), false) {
+            Next::Continue => self.flush(cx, t),
+            gone => gone,
+        }
+    }
+
+    /// Frees the connection's buffers (it is being removed) and gives their budget back.
+    pub fn teardown(&mut self, cx: &Ctx<'_>) {
+        if self.buffers.free(cx.budget) {
+            cx.metrics.buffers_live.fetch_sub(1, Relaxed);
+        }
+    }
+
+    // ---- writing -------------------------------------------------------------------------------------------
+
+    /// Transmits a frame and says what follows: a failed socket removes the connection, an overflow closes it
+    /// as a slow consumer.
+    fn deliver<T: Transport>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        frame: &Bytes,
+        bounded: bool,
+    ) -> Next {
+        match self.transmit(cx, t, frame, bounded) {
+            Sent::Ok => Next::Continue,
+            Sent::Failed => Next::Remove(self.ending(Ending::Abrupt)),
+            Sent::Overflow => self.close(cx, t, Close::SlowConsumer),
+        }
+    }
+
+    /// Writes `frame` straight through when nothing is queued (the common, allocation-free case), else queues
+    /// it behind the queue. `bounded`: a frame that would take the queue over `max_outbox_bytes`, or the server
+    /// over its buffer budget, is refused, unless the queue is empty: one message is always accepted whole so a
+    /// limit below the largest message cannot starve a healthy client. The unwritten tail of a partly written
+    /// frame must be kept for the byte stream to stay well-formed, so it is queued even when the budget is
+    /// exhausted, and `Overflow` then says the connection must go. Unbounded frames (close frames, HTTP
+    /// refusals, at most a few hundred bytes) are always queued.
+    fn transmit<T: Transport>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        frame: &Bytes,
+        bounded: bool,
+    ) -> Sent {
+        if self.buffers.queued_bytes() == 0 && !t.holds_unsent() {
+            let done = match write_some(t, frame) {
+                Ok(done) => done,
+                Err(_) => return Sent::Failed,
+            };
+            ReactorMetrics::add(&cx.metrics.bytes_written, done as u64);
+            if done == frame.len() {
+                return Sent::Ok;
+            }
+            let need = frame.len() - done
+                + if self.buffers.is_allocated() {
+                    0
+                } else {
+                    SPILL_BYTES
+                };
+            let within_budget = if bounded {
+                cx.budget.try_reserve(need)
+            } else {
+                cx.budget.force_reserve(need);
+                true
+            };
+            let (spill, fresh) = self.buffers.spill_mut();
+            if within_budget {
+                spill.charged += need;
+            }
+            spill.outbox.push_partial(frame.clone(), done);
+            if fresh {
+                cx.metrics.buffers_live.fetch_add(1, Relaxed);
+            }
+            // An unreserved tail is charged here, by force.
+            self.buffers.settle(cx.budget);
+            return if within_budget {
+                Sent::Ok
+            } else {
+                Sent::Overflow
+            };
+        }
+        let (_, fresh) = self.buffers.spill_mut();
+        if fresh {
+            cx.metrics.buffers_live.fetch_add(1, Relaxed);
+        }
+        if bounded
+            && (self.buffers.queued_bytes() + frame.len() > cx.rules.max_outbox_bytes
+                || !self.buffers.try_charge(cx.budget, frame.len()))
+        {
+            return Sent::Overflow;
+        }
+        self.buffers.spill_mut().0.outbox.push(frame.clone());
+        self.buffers.settle(cx.budget);
+        Sent::Ok
+    }
+
+    /// Writes what is queued; a flushing connection is removed once drained, an idle one frees its buffers.
+    fn flush<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+        if t.holds_unsent() {
+            match t.flush_held() {
+                Ok(true) => {}
+                Ok(false) => return Next::Continue,
+                Err(_) => return Next::Remove(self.ending(Ending::Abrupt)),
+            }
+        }
+        if let Some(spill) = self.buffers.get_mut() {
+            let before = spill.outbox.queued_bytes();
+            let result = spill.outbox.write_to(t);
+            ReactorMetrics::add(
+                &cx.metrics.bytes_written,
+                (before - spill.outbox.queued_bytes()) as u64,
+            );
+            self.buffers.settle(cx.budget);
+            match result {
+                Ok(super::outbox::Flush::Drained) => {}
+                Ok(super::outbox::Flush::Blocked) => return Next::Continue,
+                Err(_) => return Next::Remove(self.ending(Ending::Abrupt)),
+            }
+        }
+        if self.phase() == Phase::Flushing {
+            return Next::Remove(Ending::Done);
+        }
+        self.release_if_idle(cx);
+        Next::Continue
+    }
+
+    /// Frees the spill if it holds nothing, else brings its budget charge up to date.
+    fn release_if_idle(&mut self, cx: &Ctx<'_>) {
+        if self.buffers.release_if_idle(cx.budget) {
+            cx.metrics.buffers_live.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// A connection that breaks while flushing its last bytes ended as planned.
+    fn ending(&self, ending: Ending) -> Ending {
+        match (ending, self.phase()) {
+            (Ending::Abrupt, Phase::Flushing) => Ending::Done,
+            _ => ending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::transport::testing::MemWire;
+    use super::*;
+
+    const KEY: u32 = 7;
+
+    /// A reactor's worth of surroundings for one machine, with virtual time.
+    struct Rig {
+        rules: Rules,
+        budget: Budget,
+        wheel: TimerWheel,
+        metrics: ReactorMetrics,
+        wire: MemWire,
+        tick: u64,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let rules = Rules {
+                handshake_timeout_ticks: 50,
+                ping_interval_ticks: 300,
+                pong_timeout_ticks: 100,
+                close_timeout_ticks: 30,
+                frame_limits: frame::Limits {
+                    max_message_bytes: 1 << 16,
+                },
+                max_outbox_bytes: 1 << 12,
+                echo: false,
+            };
+            Rig {
+                wheel: TimerWheel::new(rules.max_delay_ticks()),
+                rules,
+                budget: Budget::new(usize::MAX),
+                metrics: ReactorMetrics::default(),
+                wire: MemWire::open(),
+                tick: 0,
+            }
+        }
+
+        /// Runs `f` with the machine's context and the wire.
+        fn with<R>(&mut self, f: impl FnOnce(&mut Ctx<'_>, &mut MemWire) -> R) -> R {
+            let mut cx = Ctx {
+                key: KEY,
+                rules: &self.rules,
+                budget: &self.budget,
+                wheel: &mut self.wheel,
+                metrics: &self.metrics,
+            };
+            f(&mut cx, &mut self.wire)
+        }
+
+        fn machine(&mut self) -> Machine {
+            self.with(|cx, _| Machine::new(cx))
+        }
+
+        /// An upgraded connection; the wire is cleared of the 101.
+        fn open(&mut self, recover: bool) -> Machine {
+            let mut m = self.machine();
+            let next =
+                self.with(|cx, w| m.accept(cx, w, b"HTTP/1.1 101\r\n\r\n".to_vec(), recover));
+            assert_eq!(next, Next::Continue);
+            self.wire.written.clear();
+            m
+        }
+
+        /// Advances virtual time to `tick` and fires every entry of `m` that is due.
+        fn advance(&mut self, m: &mut Machine, tick: u64) -> Vec<Expired> {
+            let mut fired = Vec::new();
+            self.wheel.advance(tick, &mut fired);
+            self.tick = tick;
+            fired
+                .into_iter()
+                .map(|e| self.with(|cx, w| m.handle_timeout(cx, w, e.stamp)))
+                .filter(|e| *e != Expired::Stale)
+                .collect()
+        }
+
+        /// Frames the server wrote so far, as (opcode, payload), and clears the wire.
+        fn frames(&mut self) -> Vec<(u8, Vec<u8>)> {
+            let bytes = std::mem::take(&mut self.wire.written);
+            parse_server_frames(&bytes)
+        }
+    }
+
+    /// Splits unmasked server frames (RFC 6455 §5.2).
+    fn parse_server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let opcode = bytes[0] & 0x0f;
+            let (len, header) = match bytes[1] & 0x7f {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            out.push((opcode, bytes[header..header + len].to_vec()));
+            bytes = &bytes[header + len..];
+        }
+        out
+    }
+
+    /// A masked client frame (RFC 6455 §5.3).
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![0x80 | opcode];
+        assert!(payload.len() < 126);
+        out.push(0x80 | payload.len() as u8);
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason.as_bytes());
+        p
+    }
+
+    #[test]
+    fn idle_machine_is_sixteen_bytes() {
+        assert_eq!(std::mem::size_of::<Machine>(), 16);
+    }
+
+    #[test]
+    fn accept_writes_the_answer_and_arms_the_first_ping() {
+        let mut rig = Rig::new();
+        let mut m = rig.machine();
+        let next = rig.with(|cx, w| m.accept(cx, w, b"HTTP/1.1 101\r\n\r\n".to_vec(), true));
+        assert_eq!(next, Next::Continue);
+        assert_eq!(rig.wire.written, b"HTTP/1.1 101\r\n\r\n");
+        assert!(m.is_open() && m.was_upgraded() && m.wants_envelopes());
+        assert!(!m.holds_buffers());
+        rig.wire.written.clear();
+        // The handshake deadline is no longer live: only the ping fires.
+        assert!(rig.advance(&mut m, 299).is_empty());
+        assert_eq!(
+            rig.advance(&mut m, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(rig.frames(), vec![(0x9, vec![])]);
+    }
+
+    #[test]
+    fn handshake_deadline_removes_and_counts_a_timeout() {
+        let mut rig = Rig::new();
+        let mut m = rig.machine();
+        assert_eq!(
+            rig.advance(&mut m, 50),
+            vec![Expired::Next(Next::Remove(Ending::Done))]
+        );
+        let timeouts = &rig.metrics.handshakes_rejected[RejectKind::Timeout as usize];
+        assert_eq!(timeouts.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn an_answered_ping_returns_to_the_ping_rhythm() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        assert_eq!(
+            rig.advance(&mut m, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        let mut pong = client_frame(0xA, b"");
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut pong)),
+            Next::Continue
+        );
+        assert_eq!(
+            rig.advance(&mut m, 400),
+            vec![Expired::Next(Next::Continue)]
+        );
+        // Next ping one interval after the previous one, not after the pong deadline.
+        assert!(rig.advance(&mut m, 599).is_empty());
+        assert_eq!(
+            rig.advance(&mut m, 600),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(rig.frames(), vec![(0x9, vec![]), (0x9, vec![])]);
+        assert_eq!(rig.metrics.pongs_received.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn silence_after_a_ping_removes_the_connection_after_a_last_read() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let _ = rig.advance(&mut m, 300);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(
+            rig.with(|cx, _| m.pong_deadline(cx)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_pong_found_by_the_last_read_saves_the_connection() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let _ = rig.advance(&mut m, 300);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        let mut pong = client_frame(0xA, b"");
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut pong));
+        assert_eq!(rig.with(|cx, _| m.pong_deadline(cx)), Next::Continue);
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
+        assert_eq!(
+            rig.advance(&mut m, 600),
+            vec![Expired::Next(Next::Continue)]
+        );
+    }
+
+    #[test]
+    fn client_pings_are_answered_with_their_payload() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let mut ping = client_frame(0x9, b"abc");
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut ping)),
+            Next::Continue
+        );
+        assert_eq!(rig.frames(), vec![(0xA, b"abc".to_vec())]);
+    }
+
+    #[test]
+    fn client_close_is_echoed_and_ends_the_connection_once_written() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let mut close = client_frame(0x8, &close_payload(4001, "bye"));
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut close)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(rig.frames(), vec![(0x8, 4001u16.to_be_bytes().to_vec())]);
+        assert_eq!(rig.metrics.client_closes.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn an_empty_client_close_is_answered_empty() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let mut close = client_frame(0x8, b"");
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut close)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(rig.frames(), vec![(0x8, vec![])]);
+    }
+
+    #[test]
+    fn server_close_waits_for_the_clients_close_then_ends() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let kick = Close::Kick {
+            code: 4000,
+            reason: "go",
+        };
+        assert_eq!(rig.with(|cx, w| m.close(cx, w, kick)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.frames(), vec![(0x8, close_payload(4000, "go"))]);
+        // Nothing may follow our close frame: pushes and pongs are dropped.
+        let push = frame::encode_message(true, b"late");
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &push)), Next::Continue);
+        let mut ping = client_frame(0x9, b"");
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut ping));
+        assert!(rig.frames().is_empty());
+        // A second close reason changes nothing.
+        assert_eq!(
+            rig.with(|cx, w| m.close(cx, w, Close::Shutdown)),
+            Next::Continue
+        );
+        assert!(rig.frames().is_empty());
+        let mut close = client_frame(0x8, &close_payload(4000, ""));
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut close)),
+            Next::Remove(Ending::Done)
+        );
+        assert!(rig.frames().is_empty(), "our close was already sent");
+        assert_eq!(rig.metrics.client_closes.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_client_that_never_answers_our_close_is_dropped_at_the_close_deadline() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let _ = rig.with(|cx, w| m.close(cx, w, Close::Shutdown));
+        assert_eq!(
+            rig.frames(),
+            vec![(0x8, close_payload(1001, SHUTTING_DOWN))]
+        );
+        assert!(rig.advance(&mut m, 29).is_empty());
+        assert_eq!(
+            rig.advance(&mut m, 30),
+            vec![Expired::Next(Next::Remove(Ending::Done))]
+        );
+    }
+
+    #[test]
+    fn protocol_error_sends_its_code_and_closes_once_written() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        // Unmasked client frame: RFC 6455 §5.1 requires 1002.
+        let mut bad = vec![0x81, 0x01, b'x'];
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut bad)),
+            Next::Remove(Ending::Done)
+        );
+        let frames = rig.frames();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].0, 0x8);
+        assert_eq!(&frames[0].1[..2], &1002u16.to_be_bytes());
+        assert_eq!(rig.metrics.protocol_error_closes.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn slow_consumer_keeps_the_started_frame_then_closes_with_1008() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        rig.wire.window = 10;
+        let big = frame::encode_message(false, &[7u8; 3000]);
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &big)), Next::Continue);
+        assert!(m.holds_buffers());
+        // Queued behind the started frame until the limit (4 KiB) is passed.
+        let small = frame::encode_message(false, &[1u8; 1000]);
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &small)), Next::Continue);
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &small)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);
+        // The client reads again: the rest of the started frame, then the close; the queued one is gone.
+        rig.wire.window = usize::MAX;
+        assert_eq!(rig.with(|cx, w| m.handle_writable(cx, w)), Next::Continue);
+        let frames = rig.frames();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0], (0x2, vec![7u8; 3000]));
+        assert_eq!(frames[1], (0x8, close_payload(1008, SLOW_CONSUMER)));
+        assert!(!m.holds_buffers(), "drained buffers are freed");
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn one_message_larger_than_the_limit_is_accepted_whole_on_an_empty_queue() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        rig.wire.window = 0;
+        let huge = frame::encode_message(false, &[1u8; 10_000]);
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &huge)), Next::Continue);
+        assert!(m.is_open());
+        assert_eq!(m.queued_bytes(), huge.len());
+    }
+
+    #[test]
+    fn budget_refusing_a_partial_frame_closes_with_1013() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        rig.budget = Budget::new(0);
+        let mut half = client_frame(0x1, b"hello");
+        half.truncate(5);
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut half)),
+            Next::Remove(Ending::Done)
+        );
+        let frames = rig.frames();
+        assert_eq!(frames[0].0, 0x8);
+        assert_eq!(&frames[0].1[..2], &1013u16.to_be_bytes());
+        assert_eq!(rig.metrics.budget_closes.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_frame_split_across_reads_waits_in_the_spill_and_frees_it_when_done() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let mut ping = client_frame(0x9, b"split");
+        let mut tail = ping.split_off(4);
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut ping)),
+            Next::Continue
+        );
+        assert!(m.holds_buffers());
+        assert_eq!(rig.metrics.buffers_live.load(Relaxed), 1);
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut tail)),
+            Next::Continue
+        );
+        assert!(!m.holds_buffers());
+        assert_eq!(rig.metrics.buffers_live.load(Relaxed), 0);
+        assert_eq!(rig.budget.used(), 0);
+        assert_eq!(rig.frames(), vec![(0xA, b"split".to_vec())]);
+    }
+
+    #[test]
+    fn every_refusal_answers_its_status_and_closes_once_written() {
+        let rejects = [
+            Reject::BadRequest("bad"),
+            Reject::Unauthorized("who"),
+            Reject::Forbidden("origin not allowed"),
+            Reject::NotFound,
+            Reject::UpgradeRequired,
+            Reject::HeadTooLarge,
+            Reject::Unavailable("full"),
+        ];
+        for reject in rejects {
+            let mut rig = Rig::new();
+            let mut m = rig.machine();
+            let next = rig.with(|cx, w| m.close(cx, w, Close::Refuse(&reject)));
+            assert_eq!(next, Next::Remove(Ending::Done), "{reject}");
+            let status = format!("HTTP/1.1 {} ", reject.status());
+            assert!(rig.wire.written.starts_with(status.as_bytes()), "{reject}");
+            let kind = RejectKind::from_status(reject.status());
+            assert_eq!(
+                rig.metrics.handshakes_rejected[kind as usize].load(Relaxed),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_the_socket_cannot_take_waits_for_writability_then_closes() {
+        let mut rig = Rig::new();
+        let mut m = rig.machine();
+        rig.wire.window = 5;
+        let reject = Reject::NotFound;
+        let next = rig.with(|cx, w| m.close(cx, w, Close::Refuse(&reject)));
+        assert_eq!(next, Next::Continue);
+        assert!(!m.reads(), "nothing more is read from a refused client");
+        rig.wire.window = usize::MAX;
+        assert_eq!(
+            rig.with(|cx, w| m.handle_writable(cx, w)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(rig.wire.written, reject.response());
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_partial_head_is_kept_joined_and_refused_when_the_budget_is_out() {
+        let mut rig = Rig::new();
+        // Room for the spill and 8 bytes of head.
+        rig.budget = Budget::new(SPILL_BYTES + 8);
+        let mut m = rig.machine();
+        assert_eq!(rig.with(|cx, w| m.join_head(cx, w, b"GET")), Ok(None));
+        assert_eq!(
+            rig.with(|cx, w| m.keep_head(cx, w, Head::Fresh(b"GET"))),
+            Next::Continue
+        );
+        let joined = rig.with(|cx, w| m.join_head(cx, w, b" /ws")).unwrap();
+        assert_eq!(joined.as_deref(), Some(&b"GET /ws"[..]));
+        let _ = rig.with(|cx, w| m.keep_head(cx, w, Head::Joined(joined.unwrap())));
+        // The budget runs out: the next growth is answered 503.
+        let refused = rig.with(|cx, w| m.join_head(cx, w, b" HTTP/1.1"));
+        assert_eq!(refused, Err(Next::Remove(Ending::Done)));
+        assert!(rig.wire.written.starts_with(b"HTTP/1.1 503 "));
+    }
+
+    #[test]
+    fn kick_or_shutdown_before_the_upgrade_just_drops_the_connection() {
+        let mut rig = Rig::new();
+        let mut m = rig.machine();
+        assert_eq!(
+            rig.with(|cx, w| m.close(cx, w, Close::Shutdown)),
+            Next::Remove(Ending::Done)
+        );
+        assert!(rig.wire.written.is_empty());
+    }
+
+    #[test]
+    fn a_broken_socket_is_abrupt_unless_the_connection_was_flushing() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        assert_eq!(m.handle_broken(), Next::Remove(Ending::Abrupt));
+        rig.wire.broken = true;
+        let push = frame::encode_message(true, b"x");
+        assert_eq!(
+            rig.with(|cx, w| m.send(cx, w, &push)),
+            Next::Remove(Ending::Abrupt)
+        );
+        let mut close = client_frame(0x8, b"");
+        rig.wire.broken = false;
+        rig.wire.window = 0;
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut close));
+        assert_eq!(m.phase(), Phase::Flushing);
+        assert_eq!(m.handle_broken(), Next::Remove(Ending::Done));
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.budget.used(), 0);
+        assert_eq!(rig.metrics.buffers_live.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn replayed_frames_sent_after_accept_precede_live_ones_in_order() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(true);
+        rig.wire.window = 3;
+        for body in [&b"replay-1"[..], b"replay-2", b"live-3"] {
+            let frame = frame::encode_message(true, body);
+            assert_eq!(rig.with(|cx, w| m.send(cx, w, &frame)), Next::Continue);
+        }
+        rig.wire.window = usize::MAX;
+        let _ = rig.with(|cx, w| m.handle_writable(cx, w));
+        let bodies: Vec<Vec<u8>> = rig.frames().into_iter().map(|f| f.1).collect();
+        assert_eq!(
+            bodies,
+            vec![
+                b"replay-1".to_vec(),
+                b"replay-2".to_vec(),
+                b"live-3".to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn echo_mode_sends_each_message_back_even_across_reads() {
+        let mut rig = Rig::new();
+        rig.rules.echo = true;
+        let mut m = rig.open(false);
+        // A fragmented text message: "he" (FIN clear), then "llo" (continuation, FIN set).
+        let mut first = client_frame(0x1, b"he");
+        first[0] &= 0x7f;
+        let mut rest = client_frame(0x0, b"llo");
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut first)),
+            Next::Continue
+        );
+        assert!(rig.frames().is_empty());
+        assert!(m.holds_buffers());
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut rest)),
+            Next::Continue
+        );
+        assert_eq!(rig.frames(), vec![(0x1, b"hello".to_vec())]);
+        assert!(!m.holds_buffers());
+    }
+}

@@ -1,0 +1,139 @@
+//! The few bytes that say where a connection is: its phase and its flags, and the names derived from them.
+//!
+//! It owns the encoding of those two bytes and nothing else: [`Phase`] and [`Timer`] are views computed from
+//! them, so an idle connection pays for no separate field per meaning (the way quinn-proto names its timers).
+//! The rules that move a connection from one phase to the next live in `machine`.
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// TCP accepted, waiting for a complete upgrade request.
+    Handshaking = 0,
+    /// Upgraded: receives pushes, answers pings.
+    Open = 1,
+    /// We sent a close frame and wait for the client's (RFC 6455 §5.5.1); nothing but the close goes out.
+    Closing = 2,
+    /// Write what is queued (a close frame or an HTTP error), then close the TCP connection; read nothing more.
+    Flushing = 3,
+}
+
+/// What the connection's one timer entry means, derived from its phase and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    /// The upgrade request must be complete by then (`websocket.handshake_timeout_ms`).
+    Handshake,
+    /// Time to ping (`websocket.ping_interval_ms` after the last ping was answered).
+    Ping,
+    /// A ping is out: some frame must have arrived by then (`websocket.pong_timeout_ms`).
+    Pong,
+    /// The close handshake or the final flush must be done by then (`websocket.close_timeout_ms`).
+    Close,
+}
+
+/// A boolean property of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Flag {
+    /// The live timer entry is the pong check, not the next ping.
+    PingSent = 1,
+    /// A frame arrived from the client since the last ping.
+    Heard = 2,
+    /// Upgraded at some point (counted among open connections until closed).
+    Upgraded = 4,
+    /// The client opted into envelopes (`?recover=1`, `since`, or the `densepush.v1` subprotocol), so it gets
+    /// each message wrapped with its stream, epoch and offset (`history::envelope`).
+    Recover = 8,
+}
+
+/// Phase and flags in two bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    phase: Phase,
+    flags: u8,
+}
+
+impl State {
+    /// A connection just accepted: handshaking, no flags.
+    pub const fn new() -> State {
+        State {
+            phase: Phase::Handshaking,
+            flags: 0,
+        }
+    }
+
+    /// The phase.
+    pub fn phase(self) -> Phase {
+        self.phase
+    }
+
+    /// Moves to another phase.
+    pub fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+    }
+
+    /// True if the flag is set.
+    pub fn has(self, flag: Flag) -> bool {
+        self.flags & flag as u8 != 0
+    }
+
+    /// Sets or clears a flag.
+    pub fn set(&mut self, flag: Flag, on: bool) {
+        if on {
+            self.flags |= flag as u8;
+        } else {
+            self.flags &= !(flag as u8);
+        }
+    }
+
+    /// What the live timer entry means.
+    pub fn timer(self) -> Timer {
+        match self.phase {
+            Phase::Handshaking => Timer::Handshake,
+            Phase::Open if self.has(Flag::PingSent) => Timer::Pong,
+            Phase::Open => Timer::Ping,
+            Phase::Closing | Phase::Flushing => Timer::Close,
+        }
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_is_two_bytes() {
+        assert_eq!(std::mem::size_of::<State>(), 2);
+    }
+
+    #[test]
+    fn timer_meaning_follows_phase_and_ping_flag() {
+        let mut s = State::new();
+        assert_eq!(s.timer(), Timer::Handshake);
+        s.set_phase(Phase::Open);
+        assert_eq!(s.timer(), Timer::Ping);
+        s.set(Flag::PingSent, true);
+        assert_eq!(s.timer(), Timer::Pong);
+        s.set_phase(Phase::Closing);
+        assert_eq!(s.timer(), Timer::Close);
+        s.set_phase(Phase::Flushing);
+        assert_eq!(s.timer(), Timer::Close);
+    }
+
+    #[test]
+    fn flags_are_independent() {
+        let mut s = State::new();
+        s.set(Flag::Heard, true);
+        s.set(Flag::Recover, true);
+        s.set(Flag::Heard, false);
+        assert!(!s.has(Flag::Heard));
+        assert!(s.has(Flag::Recover));
+        assert!(!s.has(Flag::Upgraded));
+    }
+}
