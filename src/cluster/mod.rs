@@ -26,7 +26,6 @@ use crate::config::{redact_url, ClusterConfig};
 use crate::history::History;
 use crate::mailbox::{Mailbox, Target};
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{mpsc, Arc, Mutex};
@@ -474,51 +473,38 @@ impl Cluster {
 
     /// Appends the cluster's numbers to a Prometheus text exposition.
     pub fn render_metrics(&self, out: &mut String) {
-        let gauge = u64::from(self.is_up());
-        let rows: [(&str, &str, &str, u64); 6] = [
-            (
-                "densepush_cluster_link_up",
-                "1 while the Redis link is up, 0 while it is down.",
-                "gauge",
-                gauge,
-            ),
-            (
-                "densepush_cluster_published_total",
-                "Publishes and kicks sent to the other nodes through Redis.",
-                "counter",
-                self.metrics.published.load(Relaxed),
-            ),
-            (
-                "densepush_cluster_received_total",
-                "Publishes and kicks received from other nodes.",
-                "counter",
-                self.metrics.received.load(Relaxed),
-            ),
-            (
-                "densepush_cluster_failed_total",
-                "Cluster publishes, kicks and presence queries answered 503 (Redis unreachable).",
-                "counter",
-                self.metrics.failed.load(Relaxed),
-            ),
-            (
-                "densepush_cluster_invalid_messages_total",
-                "Messages from Redis that did not decode and were dropped.",
-                "counter",
-                self.metrics.invalid.load(Relaxed),
-            ),
-            (
-                "densepush_cluster_connects_total",
-                "Times the Redis link came up.",
-                "counter",
-                self.metrics.connects.load(Relaxed),
-            ),
-        ];
-        for (name, help, kind, value) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
+        use crate::metrics::Exposition;
+        let mut out = Exposition::new(out);
+        out.gauge(
+            "densepush_cluster_link_up",
+            "1 while the Redis link is up, 0 while it is down.",
+            u64::from(self.is_up()),
+        );
+        out.counter(
+            "densepush_cluster_published_total",
+            "Publishes and kicks sent to the other nodes through Redis.",
+            self.metrics.published.load(Relaxed),
+        );
+        out.counter(
+            "densepush_cluster_received_total",
+            "Publishes and kicks received from other nodes.",
+            self.metrics.received.load(Relaxed),
+        );
+        out.counter(
+            "densepush_cluster_failed_total",
+            "Cluster publishes, kicks and presence queries answered 503 (Redis unreachable).",
+            self.metrics.failed.load(Relaxed),
+        );
+        out.counter(
+            "densepush_cluster_invalid_messages_total",
+            "Messages from Redis that did not decode and were dropped.",
+            self.metrics.invalid.load(Relaxed),
+        );
+        out.counter(
+            "densepush_cluster_connects_total",
+            "Times the Redis link came up.",
+            self.metrics.connects.load(Relaxed),
+        );
     }
 }
 

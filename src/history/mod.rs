@@ -20,7 +20,6 @@ use crate::frame;
 use crate::mailbox::{Command, Mailbox, Target};
 use bytes::Bytes;
 use envelope::{Position, Stamp};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -363,6 +362,7 @@ impl History {
 
     /// Appends the history numbers to a Prometheus text exposition.
     pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::{Exposition, MetricType};
         let (bytes, messages, streams, counters, limits) = {
             let now = self.now_ms();
             let mut store = self.lock();
@@ -375,64 +375,49 @@ impl History {
                 store.limits(),
             )
         };
-        let rows: [(&str, &str, &str, u64); 7] = [
-            (
-                "densepush_history_bytes",
-                "Bytes held by history, overheads included.",
-                "gauge",
-                bytes as u64,
-            ),
-            (
-                "densepush_history_max_bytes",
-                "The history byte budget (history.max_bytes).",
-                "gauge",
-                limits.max_bytes as u64,
-            ),
-            (
-                "densepush_history_messages",
-                "Messages held by history.",
-                "gauge",
-                messages as u64,
-            ),
-            (
-                "densepush_history_streams",
-                "Streams holding history.",
-                "gauge",
-                streams as u64,
-            ),
-            (
-                "densepush_history_recoveries_total",
-                "Reconnections served from history (possibly with nothing missed).",
-                "counter",
-                counters.recoveries,
-            ),
-            (
-                "densepush_history_replayed_total",
-                "Messages replayed to reconnecting clients.",
-                "counter",
-                counters.replayed,
-            ),
-            (
-                "densepush_history_resyncs_total",
-                "Resync notices sent instead of a replay.",
-                "counter",
-                counters.resyncs,
-            ),
-        ];
-        for (name, help, kind, value) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        let name = "densepush_history_evicted_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Messages evicted from history, by reason.\n# TYPE {name} counter"
+        let mut out = Exposition::new(out);
+        out.gauge(
+            "densepush_history_bytes",
+            "Bytes held by history, overheads included.",
+            bytes as u64,
         );
-        for (label, value) in REASON_LABELS.iter().zip(counters.evicted) {
-            let _ = writeln!(out, "{name}{{reason=\"{label}\"}} {value}");
-        }
+        out.gauge(
+            "densepush_history_max_bytes",
+            "The history byte budget (history.max_bytes).",
+            limits.max_bytes as u64,
+        );
+        out.gauge(
+            "densepush_history_messages",
+            "Messages held by history.",
+            messages as u64,
+        );
+        out.gauge(
+            "densepush_history_streams",
+            "Streams holding history.",
+            streams as u64,
+        );
+        out.counter(
+            "densepush_history_recoveries_total",
+            "Reconnections served from history (possibly with nothing missed).",
+            counters.recoveries,
+        );
+        out.counter(
+            "densepush_history_replayed_total",
+            "Messages replayed to reconnecting clients.",
+            counters.replayed,
+        );
+        out.counter(
+            "densepush_history_resyncs_total",
+            "Resync notices sent instead of a replay.",
+            counters.resyncs,
+        );
+        out.family(
+            "densepush_history_evicted_total",
+            "Messages evicted from history, by reason.",
+            MetricType::Counter,
+            "reason",
+            REASON_LABELS.iter().zip(counters.evicted),
+        );
     }
 }
 

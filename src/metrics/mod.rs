@@ -1,10 +1,13 @@
 //! Counters and gauges, written by the thread that owns them and read by the admin thread for `/metrics`.
 //!
 //! It owns the numbers and their Prometheus text rendering; it does not decide what to count. Each reactor has
-//! its own `ReactorMetrics` (one writer, relaxed atomics, no contention); hot loops add once per batch.
+//! its own `ReactorMetrics` (one writer, relaxed atomics, no contention); hot loops add once per batch. The
+//! text format itself is [`Exposition`]'s (in `exposition`), shared with the history and cluster numbers.
+
+mod exposition;
 
 use crate::budget::Budget;
-use std::fmt::Write as _;
+pub use exposition::{Exposition, MetricType};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -170,7 +173,8 @@ pub fn render(
     admin: &AdminMetrics,
     rss_bytes: Option<u64>,
 ) -> String {
-    let mut out = String::with_capacity(4096);
+    let mut text = String::with_capacity(4096);
+    let mut out = Exposition::new(&mut text);
     let gauges: [(&str, &str, Field); 7] = [
         (
             "densepush_connections_open",
@@ -209,7 +213,7 @@ pub fn render(
         ),
     ];
     for (name, help, get) in gauges {
-        per_reactor(&mut out, name, help, "gauge", reactors, get);
+        per_reactor(&mut out, name, help, MetricType::Gauge, reactors, get);
     }
     let counters: [(&str, &str, Field); 16] = [
         (
@@ -290,92 +294,78 @@ pub fn render(
         ),
     ];
     for (name, help, get) in counters {
-        per_reactor(&mut out, name, help, "counter", reactors, get);
+        per_reactor(&mut out, name, help, MetricType::Counter, reactors, get);
     }
 
     if let Some(budget) = &admin.buffer_budget {
-        let gauges = [
-            (
-                "densepush_buffered_bytes",
-                "Bytes held in connection buffers, against max_buffered_bytes_total.",
-                budget.used(),
-            ),
-            (
-                "densepush_buffered_bytes_limit",
-                "websocket.max_buffered_bytes_total.",
-                budget.limit(),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            header(&mut out, name, help, "gauge");
-            let _ = writeln!(out, "{name} {value}");
-        }
-    }
-
-    let name = "densepush_handshakes_rejected_total";
-    header(&mut out, name, "Refused handshakes by reason.", "counter");
-    for (i, label) in REJECT_LABELS.iter().enumerate() {
-        let sum: u64 = reactors
-            .iter()
-            .map(|m| m.handshakes_rejected[i].load(Relaxed))
-            .sum();
-        let _ = writeln!(out, "{name}{{reason=\"{label}\"}} {sum}");
-    }
-
-    let name = "densepush_messages_published_total";
-    header(
-        &mut out,
-        name,
-        "Messages accepted by the admin API, by target kind.",
-        "counter",
-    );
-    for (i, label) in TARGET_LABELS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{name}{{target=\"{label}\"}} {}",
-            admin.published[i].load(Relaxed)
+        out.gauge(
+            "densepush_buffered_bytes",
+            "Bytes held in connection buffers, against max_buffered_bytes_total.",
+            budget.used() as u64,
+        );
+        out.gauge(
+            "densepush_buffered_bytes_limit",
+            "websocket.max_buffered_bytes_total.",
+            budget.limit() as u64,
         );
     }
-    let name = "densepush_admin_requests_total";
-    header(
-        &mut out,
-        name,
-        "Admin API requests by status class.",
-        "counter",
+
+    out.family(
+        "densepush_handshakes_rejected_total",
+        "Refused handshakes by reason.",
+        MetricType::Counter,
+        "reason",
+        REJECT_LABELS.iter().enumerate().map(|(i, label)| {
+            let sum: u64 = reactors
+                .iter()
+                .map(|m| m.handshakes_rejected[i].load(Relaxed))
+                .sum();
+            (label, sum)
+        }),
     );
-    for (class, counter) in [
-        ("2xx", &admin.requests_2xx),
-        ("4xx", &admin.requests_4xx),
-        ("5xx", &admin.requests_5xx),
-    ] {
-        let _ = writeln!(out, "{name}{{class=\"{class}\"}} {}", counter.load(Relaxed));
-    }
-    single(
-        &mut out,
+
+    out.family(
+        "densepush_messages_published_total",
+        "Messages accepted by the admin API, by target kind.",
+        MetricType::Counter,
+        "target",
+        TARGET_LABELS
+            .iter()
+            .zip(&admin.published)
+            .map(|(label, count)| (label, count.load(Relaxed))),
+    );
+    out.family(
+        "densepush_admin_requests_total",
+        "Admin API requests by status class.",
+        MetricType::Counter,
+        "class",
+        [
+            ("2xx", &admin.requests_2xx),
+            ("4xx", &admin.requests_4xx),
+            ("5xx", &admin.requests_5xx),
+        ]
+        .map(|(class, counter)| (class, counter.load(Relaxed))),
+    );
+    out.counter(
         "densepush_kick_requests_total",
         "Admin kick requests.",
-        "counter",
         admin.kicks.load(Relaxed),
     );
     if let Some(rss) = rss_bytes {
-        single(
-            &mut out,
+        out.gauge(
             "densepush_process_resident_bytes",
             "Resident set size of the process.",
-            "gauge",
             rss,
         );
     }
     if let Some(heap) = heap_allocated_bytes() {
-        single(
-            &mut out,
+        out.gauge(
             "densepush_heap_allocated_bytes",
             "Heap bytes allocated and not freed (glibc mallinfo2); RSS minus this is allocator retention.",
-            "gauge",
             heap,
         );
     }
-    out
+    text
 }
 
 /// Bytes the allocator has handed out and not had back (glibc only). Unlike RSS it drops when memory is
@@ -393,27 +383,20 @@ pub fn heap_allocated_bytes() -> Option<u64> {
     }
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn single(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
-    header(out, name, help, kind);
-    let _ = writeln!(out, "{name} {value}");
-}
-
+/// One family with a sample per reactor, labelled with the reactor's index.
 fn per_reactor(
-    out: &mut String,
+    out: &mut Exposition<'_>,
     name: &str,
     help: &str,
-    kind: &str,
+    kind: MetricType,
     reactors: &[&ReactorMetrics],
     get: Field,
 ) {
-    header(out, name, help, kind);
-    for (i, m) in reactors.iter().enumerate() {
-        let _ = writeln!(out, "{name}{{reactor=\"{i}\"}} {}", get(m).load(Relaxed));
-    }
+    let samples = reactors
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (i, get(m).load(Relaxed)));
+    out.family(name, help, kind, "reactor", samples);
 }
 
 /// Resident set size of this process from /proc/self/statm, in bytes.

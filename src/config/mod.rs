@@ -1,0 +1,438 @@
+//! densepush's configuration: `config.toml` (read into [`FileConfig`], where every key is optional)
+//! plus `DENSEPUSH_<SECTION>_<KEY>` environment overrides, validated into a [`Config`] of plain values.
+//!
+//! Owns the defaults (one named constant per setting, with its unit), parsing, the environment
+//! overrides, validation, and resolving the reactor count and the JWT secret. It does not bind
+//! sockets, set up logging or print warnings: it exposes [`Config::uses_dev_secret`] and
+//! [`Config::admin_exposed_without_key`] so `main` can warn about insecure settings.
+//!
+//! Pipeline: text → `toml::Table` (syntax errors, with line) → overrides applied to that tree →
+//! [`FileConfig`] (serde with `deny_unknown_fields`, so typos are errors, not silent defaults) →
+//! [`Config`] (range and cross-field checks). Every error names the key it is about.
+//!
+//! This file holds the checked [`Config`], the value types it shares with the file ([`AuthMode`],
+//! [`LogLevel`]), secret redaction for `Debug`, and the order of the steps. Each part owns one job:
+//! `defaults` (every `DEFAULT_*`), [`limits`] (accepted ranges), `file` (the file's shape), `env`
+//! (overrides), `validate` (checks, one function per section) and `error` ([`ConfigError`] and one-line
+//! parse messages). Everything public is re-exported here, so callers only ever name `config::X`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+mod defaults;
+mod env;
+mod error;
+mod file;
+pub mod limits;
+mod validate;
+
+pub use defaults::*;
+pub use error::ConfigError;
+pub use file::{
+    AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
+    LogSection, ServerSection, WebSocketSection,
+};
+
+use env::{apply_env_overrides, blame_env, process_env};
+use error::{shape_error, syntax_error};
+
+/// How clients authenticate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A JWT (HS256) in the upgrade request names the user and the channels.
+    Jwt,
+    /// No authentication: for development and trusted networks only.
+    None,
+}
+
+/// Log verbosity, least to most verbose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Informational messages and above.
+    Info,
+    /// Debugging detail and above.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The `log` crate's filter for this level.
+    pub fn to_level_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// A URL with its user-info (`user:password@`) replaced, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Debug stand-in for a secret: shows only its length (0 reads as "not set").
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<redacted, {} bytes>", self.0)
+    }
+}
+
+/// The checked configuration the server runs with. Build it with [`Config::load`] or
+/// [`Config::from_toml_str`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[websocket]`
+    pub websocket: WebSocketConfig,
+    /// `[auth]`
+    pub auth: AuthConfig,
+    /// `[admin]`
+    pub admin: AdminConfig,
+    /// `[log]`
+    pub log: LogConfig,
+    /// `[cluster]`
+    pub cluster: ClusterConfig,
+    /// `[history]`
+    pub history: HistoryConfig,
+    /// `[diagnostics]`
+    pub diagnostics: DiagnosticsSection,
+}
+
+/// `[history]`, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// History for `user:` streams.
+    pub user: bool,
+    /// History for `channel:` streams.
+    pub channel: bool,
+    /// History for the `all` stream.
+    pub all: bool,
+    /// Messages kept per stream.
+    pub size: usize,
+    /// Seconds a message is kept.
+    pub ttl_secs: u64,
+    /// Bytes all streams' history may use.
+    pub max_bytes: usize,
+}
+
+/// `[server]`, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Client WebSocket listener.
+    pub listen: SocketAddr,
+    /// Upgrade path; starts with '/', no query or fragment.
+    pub path: String,
+    /// Reactor threads, resolved: at least 1.
+    pub reactors: usize,
+    /// Client connections across all reactors; at least 1.
+    pub max_connections: usize,
+    /// Allowed `Origin` values as `scheme://host[:port]`, ASCII-lowercased (browsers send them
+    /// lowercased, RFC 6454 §6.2; compare case-insensitively anyway). Empty allows any origin.
+    pub allowed_origins: Vec<String>,
+    /// Milliseconds to wait for clients to close after SIGTERM.
+    pub shutdown_timeout_ms: u64,
+    /// Bytes in each reactor's scratch read buffer.
+    pub read_buffer_bytes: usize,
+}
+
+/// `[websocket]`, checked. Every timeout is at least one tick; `pong_timeout_ms < ping_interval_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct WebSocketConfig {
+    pub handshake_timeout_ms: u64,
+    pub ping_interval_ms: u64,
+    pub pong_timeout_ms: u64,
+    pub close_timeout_ms: u64,
+    pub max_inbound_message_bytes: usize,
+    pub max_outbox_bytes: usize,
+    pub max_handshake_bytes: usize,
+    pub max_handshake_headers: usize,
+    pub max_buffered_bytes_total: usize,
+    pub timer_tick_ms: u64,
+}
+
+/// `[auth]`, checked, with the secret resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// How clients authenticate.
+    pub mode: AuthMode,
+    /// The HS256 secret: from the variable named by `auth.jwt_secret_env` when that is set, else
+    /// `auth.jwt_secret`. At least 32 bytes in `jwt` mode; empty in `none` mode.
+    pub secret: Vec<u8>,
+    /// Seconds of clock skew tolerated for `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Bytes in the longest user id.
+    pub max_id_bytes: usize,
+    /// Channels per token.
+    pub max_channels: usize,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field("secret", &Redacted(self.secret.len()))
+            .field("leeway_secs", &self.leeway_secs)
+            .field("max_id_bytes", &self.max_id_bytes)
+            .field("max_channels", &self.max_channels)
+            .finish()
+    }
+}
+
+/// `[admin]`, checked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Admin HTTP listener.
+    pub listen: SocketAddr,
+    /// Bearer key the admin API requires; `None` means no authentication.
+    pub api_key: Option<String>,
+    /// Bytes in the largest publishable message body; at most `websocket.max_outbox_bytes`.
+    pub max_publish_bytes: usize,
+    /// Bytes in the largest admin request head.
+    pub max_request_head_bytes: usize,
+    /// Headers in the largest admin request.
+    pub max_request_headers: usize,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("api_key", &self.api_key.as_ref().map(|k| Redacted(k.len())))
+            .field("max_publish_bytes", &self.max_publish_bytes)
+            .field("max_request_head_bytes", &self.max_request_head_bytes)
+            .field("max_request_headers", &self.max_request_headers)
+            .finish()
+    }
+}
+
+/// `[log]`, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Least severe level printed.
+    pub level: log::LevelFilter,
+}
+
+/// `[cluster]`, checked, with the node id resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis URL; `None` runs a single node.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis channel and key: visible ASCII, 1 to 64 bytes.
+    pub channel_prefix: String,
+    /// This node's id: `cluster.node_id`, or `<hostname>-<pid>` when that is empty.
+    pub node_id: String,
+    /// Milliseconds before the first reconnection attempt.
+    pub reconnect_min_ms: u64,
+    /// Milliseconds between reconnection attempts at most; at least `reconnect_min_ms`.
+    pub reconnect_max_ms: u64,
+    /// Milliseconds a Redis connect, read or write may take.
+    pub command_timeout_ms: u64,
+    /// Milliseconds between heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds an alive marker lives; more than `heartbeat_interval_ms`.
+    pub node_ttl_ms: u64,
+    /// Milliseconds a presence query waits for answers.
+    pub presence_timeout_ms: u64,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("node_id", &self.node_id)
+            .field("reconnect_min_ms", &self.reconnect_min_ms)
+            .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("node_ttl_ms", &self.node_ttl_ms)
+            .field("presence_timeout_ms", &self.presence_timeout_ms)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `DENSEPUSH_*` overrides from the process environment and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &process_env()?)
+    }
+
+    /// Parses `text`, applies overrides from `env` and validates. `env` stands for the whole
+    /// environment: `DENSEPUSH_*` entries are overrides, and `auth.jwt_secret_env` is looked up
+    /// in it too. Later entries win over earlier ones with the same name.
+    pub fn from_toml_str(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = text.parse().map_err(|e| syntax_error(text, &e))?;
+        let overridden = apply_env_overrides(&mut tree, env)?;
+        let file = FileConfig::deserialize(toml::Value::Table(tree))
+            .map_err(|e| shape_error(text, &e, &overridden))?;
+        file.validate(env).map_err(|e| blame_env(e, &overridden))
+    }
+
+    /// True when clients authenticate with the development secret shipped in `config.toml`,
+    /// which anyone can read: tokens for any user can be forged.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.auth.mode == AuthMode::Jwt && self.auth.secret == DEFAULT_JWT_SECRET.as_bytes()
+    }
+
+    /// True when the admin API listens beyond loopback without an API key, so anyone who can
+    /// reach the port can publish to every client.
+    pub fn admin_exposed_without_key(&self) -> bool {
+        !self.admin.listen.ip().is_loopback() && self.admin.api_key.is_none()
+    }
+}
+
+/// What the tests of every part share: parsing from text with no environment, or with a given one.
+#[cfg(test)]
+mod test_support {
+    use super::{Config, ConfigError};
+
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, &[])
+    }
+
+    pub(super) fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_toml_str(text, &env)
+    }
+
+    pub(super) fn defaults() -> Config {
+        parse("").expect("defaults are valid")
+    }
+
+    /// Asserts `text` fails validation on `key` and returns the one-line message.
+    pub(super) fn invalid_key(text: &str) -> (&'static str, String) {
+        match parse(text) {
+            Err(e @ ConfigError::Invalid { key, .. }) => (key, e.to_string()),
+            other => panic!("expected ConfigError::Invalid for {text:?}, got {other:?}"),
+        }
+    }
+
+    pub(super) fn parse_error(text: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Parse(msg)) => msg,
+            other => panic!("expected ConfigError::Parse for {text:?}, got {other:?}"),
+        }
+    }
+
+    pub(super) fn env_error(text: &str, env: &[(&str, &str)]) -> (String, String) {
+        match parse_env(text, env) {
+            Err(e @ ConfigError::Env { .. }) => {
+                let msg = e.to_string();
+                let ConfigError::Env { var, .. } = e else {
+                    unreachable!()
+                };
+                (var, msg)
+            }
+            other => panic!("expected ConfigError::Env, got {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_support::*;
+
+    #[test]
+    fn uses_dev_secret_only_with_the_shipped_secret() {
+        assert!(defaults().uses_dev_secret());
+        let c = parse("[auth]\njwt_secret = \"a-production-secret-that-is-long-enough\"").unwrap();
+        assert!(!c.uses_dev_secret());
+    }
+
+    #[test]
+    fn admin_is_exposed_without_key_only_off_loopback_and_keyless() {
+        assert!(!defaults().admin_exposed_without_key());
+        assert!(parse("[admin]\nlisten = \"0.0.0.0:8081\"")
+            .unwrap()
+            .admin_exposed_without_key());
+        let keyed =
+            parse("[admin]\nlisten = \"0.0.0.0:8081\"\napi_key = \"k3y-abc_DEF~+/==\"").unwrap();
+        assert!(!keyed.admin_exposed_without_key());
+        assert!(!parse("[admin]\nlisten = \"[::1]:8081\"")
+            .unwrap()
+            .admin_exposed_without_key());
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = parse("[admin]\napi_key = \"super-secret-admin-key\"").unwrap();
+        let text = format!("{c:?} {:?}", FileConfig::default());
+        assert!(!text.contains(DEFAULT_JWT_SECRET), "{text}");
+        assert!(!text.contains("super-secret-admin-key"), "{text}");
+        assert!(text.contains("redacted"), "{text}");
+    }
+
+    #[test]
+    fn load_reads_a_file() {
+        let path =
+            std::env::temp_dir().join(format!("densepush-config-test-{}.toml", std::process::id()));
+        std::fs::write(&path, "[server]\nreactors = 2\n").unwrap();
+        let result = Config::load(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(result.unwrap().server.reactors, 2);
+    }
+
+    #[test]
+    fn load_of_a_missing_file_names_the_path() {
+        let err = Config::load(Path::new("/nonexistent/densepush.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Io { .. }));
+        assert!(
+            err.to_string().contains("/nonexistent/densepush.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn redis_url_password_is_redacted_in_errors_and_debug() {
+        let (_, msg) = invalid_key("[cluster]\nredis_url = \"redis://:hunter2@\"");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let c = parse("[cluster]\nredis_url = \"redis://:hunter2@127.0.0.1:6379\"").unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("127.0.0.1:6379"), "{text}");
+    }
+
+    #[test]
+    fn redact_url_keeps_everything_but_the_credentials() {
+        assert_eq!(
+            redact_url("redis://user:pw@host:1/0"),
+            "redis://<redacted>@host:1/0"
+        );
+        assert_eq!(redact_url("redis://host:1"), "redis://host:1");
+        assert_eq!(redact_url("unix:///tmp/r@x.sock"), "unix:///tmp/r@x.sock");
+    }
+}
