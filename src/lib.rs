@@ -22,6 +22,7 @@ pub mod history;
 pub mod mailbox;
 pub mod metrics;
 pub mod outbox;
+pub mod proto;
 pub mod reactor;
 pub mod server;
 pub mod timer;
