@@ -2,7 +2,7 @@
 //! [`Identity`], either by verifying an HS256 JWT (RFC 7519) or, in development mode, by trusting
 //! `?user=&client=&channels=` as given.
 //!
-//! It owns token verification and identity validation; it does not read the request (see `handshake`)
+//! It owns token verification and identity validation; it does not read the request (see `proto::handshake`)
 //! nor decide what an identity may do beyond the channels it names. The `*_at` functions take the time
 //! as an argument so every rule is testable; the plain ones read the system clock for convenience.
 

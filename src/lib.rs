@@ -17,7 +17,6 @@ pub mod conn;
 pub mod echo;
 pub mod fanout;
 pub mod frame;
-pub mod handshake;
 pub mod history;
 pub mod mailbox;
 pub mod metrics;
