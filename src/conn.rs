@@ -6,8 +6,8 @@
 //! is 24 bytes in the slab and owns no heap memory.
 
 use crate::budget::Budget;
-use crate::frame::Decoder;
 use crate::outbox::{Flush, Outbox};
+use crate::proto::frame::Decoder;
 use bytes::Bytes;
 use std::io::{self, Write};
 use std::net::TcpStream;

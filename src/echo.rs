@@ -9,8 +9,8 @@
 //! the connection's spill (`conn::Spill::echo`) and the buffer is freed once the message is complete.
 
 use crate::conn::{Conn, Spill};
-use crate::frame;
 use crate::metrics::ReactorMetrics;
+use crate::proto::frame;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
 

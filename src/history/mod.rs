@@ -16,8 +16,8 @@
 pub mod envelope;
 pub mod store;
 
-use crate::frame;
 use crate::mailbox::{Command, Mailbox, Target};
+use crate::proto::frame;
 use crate::proto::http;
 use bytes::Bytes;
 use envelope::{Position, Stamp};
