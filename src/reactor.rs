@@ -14,7 +14,7 @@ use crate::history::{self, envelope, History};
 use crate::mailbox::{Command, Mailbox, Target};
 use crate::metrics::{ReactorMetrics, RejectKind};
 use crate::outbox::Flush;
-use crate::proto::frame::{self, Event, Feed, ProtocolError};
+use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::{self, HandshakeLimits, Reject};
 use crate::timer::TimerWheel;
 use bytes::Bytes;
@@ -42,11 +42,6 @@ const READS_PER_TURN: usize = 16;
 
 /// Reason given when the server-wide buffer budget (`websocket.max_buffered_bytes_total`) refuses a buffer.
 const BUDGET_EXHAUSTED: &str = "server busy: buffer budget exhausted";
-
-/// A ping with no payload: the same bytes for every connection.
-static PING_FRAME: [u8; 2] = [0x89, 0x00];
-/// A close frame with no payload, the reply to a client close that carried no code (RFC 6455 §5.5.1).
-static EMPTY_CLOSE_FRAME: [u8; 2] = [0x88, 0x00];
 
 /// What a reactor needs to know, resolved from the configuration.
 #[derive(Debug, Clone)]

@@ -10,6 +10,15 @@ use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use super::close::{close_code_is_valid, MAX_CLOSE_REASON_BYTES};
 use super::MAX_CONTROL_PAYLOAD;
 
+/// A ping with no payload (§5.5.2): FIN and opcode 0x9, then length 0, unmasked. The same two bytes serve every
+/// connection: send them as `Bytes::from_static(&PING_FRAME)`, which shares them without allocating.
+pub static PING_FRAME: [u8; 2] = [0x89, 0x00];
+
+/// A close frame with no payload (§5.5.1: "The Close frame MAY contain a body"): FIN and opcode 0x8, then
+/// length 0. The reply to a client close that carried no code; send it as
+/// `Bytes::from_static(&EMPTY_CLOSE_FRAME)`.
+pub static EMPTY_CLOSE_FRAME: [u8; 2] = [0x88, 0x00];
+
 /// Header length of a server frame with a `payload_len`-byte payload: 7-bit, 16-bit or 64-bit length, no key
 /// (§5.2).
 pub fn header_len(payload_len: usize) -> usize {
@@ -157,6 +166,17 @@ mod tests {
         assert_eq!(encode_pong(b"12345").len(), 7);
         assert_eq!(&encode_ping(b"p")[..], &[0x89, 1, b'p']);
         assert_eq!(&encode_pong(b"p")[..], &[0x8A, 1, b'p']);
+    }
+
+    #[test]
+    fn static_frames_are_what_the_encoders_write() {
+        assert_eq!(PING_FRAME, [0x89, 0x00]);
+        assert_eq!(EMPTY_CLOSE_FRAME, [0x88, 0x00]);
+        assert_eq!(&encode_ping(b"")[..], &PING_FRAME);
+        let mut cursor = Cursor::new(&EMPTY_CLOSE_FRAME[..]);
+        let (header, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+        assert_eq!(header.opcode, OpCode::Control(Control::Close));
+        assert!(header.is_final && header.mask.is_none() && len == 0);
     }
 
     #[test]

@@ -20,7 +20,10 @@ mod utf8;
 
 pub use close::{close_code_is_valid, MAX_CLOSE_REASON_BYTES};
 pub use decode::Decoder;
-pub use encode::{encode_close, encode_message, encode_ping, encode_pong, header_len};
+pub use encode::{
+    encode_close, encode_message, encode_ping, encode_pong, header_len, EMPTY_CLOSE_FRAME,
+    PING_FRAME,
+};
 
 /// Largest control-frame payload (RFC 6455 §5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
