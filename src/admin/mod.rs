@@ -615,8 +615,9 @@ impl AdminServer {
         let reason = crate::proto::http::query_param(&request.query, "reason")
             .map_or_else(|| DEFAULT_KICK_REASON.to_string(), |r| r.into_owned());
         // A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason (RFC 6455 §5.5).
-        if reason.len() > 123 {
-            return Reply::error(400, "reason must be at most 123 bytes");
+        let max = crate::proto::frame::MAX_CLOSE_REASON_BYTES;
+        if reason.len() > max {
+            return Reply::error(400, &format!("reason must be at most {max} bytes"));
         }
         if let Some(cluster) = &self.cluster {
             if let Err(e) = cluster.kick(&target, code, &reason) {
