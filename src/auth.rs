@@ -2,7 +2,7 @@
 //! [`Identity`], either by verifying an HS256 JWT (RFC 7519) or, in development mode, by trusting
 //! `?user=&client=&channels=` as given.
 //!
-//! It owns token verification and identity validation; it does not read the request (see `handshake`)
+//! It owns token verification and identity validation; it does not read the request (see `proto::handshake`)
 //! nor decide what an identity may do beyond the channels it names. The `*_at` functions take the time
 //! as an argument so every rule is testable; the plain ones read the system clock for convenience.
 
@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::handshake::query_param;
+use crate::proto::http::{self, query_param};
 
 /// The authenticated (or, in `None` mode, claimed) identity of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,7 +216,8 @@ fn find_token<'a>(
     authorization: Option<&'a str>,
 ) -> Result<std::borrow::Cow<'a, str>, AuthError> {
     let from_query = query_param(query, "token");
-    let from_header = authorization.and_then(bearer_token);
+    // `Bearer <token>`: scheme case-insensitive (RFC 9110 §11.1), one or more spaces (RFC 6750 §2.1).
+    let from_header = authorization.and_then(|value| http::credentials(value, "bearer"));
     match (from_query, from_header) {
         // RFC 6750 §2: clients must not use more than one method in a request.
         (Some(_), Some(_)) => Err(AuthError::Ambiguous),
@@ -232,14 +233,6 @@ fn non_empty(t: std::borrow::Cow<'_, str>) -> Result<std::borrow::Cow<'_, str>, 
     } else {
         Ok(t)
     }
-}
-
-/// `Bearer <token>`: scheme case-insensitive (RFC 9110 §11.1), one or more spaces (RFC 6750 §2.1).
-fn bearer_token(authorization: &str) -> Option<&str> {
-    let (scheme, rest) = authorization.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| rest.trim_start_matches(' '))
 }
 
 /// Claims as sent, kept untyped so each bad claim gets its own error after the signature verifies.

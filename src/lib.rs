@@ -2,10 +2,10 @@
 //!
 //! Reactor threads (`reactor`) each own a `SO_REUSEPORT` listener, a slab of connections (`conn`), a fanout
 //! index (`fanout`) and a timing wheel (`timer`). The admin API (`admin`) frames a published message once
-//! (`frame`) and hands the shared bytes to every reactor through its `mailbox`. Protocol logic is sans-IO:
-//! `handshake`, `auth`, `frame`, `outbox`, `fanout` and `timer` never touch a socket or a clock. Several
-//! nodes form a cluster over Redis pub/sub (`cluster`). Clients that reconnect recover what they missed from
-//! per-stream history (`history`).
+//! (`proto::frame`) and hands the shared bytes to every reactor through its `mailbox`. Protocol logic is
+//! sans-IO: `proto` (HTTP helpers, the opening handshake, the frame codec), `auth`, `outbox`, `fanout` and
+//! `timer` never touch a socket or a clock. Several nodes form a cluster over Redis pub/sub (`cluster`).
+//! Clients that reconnect recover what they missed from per-stream history (`history`).
 #![deny(missing_docs)]
 
 pub mod accept;
@@ -16,11 +16,10 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fanout;
-pub mod frame;
-pub mod handshake;
 pub mod history;
 pub mod mailbox;
 pub mod metrics;
+pub mod proto;
 pub mod reactor;
 pub mod server;
 pub mod timer;

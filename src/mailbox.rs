@@ -44,7 +44,7 @@ pub enum Command {
         target: Arc<Target>,
         /// Close code (1000 or 4000-4999).
         code: u16,
-        /// Close reason (UTF-8, at most 123 bytes).
+        /// Close reason (UTF-8, at most [`crate::proto::frame::MAX_CLOSE_REASON_BYTES`], 123 bytes).
         reason: Arc<str>,
         /// Receives the number of connections closed in this reactor.
         reply: Sender<usize>,

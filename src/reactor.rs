@@ -14,10 +14,11 @@ use crate::budget::Budget;
 use crate::conn::transport::Plain;
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
 use crate::fanout::Fanout;
-use crate::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::history::{self, envelope, History};
 use crate::mailbox::{Command, Mailbox, Target};
 use crate::metrics::ReactorMetrics;
+use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
+use crate::proto::http;
 use crate::timer::TimerWheel;
 use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
@@ -447,7 +448,7 @@ impl Reactor {
     /// connection, answers 101 and replays what a recovering client missed. Returns false if it is gone.
     fn upgrade(&mut self, key: u32, request: Request<'_>) -> bool {
         let generation = self.conns[key as usize].generation;
-        let since = envelope::raw_query_param(request.query, "since")
+        let since = http::query_raw(request.query, "since")
             .filter(|_| self.settings.history.any_enabled())
             .map(envelope::parse_since)
             .unwrap_or_default();

@@ -319,38 +319,16 @@ fn body_length(digits: &[u8], limits: &Limits) -> Result<usize, HttpError> {
     }
 }
 
-/// Splits a request-target into raw path and query (RFC 9112 §3.2). Origin-form is what clients send;
-/// absolute-form MUST also be accepted by servers (RFC 9112 §3.2.2), so its scheme and authority are
-/// dropped. Asterisk- and authority-form are meaningless for the admin API and get 400.
+/// Splits a request-target into raw path and query (RFC 9112 §3.2) with the admin API's statuses: origin-form
+/// and absolute-form are split by [`crate::proto::http::split_target`]; asterisk- and authority-form are
+/// meaningless for the admin API and get 400, as does a fragment.
 fn split_target(target: &str) -> Result<(&str, &str), HttpError> {
     // RFC 9112 §3.2: the request-target never carries a fragment.
     if target.contains('#') {
         return Err(HttpError::BadRequest("fragment in request-target"));
     }
-    let origin_form = if target.starts_with('/') {
-        target
-    } else if let Some(rest) = strip_prefix_ignore_case(target, "http://")
-        .or_else(|| strip_prefix_ignore_case(target, "https://"))
-    {
-        match rest.find(['/', '?']) {
-            Some(i) => &rest[i..],
-            None => "",
-        }
-    } else {
-        return Err(HttpError::BadRequest(
-            "request-target must be an absolute path",
-        ));
-    };
-    let (path, query) = origin_form.split_once('?').unwrap_or((origin_form, ""));
-    // RFC 9110 §4.2.3: an empty path in absolute-form is equivalent to "/".
-    let path = if path.is_empty() { "/" } else { path };
-    Ok((path, query))
-}
-
-fn strip_prefix_ignore_case<'t>(s: &'t str, prefix: &str) -> Option<&'t str> {
-    let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &s[prefix.len()..])
+    crate::proto::http::split_target(target)
+        .map_err(|_| HttpError::BadRequest("request-target must be an absolute path"))
 }
 
 /// httparse reports both "HTTP/2.0" and garbage as a version error; a well-formed `HTTP/<digit>`

@@ -553,7 +553,7 @@ impl AdminServer {
             );
         }
         let number = |name: &str, default: u64| -> Result<u64, Reply> {
-            match crate::handshake::query_param(&request.query, name) {
+            match crate::proto::http::query_param(&request.query, name) {
                 None => Ok(default),
                 Some(text) => text.parse().map_err(|_| {
                     Reply::error(400, &format!("{name} must be a non-negative integer"))
@@ -605,18 +605,19 @@ impl AdminServer {
     }
 
     fn kick(&self, target: Target, request: &Request) -> Reply {
-        let code = match crate::handshake::query_param(&request.query, "code") {
+        let code = match crate::proto::http::query_param(&request.query, "code") {
             None => DEFAULT_KICK_CODE,
             Some(text) => match text.parse::<u16>() {
                 Ok(code) if code == 1000 || (4000..=4999).contains(&code) => code,
                 _ => return Reply::error(400, "code must be 1000 or 4000-4999"),
             },
         };
-        let reason = crate::handshake::query_param(&request.query, "reason")
+        let reason = crate::proto::http::query_param(&request.query, "reason")
             .map_or_else(|| DEFAULT_KICK_REASON.to_string(), |r| r.into_owned());
         // A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason (RFC 6455 §5.5).
-        if reason.len() > 123 {
-            return Reply::error(400, "reason must be at most 123 bytes");
+        let max = crate::proto::frame::MAX_CLOSE_REASON_BYTES;
+        if reason.len() > max {
+            return Reply::error(400, &format!("reason must be at most {max} bytes"));
         }
         if let Some(cluster) = &self.cluster {
             if let Err(e) = cluster.kick(&target, code, &reason) {

@@ -9,7 +9,7 @@
 //! the connection's spill (`Spill::echo`) and the buffer is freed once the message is complete.
 
 use super::spill::Spill;
-use crate::frame;
+use crate::proto::frame;
 use bytes::Bytes;
 
 /// Echo state for one pass of the decoder over one read.

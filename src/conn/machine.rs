@@ -21,9 +21,9 @@ use super::spill::{Buffers, SPILL_BYTES};
 use super::state::{Flag, Phase, State, Timer};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
-use crate::frame::{self, Event, Feed, ProtocolError};
-use crate::handshake::Reject;
 use crate::metrics::{ReactorMetrics, RejectKind};
+use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
+use crate::proto::handshake::Reject;
 use crate::timer::TimerWheel;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
@@ -34,11 +34,6 @@ pub const BUDGET_EXHAUSTED: &str = "server busy: buffer budget exhausted";
 pub const SLOW_CONSUMER: &str = "slow consumer: outbox limit exceeded";
 /// Close reason at shutdown (code 1001).
 pub const SHUTTING_DOWN: &str = "server shutting down";
-
-/// A ping with no payload: the same bytes for every connection (RFC 6455 §5.5.2).
-static PING_FRAME: [u8; 2] = [0x89, 0x00];
-/// A close frame with no payload, the reply to a client close that carried no code (RFC 6455 §5.5.1).
-static EMPTY_CLOSE_FRAME: [u8; 2] = [0x88, 0x00];
 
 /// The connection rules that come from the configuration, shared by every connection of a reactor.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 
 use super::outbox::Outbox;
 use crate::budget::Budget;
-use crate::frame::Decoder;
+use crate::proto::frame::Decoder;
 
 /// Heap state of a busy connection. Boxed so an idle connection pays one null pointer for all of it.
 #[derive(Debug, Default)]

@@ -152,14 +152,6 @@ fn decode(item: &str) -> Option<Cow<'_, str>> {
         .ok()
 }
 
-/// The raw value of the first query parameter `name` (not percent-decoded), so `since` can be split on its
-/// literal commas before decoding.
-pub fn raw_query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then_some(value)
-    })
-}
 
 #[cfg(test)]
 mod tests {
@@ -268,15 +260,5 @@ mod tests {
     fn since_reads_at_most_max_positions() {
         let raw: Vec<String> = (0..100).map(|i| format!("channel:{i}@E:1")).collect();
         assert_eq!(parse_since(&raw.join(",")).len(), MAX_POSITIONS);
-    }
-
-    #[test]
-    fn raw_query_param_keeps_percent_escapes() {
-        assert_eq!(
-            raw_query_param("token=x&since=a%2Cb@E:1,c@E:2", "since"),
-            Some("a%2Cb@E:1,c@E:2")
-        );
-        assert_eq!(raw_query_param("recover", "recover"), Some(""));
-        assert_eq!(raw_query_param("a=1", "since"), None);
     }
 }

@@ -16,8 +16,9 @@
 pub mod envelope;
 pub mod store;
 
-use crate::frame;
 use crate::mailbox::{Command, Mailbox, Target};
+use crate::proto::frame;
+use crate::proto::http;
 use bytes::Bytes;
 use envelope::{Position, Stamp};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -449,14 +450,14 @@ fn send_all(
 
 /// Whether an upgrade request opts into envelopes: `?recover=1` (or `true`), a `since`, or the subprotocol.
 pub fn wants_envelopes(query: &str, protocols: Option<&str>) -> bool {
-    let flag = envelope::raw_query_param(query, "recover").is_some_and(|v| v == "1" || v == "true");
-    flag || envelope::raw_query_param(query, "since").is_some() || offers_subprotocol(protocols)
+    let flag = http::query_raw(query, "recover").is_some_and(|v| v == "1" || v == "true");
+    flag || http::query_raw(query, "since").is_some() || offers_subprotocol(protocols)
 }
 
 /// Whether the `Sec-WebSocket-Protocol` list offers [`SUBPROTOCOL`] (RFC 6455 §4.1 item 10: comma-separated
-/// tokens).
+/// tokens), compared case-sensitively.
 pub fn offers_subprotocol(protocols: Option<&str>) -> bool {
-    protocols.is_some_and(|list| list.split(',').any(|p| p.trim() == SUBPROTOCOL))
+    protocols.is_some_and(|list| http::list_items(list).any(|p| p == SUBPROTOCOL))
 }
 
 #[cfg(test)]

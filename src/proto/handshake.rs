@@ -5,12 +5,13 @@
 //! [`origin_allowed`] and the `auth` module to the returned [`Request`] — and it does not choose a
 //! subprotocol; it only reports the raw `Sec-WebSocket-Protocol` value and echoes the caller's choice.
 
-use std::borrow::Cow;
 use std::io::Write as _;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
+
+use crate::proto::http;
 
 /// The GUID appended to the client key before hashing (RFC 6455 §1.3, §4.2.2 item 5.4).
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -256,10 +257,10 @@ fn parse_head<'a>(
         } else if name.eq_ignore_ascii_case("upgrade") {
             // List-valued: may repeat (RFC 9110 §5.3); any line naming websocket will do.
             let value = field_str(header.value, "invalid Upgrade header")?;
-            head.upgrade_websocket |= has_token(value, "websocket");
+            head.upgrade_websocket |= http::has_token(value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
             let value = field_str(header.value, "invalid Connection header")?;
-            head.connection_upgrade |= has_token(value, "upgrade");
+            head.connection_upgrade |= http::has_token(value, "upgrade");
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             // RFC 6455 §11.3.1: must not appear more than once.
             set_once(
@@ -321,7 +322,9 @@ fn validate<'a>(head: RawHead<'a>, limits: &HandshakeLimits) -> Result<Request<'
     if !head.host_seen {
         return Err(Reject::BadRequest("missing Host header"));
     }
-    let (path, query) = split_target(head.target)?;
+    // RFC 9112 §3.2.1, §3.2.2: origin-form, or absolute-form which a server must accept; anything else is 400.
+    let (path, query) = http::split_target(head.target)
+        .map_err(|_| Reject::BadRequest("unsupported request target"))?;
     // RFC 6455 §4.2.1 item 1 / §3: the resource name must be one the server serves.
     if path != limits.path {
         return Err(Reject::NotFound);
@@ -357,34 +360,10 @@ fn validate<'a>(head: RawHead<'a>, limits: &HandshakeLimits) -> Result<Request<'
     })
 }
 
-/// Splits a request target into path and query. Accepts origin-form and absolute-form
-/// (RFC 9112 §3.2.1, §3.2.2: a server must accept the latter); anything else is 400.
-fn split_target(target: &str) -> Result<(&str, &str), Reject> {
-    let origin_form = if target.starts_with('/') {
-        target
-    } else {
-        // absolute-form: scheme "://" authority path-abempty [ "?" query ]
-        let rest = strip_prefix_ignore_case(target, "http://")
-            .or_else(|| strip_prefix_ignore_case(target, "https://"))
-            .ok_or(Reject::BadRequest("unsupported request target"))?;
-        // The path starts at the first '/' or '?' after the authority; an empty path means "/".
-        rest.find(['/', '?']).map_or("", |i| &rest[i..])
-    };
-    let (path, query) = origin_form.split_once('?').unwrap_or((origin_form, ""));
-    let path = if path.is_empty() { "/" } else { path };
-    Ok((path, query))
-}
-
-fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &s[prefix.len()..])
-}
-
 /// Field value as trimmed text. Values we act on must be visible ASCII in practice; non-UTF-8 is 400.
 fn field_str<'a>(value: &'a [u8], invalid: &'static str) -> Result<&'a str, Reject> {
     std::str::from_utf8(value)
-        .map(|s| s.trim_matches([' ', '\t']))
+        .map(http::trim_ows)
         .map_err(|_| Reject::BadRequest(invalid))
 }
 
@@ -400,13 +379,6 @@ fn set_once<'a>(
     }
     *slot = Some(field_str(value, invalid)?);
     Ok(())
-}
-
-/// Whether a comma-separated list of tokens contains `token`, ASCII case-insensitively
-/// (RFC 9110 §5.6.1 list syntax; tokens are case-insensitive for Upgrade §7.8 and Connection §7.6.1).
-fn has_token(list: &str, token: &str) -> bool {
-    list.split(',')
-        .any(|t| t.trim_matches([' ', '\t']).eq_ignore_ascii_case(token))
 }
 
 fn key_is_valid(key: &str) -> bool {
@@ -437,8 +409,11 @@ pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
     out.extend_from_slice(accept_key(key).as_bytes());
     out.extend_from_slice(b"\r\n");
     if let Some(protocol) = protocol {
-        debug_assert!(is_token(protocol), "subprotocol must be an HTTP token");
-        if is_token(protocol) {
+        debug_assert!(
+            http::is_token(protocol),
+            "subprotocol must be an HTTP token"
+        );
+        if http::is_token(protocol) {
             out.extend_from_slice(b"Sec-WebSocket-Protocol: ");
             out.extend_from_slice(protocol.as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -446,39 +421,6 @@ pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
     }
     out.extend_from_slice(b"\r\n");
     out
-}
-
-/// RFC 9110 §5.6.2 token: one or more tchar.
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// Value of the first query parameter called `name`, percent-decoded with `+` as space
-/// (application/x-www-form-urlencoded). Invalid UTF-8 after decoding is replaced with U+FFFD.
-/// `None` when the parameter is absent; `Some("")` for `name=` or a bare `name`.
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-        .find(|(key, _)| form_decode(key) == name)
-        .map(|(_, value)| form_decode(value))
-}
-
-fn form_decode(s: &str) -> Cow<'_, str> {
-    // '+' must become a space before percent-decoding, so that "%2B" still decodes to '+'.
-    if s.contains('+') {
-        let spaced = s.replace('+', " ");
-        Cow::Owned(
-            percent_encoding::percent_decode_str(&spaced)
-                .decode_utf8_lossy()
-                .into_owned(),
-        )
-    } else {
-        percent_encoding::percent_decode_str(s).decode_utf8_lossy()
-    }
 }
 
 /// Origin allow-list check (RFC 6455 §4.2.2, §10.2). An empty list allows every origin; otherwise the
@@ -1008,39 +950,6 @@ mod tests {
                 .unwrap();
             assert_eq!(len, body.len());
         }
-    }
-
-    #[test]
-    fn query_param_percent_decodes_and_plus_is_space() {
-        assert_eq!(
-            query_param("a=1&name=J%C3%B6rg+M%2B", "name").as_deref(),
-            Some("Jörg M+")
-        );
-    }
-
-    #[test]
-    fn query_param_absent_is_none_and_bare_is_empty() {
-        assert_eq!(query_param("a=1&b", "c"), None);
-        assert_eq!(query_param("a=1&b", "b").as_deref(), Some(""));
-        assert_eq!(query_param("", "a"), None);
-    }
-
-    #[test]
-    fn query_param_first_occurrence_wins() {
-        assert_eq!(query_param("a=1&a=2", "a").as_deref(), Some("1"));
-    }
-
-    #[test]
-    fn query_param_borrows_when_nothing_to_decode() {
-        assert!(matches!(
-            query_param("token=abc.def", "token"),
-            Some(Cow::Borrowed("abc.def"))
-        ));
-    }
-
-    #[test]
-    fn query_param_name_is_decoded_too() {
-        assert_eq!(query_param("us%65r=x", "user").as_deref(), Some("x"));
     }
 
     #[test]
