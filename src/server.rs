@@ -3,7 +3,7 @@
 //!
 //! It owns start-up and shutdown order only; every request is handled by the threads it starts.
 
-use crate::admin::{http, AdminServer, AdminSettings};
+use crate::admin::{http, AdminServer, Api, ApiSettings};
 use crate::auth::{AuthLimits, Authenticator};
 use crate::budget::Budget;
 use crate::cluster::Cluster;
@@ -124,26 +124,26 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     admin_listener.set_nonblocking(true)?;
     let admin_addr = admin_listener.local_addr()?;
     let draining = Arc::new(AtomicBool::new(false));
-    let admin = AdminServer::new(
-        admin_listener,
+    let api = Api::new(
         mailboxes.clone(),
         reactor_metrics,
         Arc::new(AdminMetrics {
             buffer_budget: Some(settings.budget.clone()),
             ..AdminMetrics::default()
         }),
-        AdminSettings {
+        ApiSettings {
             api_key: config.admin.api_key.clone(),
-            limits: http::Limits {
-                max_head_bytes: config.admin.max_request_head_bytes,
-                max_headers: config.admin.max_request_headers,
-                max_body_bytes: config.admin.max_publish_bytes,
-            },
             draining: draining.clone(),
         },
-    )?
-    .with_cluster(cluster.clone())
-    .with_history(history);
+        history,
+        cluster.clone(),
+    );
+    let limits = http::Limits {
+        max_head_bytes: config.admin.max_request_head_bytes,
+        max_headers: config.admin.max_request_headers,
+        max_body_bytes: config.admin.max_publish_bytes,
+    };
+    let admin = AdminServer::new(admin_listener, limits, api)?;
     // The admin thread is not joined: it serves until the process exits after the reactors drain.
     std::thread::Builder::new()
         .name("admin".into())

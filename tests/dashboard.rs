@@ -37,6 +37,11 @@ fn stats_counts_connections_deliveries_and_publishes() {
     server.publish("/publish/channel/news", "hi");
     assert_eq!(recv_text(&mut a), "hi");
     assert_eq!(recv_text(&mut b), "hi");
+    // A reactor adds its deliveries once per publish, after writing to every recipient: a client can hold
+    // the frame a moment before the counter moves.
+    assert!(wait_until(IO_TIMEOUT, || server
+        .metric("densepush_frames_delivered_total", &[])
+        == 2));
     let stats = server.request("GET", "/stats", b"", &[]).json();
     assert_eq!(stats["connections"]["open"], 2.0);
     assert_eq!(

@@ -1,0 +1,499 @@
+//! The admin API's handlers: a parsed request in, a [`Reply`] out.
+//!
+//! It owns what each route does — the key check, publishing, kicks, presence, history, health, metrics and the
+//! dashboard — and talks to the reactors, history and the cluster to do it. It does not own sockets, buffers or
+//! connection limits (`server`), request framing (`http`) or the route table (`route`).
+
+use super::http::{Method, Request};
+use super::route::{self, Route, RouteError};
+use super::stats;
+use crate::cluster::Cluster;
+use crate::history::{self, envelope, History};
+use crate::mailbox::{Command, Mailbox, Target, MAX_PENDING_COMMANDS};
+use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
+use base64::Engine as _;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the admin thread waits for every reactor to answer a presence query or a kick.
+pub const REACTOR_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Kick close code when the request names none: the 4000 range is for applications (RFC 6455 §7.4.2), and a
+/// client can tell "you were removed" from a restart (1001) or an error.
+pub const DEFAULT_KICK_CODE: u16 = 4000;
+/// Messages a `GET /history` answers with when the request names no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: u64 = 100;
+/// Most messages one `GET /history` answers with.
+pub const MAX_HISTORY_LIMIT: u64 = 1_000;
+
+/// The live dashboard: one self-contained page (inline CSS and JS, no network but `/stats` on this origin),
+/// compiled into the binary.
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+/// The dashboard's Content-Security-Policy: inline script and style only, fetches to this origin only.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                             connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'";
+
+/// Kick close reason when the request names none.
+pub const DEFAULT_KICK_REASON: &str = "disconnected by server";
+
+/// What the handlers need from the configuration.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Bearer key required on every route but `/healthz` and the dashboard page; `None` = open.
+    pub api_key: Option<String>,
+    /// Set when the server starts draining (SIGTERM): health checks answer 503 so load balancers stop
+    /// sending clients, and publishes answer 503 instead of a 202 for connections that are closing.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// A response before it is written.
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// Extra header fields.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, value: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: value.to_string().into_bytes(),
+        }
+    }
+
+    /// `{\"error\": message}` with the status.
+    pub fn error(status: u16, message: &str) -> Reply {
+        Reply::json(status, serde_json::json!({ "error": message }))
+    }
+}
+
+/// The handlers and everything they talk to.
+pub struct Api {
+    reactors: Vec<Arc<Mailbox>>,
+    reactor_metrics: Vec<Arc<ReactorMetrics>>,
+    metrics: Arc<AdminMetrics>,
+    settings: ApiSettings,
+    /// The cluster bridge, when `cluster.redis_url` is set: publishes and kicks go through Redis first.
+    cluster: Option<Arc<Cluster>>,
+    /// Message history: publishes are stored and framed through it.
+    history: Arc<History>,
+}
+
+impl Api {
+    /// Handlers over these reactors, counters, history and (optional) cluster.
+    pub fn new(
+        reactors: Vec<Arc<Mailbox>>,
+        reactor_metrics: Vec<Arc<ReactorMetrics>>,
+        metrics: Arc<AdminMetrics>,
+        settings: ApiSettings,
+        history: Arc<History>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Api {
+        Api {
+            reactors,
+            reactor_metrics,
+            metrics,
+            settings,
+            cluster,
+            history,
+        }
+    }
+
+    /// Counts an answer by status class.
+    pub fn count(&self, status: u16) {
+        let counter = match status {
+            200..=299 => &self.metrics.requests_2xx,
+            400..=499 => &self.metrics.requests_4xx,
+            _ => &self.metrics.requests_5xx,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, request: &Request) -> Reply {
+        let routed = route::route(request.method, &request.path);
+        // The dashboard page holds no data (its script fetches /stats, which needs the key), so it is served
+        // to anyone who can reach the admin port; the page asks for the key when /stats answers 401. The key
+        // is checked before a route is looked up, so without it a client cannot tell routes from 404s.
+        let public = matches!(routed, Ok(Route::Healthz | Route::Dashboard));
+        if !public && !self.authorized(request) {
+            let mut reply = Reply::error(
+                401,
+                "missing or wrong admin API key (Authorization: Bearer <key>)",
+            );
+            reply
+                .headers
+                .push(("WWW-Authenticate", "Bearer".to_string()));
+            return reply;
+        }
+        let route = match routed {
+            Ok(route) => route,
+            Err(RouteError::NotFound) => return Reply::error(404, "no such route"),
+            Err(RouteError::MethodNotAllowed { allow }) => {
+                let mut reply = Reply::error(405, "method not allowed");
+                reply.headers.push(("Allow", allow.to_string()));
+                return reply;
+            }
+            Err(RouteError::BadSegment(why)) => return Reply::error(400, why),
+        };
+        match route {
+            Route::PublishUser { user } => {
+                self.publish(Target::User(user), TargetKind::User, request)
+            }
+            Route::PublishUserClient { user, client } => self.publish(
+                Target::UserClient(user, client),
+                TargetKind::UserClient,
+                request,
+            ),
+            Route::PublishChannel { channel } => {
+                self.publish(Target::Channel(channel), TargetKind::Channel, request)
+            }
+            Route::PublishAll => self.publish(Target::All, TargetKind::All, request),
+            Route::KickUser { user } => self.kick(Target::User(user), request),
+            Route::KickUserClient { user, client } => {
+                self.kick(Target::UserClient(user, client), request)
+            }
+            Route::Presence { user } => self.presence(user),
+            Route::History { stream } => self.history_route(&stream, request),
+            Route::Healthz => {
+                let draining = self.settings.draining.load(Relaxed);
+                Reply::json(
+                    if draining { 503 } else { 200 },
+                    serde_json::json!({
+                        "status": if draining { "draining" } else { "ok" },
+                        "cluster": self.cluster.as_ref().map_or("disabled", |c| c.health()),
+                    }),
+                )
+            }
+            Route::Metrics => Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                headers: Vec::new(),
+                body: self.metrics_text().into_bytes(),
+            },
+            Route::Stats => self.stats(),
+            Route::Dashboard => Reply {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                headers: vec![
+                    // Everything the page needs is inline; it may only fetch from this origin.
+                    ("Content-Security-Policy", DASHBOARD_CSP.to_string()),
+                    ("Cache-Control", "no-cache".to_string()),
+                ],
+                body: DASHBOARD_HTML.as_bytes().to_vec(),
+            },
+        }
+    }
+
+    /// The Prometheus exposition `/metrics` answers with (and `/stats` is built from).
+    fn metrics_text(&self) -> String {
+        let reactors: Vec<&ReactorMetrics> =
+            self.reactor_metrics.iter().map(|m| m.as_ref()).collect();
+        let mut text = metrics::render(&reactors, &self.metrics, metrics::resident_bytes());
+        if let Some(cluster) = &self.cluster {
+            cluster.render_metrics(&mut text);
+        }
+        self.history.render_metrics(&mut text);
+        text
+    }
+
+    fn stats(&self) -> Reply {
+        let cluster = self.cluster.as_ref().map(|c| stats::ClusterState {
+            link_up: c.is_up(),
+            nodes: c.nodes_known(),
+        });
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut reply = Reply::json(200, stats::document(&self.metrics_text(), cluster, now_ms));
+        reply
+            .headers
+            .push(("Cache-Control", "no-store".to_string()));
+        reply
+    }
+
+    fn authorized(&self, request: &Request) -> bool {
+        let Some(key) = self.settings.api_key.as_deref() else {
+            return true;
+        };
+        let presented = request
+            .authorization
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(presented.trim().as_bytes(), key.as_bytes())
+    }
+
+    fn publish(&self, target: Target, kind: TargetKind, request: &Request) -> Reply {
+        let binary = request
+            .content_type
+            .as_deref()
+            .and_then(|ct| ct.split(';').next())
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/octet-stream"));
+        if !binary && std::str::from_utf8(&request.body).is_err() {
+            return Reply::error(
+                400,
+                "body is not valid UTF-8; send binary with Content-Type: application/octet-stream",
+            );
+        }
+        if self.settings.draining.load(Relaxed) {
+            return Reply::error(
+                503,
+                "shutting down: connections are closing; publish through another node",
+            );
+        }
+        // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
+        if self
+            .reactors
+            .iter()
+            .any(|m| m.pending() >= MAX_PENDING_COMMANDS)
+        {
+            let mut reply = Reply::error(
+                503,
+                "overloaded: reactors are behind on earlier publishes; retry later",
+            );
+            reply.headers.push(("Retry-After", "1".to_string()));
+            return reply;
+        }
+        // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
+        let mut stamp = None;
+        match &self.cluster {
+            // A stream with shared history: Redis assigns the offset and every node, this one included, gets
+            // the message from the bus, in offset order.
+            Some(cluster) if self.history.keeps(&target) => {
+                let limits = self.history.settings().limits;
+                let epoch = self.history.fresh_epoch();
+                match cluster.publish_stamped(&target, binary, &request.body, &limits, &epoch) {
+                    Ok(assigned) => stamp = Some(assigned),
+                    Err(e) => return Reply::error(503, &e.to_string()),
+                }
+            }
+            Some(cluster) => {
+                if let Err(e) = cluster.publish(&target, binary, &request.body) {
+                    return Reply::error(503, &e.to_string());
+                }
+            }
+            None => {}
+        }
+        if stamp.is_none() {
+            // Framed once (bare and enveloped), stored when the stream keeps history; every reactor and every
+            // recipient shares these bytes.
+            self.history
+                .publish(target, binary, &request.body, &self.reactors);
+        }
+        self.metrics.published[kind as usize].fetch_add(1, Relaxed);
+        let mut answer = serde_json::json!({
+            "accepted": true,
+            "target": metrics::TARGET_LABELS[kind as usize],
+            "bytes": request.body.len(),
+            "binary": binary,
+        });
+        if self.cluster.is_some() {
+            answer["cluster"] = true.into();
+        }
+        if let Some((epoch, offset)) = stamp {
+            answer["epoch"] = epoch.into();
+            answer["offset"] = offset.into();
+        }
+        Reply::json(202, answer)
+    }
+
+    /// `GET /history/{stream}?since=&limit=` and `DELETE /history/{stream}`.
+    fn history_route(&self, stream: &str, request: &Request) -> Reply {
+        let Some(kind) = history::kind_of(stream) else {
+            return Reply::error(404, "not a stream: use user:{user}, channel:{name} or all");
+        };
+        if !self.history.settings().enabled(kind) {
+            return Reply::error(404, "history is off for this kind of stream");
+        }
+        if request.method == Method::Delete {
+            if let Some(cluster) = &self.cluster {
+                if let Err(e) = cluster.delete_history(stream) {
+                    return Reply::error(503, &e.to_string());
+                }
+            }
+            let deleted = self.history.delete(stream);
+            return Reply::json(
+                200,
+                serde_json::json!({ "stream": stream, "deleted": deleted }),
+            );
+        }
+        let number = |name: &str, default: u64| -> Result<u64, Reply> {
+            match crate::proto::http::query_param(&request.query, name) {
+                None => Ok(default),
+                Some(text) => text.parse().map_err(|_| {
+                    Reply::error(400, &format!("{name} must be a non-negative integer"))
+                }),
+            }
+        };
+        let since = match number("since", 0) {
+            Ok(n) => n,
+            Err(reply) => return reply,
+        };
+        let limit = match number("limit", DEFAULT_HISTORY_LIMIT) {
+            Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n,
+            Ok(_) => return Reply::error(400, &format!("limit must be 1 to {MAX_HISTORY_LIMIT}")),
+            Err(reply) => return reply,
+        };
+        let Some(page) = self.history.read(stream, since, limit as usize) else {
+            return Reply::error(404, "no history held for this stream");
+        };
+        let messages: Vec<serde_json::Value> = page
+            .entries
+            .iter()
+            .map(|e| {
+                let payload =
+                    envelope::decode_payload(envelope::frame_payload(&e.frame), !e.binary)
+                        .unwrap_or_default();
+                let data = if e.binary {
+                    base64::engine::general_purpose::STANDARD.encode(&payload)
+                } else {
+                    String::from_utf8_lossy(&payload).into_owned()
+                };
+                serde_json::json!({
+                    "o": e.offset,
+                    "client": e.client.as_deref(),
+                    "binary": e.binary,
+                    "data": data,
+                })
+            })
+            .collect();
+        Reply::json(
+            200,
+            serde_json::json!({
+                "stream": stream,
+                "epoch": &*page.epoch,
+                "first": page.first,
+                "last": page.last,
+                "messages": messages,
+            }),
+        )
+    }
+
+    fn kick(&self, target: Target, request: &Request) -> Reply {
+        let code = match crate::proto::http::query_param(&request.query, "code") {
+            None => DEFAULT_KICK_CODE,
+            Some(text) => match text.parse::<u16>() {
+                Ok(code) if code == 1000 || (4000..=4999).contains(&code) => code,
+                _ => return Reply::error(400, "code must be 1000 or 4000-4999"),
+            },
+        };
+        let reason = crate::proto::http::query_param(&request.query, "reason")
+            .map_or_else(|| DEFAULT_KICK_REASON.to_string(), |r| r.into_owned());
+        // A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason (RFC 6455 §5.5).
+        let max = crate::proto::frame::MAX_CLOSE_REASON_BYTES;
+        if reason.len() > max {
+            return Reply::error(400, &format!("reason must be at most {max} bytes"));
+        }
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.kick(&target, code, &reason) {
+                return Reply::error(503, &e.to_string());
+            }
+        }
+        self.metrics.kicks.fetch_add(1, Relaxed);
+        let target = Arc::new(target);
+        let reason: Arc<str> = reason.into();
+        let answers = self.ask(|reply| Command::Kick {
+            target: target.clone(),
+            code,
+            reason: reason.clone(),
+            reply,
+        });
+        match answers {
+            Some(closed) => {
+                let mut answer = serde_json::json!({ "closed": closed, "code": code });
+                // In a cluster, `closed` counts this node's connections; the others close theirs on their own.
+                if self.cluster.is_some() {
+                    answer["cluster"] = true.into();
+                }
+                Reply::json(200, answer)
+            }
+            None => Reply::error(503, "a reactor did not answer in time"),
+        }
+    }
+
+    fn presence(&self, user: String) -> Reply {
+        let user: Arc<str> = user.into();
+        match self.ask(|reply| Command::Presence {
+            user: user.clone(),
+            reply,
+        }) {
+            Some(count) => match &self.cluster {
+                None => Reply::json(
+                    200,
+                    serde_json::json!({ "user": &*user, "connections": count }),
+                ),
+                Some(cluster) => match cluster.presence(&user, count as u64) {
+                    Ok(p) => Reply::json(
+                        200,
+                        serde_json::json!({
+                            "user": &*user,
+                            "connections": p.connections,
+                            "nodes": p.nodes,
+                            "nodes_known": p.nodes_known,
+                        }),
+                    ),
+                    Err(e) => Reply::error(503, &e.to_string()),
+                },
+            },
+            None => Reply::error(503, "a reactor did not answer in time"),
+        }
+    }
+
+    /// Sends a question to every reactor and sums the answers; `None` if any reactor does not answer in time.
+    fn ask(&self, make: impl Fn(mpsc::Sender<usize>) -> Command) -> Option<usize> {
+        let (tx, rx) = mpsc::channel();
+        for mailbox in &self.reactors {
+            mailbox.send(make(tx.clone()));
+        }
+        drop(tx);
+        let deadline = Instant::now() + REACTOR_REPLY_TIMEOUT;
+        let mut total = 0;
+        for _ in 0..self.reactors.len() {
+            total += rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+        }
+        Some(total)
+    }
+}
+
+/// Compares secrets in time that depends only on their lengths, so response timing does not reveal a prefix.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::http::HttpError;
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn http_error_reply_is_json() {
+        let reply = Reply::error(413, HttpError::BodyTooLarge.message());
+        let value: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert!(value["error"].as_str().is_some());
+    }
+}
