@@ -352,10 +352,11 @@ impl Api {
             .entries
             .iter()
             .map(|e| {
-                let payload =
-                    envelope::decode_payload(envelope::frame_payload(&e.frame), !e.binary)
-                        .unwrap_or_default();
-                let data = if e.binary {
+                // The envelope frame's opcode says text (0x1) or binary (0x2), RFC 6455 §5.2.
+                let binary = e.item.first().is_some_and(|b| b & 0x0f == 0x2);
+                let payload = envelope::decode_payload(envelope::frame_payload(&e.item), !binary)
+                    .unwrap_or_default();
+                let data = if binary {
                     base64::engine::general_purpose::STANDARD.encode(&payload)
                 } else {
                     String::from_utf8_lossy(&payload).into_owned()
@@ -363,7 +364,7 @@ impl Api {
                 serde_json::json!({
                     "o": e.offset,
                     "client": e.client.as_deref(),
-                    "binary": e.binary,
+                    "binary": binary,
                     "data": data,
                 })
             })

@@ -126,7 +126,7 @@ pub struct Backfill {
 /// The node's history: settings, the store behind a lock, and the clock the store is driven with.
 pub struct History {
     settings: Settings,
-    store: Mutex<Store>,
+    store: Mutex<Store<Bytes>>,
     started: Instant,
     /// Open connections that opted into envelopes, over all reactors. While there are none, a message of a
     /// stream without history is not enveloped at all, so users who do not use recovery pay nothing for it.
@@ -180,7 +180,7 @@ impl History {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn lock(&self) -> MutexGuard<'_, Store> {
+    fn lock(&self) -> MutexGuard<'_, Store<Bytes>> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -213,14 +213,14 @@ impl History {
         let client = client.map(str::to_owned);
         let now = self.now_ms();
         let mut store = self.lock();
-        let appended = store.append(&stream, client.as_deref(), binary, now, |stamp| {
-            envelope_frame(Some(stamp))
+        let appended = store.append(&stream, client.as_deref(), now, |slot| {
+            envelope_frame(Some(slot.stamp()))
         });
         send_all(
             mailboxes,
             Arc::new(target),
             frame,
-            appended.frame,
+            appended.item,
             appended.seq,
         );
     }
@@ -287,30 +287,23 @@ impl History {
                 old_stamp,
                 false,
                 old.client.as_deref(),
-                old.binary,
                 now,
-                |st| {
+                |slot| {
                     frame::encode_message(
                         !old.binary,
-                        &envelope::encode(&stream, Some(st), !old.binary, &old.payload),
+                        &envelope::encode(&stream, Some(slot.stamp()), !old.binary, &old.payload),
                     )
                 },
             );
         }
-        let appended = store.append_stamped(
-            &stream,
-            stamp,
-            true,
-            client.as_deref(),
-            binary,
-            now,
-            envelope_frame,
-        );
+        let appended = store.append_stamped(&stream, stamp, true, client.as_deref(), now, |slot| {
+            envelope_frame(slot.stamp())
+        });
         send_all(
             mailboxes,
             Arc::new(target),
             frame,
-            appended.frame,
+            appended.item,
             appended.seq,
         );
     }
@@ -345,7 +338,7 @@ impl History {
     }
 
     /// Up to `limit` messages of `stream` after offset `since`.
-    pub fn read(&self, stream: &str, since: u64, limit: usize) -> Option<store::Page> {
+    pub fn read(&self, stream: &str, since: u64, limit: usize) -> Option<store::Page<Bytes>> {
         let now = self.now_ms();
         self.lock().read(stream, since, limit, now)
     }

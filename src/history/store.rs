@@ -4,21 +4,32 @@
 //! Owns offsets (per stream, from 1, no gaps), epochs, the publish sequence (one counter over all streams, so a
 //! reactor can tell which stored messages it has already delivered live), eviction (per-stream `size`, `ttl`,
 //! and the global `max_bytes`, oldest message of any stream first) and the counters behind `/metrics`. Does not
-//! own framing (it stores the envelope frame the caller built), delivery or locking.
+//! own what it stores (any [`Stored`] item the caller builds once it knows the message's place, such as its
+//! envelope frame), framing, delivery or locking.
 //!
 //! Memory: a stream is kept only while it holds messages; when its last message is evicted the stream is
 //! forgotten, and its next message starts a new epoch (so a client positioned in it gets a `resync`, never a
-//! silent gap). Each message costs its envelope frame plus a fixed overhead, all counted in `bytes()`.
+//! silent gap). Each message costs what its item reports ([`Stored::cost`], recorded when it is appended so the
+//! count stays exact whatever the item does later) plus a fixed overhead, all counted in `bytes()`.
 
 use super::envelope::{Position, Stamp};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-/// Bytes charged per stored message on top of its frame: the entry, its slot in the global queue, slack.
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>() + std::mem::size_of::<Queued>() + 16;
+/// What the store can hold: anything that can say how many heap bytes it holds.
+pub trait Stored: Clone {
+    /// Bytes it holds, charged against `max_bytes` when it is appended.
+    fn cost(&self) -> usize;
+}
+
+impl Stored for Bytes {
+    fn cost(&self) -> usize {
+        self.len()
+    }
+}
 /// Bytes charged per stream on top of its name: the record, its hash-map slot, the epoch.
-pub const STREAM_OVERHEAD: usize = std::mem::size_of::<Stream>() + 48 + EPOCH_LEN;
+pub const STREAM_OVERHEAD: usize = std::mem::size_of::<Stream<()>>() + 48 + EPOCH_LEN;
 /// Characters in an epoch.
 pub const EPOCH_LEN: usize = 8;
 
@@ -64,7 +75,7 @@ pub struct Counters {
 
 /// One stored message.
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub struct Entry<T> {
     /// Offset in its stream.
     pub offset: u64,
     /// Publish sequence number, over all streams.
@@ -73,27 +84,49 @@ pub struct Entry {
     pub at_ms: u64,
     /// The client token it was published to (`user` streams only), or `None` for the whole stream.
     pub client: Option<Arc<str>>,
-    /// Binary (true) or text frame.
-    pub binary: bool,
-    /// The envelope frame, as sent to recovering connections.
-    pub frame: Bytes,
+    /// What the caller stored.
+    pub item: T,
+    /// Bytes charged for it, fixed when it was appended.
+    cost: usize,
 }
 
-impl Entry {
-    fn cost(&self) -> usize {
-        self.frame.len() + self.client.as_ref().map_or(0, |c| c.len()) + ENTRY_OVERHEAD
+impl<T> Entry<T> {
+    /// Bytes charged per stored message on top of its item's own cost: the entry, its slot in the global
+    /// queue, slack.
+    pub const OVERHEAD: usize =
+        std::mem::size_of::<Entry<T>>() + std::mem::size_of::<Queued>() + 16;
+}
+
+/// Where the store put a message, handed to the caller so it can build the item to store.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot<'a> {
+    /// The stream's epoch.
+    pub epoch: &'a Arc<str>,
+    /// The message's offset.
+    pub offset: u64,
+    /// Its publish sequence number (0 for a backfilled message: see [`Store::append_stamped`]).
+    pub seq: u64,
+}
+
+impl<'a> Slot<'a> {
+    /// Its epoch and offset.
+    pub fn stamp(&self) -> Stamp<'a> {
+        Stamp {
+            epoch: self.epoch,
+            offset: self.offset,
+        }
     }
 }
 
 #[derive(Debug)]
-struct Stream {
+struct Stream<T> {
     /// Tells a stream from an earlier one of the same name in the global queue.
     id: u64,
     epoch: Arc<str>,
     /// Last offset assigned.
     last: u64,
     /// Offsets `last - len + 1 ..= last`, contiguous: eviction only ever takes the front.
-    entries: VecDeque<Entry>,
+    entries: VecDeque<Entry<T>>,
 }
 
 #[derive(Debug)]
@@ -120,18 +153,18 @@ pub enum Recovery {
 
 /// The result of storing a message.
 #[derive(Debug, Clone)]
-pub struct Appended {
+pub struct Appended<T> {
     /// Its publish sequence number.
     pub seq: u64,
     /// Its offset.
     pub offset: u64,
-    /// The envelope frame the caller built for it.
-    pub frame: Bytes,
+    /// The item the caller built for it (still returned when the limits evicted it at once).
+    pub item: T,
 }
 
 /// Messages of a stream, for the admin API.
 #[derive(Debug, Clone)]
-pub struct Page {
+pub struct Page<T> {
     /// The stream's epoch.
     pub epoch: Arc<str>,
     /// First offset held.
@@ -139,14 +172,14 @@ pub struct Page {
     /// Last offset assigned.
     pub last: u64,
     /// Messages after the asked offset, oldest first.
-    pub entries: Vec<Entry>,
+    pub entries: Vec<Entry<T>>,
 }
 
 /// The store.
 #[derive(Debug)]
-pub struct Store {
+pub struct Store<T> {
     limits: Limits,
-    streams: HashMap<Arc<str>, Stream>,
+    streams: HashMap<Arc<str>, Stream<T>>,
     /// Every stored message in publish order; entries whose message already left by size are skipped lazily.
     queue: VecDeque<Queued>,
     bytes: usize,
@@ -157,9 +190,9 @@ pub struct Store {
     counters: Counters,
 }
 
-impl Store {
+impl<T: Stored> Store<T> {
     /// An empty store; `seed` drives epoch generation (pass something that differs between runs).
-    pub fn new(limits: Limits, seed: u64) -> Store {
+    pub fn new(limits: Limits, seed: u64) -> Store<T> {
         debug_assert!(limits.size >= 1);
         Store {
             limits,
@@ -200,18 +233,17 @@ impl Store {
         self.limits
     }
 
-    /// Stores a message: assigns the stream's next offset and the next publish sequence number, asks `frame`
-    /// for its envelope (which carries the epoch and offset), then evicts what the limits require — possibly
-    /// this very message, when it alone exceeds `max_bytes`.
+    /// Stores a message: assigns the stream's next offset and the next publish sequence number, asks `make`
+    /// for the item to keep (which may carry the epoch, offset and sequence), then evicts what the limits
+    /// require — possibly this very message, when it alone exceeds `max_bytes`.
     pub fn append(
         &mut self,
         stream: &str,
         client: Option<&str>,
-        binary: bool,
         now_ms: u64,
-        frame: impl FnOnce(Stamp<'_>) -> Bytes,
-    ) -> Appended {
-        self.append_inner(stream, None, true, client, binary, now_ms, frame)
+        make: impl FnOnce(Slot<'_>) -> T,
+    ) -> Appended<T> {
+        self.append_inner(stream, None, true, client, now_ms, make)
     }
 
     /// Stores a message whose epoch and offset were assigned elsewhere (by Redis, in a cluster). Anything but
@@ -221,17 +253,15 @@ impl Store {
     /// A `live` message is on its way to the reactors and gets the next sequence number; a backfilled one
     /// (fetched from the shared log, never delivered live here) gets sequence 0, which every reactor counts as
     /// applied, so it is replayed and never expected live.
-    #[allow(clippy::too_many_arguments)]
     pub fn append_stamped(
         &mut self,
         stream: &str,
         stamp: Stamp<'_>,
         live: bool,
         client: Option<&str>,
-        binary: bool,
         now_ms: u64,
-        frame: impl FnOnce(Stamp<'_>) -> Bytes,
-    ) -> Appended {
+        make: impl FnOnce(Slot<'_>) -> T,
+    ) -> Appended<T> {
         self.expire(now_ms);
         let restart = self.streams.get(stream).map(|s| {
             *s.epoch != *stamp.epoch || stamp.offset <= s.last || stamp.offset > s.last + 1
@@ -239,7 +269,7 @@ impl Store {
         if restart == Some(true) {
             self.delete(stream);
         }
-        self.append_inner(stream, Some(stamp), live, client, binary, now_ms, frame)
+        self.append_inner(stream, Some(stamp), live, client, now_ms, make)
     }
 
     /// The first offset before `stamp` this store lacks and could hold (within `size`), when a stamped message
@@ -258,17 +288,15 @@ impl Store {
         (from < stamp.offset).then_some(from)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn append_inner(
         &mut self,
         stream: &str,
         stamp: Option<Stamp<'_>>,
         live: bool,
         client: Option<&str>,
-        binary: bool,
         now_ms: u64,
-        frame: impl FnOnce(Stamp<'_>) -> Bytes,
-    ) -> Appended {
+        make: impl FnOnce(Slot<'_>) -> T,
+    ) -> Appended<T> {
         self.expire(now_ms);
         if !self.streams.contains_key(stream) {
             let epoch = match stamp {
@@ -299,19 +327,22 @@ impl Store {
         let offset = s.last;
         let seq = if live { self.next_seq } else { 0 };
         self.next_seq += u64::from(live);
-        let frame = frame(Stamp {
+        let item = make(Slot {
             epoch: &s.epoch,
             offset,
+            seq,
         });
+        let client: Option<Arc<str>> = client.map(Arc::from);
+        let cost = item.cost() + client.as_ref().map_or(0, |c| c.len()) + Entry::<T>::OVERHEAD;
         let entry = Entry {
             offset,
             seq,
             at_ms: now_ms,
-            client: client.map(Arc::from),
-            binary,
-            frame: frame.clone(),
+            client,
+            item: item.clone(),
+            cost,
         };
-        self.bytes += entry.cost();
+        self.bytes += entry.cost;
         self.messages += 1;
         s.entries.push_back(entry);
         self.queue.push_back(Queued {
@@ -324,7 +355,7 @@ impl Store {
         let mut dropped = 0;
         while s.entries.len() > self.limits.size {
             let old = s.entries.pop_front().expect("longer than size >= 1");
-            freed += old.cost();
+            freed += old.cost;
             dropped += 1;
         }
         self.bytes -= freed;
@@ -333,10 +364,10 @@ impl Store {
         self.evict_to_budget();
         self.compact_queue();
         debug_assert!(self.bytes <= self.limits.max_bytes || self.messages == 0);
-        Appended { seq, offset, frame }
+        Appended { seq, offset, item }
     }
 
-    /// Appends to `out` the envelope frames a connection positioned at `position` missed, among the messages
+    /// Appends to `out` the items of the messages a connection positioned at `position` missed, among those
     /// with a sequence number up to `applied_seq` (those the caller has already delivered live to other
     /// connections; later ones will reach this connection live). Messages published to another client token
     /// than `client` are skipped. A position that cannot be served exactly gets [`Recovery::Resync`].
@@ -346,7 +377,7 @@ impl Store {
         client: Option<&str>,
         applied_seq: u64,
         now_ms: u64,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<T>,
     ) -> Recovery {
         self.expire(now_ms);
         let Some(s) = self.streams.get(position.stream.as_str()) else {
@@ -382,7 +413,7 @@ impl Store {
                 .iter()
                 .filter(|e| e.offset > position.offset && e.seq <= applied_seq)
                 .filter(|e| e.client.as_deref().is_none_or(|c| Some(c) == client))
-                .map(|e| e.frame.clone()),
+                .map(|e| e.item.clone()),
         );
         let replayed = out.len() - before;
         self.counters.recoveries += 1;
@@ -391,7 +422,7 @@ impl Store {
     }
 
     /// Up to `limit` messages after offset `since`, for the admin API; `None` when the stream holds none.
-    pub fn read(&mut self, stream: &str, since: u64, limit: usize, now_ms: u64) -> Option<Page> {
+    pub fn read(&mut self, stream: &str, since: u64, limit: usize, now_ms: u64) -> Option<Page<T>> {
         self.expire(now_ms);
         let s = self.streams.get(stream)?;
         Some(Page {
@@ -414,7 +445,7 @@ impl Store {
             return false;
         };
         self.bytes -=
-            name.len() + STREAM_OVERHEAD + s.entries.iter().map(Entry::cost).sum::<usize>();
+            name.len() + STREAM_OVERHEAD + s.entries.iter().map(|e| e.cost).sum::<usize>();
         self.messages -= s.entries.len();
         self.compact_queue();
         true
@@ -456,7 +487,7 @@ impl Store {
             return; // already gone (size eviction or delete)
         }
         let entry = s.entries.pop_front().expect("front checked");
-        self.bytes -= entry.cost();
+        self.bytes -= entry.cost;
         self.messages -= 1;
         self.counters.evicted[reason as usize] += 1;
         if s.entries.is_empty() {
@@ -508,13 +539,18 @@ mod tests {
         max_bytes: 1 << 30,
     };
 
-    fn push(store: &mut Store, stream: &str, client: Option<&str>, at: u64) -> Appended {
-        store.append(stream, client, false, at, |stamp| {
+    fn push(
+        store: &mut Store<Bytes>,
+        stream: &str,
+        client: Option<&str>,
+        at: u64,
+    ) -> Appended<Bytes> {
+        store.append(stream, client, at, |stamp| {
             Bytes::from(format!("{}@{}", stamp.offset, stamp.epoch))
         })
     }
 
-    fn epoch_of(store: &mut Store, stream: &str) -> String {
+    fn epoch_of(store: &mut Store<Bytes>, stream: &str) -> String {
         store.read(stream, 0, 0, 0).unwrap().epoch.to_string()
     }
 
@@ -707,7 +743,7 @@ mod tests {
             },
             1,
         );
-        s.append("c", None, true, 0, |_| Bytes::from(vec![0u8; 500]));
+        s.append("c", None, 0, |_| Bytes::from(vec![0u8; 500]));
         assert_eq!((s.streams(), s.messages(), s.bytes()), (0, 0, 0));
     }
 
@@ -750,16 +786,15 @@ mod tests {
         assert_eq!(page.entries[0].client.as_deref(), Some("x"));
     }
 
-    fn push_stamped(store: &mut Store, stream: &str, epoch: &str, offset: u64) -> Appended {
-        store.append_stamped(
-            stream,
-            Stamp { epoch, offset },
-            true,
-            None,
-            false,
-            0,
-            |stamp| Bytes::from(format!("{}@{}", stamp.offset, stamp.epoch)),
-        )
+    fn push_stamped(
+        store: &mut Store<Bytes>,
+        stream: &str,
+        epoch: &str,
+        offset: u64,
+    ) -> Appended<Bytes> {
+        store.append_stamped(stream, Stamp { epoch, offset }, true, None, 0, |stamp| {
+            Bytes::from(format!("{}@{}", stamp.offset, stamp.epoch))
+        })
     }
 
     #[test]
@@ -821,15 +856,9 @@ mod tests {
             Some(4)
         );
         for offset in 4..7 {
-            let b = s.append_stamped(
-                "c",
-                Stamp { epoch: "E", offset },
-                false,
-                None,
-                false,
-                0,
-                |st| Bytes::from(format!("{}@{}", st.offset, st.epoch)),
-            );
+            let b = s.append_stamped("c", Stamp { epoch: "E", offset }, false, None, 0, |st| {
+                Bytes::from(format!("{}@{}", st.offset, st.epoch))
+            });
             assert_eq!(b.seq, 0);
         }
         let seven = push_stamped(&mut s, "c", "E", 7);
@@ -847,7 +876,7 @@ mod tests {
 
     #[test]
     fn missing_before_looks_back_at_most_size_messages() {
-        let s = Store::new(Limits { size: 10, ..BIG }, 1);
+        let s = Store::<Bytes>::new(Limits { size: 10, ..BIG }, 1);
         assert_eq!(
             s.missing_before(
                 "c",
@@ -872,7 +901,7 @@ mod tests {
 
     #[test]
     fn missing_stream_resyncs_with_an_empty_epoch() {
-        let mut s = Store::new(BIG, 1);
+        let mut s = Store::<Bytes>::new(BIG, 1);
         let mut out = Vec::new();
         assert_eq!(
             s.recover(&pos("user:9", "E", 3), None, u64::MAX, 0, &mut out),
@@ -881,5 +910,36 @@ mod tests {
                 offset: 0
             }
         );
+    }
+
+    /// An item whose own size changes after it is stored, like a message whose lazily built encodings grow.
+    #[derive(Debug, Clone)]
+    struct Growing(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Stored for Growing {
+        fn cost(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn any_stored_item_is_charged_what_it_cost_when_appended() {
+        let mut s = Store::new(BIG, 1);
+        let size = Arc::new(std::sync::atomic::AtomicUsize::new(100));
+        let appended = s.append("c", Some("tab"), 0, |slot| {
+            assert_eq!((slot.offset, slot.seq), (1, 1));
+            Growing(size.clone())
+        });
+        assert!(
+            Arc::ptr_eq(&appended.item.0, &size),
+            "the caller gets its item back"
+        );
+        let expected = "c".len() + STREAM_OVERHEAD + 100 + "tab".len() + Entry::<Growing>::OVERHEAD;
+        assert_eq!(s.bytes(), expected);
+        // Growing later changes nothing already counted, and leaving gives back exactly what was charged.
+        size.store(5_000, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(s.bytes(), expected);
+        assert!(s.delete("c"));
+        assert_eq!((s.bytes(), s.messages()), (0, 0));
     }
 }
