@@ -13,9 +13,10 @@ use crate::auth::{Authenticator, Identity};
 use crate::budget::Budget;
 use crate::conn::transport::Plain;
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
+use crate::dispatch::{Command, Mailbox};
 use crate::fanout::Fanout;
-use crate::history::{self, envelope, History};
-use crate::mailbox::{Command, Mailbox, Target};
+use crate::history::{self, History};
+use crate::message::{envelope, Encoding, Message, Target};
 use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::proto::http;
@@ -272,9 +273,6 @@ impl Reactor {
             metrics: &self.metrics,
         };
         conn.machine.teardown(&cx);
-        if conn.machine.wants_envelopes() {
-            self.settings.history.count_recovering(false);
-        }
         if conn.machine.was_upgraded() {
             self.settings.open_total.fetch_sub(1, Relaxed);
             self.metrics.connections_open.fetch_sub(1, Relaxed);
@@ -480,9 +478,6 @@ impl Reactor {
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         self.metrics.connections_open.fetch_add(1, Relaxed);
         ReactorMetrics::inc(&self.metrics.handshakes_accepted);
-        if recover {
-            self.settings.history.count_recovering(true);
-        }
         if !self.drive(key, |m, cx, t| m.accept(cx, t, response, recover)) {
             return false;
         }
@@ -615,17 +610,13 @@ impl Reactor {
     /// Applies one command; returns how many connections it wrote to or closed.
     fn handle_command(&mut self, command: Command) -> usize {
         match command {
-            Command::Publish {
-                target,
-                frame,
-                envelope,
-                seq,
-            } => {
+            Command::Publish(message) => {
+                let seq = message.seq();
                 if seq != 0 {
                     debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
                     self.applied_seq = seq;
                 }
-                self.publish(&target, &frame, &envelope)
+                self.publish(&message)
             }
             Command::Kick {
                 target,
@@ -648,7 +639,9 @@ impl Reactor {
                     closed += usize::from(open);
                 }
                 ReactorMetrics::add(&self.metrics.kicked, closed as u64);
-                let _ = reply.send(closed);
+                if let Some(reply) = reply {
+                    let _ = reply.send(closed);
+                }
                 closed
             }
             Command::Presence { user, reply } => {
@@ -681,13 +674,15 @@ impl Reactor {
         }
     }
 
-    /// Sends a published frame to its recipients; returns how many there were.
-    fn publish(&mut self, target: &Target, frame: &Bytes, envelope: &Bytes) -> usize {
-        self.collect(target);
+    /// Sends a published message to its recipients, each in the encoding it asked for; returns how many
+    /// there were.
+    fn publish(&mut self, message: &Message) -> usize {
+        self.collect(message.target());
         let recipients = std::mem::take(&mut self.recipients);
         let mut delivered = 0u64;
-        // Built once for this reactor if the publisher skipped it (nobody had opted in when it was queued).
-        let mut lazy: Option<Bytes> = None;
+        // Each encoding is looked up (or built, the first time any reactor needs it) once per publish here, not
+        // once per recipient of a broadcast.
+        let mut frames: [Option<&Bytes>; Encoding::COUNT] = [None; Encoding::COUNT];
         for &key in &recipients {
             // Closing connections already have their close frame queued: nothing may follow it.
             let Some(conn) = self.conns.get(key as usize) else {
@@ -696,11 +691,11 @@ impl Reactor {
             if !conn.machine.is_open() {
                 continue;
             }
-            let bytes = match conn.machine.wants_envelopes() {
-                false => frame,
-                true if !envelope.is_empty() => envelope,
-                true => &*lazy.get_or_insert_with(|| history::lazy_envelope(target, frame)),
+            let encoding = match conn.machine.wants_envelopes() {
+                false => Encoding::Bare,
+                true => Encoding::Envelope,
             };
+            let bytes = *frames[encoding as usize].get_or_insert_with(|| message.frame(encoding));
             if self.drive(key, |m, cx, t| m.send(cx, t, bytes)) {
                 delivered += 1;
             }

@@ -9,11 +9,12 @@ use crate::budget::Budget;
 use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::conn::Rules;
+use crate::dispatch::{Mailbox, Reactors};
 use crate::history::{self, store::Limits, History};
-use crate::mailbox::{Command, Mailbox};
 use crate::metrics::{AdminMetrics, ReactorMetrics};
 use crate::proto::frame;
 use crate::proto::handshake::HandshakeLimits;
+use crate::publish::Publisher;
 use crate::reactor::{Reactor, Settings};
 use anyhow::Context;
 use socket2::{Domain, Socket, Type};
@@ -36,8 +37,8 @@ pub struct Running {
     pub client_addr: SocketAddr,
     /// The admin listener's address.
     pub admin_addr: SocketAddr,
-    mailboxes: Vec<Arc<Mailbox>>,
-    reactors: Vec<JoinHandle<()>>,
+    reactors: Reactors,
+    threads: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
     cluster: Option<Arc<Cluster>>,
     /// Shared with the admin server: set when draining starts.
@@ -51,16 +52,12 @@ impl Running {
         if let Some(cluster) = &self.cluster {
             cluster.leave();
         }
-        for mailbox in &self.mailboxes {
-            mailbox.send(Command::Shutdown {
-                timeout: self.shutdown_timeout,
-            });
-        }
+        self.reactors.shutdown(self.shutdown_timeout);
     }
 
     /// Waits for every reactor to finish.
     pub fn join(self) {
-        for handle in self.reactors {
+        for handle in self.threads {
             let _ = handle.join();
         }
     }
@@ -68,7 +65,7 @@ impl Running {
 
 /// Binds everything and starts the threads.
 pub fn start(config: &Config) -> anyhow::Result<Running> {
-    let reactors = config.server.reactors;
+    let reactor_count = config.server.reactors;
     let limits = AuthLimits {
         max_id_bytes: config.auth.max_id_bytes,
         max_channels: config.auth.max_channels,
@@ -87,7 +84,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         .with_context(|| format!("binding server.listen {}", config.server.listen))?;
     let client_addr = first.local_addr()?;
     let mut listeners = vec![first];
-    for _ in 1..reactors {
+    for _ in 1..reactor_count {
         listeners.push(
             bind_reuseport(client_addr).with_context(|| format!("binding {client_addr} again"))?,
         );
@@ -118,14 +115,16 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         );
     }
 
-    let cluster = Cluster::start(&config.cluster, mailboxes.clone(), history.clone())?;
+    let reactors = Reactors::new(mailboxes);
+    let publisher = Publisher::new(history, reactors.clone());
+    let cluster = Cluster::start(&config.cluster, publisher.clone())?;
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     admin_listener.set_nonblocking(true)?;
     let admin_addr = admin_listener.local_addr()?;
     let draining = Arc::new(AtomicBool::new(false));
     let api = Api::new(
-        mailboxes.clone(),
+        publisher,
         reactor_metrics,
         Arc::new(AdminMetrics {
             buffer_budget: Some(settings.budget.clone()),
@@ -135,7 +134,6 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
             api_key: config.admin.api_key.clone(),
             draining: draining.clone(),
         },
-        history,
         cluster.clone(),
     );
     let limits = http::Limits {
@@ -152,8 +150,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     Ok(Running {
         client_addr,
         admin_addr,
-        mailboxes,
-        reactors: handles,
+        reactors,
+        threads: handles,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
         cluster,
         draining,

@@ -1,24 +1,20 @@
 //! The admin API's handlers: a parsed request in, a [`Reply`] out.
 //!
 //! It owns what each route does — the key check, publishing, kicks, presence, history, health, metrics and the
-//! dashboard — and talks to the reactors, history and the cluster to do it. It does not own sockets, buffers or
-//! connection limits (`server`), request framing (`http`) or the route table (`route`).
+//! dashboard — and talks to the node through the publish path (`publish`, which also holds the reactors and
+//! history) and the cluster to do it. It does not own sockets, buffers or connection limits (`server`), request
+//! framing (`http`), the route table (`route`), or how a message is framed, stored and delivered (`publish`).
 
 use super::http::{Method, Request};
 use super::route::{self, Route, RouteError};
 use super::stats;
 use crate::cluster::Cluster;
-use crate::history::{self, envelope, History};
-use crate::mailbox::{Command, Mailbox, Target, MAX_PENDING_COMMANDS};
+use crate::message::{self, Target};
 use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
+use crate::publish::Publisher;
 use base64::Engine as _;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// How long the admin thread waits for every reactor to answer a presence query or a kick.
-pub const REACTOR_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Kick close code when the request names none: the 4000 range is for applications (RFC 6455 §7.4.2), and a
 /// client can tell "you were removed" from a restart (1001) or an error.
@@ -79,33 +75,30 @@ impl Reply {
 
 /// The handlers and everything they talk to.
 pub struct Api {
-    reactors: Vec<Arc<Mailbox>>,
+    /// The publish path, and through it the reactors (kicks, presence, overload) and history (reads, deletes).
+    publisher: Publisher,
     reactor_metrics: Vec<Arc<ReactorMetrics>>,
     metrics: Arc<AdminMetrics>,
     settings: ApiSettings,
     /// The cluster bridge, when `cluster.redis_url` is set: publishes and kicks go through Redis first.
     cluster: Option<Arc<Cluster>>,
-    /// Message history: publishes are stored and framed through it.
-    history: Arc<History>,
 }
 
 impl Api {
-    /// Handlers over these reactors, counters, history and (optional) cluster.
+    /// Handlers over this publish path, counters and (optional) cluster.
     pub fn new(
-        reactors: Vec<Arc<Mailbox>>,
+        publisher: Publisher,
         reactor_metrics: Vec<Arc<ReactorMetrics>>,
         metrics: Arc<AdminMetrics>,
         settings: ApiSettings,
-        history: Arc<History>,
         cluster: Option<Arc<Cluster>>,
     ) -> Api {
         Api {
-            reactors,
+            publisher,
             reactor_metrics,
             metrics,
             settings,
             cluster,
-            history,
         }
     }
 
@@ -203,7 +196,7 @@ impl Api {
         if let Some(cluster) = &self.cluster {
             cluster.render_metrics(&mut text);
         }
-        self.history.render_metrics(&mut text);
+        self.publisher.history().render_metrics(&mut text);
         text
     }
 
@@ -253,11 +246,7 @@ impl Api {
             );
         }
         // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
-        if self
-            .reactors
-            .iter()
-            .any(|m| m.pending() >= MAX_PENDING_COMMANDS)
-        {
+        if self.publisher.reactors().overloaded() {
             let mut reply = Reply::error(
                 503,
                 "overloaded: reactors are behind on earlier publishes; retry later",
@@ -266,13 +255,14 @@ impl Api {
             return reply;
         }
         // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
+        let history = self.publisher.history();
         let mut stamp = None;
         match &self.cluster {
             // A stream with shared history: Redis assigns the offset and every node, this one included, gets
             // the message from the bus, in offset order.
-            Some(cluster) if self.history.keeps(&target) => {
-                let limits = self.history.settings().limits;
-                let epoch = self.history.fresh_epoch();
+            Some(cluster) if history.keeps(&target) => {
+                let limits = history.settings().limits;
+                let epoch = history.fresh_epoch();
                 match cluster.publish_stamped(&target, binary, &request.body, &limits, &epoch) {
                     Ok(assigned) => stamp = Some(assigned),
                     Err(e) => return Reply::error(503, &e.to_string()),
@@ -286,10 +276,8 @@ impl Api {
             None => {}
         }
         if stamp.is_none() {
-            // Framed once (bare and enveloped), stored when the stream keeps history; every reactor and every
-            // recipient shares these bytes.
-            self.history
-                .publish(target, binary, &request.body, &self.reactors);
+            // Framed once, stored when the stream keeps history; every reactor and every recipient shares it.
+            self.publisher.publish(target, binary, &request.body);
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
         let mut answer = serde_json::json!({
@@ -310,10 +298,11 @@ impl Api {
 
     /// `GET /history/{stream}?since=&limit=` and `DELETE /history/{stream}`.
     fn history_route(&self, stream: &str, request: &Request) -> Reply {
-        let Some(kind) = history::kind_of(stream) else {
+        let history = self.publisher.history();
+        let Some(kind) = message::kind_of(stream) else {
             return Reply::error(404, "not a stream: use user:{user}, channel:{name} or all");
         };
-        if !self.history.settings().enabled(kind) {
+        if !history.settings().enabled(kind) {
             return Reply::error(404, "history is off for this kind of stream");
         }
         if request.method == Method::Delete {
@@ -322,7 +311,7 @@ impl Api {
                     return Reply::error(503, &e.to_string());
                 }
             }
-            let deleted = self.history.delete(stream);
+            let deleted = history.delete(stream);
             return Reply::json(
                 200,
                 serde_json::json!({ "stream": stream, "deleted": deleted }),
@@ -345,21 +334,18 @@ impl Api {
             Ok(_) => return Reply::error(400, &format!("limit must be 1 to {MAX_HISTORY_LIMIT}")),
             Err(reply) => return reply,
         };
-        let Some(page) = self.history.read(stream, since, limit as usize) else {
+        let Some(page) = history.read(stream, since, limit as usize) else {
             return Reply::error(404, "no history held for this stream");
         };
         let messages: Vec<serde_json::Value> = page
             .entries
             .iter()
             .map(|e| {
-                // The envelope frame's opcode says text (0x1) or binary (0x2), RFC 6455 §5.2.
-                let binary = e.item.first().is_some_and(|b| b & 0x0f == 0x2);
-                let payload = envelope::decode_payload(envelope::frame_payload(&e.item), !binary)
-                    .unwrap_or_default();
+                let (payload, binary) = (e.item.payload(), e.item.is_binary());
                 let data = if binary {
-                    base64::engine::general_purpose::STANDARD.encode(&payload)
+                    base64::engine::general_purpose::STANDARD.encode(payload)
                 } else {
-                    String::from_utf8_lossy(&payload).into_owned()
+                    String::from_utf8_lossy(payload).into_owned()
                 };
                 serde_json::json!({
                     "o": e.offset,
@@ -402,15 +388,7 @@ impl Api {
             }
         }
         self.metrics.kicks.fetch_add(1, Relaxed);
-        let target = Arc::new(target);
-        let reason: Arc<str> = reason.into();
-        let answers = self.ask(|reply| Command::Kick {
-            target: target.clone(),
-            code,
-            reason: reason.clone(),
-            reply,
-        });
-        match answers {
+        match self.publisher.reactors().kick(target, code, &reason, true) {
             Some(closed) => {
                 let mut answer = serde_json::json!({ "closed": closed, "code": code });
                 // In a cluster, `closed` counts this node's connections; the others close theirs on their own.
@@ -424,11 +402,7 @@ impl Api {
     }
 
     fn presence(&self, user: String) -> Reply {
-        let user: Arc<str> = user.into();
-        match self.ask(|reply| Command::Presence {
-            user: user.clone(),
-            reply,
-        }) {
+        match self.publisher.reactors().presence(&user).total() {
             Some(count) => match &self.cluster {
                 None => Reply::json(
                     200,
@@ -449,23 +423,6 @@ impl Api {
             },
             None => Reply::error(503, "a reactor did not answer in time"),
         }
-    }
-
-    /// Sends a question to every reactor and sums the answers; `None` if any reactor does not answer in time.
-    fn ask(&self, make: impl Fn(mpsc::Sender<usize>) -> Command) -> Option<usize> {
-        let (tx, rx) = mpsc::channel();
-        for mailbox in &self.reactors {
-            mailbox.send(make(tx.clone()));
-        }
-        drop(tx);
-        let deadline = Instant::now() + REACTOR_REPLY_TIMEOUT;
-        let mut total = 0;
-        for _ in 0..self.reactors.len() {
-            total += rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .ok()?;
-        }
-        Some(total)
     }
 }
 

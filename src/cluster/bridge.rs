@@ -1,15 +1,16 @@
 //! The bridge threads of a cluster node: the subscriber, which owns the link state, and the worker, which
 //! sends heartbeats and answers other nodes' presence queries.
 //!
-//! The subscriber SUBSCRIBEs on a connection of its own (SUBSCRIBE blocks it for good), injects what other
-//! nodes publish into every reactor's mailbox, and reconnects with backoff when Redis goes away. The worker has
-//! its own connection too, so waiting for reactors' counts or for a slow heartbeat never delays delivery.
+//! The subscriber SUBSCRIBEs on a connection of its own (SUBSCRIBE blocks it for good), publishes what other
+//! nodes publish on this node through the one publish path (`publish`), and reconnects with backoff when Redis
+//! goes away. The worker has its own connection too, so waiting for reactors' counts or for a slow heartbeat
+//! never delays delivery.
 
 use super::wire::{self, Body};
 use super::{Backoff, Cluster};
-use crate::admin::REACTOR_REPLY_TIMEOUT;
 use crate::config::redact_url;
-use crate::mailbox::Command;
+use crate::message::envelope::Stamp;
+use crate::message::stream_of;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -88,7 +89,7 @@ fn run_subscriber(cluster: &Cluster, queries: &mpsc::Sender<Query>) {
         let error = error.to_string();
         cluster.link.up.store(false, SeqCst);
         // Other nodes' messages are being missed: no stored position may be served as complete any more.
-        cluster.history.clear();
+        cluster.local.history().clear();
         *cluster
             .link
             .last_error
@@ -118,7 +119,7 @@ fn subscribe_and_receive(
     // that has since restarted.
     cluster.link.generation.fetch_add(1, SeqCst);
     // Whatever was stored before this subscription may lack messages published while there was none.
-    cluster.history.clear();
+    cluster.local.history().clear();
     cluster.link.up.store(true, SeqCst);
     cluster.metrics.connects.fetch_add(1, Relaxed);
     state.up(cluster);
@@ -174,10 +175,8 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
             binary,
             payload,
         } => {
-            // Stored and framed once for every connection on this node, exactly like a local publish.
-            cluster
-                .history
-                .publish(target, binary, &payload, &cluster.reactors);
+            // Framed once for every connection on this node, and stored, exactly like a local publish.
+            cluster.local.publish(target, binary, &payload);
             cluster.metrics.received.fetch_add(1, Relaxed);
         }
         Body::Stamped {
@@ -187,7 +186,7 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
             offset,
             payload,
         } => {
-            let stamp = crate::history::envelope::Stamp {
+            let stamp = Stamp {
                 epoch: &epoch,
                 offset,
             };
@@ -195,9 +194,9 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
             // were published): fetch them from the shared log first, so they can be replayed here too.
             // Within a time budget: after a reconnection every stream's first message shows a gap, and a
             // subscriber busy reading history falls behind the bus. Past it, earlier positions get a resync.
-            let backfill = match cluster.history.missing_before(&target, stamp) {
+            let backfill = match cluster.local.history().missing_before(&target, stamp) {
                 Some(from) if side.budget.allows(Instant::now()) => {
-                    let (stream, _, _) = crate::history::stream_of(&target);
+                    let (stream, _, _) = stream_of(&target);
                     let started = Instant::now();
                     let got =
                         cluster.fetch_backfill(&mut side.conn, &stream, &epoch, from, offset - 1);
@@ -206,14 +205,9 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
                 }
                 _ => Vec::new(),
             };
-            cluster.history.publish_stamped(
-                target,
-                binary,
-                &payload,
-                stamp,
-                &backfill,
-                &cluster.reactors,
-            );
+            cluster
+                .local
+                .publish_stamped(target, binary, &payload, stamp, &backfill);
             if message.origin != cluster.node_id() {
                 cluster.metrics.received.fetch_add(1, Relaxed);
             }
@@ -224,17 +218,7 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
             reason,
         } => {
             // Nobody waits for the count: the origin answers with its own.
-            let (reply, _) = mpsc::channel();
-            let target = Arc::new(target);
-            let reason: Arc<str> = reason.into();
-            for mailbox in &cluster.reactors {
-                mailbox.send(Command::Kick {
-                    target: target.clone(),
-                    code,
-                    reason: reason.clone(),
-                    reply: reply.clone(),
-                });
-            }
+            cluster.local.reactors().kick(target, code, &reason, false);
             cluster.metrics.received.fetch_add(1, Relaxed);
         }
         Body::PresenceQuery { request, user } => {
@@ -417,24 +401,7 @@ fn beat(
 /// The user's connections on this node, summed over its reactors (0 for a reactor that does not answer in
 /// time: the asking node is waiting with its own deadline).
 fn local_presence(cluster: &Cluster, user: &str) -> u64 {
-    let (tx, rx) = mpsc::channel();
-    let user: Arc<str> = user.into();
-    for mailbox in &cluster.reactors {
-        mailbox.send(Command::Presence {
-            user: user.clone(),
-            reply: tx.clone(),
-        });
-    }
-    drop(tx);
-    let deadline = Instant::now() + REACTOR_REPLY_TIMEOUT;
-    let mut total = 0u64;
-    for _ in 0..cluster.reactors.len() {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(n) => total += n as u64,
-            Err(_) => break,
-        }
-    }
-    total
+    cluster.local.reactors().presence(user).partial() as u64
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! offset, keeps it in a capped Redis stream, and publishes it to every node, all in one atomic step.
 //!
 //! Owns the script and the key names; the admin thread runs it (`Cluster::publish_stamped`), and each node's
-//! subscriber stores what the script published in its local history (`history::History::publish_stamped`), in
+//! subscriber stores what the script published in its local history (`publish::Publisher::publish_stamped`), in
 //! the order Redis ran the scripts, which is the order of the offsets. Does not own delivery or the local store.
 //!
 //! Keys per stream (the stream name last, so names holding `:` cannot collide):

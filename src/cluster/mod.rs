@@ -2,8 +2,8 @@
 //! count the connections of any node through any node's admin API.
 //!
 //! It owns the node's Redis connections and the bridge threads (`bridge`); the message layout is `wire`
-//! (sans-IO). It does not touch client connections: what arrives from Redis is handed to every reactor's
-//! mailbox exactly like a local publish, and presence is counted by the reactors.
+//! (sans-IO). It does not touch client connections or mailboxes: what arrives from Redis takes the same publish
+//! path as a local publish (`publish`), and kicks and presence go through the reactors' handle (`dispatch`).
 //!
 //! Design, in short:
 //! - Every node SUBSCRIBEs to `{prefix}:bus` (publishes, kicks, presence queries) and `{prefix}:reply:{node}`
@@ -23,8 +23,8 @@ pub mod history;
 pub mod wire;
 
 use crate::config::{redact_url, ClusterConfig};
-use crate::history::History;
-use crate::mailbox::{Mailbox, Target};
+use crate::message::{stream_of, Target};
+use crate::publish::Publisher;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -110,7 +110,7 @@ struct Link {
 }
 
 /// The admin thread's connection for PUBLISH and presence look-ups.
-struct Publisher {
+struct PublishConn {
     conn: Option<(redis::Connection, u64)>,
 }
 
@@ -119,12 +119,12 @@ pub struct Cluster {
     settings: ClusterConfig,
     names: Names,
     client: redis::Client,
-    reactors: Vec<Arc<Mailbox>>,
-    /// This node's history: other nodes' publishes are stored and framed through it like local ones, and it is
-    /// cleared whenever the link goes down or comes up, because messages may have been missed meanwhile.
-    history: Arc<History>,
+    /// This node's publish path: other nodes' publishes are framed, stored and delivered through it like local
+    /// ones. Its history is cleared whenever the link goes down or comes up, because messages may have been
+    /// missed meanwhile.
+    local: Publisher,
     link: Link,
-    publisher: Mutex<Publisher>,
+    publisher: Mutex<PublishConn>,
     /// Presence queries waiting for answers, by request id; the subscriber thread routes answers here.
     pending: Mutex<HashMap<u64, mpsc::Sender<u64>>>,
     next_request: AtomicU64,
@@ -139,8 +139,7 @@ impl Cluster {
     /// bridge connects.
     pub fn start(
         settings: &ClusterConfig,
-        reactors: Vec<Arc<Mailbox>>,
-        history: Arc<History>,
+        local: Publisher,
     ) -> std::io::Result<Option<Arc<Cluster>>> {
         let Some(url) = settings.redis_url.as_deref() else {
             return Ok(None);
@@ -155,14 +154,13 @@ impl Cluster {
             names: Names::new(&settings.channel_prefix),
             settings: settings.clone(),
             client,
-            reactors,
-            history,
+            local,
             link: Link {
                 up: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 last_error: Mutex::new("not connected yet".into()),
             },
-            publisher: Mutex::new(Publisher { conn: None }),
+            publisher: Mutex::new(PublishConn { conn: None }),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             stop: AtomicBool::new(false),
@@ -213,7 +211,7 @@ impl Cluster {
         limits: &crate::history::store::Limits,
         candidate_epoch: &str,
     ) -> Result<(String, u64), ClusterError> {
-        let (stream, _, client) = crate::history::stream_of(target);
+        let (stream, _, client) = stream_of(target);
         let [epoch_key, offset_key, log_key] =
             history::keys(&self.settings.channel_prefix, &stream);
         let head = wire::encode_stamped_head(self.node_id(), target, binary);

@@ -15,7 +15,7 @@
 //!
 //! A target is `tag (u8: 0 user, 1 user+client, 2 channel, 3 all)` followed by its strings.
 
-use crate::mailbox::Target;
+use crate::message::Target;
 
 /// Layout version; a node drops messages of another version instead of misreading them.
 pub const VERSION: u8 = 1;

@@ -1,44 +1,32 @@
-//! Missed-message recovery: per-stream history inside one global byte budget, envelopes for connections that
-//! opted in, and the hand-off that makes the switch from replay to live exact.
+//! Missed-message recovery: per-stream history inside one global byte budget, and what a reconnecting client
+//! gets back from it.
 //!
-//! It owns the store (`store`, sans-IO), the client-facing formats (`envelope`, sans-IO) and the publish path
-//! shared by the admin thread and the cluster bridge: name the stream, store the message, frame it once bare
-//! and once enveloped, and queue it on every reactor's mailbox. It does not touch sockets; the reactor asks it
-//! for replays at upgrade time.
+//! It owns the node's store (`store`, sans-IO, behind one lock, driven with this node's clock), which streams
+//! keep history (`[history]`), and the replays and `resync` notices for a connection's `since` positions. It
+//! is a store: it does not frame (`message`), publish (`publish`) or reach the reactors (`dispatch`); it does
+//! not touch sockets either: the reactor asks it for replays at upgrade time.
 //!
 //! The no-gap, no-duplicate switch without per-connection state: a publish is stored (getting offset and a
-//! global sequence number) and pushed to every mailbox under one lock, so each mailbox receives stored messages
-//! in sequence order. A reactor remembers one number, the last sequence it applied. At an upgrade with `since`
-//! it first applies its pending mailbox (so it has applied everything the client could have received before it
-//! reconnected), then replays stored messages up to that sequence and registers the connection: everything
-//! stored later is still in its mailbox and arrives live, in order, exactly once.
+//! global sequence number) and handed to every mailbox under one lock (the `deliver` closure of
+//! [`History::append`], which `publish` fills in), so each mailbox receives stored messages in sequence order.
+//! A reactor remembers one number, the last sequence it applied. At an upgrade with `since` it first applies
+//! its pending mailbox (so it has applied everything the client could have received before it reconnected),
+//! then replays stored messages up to that sequence and registers the connection: everything stored later is
+//! still in its mailbox and arrives live, in order, exactly once.
 
-pub mod envelope;
 pub mod store;
 
-use crate::mailbox::{Command, Mailbox, Target};
+use crate::message::envelope::{self, Position, Stamp};
+use crate::message::{kind_of, stream_of, Encoding, Kind, Message, Target};
 use crate::proto::frame;
 use crate::proto::http;
 use bytes::Bytes;
-use envelope::{Position, Stamp};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-use store::{Limits, Recovery, Store, REASON_LABELS};
+use store::{Limits, Recovery, Slot, Store, Stored, REASON_LABELS};
 
 /// The `Sec-WebSocket-Protocol` that opts a connection into envelopes, like `?recover=1`.
 pub const SUBPROTOCOL: &str = "densepush.v1";
-
-/// The kinds of stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `user:{user}` (publishes to a user's client token included).
-    User,
-    /// `channel:{name}`.
-    Channel,
-    /// `all`.
-    All,
-}
 
 /// What `[history]` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,26 +49,6 @@ impl Settings {
             Kind::Channel => self.channel,
             Kind::All => self.all,
         }
-    }
-}
-
-/// The stream a publish target belongs to, its kind, and the client tag of a client-token publish.
-pub fn stream_of(target: &Target) -> (String, Kind, Option<&str>) {
-    match target {
-        Target::User(user) => (format!("user:{user}"), Kind::User, None),
-        Target::UserClient(user, client) => (format!("user:{user}"), Kind::User, Some(client)),
-        Target::Channel(channel) => (format!("channel:{channel}"), Kind::Channel, None),
-        Target::All => ("all".to_owned(), Kind::All, None),
-    }
-}
-
-/// The kind of a stream name; `None` for a name that is no stream.
-pub fn kind_of(stream: &str) -> Option<Kind> {
-    match stream {
-        "all" => Some(Kind::All),
-        s if s.len() > 5 && s.starts_with("user:") => Some(Kind::User),
-        s if s.len() > 8 && s.starts_with("channel:") => Some(Kind::Channel),
-        _ => None,
     }
 }
 
@@ -110,7 +78,7 @@ impl Reader<'_> {
     }
 }
 
-/// A message of the shared log that this node never received, for [`History::publish_stamped`].
+/// A message of the shared log that this node never received, for [`History::append_stamped`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backfill {
     /// Its offset.
@@ -123,14 +91,18 @@ pub struct Backfill {
     pub payload: Vec<u8>,
 }
 
+/// A stored message costs what it holds: its record, both of its frames and its names.
+impl Stored for Arc<Message> {
+    fn cost(&self) -> usize {
+        self.footprint()
+    }
+}
+
 /// The node's history: settings, the store behind a lock, and the clock the store is driven with.
 pub struct History {
     settings: Settings,
-    store: Mutex<Store<Bytes>>,
+    store: Mutex<Store<Arc<Message>>>,
     started: Instant,
-    /// Open connections that opted into envelopes, over all reactors. While there are none, a message of a
-    /// stream without history is not enveloped at all, so users who do not use recovery pay nothing for it.
-    recovering: AtomicUsize,
 }
 
 impl std::fmt::Debug for History {
@@ -153,17 +125,7 @@ impl History {
             settings,
             store: Mutex::new(Store::new(settings.limits, seed)),
             started: Instant::now(),
-            recovering: AtomicUsize::new(0),
         })
-    }
-
-    /// Counts a connection that opted into envelopes (`opened`) or one of them closing.
-    pub fn count_recovering(&self, opened: bool) {
-        if opened {
-            self.recovering.fetch_add(1, Relaxed);
-        } else {
-            self.recovering.fetch_sub(1, Relaxed);
-        }
     }
 
     /// The settings.
@@ -180,59 +142,82 @@ impl History {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn lock(&self) -> MutexGuard<'_, Store<Bytes>> {
+    fn lock(&self) -> MutexGuard<'_, Store<Arc<Message>>> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Frames a message once bare and once enveloped, stores it when its stream keeps history, and queues it on
-    /// every mailbox. Stored messages are queued under the store lock, so every mailbox gets them in sequence
-    /// order whichever thread (admin or cluster bridge) publishes.
-    pub fn publish(
-        &self,
-        target: Target,
-        binary: bool,
-        payload: &[u8],
-        mailboxes: &[Arc<Mailbox>],
-    ) {
-        let frame = frame::encode_message(!binary, payload);
-        let (stream, kind, client) = stream_of(&target);
-        let envelope_frame = |stamp: Option<Stamp<'_>>| {
-            frame::encode_message(!binary, &envelope::encode(&stream, stamp, !binary, payload))
-        };
-        if !self.settings.enabled(kind) {
-            // Empty when nobody opted in; a reactor that meets a connection which opted in meanwhile builds
-            // the envelope itself (`lazy_envelope`).
-            let envelope = if self.recovering.load(Relaxed) > 0 {
-                envelope_frame(None)
-            } else {
-                Bytes::new()
-            };
-            send_all(mailboxes, Arc::new(target), frame, envelope, 0);
-            return;
-        }
-        let client = client.map(str::to_owned);
-        let now = self.now_ms();
-        let mut store = self.lock();
-        let appended = store.append(&stream, client.as_deref(), now, |slot| {
-            envelope_frame(Some(slot.stamp()))
-        });
-        send_all(
-            mailboxes,
-            Arc::new(target),
-            frame,
-            appended.item,
-            appended.seq,
-        );
-    }
-
-    /// A fresh random epoch, offered to Redis when a stream starts there.
-    pub fn fresh_epoch(&self) -> String {
-        self.lock().fresh_epoch().to_string()
     }
 
     /// Whether messages published to `target` are stored.
     pub fn keeps(&self, target: &Target) -> bool {
         self.settings.enabled(stream_of(target).1)
+    }
+
+    /// Stores a message of a stream that keeps history ([`History::keeps`]): it gets the stream's next offset
+    /// and the next publish sequence number, and its envelope. `deliver` runs with the stored message before
+    /// the lock is released, so whatever it queues, it queues in sequence order whichever thread publishes.
+    pub fn append(&self, message: Message, deliver: impl FnOnce(&Arc<Message>)) -> Arc<Message> {
+        self.append_with(message, None, deliver)
+    }
+
+    /// [`History::append`] for a message whose epoch and offset were assigned by the cluster (Redis): stored
+    /// with them, so every node holds the same offsets. `backfill` holds earlier messages of the same stream
+    /// and epoch that this node never received (fetched from the shared log, in offset order): they are stored
+    /// first, for replay only, and not handed to `deliver`. Only the cluster bridge calls this, from one
+    /// thread, in the order Redis assigned the offsets.
+    pub fn append_stamped(
+        &self,
+        message: Message,
+        stamp: Stamp<'_>,
+        backfill: &[Backfill],
+        deliver: impl FnOnce(&Arc<Message>),
+    ) -> Arc<Message> {
+        self.append_with(message, Some((stamp, backfill)), deliver)
+    }
+
+    fn append_with(
+        &self,
+        message: Message,
+        stamped: Option<(Stamp<'_>, &[Backfill])>,
+        deliver: impl FnOnce(&Arc<Message>),
+    ) -> Arc<Message> {
+        let (stream, kind, client) = stream_of(message.target());
+        debug_assert!(self.settings.enabled(kind), "only kept streams are stored");
+        let client = client.map(str::to_owned);
+        let now = self.now_ms();
+        let mut store = self.lock();
+        let appended = match stamped {
+            None => store.append(&stream, client.as_deref(), now, |slot| {
+                placed(message, slot)
+            }),
+            Some((stamp, backfill)) => {
+                for old in backfill {
+                    let old_stamp = Stamp {
+                        epoch: stamp.epoch,
+                        offset: old.offset,
+                    };
+                    let target = message.target().with_client(old.client.as_deref());
+                    let old_message = Message::new(target, old.binary, &old.payload);
+                    // Sequence 0: no reactor expects it live, so it is replayed and never awaited.
+                    store.append_stamped(
+                        &stream,
+                        old_stamp,
+                        false,
+                        old.client.as_deref(),
+                        now,
+                        |slot| placed(old_message, slot),
+                    );
+                }
+                store.append_stamped(&stream, stamp, true, client.as_deref(), now, |slot| {
+                    placed(message, slot)
+                })
+            }
+        };
+        deliver(&appended.item);
+        appended.item
+    }
+
+    /// A fresh random epoch, offered to Redis when a stream starts there.
+    pub fn fresh_epoch(&self) -> String {
+        self.lock().fresh_epoch().to_string()
     }
 
     /// The first offset before `stamp` this node lacks in `target`'s stream (within `size`), so the cluster
@@ -244,68 +229,6 @@ impl History {
             return None;
         }
         self.lock().missing_before(&stream, stamp)
-    }
-
-    /// [`History::publish`] for a message whose epoch and offset were assigned by the cluster (Redis): stored
-    /// with them, so every node holds the same offsets. `backfill` holds earlier messages of the same stream
-    /// and epoch that this node never received (fetched from the shared log, in offset order): they are stored
-    /// first, for replay only. Only the cluster bridge calls this, from one thread, in the order Redis assigned
-    /// the offsets.
-    pub fn publish_stamped(
-        &self,
-        target: Target,
-        binary: bool,
-        payload: &[u8],
-        stamp: Stamp<'_>,
-        backfill: &[Backfill],
-        mailboxes: &[Arc<Mailbox>],
-    ) {
-        let frame = frame::encode_message(!binary, payload);
-        let (stream, kind, client) = stream_of(&target);
-        let envelope_frame = |stamp: Stamp<'_>| {
-            frame::encode_message(
-                !binary,
-                &envelope::encode(&stream, Some(stamp), !binary, payload),
-            )
-        };
-        if !self.settings.enabled(kind) {
-            // This node's [history] differs from the publishing node's: deliver, with the cluster's stamp.
-            let envelope = envelope_frame(stamp);
-            send_all(mailboxes, Arc::new(target), frame, envelope, 0);
-            return;
-        }
-        let client = client.map(str::to_owned);
-        let now = self.now_ms();
-        let mut store = self.lock();
-        for old in backfill {
-            let old_stamp = Stamp {
-                epoch: stamp.epoch,
-                offset: old.offset,
-            };
-            store.append_stamped(
-                &stream,
-                old_stamp,
-                false,
-                old.client.as_deref(),
-                now,
-                |slot| {
-                    frame::encode_message(
-                        !old.binary,
-                        &envelope::encode(&stream, Some(slot.stamp()), !old.binary, &old.payload),
-                    )
-                },
-            );
-        }
-        let appended = store.append_stamped(&stream, stamp, true, client.as_deref(), now, |slot| {
-            envelope_frame(slot.stamp())
-        });
-        send_all(
-            mailboxes,
-            Arc::new(target),
-            frame,
-            appended.item,
-            appended.seq,
-        );
     }
 
     /// Appends to `out` what a connection positioned at `positions` missed, among the messages with a sequence
@@ -320,15 +243,21 @@ impl History {
     ) {
         let now = self.now_ms();
         let mut store = self.lock();
+        let mut missed = Vec::new();
         for position in positions {
             let kind = kind_of(&position.stream);
             if !kind.is_some_and(|k| self.settings.enabled(k)) || !reader.may_read(&position.stream)
             {
                 continue;
             }
-            if let Recovery::Resync { epoch, offset } =
-                store.recover(position, reader.client, applied_seq, now, out)
-            {
+            let recovery = store.recover(position, reader.client, applied_seq, now, &mut missed);
+            // Stored messages were enveloped when they were stored: this only clones the shared frames.
+            out.extend(
+                missed
+                    .drain(..)
+                    .map(|message| message.frame(Encoding::Envelope).clone()),
+            );
+            if let Recovery::Resync { epoch, offset } = recovery {
                 out.push(frame::encode_message(
                     true,
                     &envelope::encode_resync(&position.stream, &epoch, offset),
@@ -338,7 +267,12 @@ impl History {
     }
 
     /// Up to `limit` messages of `stream` after offset `since`.
-    pub fn read(&self, stream: &str, since: u64, limit: usize) -> Option<store::Page<Bytes>> {
+    pub fn read(
+        &self,
+        stream: &str,
+        since: u64,
+        limit: usize,
+    ) -> Option<store::Page<Arc<Message>>> {
         let now = self.now_ms();
         self.lock().read(stream, since, limit, now)
     }
@@ -415,30 +349,9 @@ impl History {
     }
 }
 
-/// The envelope of a message of a stream without history, built from its bare frame: for a publish that was
-/// queued while no connection had opted in, reaching one that has.
-pub fn lazy_envelope(target: &Target, frame: &[u8]) -> Bytes {
-    let text = frame.first().is_some_and(|b| b & 0x0f == 0x1);
-    let (stream, _, _) = stream_of(target);
-    let payload = envelope::frame_payload(frame);
-    frame::encode_message(text, &envelope::encode(&stream, None, text, payload))
-}
-
-fn send_all(
-    mailboxes: &[Arc<Mailbox>],
-    target: Arc<Target>,
-    frame: Bytes,
-    envelope: Bytes,
-    seq: u64,
-) {
-    for mailbox in mailboxes {
-        mailbox.send(Command::Publish {
-            target: target.clone(),
-            frame: frame.clone(),
-            envelope: envelope.clone(),
-            seq,
-        });
-    }
+/// The message `make` built, with the place the store gave it.
+fn placed(message: Message, slot: Slot<'_>) -> Arc<Message> {
+    Arc::new(message.stamped(slot.epoch.clone(), slot.offset, slot.seq))
 }
 
 /// Whether an upgrade request opts into envelopes: `?recover=1` (or `true`), a `since`, or the subprotocol.
@@ -458,23 +371,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_map_to_streams() {
-        let t = Target::UserClient("42".into(), "phone".into());
-        assert_eq!(stream_of(&t), ("user:42".into(), Kind::User, Some("phone")));
-        assert_eq!(stream_of(&Target::Channel("n".into())).0, "channel:n");
-        assert_eq!(stream_of(&Target::All).0, "all");
-    }
-
-    #[test]
-    fn stream_kinds_need_a_name() {
-        assert_eq!(kind_of("user:1"), Some(Kind::User));
-        assert_eq!(kind_of("channel:x"), Some(Kind::Channel));
-        assert_eq!(kind_of("all"), Some(Kind::All));
-        assert_eq!(kind_of("user:"), None);
-        assert_eq!(kind_of("group:x"), None);
-    }
-
-    #[test]
     fn a_connection_may_recover_only_its_own_streams() {
         let channels = vec!["news".to_string()];
         let r = Reader {
@@ -487,17 +383,6 @@ mod tests {
         assert!(r.may_read("channel:news"));
         assert!(!r.may_read("channel:sport"));
         assert!(r.may_read("all"));
-    }
-
-    #[test]
-    fn lazy_envelope_matches_the_eager_one() {
-        let target = Target::Channel("n".into());
-        for (text, payload) in [(true, &b"hi"[..]), (false, &[0u8, 1, 2][..])] {
-            let bare = frame::encode_message(text, payload);
-            let eager =
-                frame::encode_message(text, &envelope::encode("channel:n", None, text, payload));
-            assert_eq!(lazy_envelope(&target, &bare), eager);
-        }
     }
 
     #[test]

@@ -4,15 +4,15 @@
 //! Owns offsets (per stream, from 1, no gaps), epochs, the publish sequence (one counter over all streams, so a
 //! reactor can tell which stored messages it has already delivered live), eviction (per-stream `size`, `ttl`,
 //! and the global `max_bytes`, oldest message of any stream first) and the counters behind `/metrics`. Does not
-//! own what it stores (any [`Stored`] item the caller builds once it knows the message's place, such as its
-//! envelope frame), framing, delivery or locking.
+//! own what it stores (any [`Stored`] item the caller builds once it knows the message's place: the node stores
+//! `message::Message`s, the unit tests plain `Bytes`), framing, delivery or locking.
 //!
 //! Memory: a stream is kept only while it holds messages; when its last message is evicted the stream is
 //! forgotten, and its next message starts a new epoch (so a client positioned in it gets a `resync`, never a
 //! silent gap). Each message costs what its item reports ([`Stored::cost`], recorded when it is appended so the
 //! count stays exact whatever the item does later) plus a fixed overhead, all counted in `bytes()`.
 
-use super::envelope::{Position, Stamp};
+use crate::message::envelope::{Position, Stamp};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

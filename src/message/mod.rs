@@ -1,0 +1,287 @@
+//! A published message: who it is for, its stream, and its encodings, each built at most once.
+//!
+//! It owns `Target` (who a publish or kick is for), the stream naming rules (`user:{user}`, `channel:{name}`,
+//! `all`), the client-facing wire formats (`envelope`: envelopes, `resync` notices, `since` positions) and
+//! [`Message`]: the payload framed once as a bare WebSocket frame when it is made, plus every other encoding
+//! built lazily the first time some recipient needs it and then shared by every reactor and every recipient
+//! (`Bytes` are reference-counted). Encodings added later (compressed, Server-Sent Events) are one more
+//! [`Encoding`] variant and one more lazily built slot here. It does not store (`history`), route (`dispatch`,
+//! the reactors' fanout indexes) or send anything.
+
+pub mod envelope;
+
+use crate::proto::frame;
+use bytes::Bytes;
+use envelope::Stamp;
+use std::sync::{Arc, OnceLock};
+
+/// Who a publish or kick is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection of the user.
+    User(String),
+    /// The connections of the user holding this client token.
+    UserClient(String, String),
+    /// Every connection subscribed to the channel.
+    Channel(String),
+    /// Every connection.
+    All,
+}
+
+impl Target {
+    /// The target in the same stream for a message tagged with `client`, or with no tag: how a message read back
+    /// from the shared log (`history::Backfill`) is addressed. Only `user` streams carry client tags.
+    pub fn with_client(&self, client: Option<&str>) -> Target {
+        match (self, client) {
+            (Target::User(user) | Target::UserClient(user, _), Some(client)) => {
+                Target::UserClient(user.clone(), client.to_owned())
+            }
+            (Target::User(user) | Target::UserClient(user, _), None) => Target::User(user.clone()),
+            (other, _) => other.clone(),
+        }
+    }
+}
+
+/// The kinds of stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `user:{user}` (publishes to a user's client token included).
+    User,
+    /// `channel:{name}`.
+    Channel,
+    /// `all`.
+    All,
+}
+
+/// The stream a publish target belongs to, its kind, and the client tag of a client-token publish.
+pub fn stream_of(target: &Target) -> (String, Kind, Option<&str>) {
+    match target {
+        Target::User(user) => (format!("user:{user}"), Kind::User, None),
+        Target::UserClient(user, client) => (format!("user:{user}"), Kind::User, Some(client)),
+        Target::Channel(channel) => (format!("channel:{channel}"), Kind::Channel, None),
+        Target::All => ("all".to_owned(), Kind::All, None),
+    }
+}
+
+/// The kind of a stream name; `None` for a name that is no stream.
+pub fn kind_of(stream: &str) -> Option<Kind> {
+    match stream {
+        "all" => Some(Kind::All),
+        s if s.len() > 5 && s.starts_with("user:") => Some(Kind::User),
+        s if s.len() > 8 && s.starts_with("channel:") => Some(Kind::Channel),
+        _ => None,
+    }
+}
+
+/// The forms in which a message reaches a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The payload as it was published, in one text or binary frame.
+    Bare = 0,
+    /// The payload in its envelope (stream, epoch, offset: [`envelope`]), for connections that opted into
+    /// recovery.
+    Envelope = 1,
+}
+
+impl Encoding {
+    /// Number of encodings: a caller that resolves each at most once keeps an array this long, indexed by
+    /// `encoding as usize`.
+    pub const COUNT: usize = 2;
+}
+
+/// Where a message sits in its stream, once it has a place there.
+#[derive(Debug)]
+struct Place {
+    epoch: Arc<str>,
+    offset: u64,
+}
+
+/// A published message, shared (`Arc`) by every reactor, by history and by every recipient's queue.
+#[derive(Debug)]
+pub struct Message {
+    target: Target,
+    binary: bool,
+    /// Its epoch and offset when its stream keeps history (here or in the cluster).
+    place: Option<Place>,
+    /// Publish sequence number when stored and delivered live (`history`), else 0.
+    seq: u64,
+    /// The bare frame, built at once: most recipients take it, and the payload is read from it.
+    bare: Bytes,
+    envelope: OnceLock<Bytes>,
+}
+
+impl Message {
+    /// A message with no place in a stream yet: framed bare at once, its envelope left for the first recipient
+    /// that wants it.
+    pub fn new(target: Target, binary: bool, payload: &[u8]) -> Message {
+        Message {
+            target,
+            binary,
+            place: None,
+            seq: 0,
+            bare: frame::encode_message(!binary, payload),
+            envelope: OnceLock::new(),
+        }
+    }
+
+    /// The same message with its place in its stream (`epoch`, `offset`: from `history`, or from the cluster)
+    /// and its publish sequence number (`history`; 0 for a message no reactor receives live in sequence: a
+    /// backfilled one, or one whose stream this node keeps no history for). Its envelope is built now: a
+    /// stored message is replayed in it, and its size counts against history's budget from the start.
+    pub fn stamped(mut self, epoch: Arc<str>, offset: u64, seq: u64) -> Message {
+        self.place = Some(Place { epoch, offset });
+        self.seq = seq;
+        let _ = self.frame(Encoding::Envelope);
+        self
+    }
+
+    /// Who it is for.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Binary (true) or text.
+    pub fn is_binary(&self) -> bool {
+        self.binary
+    }
+
+    /// Its epoch and offset, if it has a place in its stream.
+    pub fn stamp(&self) -> Option<Stamp<'_>> {
+        self.place.as_ref().map(|p| Stamp {
+            epoch: &p.epoch,
+            offset: p.offset,
+        })
+    }
+
+    /// Publish sequence number when stored and delivered live, else 0.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The published payload.
+    pub fn payload(&self) -> &[u8] {
+        envelope::frame_payload(&self.bare)
+    }
+
+    /// The message in `encoding`, built on first use and shared afterwards.
+    pub fn frame(&self, encoding: Encoding) -> &Bytes {
+        match encoding {
+            Encoding::Bare => &self.bare,
+            Encoding::Envelope => self.envelope.get_or_init(|| {
+                let (stream, _, _) = stream_of(&self.target);
+                let text = !self.binary;
+                frame::encode_message(
+                    text,
+                    &envelope::encode(&stream, self.stamp(), text, self.payload()),
+                )
+            }),
+        }
+    }
+
+    /// Heap bytes the message holds in the encodings built so far and its names, plus its own record. Its
+    /// epoch is not counted: it is shared with its stream (`history` charges it there).
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Message>()
+            + self.bare.len()
+            + self.envelope.get().map_or(0, Bytes::len)
+            + match &self.target {
+                Target::User(a) | Target::Channel(a) => a.len(),
+                Target::UserClient(a, b) => a.len() + b.len(),
+                Target::All => 0,
+            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_map_to_streams() {
+        let t = Target::UserClient("42".into(), "phone".into());
+        assert_eq!(stream_of(&t), ("user:42".into(), Kind::User, Some("phone")));
+        assert_eq!(stream_of(&Target::Channel("n".into())).0, "channel:n");
+        assert_eq!(stream_of(&Target::All).0, "all");
+    }
+
+    #[test]
+    fn stream_kinds_need_a_name() {
+        assert_eq!(kind_of("user:1"), Some(Kind::User));
+        assert_eq!(kind_of("channel:x"), Some(Kind::Channel));
+        assert_eq!(kind_of("all"), Some(Kind::All));
+        assert_eq!(kind_of("user:"), None);
+        assert_eq!(kind_of("group:x"), None);
+    }
+
+    #[test]
+    fn bare_frame_carries_the_payload_and_its_kind() {
+        let text = Message::new(Target::All, false, b"hi");
+        assert_eq!(
+            text.frame(Encoding::Bare),
+            &frame::encode_message(true, b"hi")
+        );
+        assert_eq!(text.payload(), b"hi");
+        let binary = Message::new(Target::All, true, &[0, 1]);
+        assert_eq!(
+            binary.frame(Encoding::Bare),
+            &frame::encode_message(false, &[0, 1])
+        );
+    }
+
+    #[test]
+    fn backfilled_messages_keep_their_stream_and_take_their_own_client_tag() {
+        let live = Target::UserClient("42".into(), "phone".into());
+        assert_eq!(live.with_client(None), Target::User("42".into()));
+        assert_eq!(
+            Target::User("42".into()).with_client(Some("tab")),
+            Target::UserClient("42".into(), "tab".into())
+        );
+        assert_eq!(
+            Target::Channel("n".into()).with_client(None),
+            Target::Channel("n".into())
+        );
+        assert_eq!(Target::All.with_client(None), Target::All);
+    }
+
+    #[test]
+    fn envelope_is_built_once_and_shared() {
+        let m = Message::new(Target::Channel("n".into()), false, b"x");
+        assert!(m.envelope.get().is_none(), "not built until needed");
+        let a = m.frame(Encoding::Envelope).clone();
+        let b = m.frame(Encoding::Envelope).clone();
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        let expected =
+            frame::encode_message(true, &envelope::encode("channel:n", None, true, b"x"));
+        assert_eq!(a, expected);
+    }
+
+    #[test]
+    fn lazy_envelope_matches_the_eager_one() {
+        let target = Target::Channel("n".into());
+        for (text, payload) in [(true, &b"hi"[..]), (false, &[0u8, 1, 2][..])] {
+            let lazy = Message::new(target.clone(), !text, payload);
+            let eager =
+                frame::encode_message(text, &envelope::encode("channel:n", None, text, payload));
+            assert_eq!(lazy.frame(Encoding::Envelope), &eager);
+        }
+    }
+
+    #[test]
+    fn a_stored_message_is_enveloped_with_its_position() {
+        let m =
+            Message::new(Target::User("42".into()), true, &[9]).stamped("Ab3xYz12".into(), 17, 5);
+        assert_eq!(m.seq(), 5);
+        let stamp = Stamp {
+            epoch: "Ab3xYz12",
+            offset: 17,
+        };
+        assert_eq!(m.stamp(), Some(stamp));
+        assert!(m.envelope.get().is_some(), "built when stamped");
+        let expected = frame::encode_message(
+            false,
+            &envelope::encode("user:42", Some(stamp), false, &[9]),
+        );
+        assert_eq!(m.frame(Encoding::Envelope), &expected);
+        assert!(m.footprint() >= m.frame(Encoding::Bare).len() + expected.len());
+    }
+}

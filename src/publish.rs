@@ -1,0 +1,283 @@
+//! The one publish path: frame a message once, store it when its stream keeps history, hand it to every
+//! reactor.
+//!
+//! It owns the order of those three steps and the one rule that joins the last two: a stored message is
+//! handed to the reactors while history's lock is held, so every mailbox receives stored messages in sequence
+//! order whichever thread publishes (the admin thread, the cluster subscriber); the exact switch from replay to
+//! live depends on it (see `history`). Both callers come through here: the admin API for local publishes, the
+//! cluster bridge for other nodes' publishes and for every cluster-stamped one. It does not decide whether a
+//! publish is allowed (draining, overload, the cluster link: `admin`), assign cluster offsets (`cluster`),
+//! build encodings (`message`) or pick recipients (the reactors' fanout indexes).
+
+use crate::dispatch::Reactors;
+use crate::history::{Backfill, History};
+use crate::message::envelope::Stamp;
+use crate::message::{Message, Target};
+use std::sync::Arc;
+
+/// History and the reactors, as one handle for whoever publishes.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    history: Arc<History>,
+    reactors: Reactors,
+}
+
+impl Publisher {
+    /// Publishes into this history and to these reactors.
+    pub fn new(history: Arc<History>, reactors: Reactors) -> Publisher {
+        Publisher { history, reactors }
+    }
+
+    /// The node's history (for its reads, deletes, metrics and cluster bookkeeping).
+    pub fn history(&self) -> &Arc<History> {
+        &self.history
+    }
+
+    /// The node's reactors (for kicks, presence and overload checks).
+    pub fn reactors(&self) -> &Reactors {
+        &self.reactors
+    }
+
+    /// Publishes a message that has no place in its stream yet: a local publish, or another node's publish of
+    /// a stream without shared history. Returns the message as every reactor received it.
+    pub fn publish(&self, target: Target, binary: bool, payload: &[u8]) -> Arc<Message> {
+        self.deliver(Message::new(target, binary, payload), None)
+    }
+
+    /// Publishes a message whose epoch and offset the cluster assigned (`stamp`), after storing `backfill`:
+    /// earlier messages of its stream and epoch this node never received, for replay only (see
+    /// [`History::append_stamped`]). Only the cluster subscriber calls this, in the order Redis assigned the
+    /// offsets.
+    pub fn publish_stamped(
+        &self,
+        target: Target,
+        binary: bool,
+        payload: &[u8],
+        stamp: Stamp<'_>,
+        backfill: &[Backfill],
+    ) -> Arc<Message> {
+        self.deliver(
+            Message::new(target, binary, payload),
+            Some((stamp, backfill)),
+        )
+    }
+
+    /// Stores the message when its stream keeps history here, and hands it to every reactor.
+    fn deliver(&self, message: Message, stamped: Option<(Stamp<'_>, &[Backfill])>) -> Arc<Message> {
+        if !self.history.keeps(message.target()) {
+            // Not stored, so no reactor expects it in sequence (seq 0). A stamped one comes from a node whose
+            // [history] keeps this stream: its envelope carries the cluster's epoch and offset all the same.
+            let message = match stamped {
+                Some((stamp, _)) => message.stamped(stamp.epoch.into(), stamp.offset, 0),
+                None => message,
+            };
+            let message = Arc::new(message);
+            self.reactors.publish(message.clone());
+            return message;
+        }
+        let dispatch = |stored: &Arc<Message>| self.reactors.publish(stored.clone());
+        match stamped {
+            None => self.history.append(message, dispatch),
+            Some((stamp, backfill)) => self
+                .history
+                .append_stamped(message, stamp, backfill, dispatch),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{Command, Mailbox};
+    use crate::history::store::Limits;
+    use crate::history::{Reader, Settings};
+    use crate::message::envelope::{self, Position};
+    use crate::message::Encoding;
+    use crate::proto::frame;
+    use mio::{Poll, Token, Waker};
+
+    /// A publisher over `n` real mailboxes (with the polls that keep their wakers valid) and a history that
+    /// keeps `user` streams only.
+    fn publisher(n: usize) -> (Publisher, Vec<Arc<Mailbox>>, Vec<Poll>) {
+        let polls: Vec<Poll> = (0..n).map(|_| Poll::new().unwrap()).collect();
+        let mailboxes: Vec<Arc<Mailbox>> = polls
+            .iter()
+            .map(|p| Mailbox::new(Waker::new(p.registry(), Token(0)).unwrap()))
+            .collect();
+        let history = History::new(Settings {
+            user: true,
+            channel: false,
+            all: false,
+            limits: Limits {
+                size: 100_000,
+                ttl_ms: 3_600_000,
+                max_bytes: 1 << 30,
+            },
+        });
+        let reactors = Reactors::new(mailboxes.clone());
+        (Publisher::new(history, reactors), mailboxes, polls)
+    }
+
+    /// The messages a mailbox received, in order.
+    fn received(mailbox: &Mailbox) -> Vec<Arc<Message>> {
+        let mut commands = Vec::new();
+        mailbox.take_all(&mut commands);
+        mailbox.applied(commands.len());
+        commands
+            .into_iter()
+            .map(|c| match c {
+                Command::Publish(m) => m,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn reader(user: &str) -> Reader<'_> {
+        Reader {
+            user,
+            client: None,
+            channels: &[],
+        }
+    }
+
+    #[test]
+    fn stored_messages_reach_every_mailbox_once_in_sequence_order_from_two_threads() {
+        const EACH: usize = 500;
+        let (publisher, mailboxes, _polls) = publisher(2);
+        let threads: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|user| {
+                let publisher = publisher.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let target = Target::User(user.into());
+                        publisher.publish(target, false, i.to_string().as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for mailbox in &mailboxes {
+            let seqs: Vec<u64> = received(mailbox).iter().map(|m| m.seq()).collect();
+            let expected: Vec<u64> = (1..=2 * EACH as u64).collect();
+            assert_eq!(
+                seqs, expected,
+                "each stored message once, in sequence order"
+            );
+        }
+    }
+
+    #[test]
+    fn every_reactor_and_history_share_one_message() {
+        let (publisher, mailboxes, _polls) = publisher(2);
+        let sent = publisher.publish(Target::User("u".into()), false, b"hi");
+        for mailbox in &mailboxes {
+            assert!(Arc::ptr_eq(&received(mailbox)[0], &sent));
+        }
+        let page = publisher.history().read("user:u", 0, 10).unwrap();
+        assert!(Arc::ptr_eq(&page.entries[0].item, &sent));
+        assert_eq!(page.entries[0].item.payload(), b"hi");
+    }
+
+    #[test]
+    fn an_unstored_message_is_not_enveloped_until_a_recipient_asks() {
+        let (publisher, mailboxes, _polls) = publisher(1);
+        let sent = publisher.publish(Target::Channel("news".into()), false, b"x");
+        assert_eq!((sent.seq(), sent.stamp()), (0, None));
+        assert!(publisher.history().read("channel:news", 0, 10).is_none());
+        let bare_only = Message::new(Target::Channel("news".into()), false, b"x").footprint();
+        assert_eq!(sent.footprint(), bare_only, "no envelope built yet");
+        let got = received(&mailboxes[0]).remove(0);
+        let expected =
+            frame::encode_message(true, &envelope::encode("channel:news", None, true, b"x"));
+        assert_eq!(got.frame(Encoding::Envelope), &expected);
+        assert!(
+            sent.footprint() > bare_only,
+            "built once asked, for everyone"
+        );
+    }
+
+    #[test]
+    fn stamped_messages_store_backfill_first_and_dispatch_only_the_live_one() {
+        let (publisher, mailboxes, _polls) = publisher(2);
+        let backfill: Vec<Backfill> = (5..7)
+            .map(|offset| Backfill {
+                offset,
+                client: (offset == 6).then(|| "tab".to_string()),
+                binary: false,
+                payload: offset.to_string().into_bytes(),
+            })
+            .collect();
+        let stamp = Stamp {
+            epoch: "REDIS1",
+            offset: 7,
+        };
+        let live =
+            publisher.publish_stamped(Target::User("u".into()), false, b"7", stamp, &backfill);
+        assert_eq!(live.stamp(), Some(stamp));
+        for mailbox in &mailboxes {
+            let got = received(mailbox);
+            assert_eq!(got.len(), 1, "backfill is for replay only");
+            assert!(Arc::ptr_eq(&got[0], &live));
+        }
+        let page = publisher.history().read("user:u", 0, 10).unwrap();
+        let stored: Vec<(u64, Option<&str>, &[u8])> = page
+            .entries
+            .iter()
+            .map(|e| (e.offset, e.client.as_deref(), e.item.payload()))
+            .collect();
+        assert_eq!(
+            stored,
+            [
+                (5, None, &b"5"[..]),
+                (6, Some("tab"), b"6"),
+                (7, None, b"7")
+            ]
+        );
+        assert_eq!(
+            page.entries[1].item.target(),
+            &Target::UserClient("u".into(), "tab".into())
+        );
+        // A reactor that has not applied the live message yet replays the backfill only; the live one comes
+        // through its mailbox.
+        let since = [Position {
+            stream: "user:u".into(),
+            epoch: "REDIS1".into(),
+            offset: 4,
+        }];
+        let mut out = Vec::new();
+        publisher
+            .history()
+            .recover(&since, reader("u"), 0, &mut out);
+        let offsets: Vec<u64> = out
+            .iter()
+            .map(|f| {
+                let json: serde_json::Value =
+                    serde_json::from_slice(envelope::frame_payload(f)).unwrap();
+                json["o"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(offsets, [5], "offset 6 was for another client token");
+        out.clear();
+        publisher
+            .history()
+            .recover(&since, reader("u"), live.seq(), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[1], live.frame(Encoding::Envelope));
+    }
+
+    #[test]
+    fn a_stamped_message_of_a_stream_not_kept_here_is_delivered_with_the_cluster_stamp() {
+        let (publisher, mailboxes, _polls) = publisher(1);
+        let stamp = Stamp {
+            epoch: "E",
+            offset: 3,
+        };
+        let sent = publisher.publish_stamped(Target::All, false, b"x", stamp, &[]);
+        assert_eq!((sent.seq(), sent.stamp()), (0, Some(stamp)));
+        assert!(publisher.history().read("all", 0, 10).is_none());
+        assert!(Arc::ptr_eq(&received(&mailboxes[0])[0], &sent));
+    }
+}
