@@ -450,20 +450,25 @@ impl Reactor {
             .filter(|_| self.settings.history.any_enabled())
             .map(envelope::parse_since)
             .unwrap_or_default();
-        if !since.is_empty() {
-            // Apply what is queued before reading history (see `history`): the client may have had those
-            // messages on another reactor's connection before it reconnected here.
-            self.drain_mailbox();
-            if !self.live(key, generation) {
-                return false; // a shutdown in the mailbox closed it
-            }
-        }
         let identity = match self.admit_request(&request) {
             Ok(identity) => identity,
             Err(reject) => {
                 return self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
             }
         };
+        if !since.is_empty() {
+            // Apply what was published before reading history (see `history`): the client may have had
+            // those messages on another reactor's connection before it reconnected here. Only up to the last
+            // message stored by now: every earlier one is in this mailbox already, and later ones reach the
+            // connection live, so the work done here is bounded by what was queued, not by what keeps coming.
+            let upto = self.settings.history.last_seq();
+            self.apply_until(upto);
+            if !self.live(key, generation) {
+                // A shutdown in the mailbox closed it; give its slot back.
+                self.settings.open_total.fetch_sub(1, Relaxed);
+                return false;
+            }
+        }
         let protocol =
             history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
         let response = handshake::accept_response(request.key, protocol);
@@ -578,10 +583,19 @@ impl Reactor {
 
     // ---- commands from other threads -------------------------------------------------------------------
 
-    /// Applies every command sent so far, in order, however many.
-    fn drain_mailbox(&mut self) {
+    /// Applies commands in order until the stored message with sequence `seq` has been delivered (every
+    /// stored message up to `seq` is in the mailbox when this is called; see `History::last_seq`).
+    fn apply_until(&mut self, seq: u64) {
         self.take_mailbox();
-        self.apply_backlog(usize::MAX);
+        let mut applied = 0;
+        while self.applied_seq < seq {
+            let Some(command) = self.backlog.pop_front() else {
+                break;
+            };
+            self.handle_command(command);
+            applied += 1;
+        }
+        self.mailbox.applied(applied);
     }
 
     /// Moves the mailbox's commands behind the backlog.

@@ -215,6 +215,13 @@ impl History {
         appended.item
     }
 
+    /// The sequence number of the last message stored so far. Messages are stored and handed to every mailbox
+    /// under one lock, so once this returns, every message up to it is in every reactor's mailbox: a reactor
+    /// that applies its mailbox up to it has delivered everything a client can have seen anywhere.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().last_seq()
+    }
+
     /// A fresh random epoch, offered to Redis when a stream starts there.
     pub fn fresh_epoch(&self) -> String {
         self.lock().fresh_epoch().to_string()

@@ -223,6 +223,11 @@ impl<T: Stored> Store<T> {
         self.streams.len()
     }
 
+    /// The sequence number of the last message stored live (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
     /// Counters since start.
     pub fn counters(&self) -> Counters {
         self.counters
