@@ -23,3 +23,4 @@ pub mod proto;
 pub mod reactor;
 pub mod server;
 pub mod timer;
+pub mod tls;

@@ -87,6 +87,8 @@ pub struct Api {
     cluster: Option<Arc<Cluster>>,
     /// Message history: publishes are stored and framed through it.
     history: Arc<History>,
+    /// The TLS side, when `[tls]` is on (its counters are on `/metrics`).
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Api {
@@ -106,7 +108,14 @@ impl Api {
             settings,
             cluster,
             history,
+            tls: None,
         }
+    }
+
+    /// Reports the TLS counters too.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Api {
+        self.tls = tls;
+        self
     }
 
     /// Counts an answer by status class.
@@ -204,6 +213,9 @@ impl Api {
             cluster.render_metrics(&mut text);
         }
         self.history.render_metrics(&mut text);
+        if let Some(tls) = &self.tls {
+            tls.render_metrics(&mut text);
+        }
         text
     }
 

@@ -152,7 +152,6 @@ fn decode(item: &str) -> Option<Cow<'_, str>> {
         .ok()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,8 @@ pub struct Server {
     pub client_addr: SocketAddr,
     /// The admin HTTP listener.
     pub admin_addr: SocketAddr,
+    /// The wss:// listener, when `[tls]` is on.
+    pub tls_addr: Option<SocketAddr>,
     /// The config file the server was started with (also usable for `densepush token`).
     pub config_path: PathBuf,
     child: Child,
@@ -170,15 +172,23 @@ impl Server {
                 );
             }
         };
-        let addr = |name: &str| -> SocketAddr {
-            line.split_whitespace()
+        // `off` for a listener that is not on.
+        let field = |name: &str| -> Option<SocketAddr> {
+            let value = line
+                .split_whitespace()
                 .find_map(|field| field.strip_prefix(name))
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} address in listening line {line:?}"))
+                .unwrap_or_else(|| panic!("no {name} field in listening line {line:?}"));
+            (value != "off").then(|| {
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad {name} address in listening line {line:?}"))
+            })
         };
         Server {
-            client_addr: addr("client="),
-            admin_addr: addr("admin="),
+            // Unspecified (0.0.0.0:0) when ws:// is off.
+            client_addr: field("client=").unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            tls_addr: field("tls="),
+            admin_addr: field("admin=").expect("the admin listener is always on"),
             config_path,
             child,
             exited: None,
