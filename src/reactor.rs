@@ -20,7 +20,8 @@ use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::proto::http;
 use crate::timer::TimerWheel;
-use crate::tls::{self, Session, Tls, TlsWire};
+use crate::tls::table::{Sessions, Slot};
+use crate::tls::{self, Tls, TlsWire};
 use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
@@ -75,18 +76,6 @@ pub struct Settings {
     pub tls: Option<Arc<Tls>>,
 }
 
-/// A TLS connection's session and what it is charged against the buffer budget.
-#[derive(Debug)]
-struct TlsSlot {
-    session: Session,
-    /// Bytes of the session's buffers charged to the budget (settled after every call).
-    charged: usize,
-}
-
-/// What a TLS connection costs beyond its buffers: its slot in the reactor's session table, with the table's
-/// own slack. Counted in `densepush_tls_bytes`.
-const TLS_SLOT_BYTES: usize = std::mem::size_of::<(u32, TlsSlot)>() + 8;
-
 /// One reactor and everything it owns.
 pub struct Reactor {
     poll: Poll,
@@ -96,7 +85,7 @@ pub struct Reactor {
     tls_listener: Option<TcpListener>,
     tls_acceptor: Acceptor,
     /// TLS sessions by slab key: only TLS connections have one, so a plain connection pays nothing for TLS.
-    sessions: hashbrown::HashMap<u32, TlsSlot>,
+    sessions: Sessions,
     /// A reactor-wide buffer for decrypted bytes (TLS connections' plaintext before the machine reads it).
     plain: Vec<u8>,
     /// A reactor-wide buffer TLS records are sealed into, and handshake flights are written from.
@@ -156,7 +145,7 @@ impl Reactor {
             acceptor: Acceptor::default(),
             tls_listener,
             tls_acceptor: Acceptor::default(),
-            sessions: hashbrown::HashMap::new(),
+            sessions: Sessions::default(),
             plain: Vec::new(),
             tls_out: Vec::new(),
             // Reserved, not touched: the slab and the index grow into address space that is already theirs,
@@ -285,7 +274,7 @@ impl Reactor {
             metrics: &self.metrics,
         };
         let next = if conn.machine.is_tls() {
-            let Some(slot) = self.sessions.get_mut(&key) else {
+            let Some(slot) = self.sessions.get_mut(key) else {
                 debug_assert!(false, "a TLS connection without a session");
                 return false;
             };
@@ -332,7 +321,7 @@ impl Reactor {
             metrics: &self.metrics,
         };
         conn.machine.teardown(&cx);
-        if let Some(mut slot) = self.sessions.remove(&key) {
+        if let Some(mut slot) = self.sessions.remove(key) {
             self.end_tls(&conn.stream, &mut slot, ending);
         }
         if conn.machine.wants_envelopes() {
@@ -496,7 +485,7 @@ impl Reactor {
 
     /// A session for a connection accepted on the TLS listener, charged to the buffer budget; `None` when the
     /// budget cannot take another handshake (or rustls refuses, which a valid configuration never makes it).
-    fn new_session(&mut self) -> Option<TlsSlot> {
+    fn new_session(&mut self) -> Option<Slot> {
         let tls = self.settings.tls.as_ref()?;
         if !self
             .settings
@@ -515,8 +504,8 @@ impl Reactor {
                     .force_reserve(charged.saturating_sub(tls::session::HANDSHAKE_CHARGE));
                 tls.metrics
                     .bytes
-                    .fetch_add((TLS_SLOT_BYTES + charged) as u64, Relaxed);
-                Some(TlsSlot { session, charged })
+                    .fetch_add((tls::table::SLOT_BYTES + charged) as u64, Relaxed);
+                Some(Slot { session, charged })
             }
             Err(e) => {
                 log::error!("tls: cannot start a session: {e}");
@@ -529,7 +518,7 @@ impl Reactor {
     /// Ciphertext read from a TLS connection: through its session (handshake, or record decryption), then the
     /// plaintext to its machine. Returns false if the connection is gone.
     fn on_tls_bytes(&mut self, key: u32, data: &mut [u8]) -> bool {
-        let (Some(conn), Some(slot)) = (self.conns.get(key as usize), self.sessions.get_mut(&key))
+        let (Some(conn), Some(slot)) = (self.conns.get(key as usize), self.sessions.get_mut(key))
         else {
             return false;
         };
@@ -584,7 +573,7 @@ impl Reactor {
 
     /// A TLS connection is removed: a `close_notify` for a clean end (best effort, one write), and its
     /// session's budget and counters given back.
-    fn end_tls(&mut self, stream: &std::net::TcpStream, slot: &mut TlsSlot, ending: Ending) {
+    fn end_tls(&mut self, stream: &std::net::TcpStream, slot: &mut Slot, ending: Ending) {
         let tls = self
             .settings
             .tls
@@ -602,7 +591,7 @@ impl Reactor {
         self.settings.budget.release(slot.charged);
         tls.metrics
             .bytes
-            .fetch_sub((TLS_SLOT_BYTES + slot.charged) as u64, Relaxed);
+            .fetch_sub((tls::table::SLOT_BYTES + slot.charged) as u64, Relaxed);
         slot.charged = 0;
     }
 
@@ -754,7 +743,7 @@ impl Reactor {
         let mut expired = Vec::new();
         self.wheel.advance(now, &mut expired);
         for entry in expired {
-            if let (Some(slot), Some(tls)) = (self.sessions.get(&entry.key), &self.settings.tls) {
+            if let (Some(slot), Some(tls)) = (self.sessions.get(entry.key), &self.settings.tls) {
                 // A TLS handshake still running at the handshake deadline: count it as a TLS failure too.
                 let stalled = !slot.session.is_established()
                     && self.conns.get(entry.key as usize).is_some_and(|c| {
@@ -948,7 +937,7 @@ impl Reactor {
 }
 
 /// Brings a TLS session's budget charge and the TLS byte gauge in line with what it holds now.
-fn settle_tls(slot: &mut TlsSlot, settings: &Settings) {
+fn settle_tls(slot: &mut Slot, settings: &Settings) {
     let now = slot.session.held_bytes();
     if now == slot.charged {
         return;

@@ -15,6 +15,7 @@
 
 pub mod record;
 pub mod session;
+pub mod table;
 
 use crate::config::TlsConfig;
 use crate::metrics::{Exposition, MetricType};
