@@ -81,6 +81,9 @@ struct TlsSlot {
     session: Session,
     /// Bytes of the session's buffers charged to the budget (settled after every call).
     charged: usize,
+    /// Counted in `densepush_tls_sessions`: its handshake completed. Kept apart from the session's state,
+    /// which becomes `Failed` when an established session fails and must still be uncounted.
+    counted: bool,
 }
 
 /// What a TLS connection costs beyond its buffers: its slot in the reactor's session table, with the table's
@@ -516,7 +519,11 @@ impl Reactor {
                 tls.metrics
                     .bytes
                     .fetch_add((TLS_SLOT_BYTES + charged) as u64, Relaxed);
-                Some(TlsSlot { session, charged })
+                Some(TlsSlot {
+                    session,
+                    charged,
+                    counted: false,
+                })
             }
             Err(e) => {
                 log::error!("tls: cannot start a session: {e}");
@@ -566,8 +573,9 @@ impl Reactor {
                         tls::Completed::Resumed => &tls.metrics.handshakes_resumed,
                     };
                     counter.fetch_add(1, Relaxed);
-                    debug_assert!(!was_established);
+                    debug_assert!(!was_established && !slot.counted);
                     tls.metrics.sessions.fetch_add(1, Relaxed);
+                    slot.counted = true;
                 }
                 let mut alive = plain.is_empty() || self.on_bytes(key, &mut plain);
                 if alive && received.peer_closed {
@@ -590,14 +598,17 @@ impl Reactor {
             .tls
             .as_ref()
             .expect("TLS connections imply [tls]");
-        if slot.session.is_established() {
+        if std::mem::take(&mut slot.counted) {
             tls.metrics.sessions.fetch_sub(1, Relaxed);
-            if ending == Ending::Done && slot.session.unsent().is_empty() {
-                self.tls_out.clear();
-                slot.session.close_notify(&mut self.tls_out);
-                let mut socket = stream;
-                let _ = transport::write_some(&mut socket, &self.tls_out);
-            }
+        }
+        if slot.session.is_established()
+            && ending == Ending::Done
+            && slot.session.unsent().is_empty()
+        {
+            self.tls_out.clear();
+            slot.session.close_notify(&mut self.tls_out);
+            let mut socket = stream;
+            let _ = transport::write_some(&mut socket, &self.tls_out);
         }
         self.settings.budget.release(slot.charged);
         tls.metrics

@@ -570,3 +570,17 @@ fn close_notify_in_the_middle_of_a_websocket_message_is_an_abrupt_close() {
     assert_eq!(server.metric("densepush_tls_failures_total", &[]), 0);
     assert_eq!(server.metric("densepush_messages_received_total", &[]), 0);
 }
+#[test]
+fn a_connection_ended_by_a_tls_failure_no_longer_counts_as_a_tls_session() {
+    let server = Server::start_tls(&[]);
+    let mut tls = upgraded(&server, "failing");
+    let _quiet = server.connect_wss("user=quiet");
+    wait_metric(&server, "densepush_tls_sessions", &[], 2);
+    tls.inject(&[
+        23, 3, 3, 0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+    ]);
+    let (end, _) = tls.read_to_end();
+    assert_eq!(end, TlsEnd::Alert(AlertDescription::BadRecordMac));
+    wait_metric(&server, "densepush_connections_open", &[], 1);
+    wait_metric(&server, "densepush_tls_sessions", &[], 1);
+}
