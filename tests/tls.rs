@@ -584,3 +584,61 @@ fn a_connection_ended_by_a_tls_failure_no_longer_counts_as_a_tls_session() {
     wait_metric(&server, "densepush_connections_open", &[], 1);
     wait_metric(&server, "densepush_tls_sessions", &[], 1);
 }
+/// A client whose handshake is done on its side, with its Finished still unsent: what a test queues now
+/// goes out in the same write as the Finished.
+fn finished_unsent(server: &Server) -> RawTls {
+    let mut tls = RawTls::new(server.pki().client_config(), server.tls_raw());
+    tls.flush(); // the ClientHello
+    while tls.conn.is_handshaking() {
+        let read = tls
+            .conn
+            .read_tls(&mut tls.sock)
+            .expect("reading the server's flight");
+        assert_ne!(read, 0, "the server closed during the handshake");
+        tls.conn.process_new_packets().expect("the server's flight");
+    }
+    assert!(tls.conn.wants_write(), "the client's Finished is queued");
+    tls
+}
+
+#[test]
+fn an_upgrade_request_sent_with_the_clients_finished_is_served() {
+    let server = Server::start_tls(&[]);
+    let mut tls = finished_unsent(&server);
+    tls.conn
+        .writer()
+        .write_all(upgrade_request("user=eager", &[]).as_bytes())
+        .unwrap();
+    tls.flush();
+    let head = read_head(&mut tls);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    server.publish("/publish/user/eager", "served");
+    let (_, opcode, payload) = read_frame(&mut tls).unwrap().expect("a frame");
+    assert_eq!((opcode, payload.as_slice()), (1, &b"served"[..]));
+}
+
+#[test]
+fn a_key_update_sent_with_the_clients_finished_closes_counted_as_key_update() {
+    let server = Server::start_tls(&[]);
+    let mut tls = finished_unsent(&server);
+    tls.conn
+        .refresh_traffic_keys()
+        .expect("queueing a KeyUpdate");
+    tls.conn
+        .writer()
+        .write_all(upgrade_request("user=rekeying", &[]).as_bytes())
+        .unwrap();
+    tls.flush();
+    // Refused like a KeyUpdate on an established connection, with an alert the client can read: not
+    // answered with records under keys the client does not have.
+    let (end, plain) = tls.read_to_end();
+    assert_eq!(
+        end,
+        TlsEnd::Alert(AlertDescription::UnexpectedMessage),
+        "plaintext before: {:?}",
+        String::from_utf8_lossy(&plain)
+    );
+    assert_only_failure(&server, "key_update");
+    wait_metric(&server, "densepush_connections_handshaking", &[], 0);
+    assert_eq!(server.metric("densepush_tls_sessions", &[]), 0);
+}
