@@ -571,6 +571,45 @@ fn close_notify_in_the_middle_of_a_websocket_message_is_an_abrupt_close() {
     assert_eq!(server.metric("densepush_messages_received_total", &[]), 0);
 }
 #[test]
+fn a_fatal_alert_in_the_middle_of_a_websocket_message_closes_counted_as_peer_alert() {
+    let server = Server::start_tls(&[]);
+    let mut tls = server.tls_handshake_with(server.pki().extractable_client_config());
+    tls.upgrade("user=failing");
+    let RawTls { conn, mut sock } = tls;
+    let mut sealer = Sealer::from_client(conn);
+    let mut frame = Vec::new();
+    write_frame(&mut frame, 0x1, b"a message cut by an alert").unwrap();
+    let mut records = sealer.seal(23, &frame[..frame.len() / 2]);
+    // A fatal internal_error alert (RFC 8446 §6: level 2, description 80).
+    records.extend(sealer.seal(21, &[2, 80]));
+    sock.write_all(&records).unwrap();
+    assert_eq!(wait_end(&mut sock), End::Eof);
+    assert_only_failure(&server, "peer_alert");
+    wait_metric(&server, "densepush_connections_open", &[], 0);
+    assert_eq!(server.metric("densepush_messages_received_total", &[]), 0);
+}
+
+#[test]
+fn a_malformed_client_hello_gets_a_plaintext_alert_counted_as_handshake() {
+    let server = Server::start_tls(&[]);
+    let mut stream = server.tls_raw();
+    // A handshake record holding a ClientHello header that announces 4 bytes of nonsense.
+    stream
+        .write_all(&[22, 3, 1, 0, 8, 1, 0, 0, 4, 9, 9, 9, 9])
+        .unwrap();
+    let answer = read_to_close(&mut stream);
+    // An alert record (RFC 8446 §5.1 type 21, not protected yet), level fatal (§6).
+    assert_eq!(
+        answer.first(),
+        Some(&21),
+        "expected an alert record, got {answer:?}"
+    );
+    assert_eq!(answer.get(5), Some(&2), "a fatal alert: {answer:?}");
+    assert_only_failure(&server, "handshake");
+    wait_metric(&server, "densepush_connections_handshaking", &[], 0);
+}
+
+#[test]
 fn a_connection_ended_by_a_tls_failure_no_longer_counts_as_a_tls_session() {
     let server = Server::start_tls(&[]);
     let mut tls = upgraded(&server, "failing");
