@@ -901,9 +901,18 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A raw client socket with a tiny receive buffer, set before connect so the advertised window is small from
 /// the start: the server's writes to it block soon (slow-consumer tests).
 pub fn tiny_window_stream(server: &Server) -> TcpStream {
+    tiny_window_to(server.client_addr)
+}
+
+/// [`tiny_window_stream`] to the wss:// listener.
+pub fn tiny_window_tls_stream(server: &Server) -> TcpStream {
+    tiny_window_to(server.tls_addr())
+}
+
+fn tiny_window_to(addr: SocketAddr) -> TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.client_addr.into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -1390,12 +1399,4 @@ impl Sealer {
         record.extend_from_slice(&body);
         record
     }
-}
-
-/// A raw client socket to the wss:// listener with a tiny receive buffer (see [`tiny_window_stream`]).
-pub fn tiny_window_tls_stream(server: &Server) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.tls_addr().into()).unwrap();
-    socket.into()
 }
