@@ -505,7 +505,11 @@ impl Reactor {
                 tls.metrics
                     .bytes
                     .fetch_add((tls::table::SLOT_BYTES + charged) as u64, Relaxed);
-                Some(Slot { session, charged })
+                Some(Slot {
+                    session,
+                    charged,
+                    counted: false,
+                })
             }
             Err(e) => {
                 log::error!("tls: cannot start a session: {e}");
@@ -555,8 +559,9 @@ impl Reactor {
                         tls::Completed::Resumed => &tls.metrics.handshakes_resumed,
                     };
                     counter.fetch_add(1, Relaxed);
-                    debug_assert!(!was_established);
+                    debug_assert!(!was_established && !slot.counted);
                     tls.metrics.sessions.fetch_add(1, Relaxed);
+                    slot.counted = true;
                 }
                 let mut alive = plain.is_empty() || self.on_bytes(key, &mut plain);
                 if alive && received.peer_closed {
@@ -579,14 +584,17 @@ impl Reactor {
             .tls
             .as_ref()
             .expect("TLS connections imply [tls]");
-        if slot.session.is_established() {
+        if std::mem::take(&mut slot.counted) {
             tls.metrics.sessions.fetch_sub(1, Relaxed);
-            if ending == Ending::Done && slot.session.unsent().is_empty() {
-                self.tls_out.clear();
-                slot.session.close_notify(&mut self.tls_out);
-                let mut socket = stream;
-                let _ = transport::write_some(&mut socket, &self.tls_out);
-            }
+        }
+        if slot.session.is_established()
+            && ending == Ending::Done
+            && slot.session.unsent().is_empty()
+        {
+            self.tls_out.clear();
+            slot.session.close_notify(&mut self.tls_out);
+            let mut socket = stream;
+            let _ = transport::write_some(&mut socket, &self.tls_out);
         }
         self.settings.budget.release(slot.charged);
         tls.metrics

@@ -251,7 +251,15 @@ impl Session {
         hs.inbuf.extend_from_slice(input);
         let mut received = Received::default();
         let completed = loop {
-            let UnbufferedStatus { discard, state } = hs.conn.process_tls_records(&mut hs.inbuf);
+            // Once the client's Finished is in, rustls only hands over what it still has to send (its
+            // tickets, which it queues on that Finished, so the call that took it returns at once): the
+            // records after it are for our record layer. rustls would act on a KeyUpdate there itself and
+            // then hand over keys the client no longer matches, or fail a handshake message as `handshake`.
+            let unread: &mut [u8] = match hs.conn.is_handshaking() {
+                true => &mut hs.inbuf,
+                false => &mut [],
+            };
+            let UnbufferedStatus { discard, state } = hs.conn.process_tls_records(unread);
             let step = match state {
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
                     encode_into(send, |out| data.encode(out));
@@ -263,8 +271,8 @@ impl Session {
                     Step::Again
                 }
                 Ok(ConnectionState::ReadTraffic(mut data)) => {
-                    // The client's first request can arrive with its Finished: rustls decrypts it before
-                    // the handshake is handed over.
+                    // Application data inside the handshake: not from TLS 1.3 clients (no early data, and
+                    // records after the Finished are not given to rustls), kept in order all the same.
                     while let Some(record) = data.next_record() {
                         match record {
                             Ok(record) => plain.extend_from_slice(record.payload),
@@ -865,6 +873,31 @@ mod tests {
             s.receive(&mut [1, 2, 3], &mut Vec::new(), &mut send),
             Ok(Received::default())
         );
+    }
+
+    #[test]
+    fn a_key_update_in_the_same_read_as_the_clients_finished_is_refused_as_key_update() {
+        let p = pair();
+        let mut c = client(&p);
+        let mut s = p.tls.session().unwrap();
+        let mut hello = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut hello).unwrap();
+        }
+        let mut flight = Vec::new();
+        s.receive(&mut hello, &mut Vec::new(), &mut flight).unwrap();
+        c.read_tls(&mut flight.as_slice()).unwrap();
+        c.process_new_packets().unwrap();
+        assert!(!c.is_handshaking(), "the client's Finished is queued");
+        c.refresh_traffic_keys().unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let e = s
+            .receive(&mut wire, &mut Vec::new(), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(e, Failure::KeyUpdate);
     }
 
     #[test]

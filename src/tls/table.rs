@@ -16,6 +16,9 @@ pub struct Slot {
     pub session: Session,
     /// Bytes of the session's buffers charged to the budget (the reactor settles it after every call).
     pub charged: usize,
+    /// Counted in `densepush_tls_sessions`: its handshake completed. Kept apart from the session's state,
+    /// which becomes `Failed` when an established session fails and must still be uncounted.
+    pub counted: bool,
 }
 
 /// What one TLS connection costs in the table beyond its buffers (the slot, its index entry with slack), for
@@ -76,6 +79,7 @@ mod tests {
             Slot {
                 session: Session::Failed,
                 charged: 1,
+                counted: false,
             },
         );
         t.insert(
@@ -83,6 +87,7 @@ mod tests {
             Slot {
                 session: Session::Failed,
                 charged: 2,
+                counted: false,
             },
         );
         assert_eq!(t.get(9).unwrap().charged, 2);
@@ -93,6 +98,7 @@ mod tests {
             Slot {
                 session: Session::Failed,
                 charged: 3,
+                counted: false,
             },
         );
         assert_eq!(t.len(), 2);
