@@ -6,6 +6,8 @@
 # Usage: scripts/loadtest.sh [N] [--reactors R] [generator options...]
 #   N                   connections (default 15000); must come first
 #   --reactors R        server reactor threads (default 0 = one per CPU core)
+#   --tls               connect over wss:// (the server gets a throwaway P-256 certificate made with openssl,
+#                       and the generator connects to its TLS listener); add --tls-resume to resume sessions
 #   anything else goes to densepush-loadtest unchanged, e.g. --payload-bytes 256, --phases connect,idle,
 #   --json (report as JSON on stdout), --workers 2, --idle-secs 5, --conns-per-user 2; see
 #   `densepush-loadtest --help`.
@@ -23,6 +25,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=15000
 REACTORS=0
+TLS=0
 PASS=()
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
@@ -36,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --reactors) REACTORS=${2:?--reactors needs a value}; shift 2 ;;
         --reactors=*) REACTORS=${1#*=}; shift ;;
+        --tls) TLS=1; PASS+=("$1"); shift ;;
         -h | --help) usage; exit 0 ;;
         *) PASS+=("$1"); shift ;;
     esac
@@ -119,6 +123,18 @@ listen = "127.0.0.1:0"
 [log]
 level = "warn"
 EOF
+if ((TLS)); then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null || { say "openssl could not make a certificate"; exit 2; }
+    cat >>"$TMP/config.toml" <<EOF
+
+[tls]
+listen = "127.0.0.1:0"
+cert_file = "$TMP/cert.pem"
+key_file = "$TMP/key.pem"
+EOF
+fi
 
 # The server reads every DENSEPUSH_* variable as a config override and refuses unknown ones, so this script's
 # own DENSEPUSH_BIN must not reach it.
@@ -140,6 +156,9 @@ if [[ -z $LISTENING ]]; then
     exit 1
 fi
 CLIENT_ADDR=$(sed -E 's/.* client=([^ ]+).*/\1/' <<<"$LISTENING")
+if ((TLS)); then
+    CLIENT_ADDR=$(sed -E 's/.* tls=([^ ]+).*/\1/' <<<"$LISTENING")
+fi
 ADMIN_ADDR=$(sed -E 's/.* admin=([^ ]+).*/\1/' <<<"$LISTENING")
 say "server pid $SERVER_PID, reactors $REACTORS (0 = per core), clients $CLIENT_ADDR, admin $ADMIN_ADDR"
 

@@ -12,12 +12,14 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 #   chromium      tests/interop.rs runs examples/browser.html in it, headless (no browser download: the
 #                 Debian package, driven by playwright-core);
 #   nodejs, npm   the Node `ws` client and the browser driver (tests/js);
-#   python3-venv  a virtualenv for the Python `websockets` client; curl for the README's command lines.
+#   python3-venv  a virtualenv for the Python `websockets` client; curl for the README's command lines;
+#   openssl       tests/interop.rs connects `openssl s_client` to the wss:// listener.
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 [ -x /usr/bin/chromium ] || packages+=(chromium)
 { command -v node && command -v npm; } >/dev/null 2>&1 || packages+=(nodejs npm)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3 python3-venv)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "scripts/test.sh: installing ${packages[*]}" >&2

@@ -26,3 +26,4 @@ pub mod publish;
 pub mod reactor;
 pub mod server;
 pub mod timer;
+pub mod tls;

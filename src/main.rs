@@ -61,6 +61,11 @@ fn run() -> anyhow::Result<()> {
         Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::CheckConfig => {
+            // The certificate pair too: present, parsable, matching, not expired.
+            if config.tls.listen.is_some() {
+                densepush::tls::Tls::load(&config.tls)
+                    .with_context(|| format!("config {}", cli.config.display()))?;
+            }
             println!("{}: ok", cli.config.display());
             Ok(())
         }
@@ -97,28 +102,41 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .context("installing signal handlers")?;
     let running = densepush::server::start(config)?;
+    let show =
+        |addr: Option<std::net::SocketAddr>| addr.map_or("off".to_string(), |a| a.to_string());
     log::info!(
-        "densepush {} listening: clients ws://{}{} admin http://{} reactors {}",
+        "densepush {} listening: clients ws://{}{} wss://{}{} admin http://{} reactors {}",
         env!("CARGO_PKG_VERSION"),
-        running.client_addr,
+        show(running.client_addr),
+        config.server.path,
+        show(running.tls_addr),
         config.server.path,
         running.admin_addr,
         config.server.reactors
     );
     // One machine-readable line on stdout, so scripts and tests can find ports chosen by the OS.
     println!(
-        "densepush listening client={} admin={}",
-        running.client_addr, running.admin_addr
+        "densepush listening client={} admin={} tls={}",
+        show(running.client_addr),
+        running.admin_addr,
+        show(running.tls_addr)
     );
 
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == signal_hook::consts::SIGHUP {
+            // Certificate renewal (certbot's deploy hook): new handshakes use the new pair.
+            running.reload_tls();
+            continue;
+        }
         log::info!(
             "signal {signal}: closing connections (up to {} ms)",
             config.server.shutdown_timeout_ms
         );
+        break;
     }
     running.shutdown();
     running.join();
@@ -129,8 +147,8 @@ fn serve(config: &Config) -> anyhow::Result<()> {
 fn warn_about_unsafe_settings(config: &Config) {
     if config.auth.mode == AuthMode::None {
         log::warn!(
-            "auth.mode = \"none\": anyone who can reach {} picks their own user id; use it only on trusted networks",
-            config.server.listen
+            "auth.mode = \"none\": anyone who can reach {:?} or {:?} picks their own user id; use it only on trusted networks",
+            config.server.listen, config.tls.listen
         );
     } else if config.uses_dev_secret() {
         log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production");

@@ -11,7 +11,7 @@
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, Identity};
 use crate::budget::Budget;
-use crate::conn::transport::Plain;
+use crate::conn::transport::{self, Plain, Transport};
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
 use crate::dispatch::{Command, Mailbox};
 use crate::fanout::Fanout;
@@ -21,6 +21,8 @@ use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::proto::http;
 use crate::timer::TimerWheel;
+use crate::tls::table::{Sessions, Slot};
+use crate::tls::{self, Tls, TlsWire};
 use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
@@ -35,6 +37,9 @@ use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
+const TLS_LISTENER: Token = Token(usize::MAX - 2);
+/// The largest slab key: tokens of keys above it could equal the reserved tokens above.
+pub const MAX_KEY: u32 = u32::MAX - 3;
 
 /// Sends (or closes) a turn of the loop applies from the command backlog before it polls sockets again: about
 /// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst.
@@ -68,6 +73,8 @@ pub struct Settings {
     pub history: Arc<History>,
     /// Bytes all connections of all reactors may hold in heap buffers together (shared).
     pub budget: Arc<Budget>,
+    /// The TLS configuration, when `[tls]` is on.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// One reactor and everything it owns.
@@ -75,6 +82,15 @@ pub struct Reactor {
     poll: Poll,
     listener: Option<TcpListener>,
     acceptor: Acceptor,
+    /// The wss:// listener, when `[tls]` is on.
+    tls_listener: Option<TcpListener>,
+    tls_acceptor: Acceptor,
+    /// TLS sessions by slab key: only TLS connections have one, so a plain connection pays nothing for TLS.
+    sessions: Sessions,
+    /// A reactor-wide buffer for decrypted bytes (TLS connections' plaintext before the machine reads it).
+    plain: Vec<u8>,
+    /// A reactor-wide buffer TLS records are sealed into, and handshake flights are written from.
+    tls_out: Vec<u8>,
     conns: Slab<Conn>,
     fanout: Fanout,
     wheel: TimerWheel,
@@ -102,21 +118,37 @@ pub struct Reactor {
 
 impl Reactor {
     /// A reactor around an already bound, non-blocking listener and a poll whose waker feeds `mailbox`.
+    /// `listener` serves ws:// and `tls_listener` wss:// (at least one of them is given).
     pub fn new(
         poll: Poll,
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
+        tls_listener: Option<std::net::TcpListener>,
         mailbox: Arc<Mailbox>,
         auth: Arc<Authenticator>,
         metrics: Arc<ReactorMetrics>,
         settings: Settings,
     ) -> io::Result<Self> {
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let register = |listener: Option<std::net::TcpListener>, token| -> io::Result<_> {
+            listener
+                .map(|l| {
+                    let mut l = TcpListener::from_std(l);
+                    poll.registry()
+                        .register(&mut l, token, Interest::READABLE)?;
+                    Ok(l)
+                })
+                .transpose()
+        };
+        let listener = register(listener, LISTENER)?;
+        let tls_listener = register(tls_listener, TLS_LISTENER)?;
         Ok(Reactor {
             poll,
-            listener: Some(listener),
+            listener,
             acceptor: Acceptor::default(),
+            tls_listener,
+            tls_acceptor: Acceptor::default(),
+            sessions: Sessions::default(),
+            plain: Vec::new(),
+            tls_out: Vec::new(),
             // Reserved, not touched: the slab and the index grow into address space that is already theirs,
             // so there is no doubling slack and no copy of millions of records while clients connect.
             conns: Slab::with_capacity(settings.max_tracked),
@@ -155,7 +187,8 @@ impl Reactor {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept_all(),
+                    LISTENER => self.accept_all(false),
+                    TLS_LISTENER => self.accept_all(true),
                     WAKER => self.take_mailbox(),
                     token => {
                         let (key, generation) = split_token(token);
@@ -223,12 +256,13 @@ impl Reactor {
 
     // ---- the machine and its surroundings ----------------------------------------------------------------
 
-    /// Runs one input of connection `key`'s machine with its context and transport, and carries out the
-    /// answer. Returns false if the connection is gone (or was already).
+    /// Runs one input of connection `key`'s machine with its context and transport (its socket, through its
+    /// TLS session if it has one), and carries out the answer. Returns false if the connection is gone (or was
+    /// already).
     fn drive(
         &mut self,
         key: u32,
-        input: impl FnOnce(&mut Machine, &mut Ctx<'_>, &mut Plain<'_>) -> Next,
+        input: impl FnOnce(&mut Machine, &mut Ctx<'_>, &mut dyn Transport) -> Next,
     ) -> bool {
         let Some(conn) = self.conns.get_mut(key as usize) else {
             return false;
@@ -240,7 +274,22 @@ impl Reactor {
             wheel: &mut self.wheel,
             metrics: &self.metrics,
         };
-        let next = input(&mut conn.machine, &mut cx, &mut Plain(&conn.stream));
+        let next = if conn.machine.is_tls() {
+            let Some(slot) = self.sessions.get_mut(key) else {
+                debug_assert!(false, "a TLS connection without a session");
+                return false;
+            };
+            let mut wire = TlsWire {
+                socket: &conn.stream,
+                session: &mut slot.session,
+                seal: &mut self.tls_out,
+            };
+            let next = input(&mut conn.machine, &mut cx, &mut wire);
+            settle_tls(slot, &self.settings);
+            next
+        } else {
+            input(&mut conn.machine, &mut cx, &mut Plain(&conn.stream))
+        };
         self.carry_out(key, next)
     }
 
@@ -273,6 +322,9 @@ impl Reactor {
             metrics: &self.metrics,
         };
         conn.machine.teardown(&cx);
+        if let Some(mut slot) = self.sessions.remove(key) {
+            self.end_tls(&conn.stream, &mut slot, ending);
+        }
         if conn.machine.was_upgraded() {
             self.settings.open_total.fetch_sub(1, Relaxed);
             self.metrics.connections_open.fetch_sub(1, Relaxed);
@@ -286,29 +338,45 @@ impl Reactor {
 
     // ---- accepting -------------------------------------------------------------------------------------
 
-    fn accept_all(&mut self) {
-        let Some(listener) = self.listener.take() else {
+    fn accept_all(&mut self, tls: bool) {
+        let (slot, acceptor) = match tls {
+            false => (&mut self.listener, &mut self.acceptor),
+            true => (&mut self.tls_listener, &mut self.tls_acceptor),
+        };
+        let Some(listener) = slot.take() else {
             return;
         };
-        let mut acceptor = std::mem::take(&mut self.acceptor);
+        let mut acceptor = std::mem::take(acceptor);
         let metrics = self.metrics.clone();
         acceptor.accept_all(
             &listener,
-            "client listener",
-            |stream| self.admit(stream),
+            if tls {
+                "TLS listener"
+            } else {
+                "client listener"
+            },
+            |stream| self.admit(stream, tls),
             || ReactorMetrics::inc(&metrics.accept_errors),
         );
-        self.acceptor = acceptor;
-        self.listener = Some(listener);
+        match tls {
+            false => (self.listener, self.acceptor) = (Some(listener), acceptor),
+            true => (self.tls_listener, self.tls_acceptor) = (Some(listener), acceptor),
+        }
     }
 
-    fn admit(&mut self, stream: TcpStream) {
+    fn admit(&mut self, stream: TcpStream, tls: bool) {
         ReactorMetrics::inc(&self.metrics.tcp_accepted);
         if self.conns.len() >= self.settings.max_tracked {
             // Past the hard cap even the 503 would cost a slot; closing at once is the only bounded answer.
             self.metrics.reject(crate::metrics::RejectKind::Unavailable);
             return;
         }
+        let session = match tls.then(|| self.new_session()) {
+            None => None,
+            Some(Some(session)) => Some(session),
+            // Out of budget for a handshake: closing at once is the bounded answer.
+            Some(None) => return,
+        };
         let stream = std::net::TcpStream::from(stream);
         // Pushes are small and latency-sensitive; Nagle would hold them back for the client's delayed ACK.
         let _ = stream.set_nodelay(true);
@@ -323,7 +391,13 @@ impl Reactor {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("register failed: {e}");
+            if let Some(mut slot) = session {
+                self.end_tls(&stream, &mut slot, Ending::Abrupt);
+            }
             return;
+        }
+        if let Some(slot) = session {
+            self.sessions.insert(key, slot);
         }
         let mut cx = Ctx {
             key,
@@ -332,7 +406,7 @@ impl Reactor {
             wheel: &mut self.wheel,
             metrics: &self.metrics,
         };
-        let machine = Machine::new(&mut cx);
+        let machine = Machine::new(&mut cx, tls);
         entry.insert(Conn {
             stream,
             generation,
@@ -371,6 +445,11 @@ impl Reactor {
                     self.carry_out(key, next);
                     return;
                 }
+                Ok(n) if conn.machine.is_tls() => {
+                    if !self.on_tls_bytes(key, &mut scratch[..n]) {
+                        return;
+                    }
+                }
                 Ok(n) => {
                     if !self.on_bytes(key, &mut scratch[..n]) {
                         return;
@@ -398,6 +477,128 @@ impl Reactor {
             }
             Phase::Flushing => true,
         }
+    }
+
+    // ---- TLS ---------------------------------------------------------------------------------------------
+
+    /// A session for a connection accepted on the TLS listener, charged to the buffer budget; `None` when the
+    /// budget cannot take another handshake (or rustls refuses, which a valid configuration never makes it).
+    fn new_session(&mut self) -> Option<Slot> {
+        let tls = self.settings.tls.as_ref()?;
+        if !self
+            .settings
+            .budget
+            .try_reserve(tls::session::HANDSHAKE_CHARGE)
+        {
+            tls.metrics.fail("handshake_too_large");
+            return None;
+        }
+        match tls.session() {
+            Ok(session) => {
+                let charged = session.held_bytes();
+                // The reservation above covered HANDSHAKE_CHARGE; settle to what the session reports.
+                self.settings
+                    .budget
+                    .force_reserve(charged.saturating_sub(tls::session::HANDSHAKE_CHARGE));
+                tls.metrics
+                    .bytes
+                    .fetch_add((tls::table::SLOT_BYTES + charged) as u64, Relaxed);
+                Some(Slot {
+                    session,
+                    charged,
+                    counted: false,
+                })
+            }
+            Err(e) => {
+                log::error!("tls: cannot start a session: {e}");
+                self.settings.budget.release(tls::session::HANDSHAKE_CHARGE);
+                None
+            }
+        }
+    }
+
+    /// Ciphertext read from a TLS connection: through its session (handshake, or record decryption), then the
+    /// plaintext to its machine. Returns false if the connection is gone.
+    fn on_tls_bytes(&mut self, key: u32, data: &mut [u8]) -> bool {
+        let (Some(conn), Some(slot)) = (self.conns.get(key as usize), self.sessions.get_mut(key))
+        else {
+            return false;
+        };
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        self.tls_out.clear();
+        let was_established = slot.session.is_established();
+        let result = slot.session.receive(data, &mut plain, &mut self.tls_out);
+        // Handshake flights, tickets and alerts go out now, in order; what the socket does not take waits.
+        if !self.tls_out.is_empty() {
+            let mut socket = &conn.stream;
+            match transport::write_some(&mut socket, &self.tls_out) {
+                Ok(n) if n < self.tls_out.len() => slot.session.hold_unsent(&self.tls_out[n..]),
+                _ => {}
+            }
+        }
+        settle_tls(slot, &self.settings);
+        let tls = self
+            .settings
+            .tls
+            .as_ref()
+            .expect("TLS connections imply [tls]");
+        let alive = match result {
+            Err(failure) => {
+                log::debug!("connection {key}: tls: {failure}");
+                tls.metrics.fail(failure.label());
+                self.remove(key, Ending::Done);
+                false
+            }
+            Ok(received) => {
+                if let Some(kind) = received.completed {
+                    let counter = match kind {
+                        tls::Completed::Full => &tls.metrics.handshakes_full,
+                        tls::Completed::Resumed => &tls.metrics.handshakes_resumed,
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    debug_assert!(!was_established && !slot.counted);
+                    tls.metrics.sessions.fetch_add(1, Relaxed);
+                    slot.counted = true;
+                }
+                let mut alive = plain.is_empty() || self.on_bytes(key, &mut plain);
+                if alive && received.peer_closed {
+                    // close_notify: the client sends nothing more; without a WebSocket close it went away.
+                    let next = self.conns[key as usize].machine.handle_broken();
+                    alive = self.carry_out(key, next);
+                }
+                alive
+            }
+        };
+        self.plain = plain;
+        alive
+    }
+
+    /// A TLS connection is removed: a `close_notify` for a clean end (best effort, one write), and its
+    /// session's budget and counters given back.
+    fn end_tls(&mut self, stream: &std::net::TcpStream, slot: &mut Slot, ending: Ending) {
+        let tls = self
+            .settings
+            .tls
+            .as_ref()
+            .expect("TLS connections imply [tls]");
+        if std::mem::take(&mut slot.counted) {
+            tls.metrics.sessions.fetch_sub(1, Relaxed);
+        }
+        if slot.session.is_established()
+            && ending == Ending::Done
+            && slot.session.unsent().is_empty()
+        {
+            self.tls_out.clear();
+            slot.session.close_notify(&mut self.tls_out);
+            let mut socket = stream;
+            let _ = transport::write_some(&mut socket, &self.tls_out);
+        }
+        self.settings.budget.release(slot.charged);
+        tls.metrics
+            .bytes
+            .fetch_sub((tls::table::SLOT_BYTES + slot.charged) as u64, Relaxed);
+        slot.charged = 0;
     }
 
     // ---- the upgrade -------------------------------------------------------------------------------------
@@ -542,11 +743,24 @@ impl Reactor {
             return;
         }
         if self.acceptor.is_paused() {
-            self.accept_all();
+            self.accept_all(false);
+        }
+        if self.tls_acceptor.is_paused() {
+            self.accept_all(true);
         }
         let mut expired = Vec::new();
         self.wheel.advance(now, &mut expired);
         for entry in expired {
+            if let (Some(slot), Some(tls)) = (self.sessions.get(entry.key), &self.settings.tls) {
+                // A TLS handshake still running at the handshake deadline: count it as a TLS failure too.
+                let stalled = !slot.session.is_established()
+                    && self.conns.get(entry.key as usize).is_some_and(|c| {
+                        c.machine.phase() == Phase::Handshaking && c.machine.owns_timer(entry.stamp)
+                    });
+                if stalled {
+                    tls.metrics.fail("timeout");
+                }
+            }
             let mut silent = false;
             self.drive(entry.key, |m, cx, t| {
                 match m.handle_timeout(cx, t, entry.stamp) {
@@ -725,7 +939,11 @@ impl Reactor {
             return;
         }
         self.shutdown_deadline = Some(Instant::now() + timeout);
-        if let Some(mut listener) = self.listener.take() {
+        for listener in [self.listener.take(), self.tls_listener.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut listener = listener;
             let _ = self.poll.registry().deregister(&mut listener);
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
@@ -733,6 +951,27 @@ impl Reactor {
             self.drive(key as u32, |m, cx, t| m.close(cx, t, Close::Shutdown));
         }
     }
+}
+
+/// Brings a TLS session's budget charge and the TLS byte gauge in line with what it holds now.
+fn settle_tls(slot: &mut Slot, settings: &Settings) {
+    let now = slot.session.held_bytes();
+    if now == slot.charged {
+        return;
+    }
+    let tls = settings.tls.as_ref().expect("TLS connections imply [tls]");
+    if now > slot.charged {
+        settings.budget.force_reserve(now - slot.charged);
+        tls.metrics
+            .bytes
+            .fetch_add((now - slot.charged) as u64, Relaxed);
+    } else {
+        settings.budget.release(slot.charged - now);
+        tls.metrics
+            .bytes
+            .fetch_sub((slot.charged - now) as u64, Relaxed);
+    }
+    slot.charged = now;
 }
 
 fn make_token(key: u32, generation: u32) -> Token {
@@ -751,7 +990,9 @@ mod tests {
     fn tokens_round_trip_and_never_collide_with_reserved_ones() {
         let token = make_token(12345, 0xdead_beef);
         assert_eq!(split_token(token), (12345, 0xdead_beef));
-        assert_ne!(make_token(u32::MAX - 2, u32::MAX), LISTENER);
-        assert_ne!(make_token(u32::MAX - 2, u32::MAX), WAKER);
+        // Slab keys stay below MAX_KEY (`Settings::max_tracked` is capped there).
+        for reserved in [LISTENER, WAKER, TLS_LISTENER] {
+            assert_ne!(make_token(MAX_KEY, u32::MAX), reserved);
+        }
     }
 }

@@ -16,6 +16,7 @@ use crate::proto::frame;
 use crate::proto::handshake::HandshakeLimits;
 use crate::publish::Publisher;
 use crate::reactor::{Reactor, Settings};
+use crate::tls::Tls;
 use anyhow::Context;
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
@@ -33,8 +34,12 @@ const HANDSHAKE_HEADROOM: usize = 1_024;
 
 /// A started server.
 pub struct Running {
-    /// The client listener's address (the real port when the config asked for port 0).
-    pub client_addr: SocketAddr,
+    /// The ws:// listener's address (the real port when the config asked for port 0), if on.
+    pub client_addr: Option<SocketAddr>,
+    /// The wss:// listener's address, if on.
+    pub tls_addr: Option<SocketAddr>,
+    /// The TLS configuration, for reloading the certificate (SIGHUP).
+    pub tls: Option<Arc<Tls>>,
     /// The admin listener's address.
     pub admin_addr: SocketAddr,
     reactors: Reactors,
@@ -53,6 +58,16 @@ impl Running {
             cluster.leave();
         }
         self.reactors.shutdown(self.shutdown_timeout);
+    }
+
+    /// Reloads the TLS certificate pair from its files (SIGHUP); a bad pair is refused and the old one kept.
+    pub fn reload_tls(&self) {
+        match &self.tls {
+            Some(tls) => {
+                let _ = tls.reload();
+            }
+            None => log::info!("SIGHUP: no [tls] listener, nothing to reload"),
+        }
     }
 
     /// Waits for every reactor to finish.
@@ -74,26 +89,25 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         AuthMode::Jwt => Authenticator::jwt(&config.auth.secret, config.auth.leeway_secs, limits),
         AuthMode::None => Authenticator::none(limits),
     });
+    let tls = match config.tls.listen {
+        Some(_) => Some(Arc::new(Tls::load(&config.tls)?)),
+        None => None,
+    };
     // Every reactor gets a clone of these settings, and with it the same shared open-connection counter.
     let history = History::new(history_settings(config));
-    let settings = reactor_settings(config, history.clone());
+    let settings = reactor_settings(config, history.clone(), tls.clone());
 
-    // The first listener settles the port (it may be 0); the others share it through SO_REUSEPORT, and the
-    // kernel spreads incoming connections over them.
-    let first = bind_reuseport(config.server.listen)
-        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
-    let client_addr = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..reactor_count {
-        listeners.push(
-            bind_reuseport(client_addr).with_context(|| format!("binding {client_addr} again"))?,
-        );
-    }
+    // One listener per reactor and scheme: the first settles the port (it may be 0); the others share it
+    // through SO_REUSEPORT, and the kernel spreads incoming connections over them.
+    let (client_addr, mut plain) =
+        bind_listeners(config.server.listen, reactor_count, "server.listen")?;
+    let (tls_addr, mut secure) = bind_listeners(config.tls.listen, reactor_count, "tls.listen")?;
 
     let mut mailboxes = Vec::new();
     let mut reactor_metrics = Vec::new();
     let mut handles = Vec::new();
-    for (id, listener) in listeners.into_iter().enumerate() {
+    for id in 0..reactor_count {
+        let (listener, tls_listener) = (plain.pop(), secure.pop());
         let poll = mio::Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), Reactor::WAKER_TOKEN)?;
         let mailbox = Mailbox::new(waker);
@@ -101,6 +115,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         let reactor = Reactor::new(
             poll,
             listener,
+            tls_listener,
             mailbox.clone(),
             auth.clone(),
             metrics.clone(),
@@ -135,7 +150,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
             draining: draining.clone(),
         },
         cluster.clone(),
-    );
+    )
+    .with_tls(tls.clone());
     let limits = http::Limits {
         max_head_bytes: config.admin.max_request_head_bytes,
         max_headers: config.admin.max_request_headers,
@@ -149,6 +165,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
 
     Ok(Running {
         client_addr,
+        tls_addr,
+        tls,
         admin_addr,
         reactors,
         threads: handles,
@@ -172,7 +190,7 @@ fn history_settings(config: &Config) -> history::Settings {
     }
 }
 
-fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
+fn reactor_settings(config: &Config, history: Arc<History>, tls: Option<Arc<Tls>>) -> Settings {
     let ws = &config.websocket;
     let tick_ms = ws.timer_tick_ms.max(1);
     // Round up: a deadline never fires early.
@@ -187,7 +205,8 @@ fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
         max_open: config.server.max_connections,
         open_total: Arc::new(AtomicUsize::new(0)),
         // One reactor may be handed most connections, so each may track up to the whole limit.
-        max_tracked: config.server.max_connections + HANDSHAKE_HEADROOM,
+        max_tracked: (config.server.max_connections + HANDSHAKE_HEADROOM)
+            .min(crate::reactor::MAX_KEY as usize),
         tick: Duration::from_millis(tick_ms),
         rules: Rules {
             handshake_timeout_ticks: ticks(ws.handshake_timeout_ms),
@@ -203,7 +222,26 @@ fn reactor_settings(config: &Config, history: Arc<History>) -> Settings {
         read_buffer_bytes: config.server.read_buffer_bytes,
         history,
         budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
+        tls,
     }
+}
+
+/// `count` listeners on `addr` (none when it is off), and the address they got.
+fn bind_listeners(
+    addr: Option<SocketAddr>,
+    count: usize,
+    key: &str,
+) -> anyhow::Result<(Option<SocketAddr>, Vec<std::net::TcpListener>)> {
+    let Some(addr) = addr else {
+        return Ok((None, Vec::new()));
+    };
+    let first = bind_reuseport(addr).with_context(|| format!("binding {key} {addr}"))?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(bind_reuseport(bound).with_context(|| format!("binding {bound} again"))?);
+    }
+    Ok((Some(bound), listeners))
 }
 
 /// A non-blocking listener with SO_REUSEPORT, so each reactor can have its own on the same port.

@@ -1,4 +1,4 @@
-//! The command line: `check-config` and `token`.
+//! The command line: `check-config` (with `[tls]`: the certificate pair too) and `token`.
 
 mod common;
 
@@ -187,4 +187,68 @@ fn jwt_secret_env_names_the_variable_holding_the_secret() {
         server.refused_status(&format!("token={dev_token}"), &[]),
         401
     );
+}
+
+// ---- check-config with [tls] on ---------------------------------------------------------------------------
+
+/// Runs `check-config` on the base config with `[tls]` on and these files; returns (success, stdout and
+/// stderr).
+fn check_tls_config(cert_file: &std::path::Path, key_file: &std::path::Path) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    write_config(
+        &path,
+        &[
+            ("tls.listen", "127.0.0.1:0"),
+            ("tls.cert_file", cert_file.to_str().unwrap()),
+            ("tls.key_file", key_file.to_str().unwrap()),
+        ],
+    );
+    let out = cli(&["--config", path.to_str().unwrap(), "check-config"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn check_config_accepts_a_matching_unexpired_tls_pair() {
+    let pki = TestPki::new(30);
+    let (ok, output) = check_tls_config(&pki.cert_file, &pki.key_file);
+    assert!(ok, "{output}");
+    assert!(output.trim_end().ends_with(": ok"), "{output}");
+}
+
+#[test]
+fn check_config_rejects_a_missing_certificate_file_naming_the_key_and_file() {
+    let pki = TestPki::new(30);
+    let missing = pki.dir().join("missing.crt");
+    let (ok, stderr) = check_tls_config(&missing, &pki.key_file);
+    assert!(!ok, "a missing certificate file was accepted");
+    assert!(stderr.contains("tls.cert_file"), "{stderr}");
+    assert!(stderr.contains(missing.to_str().unwrap()), "{stderr}");
+}
+
+#[test]
+fn check_config_rejects_a_key_that_does_not_match_the_certificate_naming_the_key_and_file() {
+    let pki = TestPki::new(30);
+    let other = TestPki::new(30);
+    let (ok, stderr) = check_tls_config(&pki.cert_file, &other.key_file);
+    assert!(!ok, "a key of another certificate was accepted");
+    assert!(stderr.contains("tls.key_file"), "{stderr}");
+    assert!(
+        stderr.contains(other.key_file.to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("does not match"), "{stderr}");
+}
+
+#[test]
+fn check_config_rejects_an_expired_certificate_naming_the_key_and_file() {
+    let pki = TestPki::new(-3);
+    let (ok, stderr) = check_tls_config(&pki.cert_file, &pki.key_file);
+    assert!(!ok, "an expired certificate was accepted");
+    assert!(stderr.contains("tls.cert_file"), "{stderr}");
+    assert!(stderr.contains(pki.cert_file.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("expired"), "{stderr}");
 }

@@ -1,14 +1,18 @@
-//! Interoperability with the clients people really use, against the real server: Python `websockets`
-//! (tests/clients/ws_client.py), Node `ws` (tests/js/ws_client.mjs), headless Chromium running
-//! examples/browser.html (driven by tests/js/browser.mjs through playwright-core), and the README's own
+//! Interoperability with the clients people really use, against the real server, over ws:// and wss://:
+//! Python `websockets` (tests/clients/ws_client.py), Node `ws` (tests/js/ws_client.mjs), headless Chromium
+//! running examples/browser.html (driven by tests/js/browser.mjs through playwright-core), the JavaScript
+//! client of clients/js in Node (tests/js/densepush_client.mjs), `openssl s_client`, and the README's own
 //! quick-start command lines (curl and the `websockets` interactive client).
 //!
 //! The clients print one JSON line per event (open, message, ping, close); these tests start the server,
-//! start the clients, publish and kick through the admin API, and assert what each client saw.
+//! start the clients, publish and kick through the admin API, and assert what each client saw. Over wss://
+//! the server has a certificate from a CA the test makes (tests/common's `TestPki`) and no ws:// listener,
+//! so a client that got through did TLS; each client trusts the test CA its own way (`--ca`,
+//! `NODE_EXTRA_CA_CERTS`, `-CAfile`, Chromium's `--ignore-certificate-errors-spki-list`).
 //!
 //! The tools come from `scripts/test.sh`, which installs them on a fresh machine: a virtualenv with
-//! `websockets` in target/pyenv, `ws` and `playwright-core` in tests/js/node_modules, and the Debian
-//! `chromium` package. A missing tool fails the test with that hint rather than skipping it.
+//! `websockets` in target/pyenv, `ws` and `playwright-core` in tests/js/node_modules, the Debian `chromium`
+//! and `openssl` packages. A missing tool fails the test with that hint rather than skipping it.
 
 mod common;
 
@@ -19,6 +23,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a client may take to report the next event (Chromium's first start is the slowest).
@@ -63,6 +68,22 @@ fn jwt_server(overrides: &[(&str, &str)]) -> Server {
     let mut all = vec![("auth.mode", "jwt"), ("auth.jwt_secret", TEST_SECRET)];
     all.extend_from_slice(overrides);
     Server::start(&all)
+}
+
+/// A jwt-mode server with wss:// on (a new test PKI) and ws:// off, with these overrides.
+fn jwt_tls_server(overrides: &[(&str, &str)]) -> Server {
+    jwt_tls_server_with(Arc::new(TestPki::new(30)), overrides)
+}
+
+/// [`jwt_tls_server`] with this PKI (a server restarted with the same certificate).
+fn jwt_tls_server_with(pki: Arc<TestPki>, overrides: &[(&str, &str)]) -> Server {
+    let mut all = vec![
+        ("auth.mode", "jwt"),
+        ("auth.jwt_secret", TEST_SECRET),
+        ("server.listen", ""),
+    ];
+    all.extend_from_slice(overrides);
+    Server::start_tls_with(pki, &all)
 }
 
 /// The token the README mints: user 42 on client "phone", subscribed to "news".
@@ -124,8 +145,8 @@ impl Client {
         }
     }
 
-    /// The Python `websockets` client.
-    fn python(url: &str, bearer: Option<&str>) -> Client {
+    /// The Python `websockets` client; `ca`: the only CA it trusts for wss://.
+    fn python(url: &str, bearer: Option<&str>, ca: Option<&Path>) -> Client {
         let mut command = Command::new(python());
         command
             .arg(repo().join("tests/clients/ws_client.py"))
@@ -133,21 +154,45 @@ impl Client {
         if let Some(token) = bearer {
             command.args(["--bearer", token]);
         }
+        if let Some(ca) = ca {
+            command.arg("--ca").arg(ca);
+        }
         Client::spawn("python websockets", command)
     }
 
-    /// The Node `ws` client.
-    fn node(url: &str, bearer: Option<&str>) -> Client {
+    /// The Node `ws` client; `ca`: the only CA it trusts for wss://.
+    fn node(url: &str, bearer: Option<&str>, ca: Option<&Path>) -> Client {
         let mut command = Command::new("node");
         command.current_dir(js_dir()).arg("ws_client.mjs").arg(url);
         if let Some(token) = bearer {
             command.args(["--bearer", token]);
         }
+        if let Some(ca) = ca {
+            command.arg("--ca").arg(ca);
+        }
         Client::spawn("node ws", command)
+    }
+
+    /// The JavaScript client of clients/js in Node with `ws`, behind a gate the test opens and shuts
+    /// ([`Client::send_line`] "refuse" / "allow"), trusting `ca` too (`NODE_EXTRA_CA_CERTS`).
+    fn js(url: &str, token: &str, ca: &Path) -> Client {
+        let mut command = Command::new("node");
+        command
+            .current_dir(js_dir())
+            .args(["densepush_client.mjs", url, token])
+            .env("NODE_EXTRA_CA_CERTS", ca)
+            // clients/js/test/harness.mjs (the gate) insists on knowing the binary under test.
+            .env("DP_TEST_BIN", bin());
+        Client::spawn("densepush js client", command)
     }
 
     /// Headless Chromium on `page_url`.
     fn browser(page_url: &str) -> Client {
+        Client::browser_with_flags(page_url, &[])
+    }
+
+    /// Headless Chromium on `page_url`, started with these extra flags.
+    fn browser_with_flags(page_url: &str, flags: &[&str]) -> Client {
         assert!(
             Path::new("/usr/bin/chromium").exists(),
             "/usr/bin/chromium is missing; {HINT}"
@@ -155,11 +200,19 @@ impl Client {
         let mut command = Command::new("node");
         command
             .current_dir(js_dir())
-            .args(["browser.mjs", page_url, "90"]);
+            .args(["browser.mjs", page_url, "90"])
+            .args(flags);
         let mut client = Client::spawn("chromium", command);
         client.graceful = true;
         client.expect("driver-ready");
         client
+    }
+
+    /// Writes one line to the client's stdin.
+    fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("the client's stdin is open");
+        writeln!(stdin, "{line}").expect("writing to the client");
+        stdin.flush().expect("flushing the client's stdin");
     }
 
     fn failure(&self, what: &str) -> String {
@@ -275,16 +328,40 @@ enum Lib {
     Node,
 }
 
+/// Which scheme a shared scenario runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    /// ws:// to the server's plaintext listener.
+    Ws,
+    /// wss:// to a server with only its TLS listener on, trusting the test CA.
+    Wss,
+}
+
+impl Scheme {
+    /// A jwt-mode server for this scheme, with these overrides.
+    fn server(self, overrides: &[(&str, &str)]) -> Server {
+        match self {
+            Scheme::Ws => jwt_server(overrides),
+            Scheme::Wss => jwt_tls_server(overrides),
+        }
+    }
+}
+
 impl Lib {
-    fn connect(self, server: &Server, token: &str, bearer: bool) -> Client {
-        let (url, header) = if bearer {
-            (server.ws_url(""), Some(token))
+    fn connect(self, server: &Server, scheme: Scheme, token: &str, bearer: bool) -> Client {
+        let query = if bearer {
+            String::new()
         } else {
-            (server.ws_url(&format!("token={token}")), None)
+            format!("token={token}")
         };
+        let (url, ca) = match scheme {
+            Scheme::Ws => (server.ws_url(&query), None),
+            Scheme::Wss => (server.wss_url(&query), Some(server.pki().ca_file.as_path())),
+        };
+        let header = bearer.then_some(token);
         let mut client = match self {
-            Lib::Python => Client::python(&url, header),
-            Lib::Node => Client::node(&url, header),
+            Lib::Python => Client::python(&url, header, ca),
+            Lib::Node => Client::node(&url, header, ca),
         };
         client.expect("open");
         client
@@ -294,12 +371,12 @@ impl Lib {
 // ---- scenarios shared by the Python and Node clients -------------------------------------------------------
 
 /// Each publish kind reaches the client, in order, text and binary; publishes for others do not.
-fn receives_every_publish_kind(lib: Lib) {
-    let server = jwt_server(&[]);
+fn receives_every_publish_kind(lib: Lib, scheme: Scheme) {
+    let server = scheme.server(&[]);
     let token = phone_token(&server);
     // One client presents the token as a bearer header, the other in the query: both must work.
-    let mut bearer = lib.connect(&server, &token, true);
-    let mut query = lib.connect(&server, &token, false);
+    let mut bearer = lib.connect(&server, scheme, &token, true);
+    let mut query = lib.connect(&server, scheme, &token, false);
     server.publish("/publish/user/42", "to user 42");
     server.publish("/publish/user/42/client/tablet", "to another device");
     server.publish("/publish/user/43", "to another user");
@@ -331,7 +408,7 @@ fn answers_pings_across_several_intervals(lib: Lib) {
         ("websocket.pong_timeout_ms", "350"),
         ("websocket.timer_tick_ms", "10"),
     ]);
-    let mut client = lib.connect(&server, &phone_token(&server), false);
+    let mut client = lib.connect(&server, Scheme::Ws, &phone_token(&server), false);
     // Nothing but pings for five and a half intervals: a client that missed one pong would be cut.
     assert_eq!(client.next_within(Duration::from_millis(2200)), None);
     assert!(
@@ -355,7 +432,7 @@ fn answers_pings_across_several_intervals(lib: Lib) {
 fn client_close_is_echoed(lib: Lib) {
     let server = jwt_server(&[]);
     for code in [1000u16, 4321] {
-        let mut client = lib.connect(&server, &phone_token(&server), false);
+        let mut client = lib.connect(&server, Scheme::Ws, &phone_token(&server), false);
         let order = format!("please-close:{code}");
         server.publish("/publish/user/42", &order);
         client.expect_text(&order);
@@ -370,11 +447,11 @@ fn client_close_is_echoed(lib: Lib) {
 }
 
 /// Kicks: 4000 "disconnected by server" by default, the requested code and reason otherwise.
-fn kicked_client_sees_the_close_code(lib: Lib) {
-    let server = jwt_server(&[]);
-    let mut plain = lib.connect(&server, &phone_token(&server), false);
+fn kicked_client_sees_the_close_code(lib: Lib, scheme: Scheme) {
+    let server = scheme.server(&[]);
+    let mut plain = lib.connect(&server, scheme, &phone_token(&server), false);
     let other = server.token(&["--user", "7", "--client", "laptop"]);
-    let mut custom = lib.connect(&server, &other, true);
+    let mut custom = lib.connect(&server, scheme, &other, true);
     let response = server.request("DELETE", "/connections/user/42", b"", &[]);
     assert_eq!(response.json(), json!({"closed": 1, "code": 4000}));
     let close = plain.expect_close(4000);
@@ -393,9 +470,9 @@ fn kicked_client_sees_the_close_code(lib: Lib) {
 }
 
 /// SIGTERM: the client gets what was published before, then 1001, and the server exits 0.
-fn server_shutdown_is_1001(lib: Lib) {
-    let mut server = jwt_server(&[]);
-    let mut client = lib.connect(&server, &phone_token(&server), false);
+fn server_shutdown_is_1001(lib: Lib, scheme: Scheme) {
+    let mut server = scheme.server(&[]);
+    let mut client = lib.connect(&server, scheme, &phone_token(&server), false);
     server.publish("/publish/all", "last words");
     server.sigterm();
     client.expect_text("last words");
@@ -408,12 +485,12 @@ fn server_shutdown_is_1001(lib: Lib) {
 
 #[test]
 fn python_websockets_receives_every_publish_kind() {
-    receives_every_publish_kind(Lib::Python);
+    receives_every_publish_kind(Lib::Python, Scheme::Ws);
 }
 
 #[test]
 fn node_ws_receives_every_publish_kind() {
-    receives_every_publish_kind(Lib::Node);
+    receives_every_publish_kind(Lib::Node, Scheme::Ws);
 }
 
 #[test]
@@ -438,22 +515,52 @@ fn node_ws_close_is_echoed() {
 
 #[test]
 fn python_websockets_sees_kick_codes() {
-    kicked_client_sees_the_close_code(Lib::Python);
+    kicked_client_sees_the_close_code(Lib::Python, Scheme::Ws);
 }
 
 #[test]
 fn node_ws_sees_kick_codes() {
-    kicked_client_sees_the_close_code(Lib::Node);
+    kicked_client_sees_the_close_code(Lib::Node, Scheme::Ws);
 }
 
 #[test]
 fn python_websockets_sees_1001_on_sigterm() {
-    server_shutdown_is_1001(Lib::Python);
+    server_shutdown_is_1001(Lib::Python, Scheme::Ws);
 }
 
 #[test]
 fn node_ws_sees_1001_on_sigterm() {
-    server_shutdown_is_1001(Lib::Node);
+    server_shutdown_is_1001(Lib::Node, Scheme::Ws);
+}
+
+#[test]
+fn python_websockets_over_wss_receives_every_publish_kind() {
+    receives_every_publish_kind(Lib::Python, Scheme::Wss);
+}
+
+#[test]
+fn node_ws_over_wss_receives_every_publish_kind() {
+    receives_every_publish_kind(Lib::Node, Scheme::Wss);
+}
+
+#[test]
+fn python_websockets_over_wss_sees_kick_codes() {
+    kicked_client_sees_the_close_code(Lib::Python, Scheme::Wss);
+}
+
+#[test]
+fn node_ws_over_wss_sees_kick_codes() {
+    kicked_client_sees_the_close_code(Lib::Node, Scheme::Wss);
+}
+
+#[test]
+fn python_websockets_over_wss_sees_1001_on_sigterm() {
+    server_shutdown_is_1001(Lib::Python, Scheme::Wss);
+}
+
+#[test]
+fn node_ws_over_wss_sees_1001_on_sigterm() {
+    server_shutdown_is_1001(Lib::Node, Scheme::Wss);
 }
 
 // ---- the browser -------------------------------------------------------------------------------------------
@@ -638,6 +745,174 @@ fn browser_page_from_an_origin_not_in_allowed_origins_is_refused_and_from_an_all
     server.publish("/publish/user/42", "from the right origin");
     accepted.expect_text("from the right origin");
     assert_eq!(server.metric("densepush_handshakes_accepted_total", &[]), 1);
+}
+
+#[test]
+fn browser_example_receives_text_and_binary_over_wss() {
+    let origin = serve_examples();
+    let allowed = format!(r#"["{origin}"]"#);
+    let server = jwt_tls_server(&[("server.allowed_origins", allowed.as_str())]);
+    let token = phone_token(&server);
+    // Chromium does not know the test CA: it accepts the server's certificate by its key instead.
+    let trust = format!(
+        "--ignore-certificate-errors-spki-list={}",
+        server.pki().leaf.spki_sha256
+    );
+    let mut browser = Client::browser_with_flags(
+        &page_url(&origin, &server.wss_url(""), &token),
+        &[trust.as_str()],
+    );
+    browser.expect("open");
+    server.publish("/publish/user/42", "hello over wss");
+    server.publish("/publish/channel/news", "ünïcödé news ✓");
+    let blob = [0u8, 1, 2, 0xfe, 0xff];
+    let response = server.request(
+        "POST",
+        "/publish/user/42/client/phone",
+        &blob,
+        &[("Content-Type", "application/octet-stream")],
+    );
+    assert_eq!(response.status, 202);
+    server.publish("/publish/all", "to everyone");
+    browser.expect_text("hello over wss");
+    browser.expect_text("ünïcödé news ✓");
+    browser.expect_binary(&blob);
+    browser.expect_text("to everyone");
+    assert_eq!(
+        server.metric("densepush_tls_handshakes_total", &[]),
+        server.metric("densepush_handshakes_accepted_total", &[]),
+        "every upgrade came over TLS"
+    );
+}
+
+// ---- openssl s_client ----------------------------------------------------------------------------------------
+
+#[test]
+fn openssl_s_client_completes_the_upgrade_over_wss_and_receives_a_push() {
+    let server = jwt_tls_server(&[]);
+    let token = phone_token(&server);
+    let stderr = tempfile::tempfile().expect("a file for stderr");
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect"])
+        .arg(server.tls_addr().to_string())
+        .args(["-servername", "localhost", "-alpn", "http/1.1", "-CAfile"])
+        .arg(&server.pki().ca_file)
+        // Fail the handshake unless the chain verifies against the CA; print nothing but the data.
+        .args(["-verify_return_error", "-quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting openssl s_client: {e}; {HINT}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    // Reads happen on a thread: a stuck s_client then fails the test at a timeout instead of hanging it.
+    let (heads, head_rx) = mpsc::channel();
+    let (frames, frame_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = heads.send(read_head(&mut stdout));
+        let _ = frames.send(read_frame(&mut stdout).ok().flatten());
+    });
+    stdin
+        .write_all(upgrade_request(&format!("token={token}"), &[]).as_bytes())
+        .unwrap();
+    stdin.flush().unwrap();
+    let stderr_text = || {
+        use std::io::Seek;
+        let mut file = stderr.try_clone().unwrap();
+        let mut text = String::new();
+        let _ = file.rewind();
+        let _ = file.read_to_string(&mut text);
+        text
+    };
+    let head = head_rx.recv_timeout(EVENT_TIMEOUT);
+    assert!(
+        head.as_ref().is_ok_and(|h| h.starts_with("HTTP/1.1 101 ")),
+        "response head {head:?}; s_client stderr:\n{}",
+        stderr_text()
+    );
+    server.publish("/publish/user/42", "hello openssl");
+    let frame = frame_rx.recv_timeout(EVENT_TIMEOUT);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        frame,
+        Ok(Some((true, 1, b"hello openssl".to_vec()))),
+        "the push as one text frame; s_client stderr:\n{}",
+        stderr_text()
+    );
+    assert_eq!(
+        server.metric("densepush_tls_handshakes_total", &[("kind", "full")]),
+        1
+    );
+}
+
+// ---- the JavaScript client -----------------------------------------------------------------------------------
+
+#[test]
+fn js_client_in_node_over_wss_receives_and_recovers_after_a_server_restart() {
+    let pki = Arc::new(TestPki::new(30));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let overrides = [("tls.listen", listen.as_str()), ("history.user", "true")];
+    let mut server = jwt_tls_server_with(pki.clone(), &overrides);
+    let token = phone_token(&server);
+    let mut client = Client::js(&server.wss_url(""), &token, &pki.ca_file);
+    client.expect("open");
+    server.publish("/publish/user/42", "m1");
+    let message = client.expect("message");
+    assert_eq!(
+        (message["stream"].as_str(), message["data"].as_str()),
+        (Some("user:42"), Some("m1"))
+    );
+
+    // The server restarts; the client is kept out until messages were published on the new one.
+    client.send_line("refuse");
+    client.expect("gate");
+    server.sigterm();
+    client.expect_close(1001);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    let server = jwt_tls_server_with(pki, &overrides);
+    server.publish("/publish/user/42", "m2");
+    server.publish("/publish/user/42", "m3");
+    client.send_line("allow");
+
+    // It reconnects, learns that the stream has a new epoch, and gets it from its start.
+    let mut got = Vec::new();
+    let mut resynced = false;
+    while got.len() < 2 {
+        let event = client.next();
+        match event["event"].as_str() {
+            Some("message") => got.push(event["data"].as_str().unwrap_or_default().to_string()),
+            Some("resync") => resynced |= event["stream"] == "user:42",
+            Some("open" | "close" | "gate") => {}
+            _ => panic!("{}", client.failure("unexpected event while recovering")),
+        }
+    }
+    assert_eq!(
+        got,
+        ["m2", "m3"],
+        "{}",
+        client.failure("recovered messages")
+    );
+    assert!(resynced, "{}", client.failure("no resync for user:42"));
+    server.publish("/publish/user/42", "m4");
+    loop {
+        let event = client.next();
+        match event["event"].as_str() {
+            Some("message") => {
+                assert_eq!(
+                    event["data"],
+                    "m4",
+                    "{}",
+                    client.failure("live after recovery")
+                );
+                break;
+            }
+            Some("open" | "close" | "resync") => {}
+            _ => panic!("{}", client.failure("unexpected event after recovery")),
+        }
+    }
+    assert!(server.metric("densepush_tls_handshakes_total", &[]) >= 1);
 }
 
 // ---- the README's command lines ------------------------------------------------------------------------------

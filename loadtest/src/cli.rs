@@ -63,6 +63,14 @@ pub struct RunArgs {
     /// Allow a server address outside loopback (127.0.0.0/8, ::1).
     #[arg(long)]
     pub allow_remote: bool,
+    /// Connect with TLS 1.3 (wss://): `--server` is then the server's TLS listener. Certificates are not
+    /// verified (the generator only loads a server it was pointed at).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: resume sessions from tickets earlier connections received (resumed handshakes); without
+    /// it every handshake is full.
+    #[arg(long, requires = "tls")]
+    pub tls_resume: bool,
 
     /// Number of connections.
     #[arg(short = 'n', long, default_value_t = 1000)]

@@ -109,6 +109,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             handshake_timeout_ms: args.handshake_timeout_ms,
             max_lifetime_ms: (args.max_seconds + 60) * 1000,
             seed: seed.wrapping_add(w as u64 * 0x9E37_79B9_7F4A_7C15),
+            tls: args.tls.then_some(crate::proto::TlsMode {
+                resume: args.tls_resume,
+            }),
         })
         .collect();
 

@@ -20,6 +20,7 @@ mod rng;
 mod session;
 mod stats;
 mod sys;
+mod tls;
 mod worker;
 mod workers;
 mod ws;

@@ -34,6 +34,16 @@ pub struct WorkerInit {
     pub max_lifetime_ms: u64,
     /// Seed for mask keys and victim picks.
     pub seed: u64,
+    /// Connect over TLS (`--tls`), and offer session tickets (`--tls-resume`).
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
+}
+
+/// How the workers use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsMode {
+    /// Offer tickets from earlier connections (resumed handshakes) instead of full handshakes only.
+    pub resume: bool,
 }
 
 /// What a worker waits for before answering `Await`.

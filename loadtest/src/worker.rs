@@ -32,10 +32,11 @@ const CHURN_CLOSE_TIMEOUT_NS: u64 = 5_000_000_000;
 /// Descriptors the worker keeps for itself (epoll, waker, pipes) under the open-files limit.
 pub const RESERVED_FDS: u64 = 64;
 
-/// A connection: its socket and its protocol state.
+/// A connection: its socket, its TLS client with `--tls`, and its protocol state.
 struct Conn {
     stream: TcpStream,
     generation: u32,
+    tls: Option<Box<rustls::ClientConnection>>,
     session: Session,
 }
 
@@ -119,6 +120,8 @@ pub fn run() -> anyhow::Result<()> {
 
 struct Worker {
     init: WorkerInit,
+    /// The TLS client configuration with `--tls`, shared by every connection of this worker.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     host: String,
     poll: Poll,
     commands: mpsc::Receiver<Option<Command>>,
@@ -169,6 +172,7 @@ impl Worker {
         }
         let host = init.server.to_string();
         Ok(Worker {
+            tls: init.tls.map(|mode| crate::tls::client_config(mode.resume)),
             by_index: vec![NONE; init.conns as usize],
             conns: Slab::with_capacity(init.conns as usize),
             rng: Rng::new(init.seed),
@@ -566,9 +570,25 @@ impl Worker {
             stats::count(&mut self.attempts.failures, &dial::reason(&e), 1);
             return;
         }
+        let tls = match &self.tls {
+            Some(config) => {
+                match rustls::ClientConnection::new(
+                    config.clone(),
+                    crate::tls::server_name(init.server),
+                ) {
+                    Ok(tls) => Some(Box::new(tls)),
+                    Err(e) => {
+                        stats::count(&mut self.attempts.failures, &format!("tls: {e}"), 1);
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         entry.insert(Conn {
             stream,
             generation,
+            tls,
             session: Session::new(index, user, self.rng.nonce(), now),
         });
         self.by_index[(index - self.init.first_conn) as usize] = key;
@@ -746,6 +766,28 @@ impl Worker {
 
     fn flush(&mut self, key: u32) {
         let conn = &mut self.conns[key as usize];
+        if let Some(tls) = conn.tls.as_mut() {
+            // The session's bytes become TLS records (rustls holds them until its handshake is done).
+            let out = conn.session.output();
+            if !out.is_empty() {
+                if let Ok(n) = tls.writer().write(out) {
+                    conn.session.consumed_output(n);
+                }
+            }
+            while tls.wants_write() {
+                match tls.write_tls(&mut conn.stream) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.on_socket_error(key, &e);
+                        return;
+                    }
+                }
+            }
+            return;
+        }
         while !conn.session.output().is_empty() {
             match conn.stream.write(conn.session.output()) {
                 Ok(0) => break,
@@ -760,7 +802,69 @@ impl Worker {
         }
     }
 
+    /// Reads a TLS connection: records from the socket, then its plaintext through the session.
+    fn read_tls(&mut self, key: u32, now: u64) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key as usize) else {
+                return;
+            };
+            let tls = conn.tls.as_mut().expect("a TLS connection");
+            match tls.read_tls(&mut conn.stream) {
+                Ok(0) => {
+                    self.on_eof(key);
+                    return;
+                }
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        let reason = format!("tls: {e}");
+                        match conn.session.phase {
+                            Phase::Connecting | Phase::Handshaking => {
+                                self.fail_attempt(key, &reason)
+                            }
+                            _ => {
+                                stats::count(&mut self.protocol_errors, &reason, 1);
+                                self.remove(key);
+                            }
+                        }
+                        return;
+                    }
+                    loop {
+                        let Some(conn) = self.conns.get_mut(key as usize) else {
+                            return;
+                        };
+                        let tls = conn.tls.as_mut().expect("a TLS connection");
+                        match tls.reader().read(&mut self.scratch) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if !self.on_data(key, n, now) {
+                                    return;
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(_) => break,
+                        }
+                    }
+                    // Handshake replies, pongs and close replies go out at once.
+                    self.flush(key);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.on_socket_error(key, &e);
+                    return;
+                }
+            }
+        }
+    }
+
     fn read(&mut self, key: u32, now: u64) {
+        if self
+            .conns
+            .get(key as usize)
+            .is_some_and(|c| c.tls.is_some())
+        {
+            return self.read_tls(key, now);
+        }
         loop {
             let Some(conn) = self.conns.get_mut(key as usize) else {
                 return;
@@ -771,37 +875,8 @@ impl Worker {
                     return;
                 }
                 Ok(n) => {
-                    let was = conn.session.phase;
-                    let feed =
-                        conn.session
-                            .feed(&self.scratch[..n], now, &mut self.tally, &mut self.rng);
-                    let phase = conn.session.phase;
-                    let started_ns = conn.session.started_ns;
-                    if was == Phase::Handshaking && phase != Phase::Handshaking {
-                        self.inflight -= 1;
-                        self.open += 1;
-                        self.attempts.succeeded += 1;
-                        self.attempts.handshake.record_between(started_ns, now);
-                        self.attempts.last_done_ns = now;
-                    }
-                    match feed {
-                        Feed::More => {}
-                        Feed::HandshakeFailed(reason) => {
-                            self.fail_attempt(key, &reason);
-                            return;
-                        }
-                        Feed::ProtocolError(e) => {
-                            stats::count(&mut self.protocol_errors, &e.to_string(), 1);
-                            self.flush(key);
-                            if self.conns.contains(key as usize) {
-                                self.remove(key);
-                            }
-                            return;
-                        }
-                    }
-                    // Pongs and close replies go out at once.
-                    if !self.conns[key as usize].session.output().is_empty() {
-                        self.flush(key);
+                    if !self.on_data(key, n, now) {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -812,6 +887,45 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// `self.scratch[..n]` came from connection `key`: feeds its session; returns false if the connection is
+    /// gone.
+    fn on_data(&mut self, key: u32, n: usize, now: u64) -> bool {
+        let conn = &mut self.conns[key as usize];
+        let was = conn.session.phase;
+        let feed = conn
+            .session
+            .feed(&self.scratch[..n], now, &mut self.tally, &mut self.rng);
+        let phase = conn.session.phase;
+        let started_ns = conn.session.started_ns;
+        if was == Phase::Handshaking && phase != Phase::Handshaking {
+            self.inflight -= 1;
+            self.open += 1;
+            self.attempts.succeeded += 1;
+            self.attempts.handshake.record_between(started_ns, now);
+            self.attempts.last_done_ns = now;
+        }
+        match feed {
+            Feed::More => {}
+            Feed::HandshakeFailed(reason) => {
+                self.fail_attempt(key, &reason);
+                return false;
+            }
+            Feed::ProtocolError(e) => {
+                stats::count(&mut self.protocol_errors, &e.to_string(), 1);
+                self.flush(key);
+                if self.conns.contains(key as usize) {
+                    self.remove(key);
+                }
+                return false;
+            }
+        }
+        // Pongs and close replies go out at once.
+        if !self.conns[key as usize].session.output().is_empty() {
+            self.flush(key);
+        }
+        self.conns.contains(key as usize)
     }
 
     fn on_eof(&mut self, key: u32) {

@@ -82,6 +82,8 @@ pub struct Api {
     settings: ApiSettings,
     /// The cluster bridge, when `cluster.redis_url` is set: publishes and kicks go through Redis first.
     cluster: Option<Arc<Cluster>>,
+    /// The TLS side, when `[tls]` is on (its counters are on `/metrics`).
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Api {
@@ -99,7 +101,14 @@ impl Api {
             metrics,
             settings,
             cluster,
+            tls: None,
         }
+    }
+
+    /// Reports the TLS counters too.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Api {
+        self.tls = tls;
+        self
     }
 
     /// Counts an answer by status class.
@@ -197,6 +206,9 @@ impl Api {
             cluster.render_metrics(&mut text);
         }
         self.publisher.history().render_metrics(&mut text);
+        if let Some(tls) = &self.tls {
+            tls.render_metrics(&mut text);
+        }
         text
     }
 

@@ -109,6 +109,13 @@ pub const DEFAULT_HISTORY_MAX_BYTES: usize = 67_108_864;
 /// Send every complete data message a client sends back to it unchanged (for conformance suites).
 pub const DEFAULT_DIAGNOSTICS_ECHO: bool = false;
 
+/// Address for wss:// (TLS); empty = no TLS listener.
+pub const DEFAULT_TLS_LISTEN: &str = "";
+/// PEM file with the certificate chain, leaf first.
+pub const DEFAULT_TLS_CERT_FILE: &str = "";
+/// PEM file with the private key (ECDSA P-256/P-384, RSA, or Ed25519; PKCS#8, SEC1 or PKCS#1).
+pub const DEFAULT_TLS_KEY_FILE: &str = "";
+
 /// Prefix of the environment variables that override settings: `DENSEPUSH_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "DENSEPUSH_";
 /// Variables that carry [`ENV_PREFIX`] but are not overrides, so they are not rejected as unknown
@@ -132,7 +139,7 @@ mod tests {
         let c = defaults();
         assert_eq!(
             c.server.listen,
-            DEFAULT_SERVER_LISTEN.parse::<SocketAddr>().unwrap()
+            Some(DEFAULT_SERVER_LISTEN.parse::<SocketAddr>().unwrap())
         );
         assert_eq!(c.server.path, DEFAULT_SERVER_PATH);
         assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);

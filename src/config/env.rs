@@ -148,7 +148,7 @@ mod tests {
     fn schema_lists_every_section() {
         assert_eq!(
             join_keys(&schema()),
-            "admin, auth, cluster, diagnostics, history, log, server, websocket"
+            "admin, auth, cluster, diagnostics, history, log, server, tls, websocket"
         );
     }
 
@@ -161,7 +161,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.server.listen,
-            "0.0.0.0:7000".parse::<SocketAddr>().unwrap()
+            Some("0.0.0.0:7000".parse::<SocketAddr>().unwrap())
         );
     }
 

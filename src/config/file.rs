@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub history: HistorySection,
     /// `[diagnostics]`
     pub diagnostics: DiagnosticsSection,
+    /// `[tls]`
+    pub tls: TlsSection,
 }
 
 /// `[server]` as written. Field docs are on the `DEFAULT_*` constants.
@@ -279,6 +281,28 @@ impl Default for DiagnosticsSection {
     fn default() -> Self {
         DiagnosticsSection {
             echo: DEFAULT_DIAGNOSTICS_ECHO,
+        }
+    }
+}
+
+/// `[tls]` as written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [tls] table")]
+pub struct TlsSection {
+    /// See [`DEFAULT_TLS_LISTEN`].
+    pub listen: String,
+    /// See [`DEFAULT_TLS_CERT_FILE`].
+    pub cert_file: String,
+    /// See [`DEFAULT_TLS_KEY_FILE`].
+    pub key_file: String,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            listen: DEFAULT_TLS_LISTEN.to_owned(),
+            cert_file: DEFAULT_TLS_CERT_FILE.to_owned(),
+            key_file: DEFAULT_TLS_KEY_FILE.to_owned(),
         }
     }
 }

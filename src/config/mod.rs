@@ -33,7 +33,7 @@ pub use defaults::*;
 pub use error::ConfigError;
 pub use file::{
     AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
-    LogSection, ServerSection, WebSocketSection,
+    LogSection, ServerSection, TlsSection, WebSocketSection,
 };
 
 use env::{apply_env_overrides, blame_env, process_env};
@@ -121,6 +121,20 @@ pub struct Config {
     pub history: HistoryConfig,
     /// `[diagnostics]`
     pub diagnostics: DiagnosticsSection,
+    /// `[tls]`
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`, checked: both files are named whenever the listener is on (their contents are checked by
+/// `tls::Tls::load`, at start and by `check-config`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The wss:// listener; `None` when TLS is off.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key.
+    pub key_file: std::path::PathBuf,
 }
 
 /// `[history]`, checked.
@@ -143,8 +157,8 @@ pub struct HistoryConfig {
 /// `[server]`, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Client WebSocket listener.
-    pub listen: SocketAddr,
+    /// Client WebSocket listener (ws://); `None` when `server.listen` is empty (TLS only).
+    pub listen: Option<SocketAddr>,
     /// Upgrade path; starts with '/', no query or fragment.
     pub path: String,
     /// Reactor threads, resolved: at least 1.

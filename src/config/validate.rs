@@ -16,11 +16,11 @@ use std::ops::RangeInclusive;
 use super::error::invalid;
 use super::file::{
     AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
-    LogSection, ServerSection, WebSocketSection,
+    LogSection, ServerSection, TlsSection, WebSocketSection,
 };
 use super::{
     limits, redact_url, AdminConfig, AuthConfig, AuthMode, ClusterConfig, Config, ConfigError,
-    HistoryConfig, LogConfig, ServerConfig, WebSocketConfig,
+    HistoryConfig, LogConfig, ServerConfig, TlsConfig, WebSocketConfig,
 };
 
 impl FileConfig {
@@ -35,6 +35,7 @@ impl FileConfig {
             cluster,
             history,
             diagnostics,
+            tls,
         } = self;
         // The order is part of the behaviour: admin is checked against the checked server and websocket
         // sections, and the first error is the one reported.
@@ -42,6 +43,10 @@ impl FileConfig {
         let websocket = validate_websocket(websocket)?;
         let auth = validate_auth(auth, env)?;
         let admin = validate_admin(admin, &server, &websocket)?;
+        let listeners = Listeners {
+            server: server.listen,
+            admin: admin.listen,
+        };
         Ok(Config {
             server,
             websocket,
@@ -51,6 +56,7 @@ impl FileConfig {
             cluster: validate_cluster(cluster)?,
             history: validate_history(history)?,
             diagnostics: validate_diagnostics(diagnostics),
+            tls: validate_tls(tls, &listeners)?,
         })
     }
 }
@@ -59,7 +65,11 @@ impl FileConfig {
 /// allow-list (lowercased) and the sizes.
 fn validate_server(server: ServerSection) -> Result<ServerConfig, ConfigError> {
     Ok(ServerConfig {
-        listen: parse_listen("server.listen", &server.listen)?,
+        // Empty turns plain ws:// off (wss:// only, `[tls]`).
+        listen: match server.listen.trim() {
+            "" => None,
+            text => Some(parse_listen("server.listen", text)?),
+        },
         path: check_path(&server.path)?,
         reactors: match check_range("server.reactors", server.reactors, limits::REACTORS)? {
             0 => default_reactors(),
@@ -234,13 +244,10 @@ fn validate_admin(
 ) -> Result<AdminConfig, ConfigError> {
     let admin_listen = parse_listen("admin.listen", &admin.listen)?;
     // Port 0 asks the OS for a free port, so two of them never clash.
-    if admin_listen == server.listen && admin_listen.port() != 0 {
+    if server.listen == Some(admin_listen) && admin_listen.port() != 0 {
         return Err(invalid(
             "admin.listen",
-            format!(
-                "({admin_listen}) must differ from server.listen ({})",
-                server.listen
-            ),
+            format!("({admin_listen}) must differ from server.listen ({admin_listen})"),
         ));
     }
     let api_key = match admin.api_key.as_str() {
@@ -382,6 +389,56 @@ fn validate_history(history: HistorySection) -> Result<HistoryConfig, ConfigErro
             limits::HISTORY_MAX_BYTES,
         )?,
     })
+}
+
+/// `[tls]`: a listener needs both files, an address of its own, and at least one client listener must be on.
+/// (The files' contents are checked by `tls::Tls::load`, which `check-config` runs too.)
+fn validate_tls(tls: TlsSection, listeners: &Listeners) -> Result<TlsConfig, ConfigError> {
+    let listen = match tls.listen.trim() {
+        "" => None,
+        text => Some(parse_listen("tls.listen", text)?),
+    };
+    match listen {
+        None if listeners.server.is_none() => {
+            return Err(invalid(
+                "server.listen",
+                "is empty and so is tls.listen: at least one client listener must be on",
+            ))
+        }
+        None => {}
+        Some(addr) => {
+            for (other, key) in [
+                (listeners.server, "server.listen"),
+                (Some(listeners.admin), "admin.listen"),
+            ] {
+                if other == Some(addr) && addr.port() != 0 {
+                    return Err(invalid(
+                        "tls.listen",
+                        format!("({addr}) must differ from {key}"),
+                    ));
+                }
+            }
+            for (file, key) in [
+                (&tls.cert_file, "tls.cert_file"),
+                (&tls.key_file, "tls.key_file"),
+            ] {
+                if file.trim().is_empty() {
+                    return Err(invalid(key, "must name a PEM file when tls.listen is set"));
+                }
+            }
+        }
+    }
+    Ok(TlsConfig {
+        listen,
+        cert_file: tls.cert_file.trim().into(),
+        key_file: tls.key_file.trim().into(),
+    })
+}
+
+/// The client and admin listeners, for the checks of sections that add another.
+struct Listeners {
+    server: Option<SocketAddr>,
+    admin: SocketAddr,
 }
 
 /// `[diagnostics]`: flags only, so nothing to check; kept as a step so every section has one.

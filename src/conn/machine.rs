@@ -170,15 +170,27 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// A connection just accepted: handshaking, with the handshake deadline armed.
-    pub fn new(cx: &mut Ctx<'_>) -> Machine {
+    /// A connection just accepted (on the TLS listener if `tls`): handshaking, with the handshake deadline
+    /// armed. For TLS the deadline covers the TLS handshake and the upgrade together.
+    pub fn new(cx: &mut Ctx<'_>, tls: bool) -> Machine {
         let mut machine = Machine {
             timer_stamp: 0,
             state: State::new(),
             buffers: Buffers::default(),
         };
+        machine.state.set(Flag::Tls, tls);
         machine.arm(cx, cx.rules.handshake_timeout_ticks);
         machine
+    }
+
+    /// Whether a timer entry with `stamp` is this connection's live one.
+    pub fn owns_timer(&self, stamp: u32) -> bool {
+        stamp == self.timer_stamp
+    }
+
+    /// Whether the connection's transport is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.state.has(Flag::Tls)
     }
 
     /// Where the connection is in its life.
@@ -222,7 +234,7 @@ impl Machine {
     /// `data` where it is). The caller parses the joined head, then hands it back with [`Machine::keep_head`]
     /// if it is still incomplete. `Err` when the buffer budget refuses the growth (the connection is answered
     /// 503).
-    pub fn join_head<T: Transport>(
+    pub fn join_head<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
@@ -243,7 +255,12 @@ impl Machine {
 
     /// Keeps an incomplete request head until more bytes arrive (the handshake deadline still runs). A fresh
     /// head the buffer budget cannot hold is answered 503.
-    pub fn keep_head<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, head: Head<'_>) -> Next {
+    pub fn keep_head<T: Transport + ?Sized>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        head: Head<'_>,
+    ) -> Next {
         match head {
             Head::Fresh(bytes) => {
                 let Some(fresh) = self.buffers.try_grow(cx.budget, bytes.len()) else {
@@ -265,7 +282,7 @@ impl Machine {
     /// The upgrade was accepted: writes the `101` answer, opens the connection and arms the first ping.
     /// `recover` opts the connection into envelopes. Frames the client sent behind its request go to
     /// [`Machine::handle_frames`] next.
-    pub fn accept<T: Transport>(
+    pub fn accept<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
@@ -289,7 +306,7 @@ impl Machine {
         }
     }
 
-    fn refuse_busy<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+    fn refuse_busy<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         self.close(cx, t, Close::Refuse(&Reject::Unavailable(BUDGET_EXHAUSTED)))
     }
 
@@ -298,7 +315,12 @@ impl Machine {
     /// Sends a data frame (a push, a replayed message) within the outbox limit; a connection over it is closed
     /// as a slow consumer. Nothing is sent unless the connection is open: once our close frame is out nothing
     /// may follow it (RFC 6455 §5.5.1).
-    pub fn send<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, frame: &Bytes) -> Next {
+    pub fn send<T: Transport + ?Sized>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        frame: &Bytes,
+    ) -> Next {
         if !self.is_open() {
             return Next::Continue;
         }
@@ -307,7 +329,7 @@ impl Machine {
 
     /// Decodes client frames: answers pings, echoes data in echo mode, and closes on a close frame or a
     /// protocol violation.
-    pub fn handle_frames<T: Transport>(
+    pub fn handle_frames<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
@@ -388,7 +410,7 @@ impl Machine {
     }
 
     /// The socket can take more: writes what is queued.
-    pub fn handle_writable<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+    pub fn handle_writable<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         self.flush(cx, t)
     }
 
@@ -400,7 +422,7 @@ impl Machine {
     // ---- time ----------------------------------------------------------------------------------------------
 
     /// A timer entry with `stamp` fired for this connection.
-    pub fn handle_timeout<T: Transport>(
+    pub fn handle_timeout<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
@@ -464,7 +486,12 @@ impl Machine {
 
     /// Starts closing the connection for `why`: the one close path. Open connections get a close frame behind
     /// what is already queued; a handshaking one gets its HTTP refusal, or is dropped if it never upgraded.
-    pub fn close<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, why: Close<'_>) -> Next {
+    pub fn close<T: Transport + ?Sized>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        why: Close<'_>,
+    ) -> Next {
         let phase = self.phase();
         match (phase, why) {
             // Its last bytes are already on their way.
@@ -541,7 +568,12 @@ impl Machine {
     }
 
     /// Answers a refused upgrade with its HTTP status and closes once it is written.
-    fn refuse<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T, reject: &Reject) -> Next {
+    fn refuse<T: Transport + ?Sized>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        reject: &Reject,
+    ) -> Next {
         cx.metrics.reject(RejectKind::from_status(reject.status()));
         self.state.set_phase(Phase::Flushing);
         if let Some(spill) = self.buffers.get_mut() {
@@ -567,7 +599,7 @@ impl Machine {
 
     /// Transmits a frame and says what follows: a failed socket removes the connection, an overflow closes it
     /// as a slow consumer.
-    fn deliver<T: Transport>(
+    fn deliver<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
@@ -588,7 +620,7 @@ impl Machine {
     /// frame must be kept for the byte stream to stay well-formed, so it is queued even when the budget is
     /// exhausted, and `Overflow` then says the connection must go. Unbounded frames (close frames, HTTP
     /// refusals, at most a few hundred bytes) are always queued.
-    fn transmit<T: Transport>(
+    fn transmit<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
@@ -648,7 +680,7 @@ impl Machine {
     }
 
     /// Writes what is queued; a flushing connection is removed once drained, an idle one frees its buffers.
-    fn flush<T: Transport>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+    fn flush<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         if t.holds_unsent() {
             match t.flush_held() {
                 Ok(true) => {}
@@ -746,7 +778,7 @@ mod tests {
         }
 
         fn machine(&mut self) -> Machine {
-            self.with(|cx, _| Machine::new(cx))
+            self.with(|cx, _| Machine::new(cx, false))
         }
 
         /// An upgraded connection; the wire is cleared of the 101.

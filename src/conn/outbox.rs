@@ -80,7 +80,7 @@ impl Outbox {
 
     /// Writes queued bytes until the queue drains or the writer would block. `Interrupted` is retried; any
     /// other error is returned with the queue left as it was after the last successful write.
-    pub fn write_to<W: Write>(&mut self, writer: &mut W) -> io::Result<Flush> {
+    pub fn write_to<W: Write + ?Sized>(&mut self, writer: &mut W) -> io::Result<Flush> {
         while !self.queue.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let count = self.queue.len().min(MAX_IOV);

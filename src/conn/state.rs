@@ -44,6 +44,9 @@ pub enum Flag {
     /// The client opted into envelopes (`?recover=1`, `since`, or the `densepush.v1` subprotocol), so it gets
     /// each message wrapped with its stream, epoch and offset (`history::envelope`).
     Recover = 8,
+    /// The connection came in on the TLS listener: its transport is its TLS session (kept by the reactor).
+    /// The machine's rules do not depend on it; it lives here because these bits are already paid for.
+    Tls = 16,
 }
 
 /// Phase and flags in two bytes.

@@ -45,9 +45,9 @@ impl Write for Plain<'_> {
 
 impl Transport for Plain<'_> {}
 
-/// Writes `bytes` until all are taken or the transport would block; returns how many were taken. A write of
+/// Writes `bytes` until all are taken or the writer would block; returns how many were taken. A write of
 /// zero bytes is an error (`WriteZero`): the peer is gone.
-pub fn write_some<T: Transport + ?Sized>(transport: &mut T, bytes: &[u8]) -> io::Result<usize> {
+pub fn write_some<W: Write + ?Sized>(transport: &mut W, bytes: &[u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < bytes.len() {
         match transport.write(&bytes[done..]) {

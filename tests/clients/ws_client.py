@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A densepush client on the Python `websockets` library, driven by tests/interop.rs.
 
-Usage: ws_client.py URL [--bearer TOKEN]
+Usage: ws_client.py URL [--bearer TOKEN] [--ca FILE]
 
-Connects (with `Authorization: Bearer TOKEN` when given, so the token can also stay out of the URL), then
-prints one JSON object per line on stdout for everything that happens:
+Connects (with `Authorization: Bearer TOKEN` when given, so the token can also stay out of the URL; for a
+wss:// URL trusting only the CA certificates in FILE when given, the system's otherwise), then prints one
+JSON object per line on stdout for everything that happens:
 
   {"event": "open"}
   {"event": "message", "type": "text", "data": "..."}
@@ -18,6 +19,7 @@ the library's own pings, so the keepalive seen is the server's).
 """
 
 import json
+import ssl
 import sys
 
 from websockets.exceptions import ConnectionClosed
@@ -29,12 +31,19 @@ def report(**event):
 
 
 def main():
-    url = sys.argv[1]
+    url, options = sys.argv[1], sys.argv[2:]
     headers = {}
-    if len(sys.argv) == 4 and sys.argv[2] == "--bearer":
-        headers["Authorization"] = "Bearer " + sys.argv[3]
+    context = None
+    while options:
+        flag, value, options = options[0], options[1], options[2:]
+        if flag == "--bearer":
+            headers["Authorization"] = "Bearer " + value
+        elif flag == "--ca":
+            context = ssl.create_default_context(cafile=value)
+        else:
+            raise SystemExit(f"unknown option {flag}")
     try:
-        ws = connect(url, additional_headers=headers, ping_interval=None, open_timeout=10)
+        ws = connect(url, additional_headers=headers, ping_interval=None, open_timeout=10, ssl=context)
     except Exception as exc:  # refused upgrade, connection error
         report(event="error", error=str(exc))
         return 1

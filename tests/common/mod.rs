@@ -12,8 +12,10 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+use rustls::{ClientConfig, ClientConnection};
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::CloseFrame;
@@ -104,8 +106,17 @@ pub struct Server {
     pub client_addr: SocketAddr,
     /// The admin HTTP listener.
     pub admin_addr: SocketAddr,
+    /// The wss:// listener, when `[tls]` is on.
+    pub tls_addr: Option<SocketAddr>,
     /// The config file the server was started with (also usable for `densepush token`).
     pub config_path: PathBuf,
+    /// The server's `densepush listening …` line, after that prefix.
+    pub listening: String,
+    /// The certificates of a server started with [`Server::start_tls`].
+    pki: Option<Arc<TestPki>>,
+    /// The TLS client configuration [`Server::connect_wss`] shares between connections, so a second
+    /// connection can resume the first one's session.
+    tls_client: Option<Arc<ClientConfig>>,
     child: Child,
     exited: Option<ExitStatus>,
     log_path: PathBuf,
@@ -170,16 +181,27 @@ impl Server {
                 );
             }
         };
-        let addr = |name: &str| -> SocketAddr {
-            line.split_whitespace()
+        // `off` for a listener that is not on.
+        let field = |name: &str| -> Option<SocketAddr> {
+            let value = line
+                .split_whitespace()
                 .find_map(|field| field.strip_prefix(name))
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} address in listening line {line:?}"))
+                .unwrap_or_else(|| panic!("no {name} field in listening line {line:?}"));
+            (value != "off").then(|| {
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad {name} address in listening line {line:?}"))
+            })
         };
         Server {
-            client_addr: addr("client="),
-            admin_addr: addr("admin="),
+            // Unspecified (0.0.0.0:0) when ws:// is off.
+            client_addr: field("client=").unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            tls_addr: field("tls="),
+            admin_addr: field("admin=").expect("the admin listener is always on"),
             config_path,
+            listening: line.clone(),
+            pki: None,
+            tls_client: None,
             child,
             exited: None,
             log_path,
@@ -204,11 +226,21 @@ impl Server {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends SIGHUP (reload the certificate pair).
+    pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        assert!(self.exited.is_none(), "the server has exited");
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child, not yet reaped
         // (`wait_exit` reaps it), so it cannot name another process.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
     }
 
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
@@ -395,8 +427,9 @@ pub fn is_timeout(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
 }
 
-/// The next data or close message, skipping pings and pongs; panics on timeout or error.
-pub fn recv(ws: &mut Ws) -> Message {
+/// The next data or close message, skipping pings and pongs; panics on timeout or error. For `ws://` and
+/// `wss://` clients alike.
+pub fn recv<S: Read + Write>(ws: &mut WebSocket<S>) -> Message {
     loop {
         match ws.read() {
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
@@ -408,7 +441,7 @@ pub fn recv(ws: &mut Ws) -> Message {
 }
 
 /// The next message, which must be text.
-pub fn recv_text(ws: &mut Ws) -> String {
+pub fn recv_text<S: Read + Write>(ws: &mut WebSocket<S>) -> String {
     match recv(ws) {
         Message::Text(text) => text.as_str().to_string(),
         other => panic!("expected a text message, got {other:?}"),
@@ -416,7 +449,7 @@ pub fn recv_text(ws: &mut Ws) -> String {
 }
 
 /// Reads until the server's close frame, which must come before any data message, and returns it.
-pub fn recv_close(ws: &mut Ws) -> Option<CloseFrame> {
+pub fn recv_close<S: Read + Write>(ws: &mut WebSocket<S>) -> Option<CloseFrame> {
     match recv(ws) {
         Message::Close(frame) => frame,
         other => panic!("expected a close frame, got {other:?}"),
@@ -425,7 +458,7 @@ pub fn recv_close(ws: &mut Ws) -> Option<CloseFrame> {
 
 /// After a close frame: keeps reading (which sends tungstenite's close reply) until the connection ends.
 /// Panics if it does not end within the I/O timeout.
-pub fn finish_close(ws: &mut Ws) {
+pub fn finish_close<S: Read + Write>(ws: &mut WebSocket<S>) {
     let deadline = Instant::now() + IO_TIMEOUT;
     while Instant::now() < deadline {
         match ws.read() {
@@ -439,7 +472,11 @@ pub fn finish_close(ws: &mut Ws) {
 
 /// Publishes a marker to everyone and asserts it is the next message each of `clients` sees: none of them
 /// received anything in between.
-pub fn assert_next_is_marker(server: &Server, clients: &mut [&mut Ws], marker: &str) {
+pub fn assert_next_is_marker<S: Read + Write>(
+    server: &Server,
+    clients: &mut [&mut WebSocket<S>],
+    marker: &str,
+) {
     server.publish("/publish/all", marker);
     for (i, ws) in clients.iter_mut().enumerate() {
         assert_eq!(
@@ -451,7 +488,7 @@ pub fn assert_next_is_marker(server: &Server, clients: &mut [&mut Ws], marker: &
 }
 
 /// Sends a clean close and waits for the connection to end.
-pub fn close_ws(mut ws: Ws) {
+pub fn close_ws<S: Read + Write>(mut ws: WebSocket<S>) {
     let _ = ws.close(None);
     let deadline = Instant::now() + IO_TIMEOUT;
     while Instant::now() < deadline {
@@ -864,11 +901,502 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// A raw client socket with a tiny receive buffer, set before connect so the advertised window is small from
 /// the start: the server's writes to it block soon (slow-consumer tests).
 pub fn tiny_window_stream(server: &Server) -> TcpStream {
+    tiny_window_to(server.client_addr)
+}
+
+/// [`tiny_window_stream`] to the wss:// listener.
+pub fn tiny_window_tls_stream(server: &Server) -> TcpStream {
+    tiny_window_to(server.tls_addr())
+}
+
+fn tiny_window_to(addr: SocketAddr) -> TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.client_addr.into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     stream
+}
+
+// ---- wss://: a test PKI, the server with [tls] on, and TLS clients -------------------------------------
+
+/// A throwaway certificate authority (rcgen, ECDSA P-256) that issues server certificates.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+/// A server certificate issued by a [`TestCa`] for `localhost` and `127.0.0.1`, as PEM, with what clients
+/// recognise it by.
+pub struct Leaf {
+    /// The certificate, then the CA's: the chain a server sends.
+    pub chain_pem: String,
+    /// The private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// The certificate, DER: what a client sees as the peer's first certificate.
+    pub der: Vec<u8>,
+    /// Base64 of the SHA-256 of its SubjectPublicKeyInfo, as Chromium's
+    /// `--ignore-certificate-errors-spki-list` takes it.
+    pub spki_sha256: String,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestCa {
+    /// A new CA with a new key.
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "densepush test CA");
+        let cert = params.self_signed(&key).expect("self-signing the CA");
+        TestCa { cert, key }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// The CA certificate, DER.
+    pub fn der(&self) -> Vec<u8> {
+        self.cert.der().to_vec()
+    }
+
+    /// Issues a server certificate with a new key for `localhost` and 127.0.0.1, named `common_name`, valid
+    /// for `days` days from yesterday (negative: it expired that many days ago).
+    pub fn issue(&self, common_name: &str, days: i64) -> Leaf {
+        use base64::Engine as _;
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let key = KeyPair::generate().expect("server key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let now = time::OffsetDateTime::now_utc();
+        if days >= 0 {
+            params.not_before = now - time::Duration::days(1);
+            params.not_after = now + time::Duration::days(days);
+        } else {
+            params.not_before = now + time::Duration::days(days * 2);
+            params.not_after = now + time::Duration::days(days);
+        }
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("signing the server certificate");
+        let spki = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
+        Leaf {
+            chain_pem: cert.pem() + &self.cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+            spki_sha256: base64::engine::general_purpose::STANDARD.encode(spki.as_ref()),
+        }
+    }
+}
+
+impl Leaf {
+    /// Writes the chain and the key as PEM files.
+    pub fn write(&self, cert_file: &Path, key_file: &Path) {
+        std::fs::write(cert_file, &self.chain_pem).expect("writing the certificate");
+        std::fs::write(key_file, &self.key_pem).expect("writing the key");
+    }
+}
+
+/// A CA and a server certificate written as PEM files (`server.crt`, `server.key`, `ca.crt`) in a
+/// temporary directory of their own, so a server restarted with them keeps its identity.
+pub struct TestPki {
+    /// The CA that issued `leaf` (and can issue a renewal).
+    pub ca: TestCa,
+    /// The CA certificate, PEM: what clients trust.
+    pub ca_file: PathBuf,
+    /// `tls.cert_file`: the leaf then the CA.
+    pub cert_file: PathBuf,
+    /// `tls.key_file`.
+    pub key_file: PathBuf,
+    /// The pair first written to `cert_file` and `key_file`.
+    pub leaf: Leaf,
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// A new CA and a server certificate for `localhost`/127.0.0.1 valid for `days` days, written out.
+    pub fn new(days: i64) -> TestPki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new();
+        let leaf = ca.issue("densepush test server", days);
+        let ca_file = dir.path().join("ca.crt");
+        let cert_file = dir.path().join("server.crt");
+        let key_file = dir.path().join("server.key");
+        std::fs::write(&ca_file, ca.pem()).expect("writing the CA");
+        leaf.write(&cert_file, &key_file);
+        TestPki {
+            ca,
+            ca_file,
+            cert_file,
+            key_file,
+            leaf,
+            dir,
+        }
+    }
+
+    /// The directory holding the files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A new rustls client configuration (ring, TLS 1.2 and 1.3 offered, ALPN `http/1.1`) trusting only the
+    /// test CA, with an empty session cache of its own: its first connection makes a full handshake.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::new(self.client_config_value())
+    }
+
+    /// [`TestPki::client_config`] that lets the handshake's traffic secrets be extracted (to seal records
+    /// by hand).
+    pub fn extractable_client_config(&self) -> Arc<ClientConfig> {
+        let mut config = self.client_config_value();
+        config.enable_secret_extraction = true;
+        Arc::new(config)
+    }
+
+    fn client_config_value(&self) -> ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca.der()))
+            .expect("adding the test CA");
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
+    }
+}
+
+/// A tungstenite client over TLS (rustls) over TCP.
+pub type Wss = WebSocket<rustls::StreamOwned<ClientConnection, TcpStream>>;
+
+impl Server {
+    /// Starts a server with `[tls]` on (`tls.listen` on an ephemeral loopback port) with a new test PKI (30
+    /// days), plus `overrides`.
+    pub fn start_tls(overrides: &[(&str, &str)]) -> Server {
+        Server::start_tls_with(Arc::new(TestPki::new(30)), overrides)
+    }
+
+    /// [`Server::start_tls`] with this PKI (e.g. the one of a server being restarted). `overrides` may set
+    /// `tls.listen` (a fixed port) or turn ws:// off (`server.listen = ""`).
+    pub fn start_tls_with(pki: Arc<TestPki>, overrides: &[(&str, &str)]) -> Server {
+        let cert = pki.cert_file.to_str().expect("utf-8 path").to_string();
+        let key = pki.key_file.to_str().expect("utf-8 path").to_string();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("tls.listen", "127.0.0.1:0"),
+            ("tls.cert_file", &cert),
+            ("tls.key_file", &key),
+        ];
+        all.extend_from_slice(overrides);
+        let mut server = Server::start(&all);
+        assert!(
+            server.tls_addr.is_some(),
+            "no tls= address in {:?}",
+            server.listening
+        );
+        server.tls_client = Some(pki.client_config());
+        server.pki = Some(pki);
+        server
+    }
+
+    /// The PKI of a server started with [`Server::start_tls`].
+    pub fn pki(&self) -> &Arc<TestPki> {
+        self.pki.as_ref().expect("a server started with start_tls")
+    }
+
+    /// The wss:// listener's address.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls_addr.expect("a server with [tls] on")
+    }
+
+    /// `wss://localhost:PORT/ws?query` (no leading `?`; none at all when `query` is empty).
+    pub fn wss_url(&self, query: &str) -> String {
+        let port = self.tls_addr().port();
+        if query.is_empty() {
+            format!("wss://localhost:{port}/ws")
+        } else {
+            format!("wss://localhost:{port}/ws?{query}")
+        }
+    }
+
+    /// Connects a wss:// client with this query; the TLS client configuration is shared by every connection
+    /// this method makes, so they resume the first one's session. Panics if the upgrade fails.
+    pub fn connect_wss(&self, query: &str) -> Wss {
+        let config = self
+            .tls_client
+            .clone()
+            .expect("a server started with start_tls");
+        self.try_connect_wss_with(config, query)
+            .unwrap_or_else(|e| panic!("connect wss ?{query}: {e}"))
+    }
+
+    /// Connects a wss:// client with this query and TLS client configuration.
+    pub fn try_connect_wss_with(
+        &self,
+        config: Arc<ClientConfig>,
+        query: &str,
+    ) -> Result<Wss, tungstenite::Error> {
+        let stream = TcpStream::connect(self.tls_addr())?;
+        self.wss_over(config, stream, query)
+    }
+
+    /// Runs the TLS handshake and the upgrade on an already connected TCP stream to the wss:// listener
+    /// (e.g. one with a tiny receive window).
+    pub fn wss_over(
+        &self,
+        config: Arc<ClientConfig>,
+        stream: TcpStream,
+        query: &str,
+    ) -> Result<Wss, tungstenite::Error> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let conn = ClientConnection::new(config, localhost())
+            .map_err(|e| tungstenite::Error::Io(io::Error::other(e)))?;
+        let tls = rustls::StreamOwned::new(conn, stream);
+        let request = self.wss_url(query).into_client_request()?;
+        match tungstenite::client(request, tls) {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => Err(tungstenite::Error::Io(
+                io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
+            )),
+        }
+    }
+
+    /// A plain TCP connection to the wss:// listener, with read and write timeouts and no Nagle delay.
+    pub fn tls_raw(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.tls_addr()).expect("connect to the TLS listener");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+    }
+
+    /// A TLS connection driven by hand ([`RawTls`]) whose handshake is done, with a fresh client
+    /// configuration (a full handshake).
+    pub fn tls_handshake(&self) -> RawTls {
+        self.tls_handshake_with(self.pki().client_config())
+    }
+
+    /// [`Server::tls_handshake`] with this client configuration.
+    pub fn tls_handshake_with(&self, config: Arc<ClientConfig>) -> RawTls {
+        let mut tls = RawTls::new(config, self.tls_raw());
+        tls.handshake();
+        tls
+    }
+
+    /// The value of a `densepush_tls_failures_total` reason.
+    pub fn tls_failures(&self, reason: &str) -> u64 {
+        self.metric("densepush_tls_failures_total", &[("reason", reason)])
+    }
+}
+
+/// The server name every TLS client here asks for (the certificate also names 127.0.0.1).
+pub fn localhost() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from("localhost").expect("a DNS name")
+}
+
+/// How a TLS connection read to its end ended, from the client's side.
+#[derive(Debug, PartialEq)]
+pub enum TlsEnd {
+    /// The server sent `close_notify` (RFC 8446 §6.1).
+    CloseNotify,
+    /// The server sent this fatal alert.
+    Alert(rustls::AlertDescription),
+    /// TCP ended (EOF or reset) without any alert.
+    Closed,
+    /// Still open when a read timed out.
+    TimedOut,
+    /// The client refused what the server sent.
+    Error(rustls::Error),
+}
+
+/// A rustls client connection driven by hand over a `TcpStream` (`write_tls`/`read_tls`), so a test can put
+/// any bytes on the wire between the records rustls makes.
+pub struct RawTls {
+    /// The client's TLS state.
+    pub conn: ClientConnection,
+    /// The socket.
+    pub sock: TcpStream,
+}
+
+impl RawTls {
+    /// A client for `localhost` on `sock`; nothing is sent yet.
+    pub fn new(config: Arc<ClientConfig>, sock: TcpStream) -> RawTls {
+        let conn = ClientConnection::new(config, localhost()).expect("client connection");
+        RawTls { conn, sock }
+    }
+
+    /// Runs the handshake to its end; panics if it fails.
+    pub fn handshake(&mut self) {
+        while self.conn.is_handshaking() {
+            self.conn
+                .complete_io(&mut self.sock)
+                .expect("TLS handshake");
+        }
+        self.flush();
+    }
+
+    /// Writes every record rustls has queued.
+    pub fn flush(&mut self) {
+        while self.conn.wants_write() {
+            self.conn
+                .write_tls(&mut self.sock)
+                .expect("writing records");
+        }
+    }
+
+    /// Encrypts `plain` as application data and sends it.
+    pub fn send(&mut self, plain: &[u8]) {
+        self.conn
+            .writer()
+            .write_all(plain)
+            .expect("buffering plaintext");
+        self.flush();
+    }
+
+    /// Puts raw bytes on the wire, outside rustls.
+    pub fn inject(&mut self, bytes: &[u8]) {
+        self.sock.write_all(bytes).expect("writing raw bytes");
+    }
+
+    /// Sends an upgrade request for `/ws?query` and reads exactly the response head, which must be 101.
+    pub fn upgrade(&mut self, query: &str) {
+        self.send(upgrade_request(query, &[]).as_bytes());
+        let head = read_head(self);
+        assert!(head.starts_with("HTTP/1.1 101 "), "upgrade refused: {head}");
+    }
+
+    /// Reads until the connection ends or a read times out; returns how it ended and the plaintext that
+    /// arrived before.
+    pub fn read_to_end(&mut self) -> (TlsEnd, Vec<u8>) {
+        let mut plain = Vec::new();
+        loop {
+            match self.conn.read_tls(&mut self.sock) {
+                Ok(0) => return (TlsEnd::Closed, plain),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return (TlsEnd::TimedOut, plain)
+                }
+                Err(_) => return (TlsEnd::Closed, plain),
+            }
+            let state = match self.conn.process_new_packets() {
+                Ok(state) => state,
+                Err(rustls::Error::AlertReceived(alert)) => return (TlsEnd::Alert(alert), plain),
+                Err(e) => return (TlsEnd::Error(e), plain),
+            };
+            let _ = self.conn.reader().read_to_end(&mut plain);
+            if state.peer_has_closed() {
+                return (TlsEnd::CloseNotify, plain);
+            }
+        }
+    }
+}
+
+/// Reads plaintext (for [`read_head`] and [`read_frame`]).
+impl Read for RawTls {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        rustls::Stream::new(&mut self.conn, &mut self.sock).read(buf)
+    }
+}
+
+/// Writes plaintext.
+impl Write for RawTls {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        rustls::Stream::new(&mut self.conn, &mut self.sock).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        rustls::Stream::new(&mut self.conn, &mut self.sock).flush()
+    }
+}
+
+/// The bytes of a TLS ClientHello for `localhost` as rustls makes it with `config`.
+pub fn client_hello(config: Arc<ClientConfig>) -> Vec<u8> {
+    let mut conn = ClientConnection::new(config, localhost()).expect("client connection");
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello)
+            .expect("encoding the ClientHello");
+    }
+    hello
+}
+
+/// One direction's TLS 1.3 traffic keys taken from rustls after a handshake, to seal records by hand
+/// (RFC 8446 §5.2-5.3) as a misbehaving client would.
+pub struct Sealer {
+    key: ring::aead::LessSafeKey,
+    iv: [u8; ring::aead::NONCE_LEN],
+    seq: u64,
+}
+
+impl Sealer {
+    /// The client's sending keys of a connection whose handshake is done; the connection is consumed
+    /// (rustls hands its secrets over only once). Needs [`TestPki::extractable_client_config`].
+    pub fn from_client(conn: ClientConnection) -> Sealer {
+        use rustls::ConnectionTrafficSecrets as S;
+        let secrets = conn
+            .dangerous_extract_secrets()
+            .expect("extracting the traffic secrets");
+        let (seq, secrets) = secrets.tx;
+        let (algorithm, key, iv) = match &secrets {
+            S::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
+            S::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
+            S::Chacha20Poly1305 { key, iv } => (&ring::aead::CHACHA20_POLY1305, key, iv),
+            _ => panic!("unexpected cipher suite"),
+        };
+        let key = ring::aead::UnboundKey::new(algorithm, key.as_ref()).expect("AEAD key");
+        Sealer {
+            key: ring::aead::LessSafeKey::new(key),
+            iv: iv.as_ref().try_into().expect("a 12-byte IV"),
+            seq,
+        }
+    }
+
+    /// A protected record (outer type application_data) carrying `payload` of the inner `content_type`.
+    pub fn seal(&mut self, content_type: u8, payload: &[u8]) -> Vec<u8> {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        self.seq += 1;
+        let mut body = payload.to_vec();
+        body.push(content_type);
+        let len =
+            u16::try_from(body.len() + ring::aead::AES_128_GCM.tag_len()).expect("record size");
+        let header = [23, 3, 3, (len >> 8) as u8, len as u8];
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(header),
+                &mut body,
+            )
+            .expect("sealing");
+        let mut record = header.to_vec();
+        record.extend_from_slice(&body);
+        record
+    }
 }

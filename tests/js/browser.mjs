@@ -3,13 +3,16 @@
 // line on stdout, plus {"event":"driver-ready"} once the page is loading. Exits, closing the browser, when
 // stdin ends or after LIMIT_SECS (default 60), so no Chromium outlives a test.
 //
-// Usage: node browser.mjs PAGE_URL [LIMIT_SECS]
+// Usage: node browser.mjs PAGE_URL [LIMIT_SECS [CHROMIUM_FLAG...]]
+//
+// Each CHROMIUM_FLAG is passed to Chromium as is, e.g. `--ignore-certificate-errors-spki-list=<base64>` to
+// accept a test server's certificate by its key (wss:// to a server whose CA the browser does not know).
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [pageUrl, limitSecs = "60"] = process.argv.slice(2);
+const [pageUrl, limitSecs = "60", ...extraFlags] = process.argv.slice(2);
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 const report = (event) => process.stdout.write(JSON.stringify(event) + "\n");
 const profile = mkdtempSync(join(tmpdir(), "densepush-chromium-"));
@@ -26,6 +29,7 @@ const context = await chromium.launchPersistentContext(profile, {
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    ...extraFlags,
   ],
 });
 let done = false;

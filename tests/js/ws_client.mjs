@@ -1,6 +1,8 @@
 // A densepush client on the Node `ws` library, driven by tests/interop.rs.
 //
-// Usage: node ws_client.mjs URL [--bearer TOKEN]
+// Usage: node ws_client.mjs URL [--bearer TOKEN] [--ca FILE]
+//
+// For a wss:// URL, --ca makes the client trust only the CA certificates in FILE (instead of Node's store).
 //
 // Prints one JSON object per line on stdout, the same events as tests/clients/ws_client.py:
 //   {"event":"open"}, {"event":"ping"} (server keepalive; `ws` answers it with a pong by itself),
@@ -8,13 +10,20 @@
 //   {"event":"close","code":4000,"reason":"...","by":"server"|"client"}, {"event":"error","error":"..."}.
 // A text message "please-close:CODE" makes the client start the close handshake with CODE; the close event
 // then reports the code the server echoed.
+import { readFileSync } from "node:fs";
 import WebSocket from "ws";
 
-const [url, flag, token] = process.argv.slice(2);
-const headers = flag === "--bearer" ? { Authorization: `Bearer ${token}` } : {};
+const [url, ...rest] = process.argv.slice(2);
+const options = { headers: {}, handshakeTimeout: 10000 };
+for (let i = 0; i < rest.length; i += 2) {
+  const [flag, value] = [rest[i], rest[i + 1]];
+  if (flag === "--bearer") options.headers.Authorization = `Bearer ${value}`;
+  else if (flag === "--ca") options.ca = readFileSync(value);
+  else throw new Error(`unknown option ${flag}`);
+}
 const report = (event) => process.stdout.write(JSON.stringify(event) + "\n");
 
-const ws = new WebSocket(url, { headers, handshakeTimeout: 10000 });
+const ws = new WebSocket(url, options);
 let closedByUs = false;
 ws.on("open", () => report({ event: "open" }));
 ws.on("ping", () => report({ event: "ping" }));
