@@ -96,6 +96,11 @@ fn run() -> anyhow::Result<()> {
 fn serve(config: &Config) -> anyhow::Result<()> {
     env_logger::Builder::new()
         .filter_level(config.log.level)
+        // The JWKS client's own request traces would drown densepush's debug lines; DENSEPUSH_LOG can
+        // still ask for them (e.g. DENSEPUSH_LOG=ureq=debug).
+        .filter_module("ureq", log::LevelFilter::Warn.min(config.log.level))
+        .filter_module("ureq_proto", log::LevelFilter::Warn.min(config.log.level))
+        .filter_module("rustls", log::LevelFilter::Warn.min(config.log.level))
         .parse_env("DENSEPUSH_LOG")
         .format_timestamp_millis()
         .init();

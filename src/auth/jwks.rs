@@ -163,10 +163,11 @@ fn apply(
                 log::debug!("auth.jwks_url {url}: skipped {skipped}");
             }
             let count = parsed.keys.len();
-            shared.current.store(Arc::new(KeySet::new(parsed.keys)));
+            // Counted before the swap, so whoever sees the new keys also sees the numbers that go with them.
             m.keys[KeySource::JwksUrl as usize].store(count as u64, Relaxed);
             m.jwks_refreshes_ok.fetch_add(1, Relaxed);
             m.jwks_last_ok_unix_ms.store(super::unix_now_ms(), Relaxed);
+            shared.current.store(Arc::new(KeySet::new(parsed.keys)));
             if failures_before > 0 {
                 log::info!(
                     "auth.jwks_url {url}: fetched {count} keys again after {failures_before} failed attempts"
