@@ -501,7 +501,7 @@ fn hs256_secrets_rotate_by_kid() {
     ));
     assert_eq!(
         refusal(&server, &hs(NEW, json!({"kid": "2028-01"}))),
-        (401, "bad token signature".into())
+        (401, "token key id not known".into())
     );
     // `densepush token` still mints with auth.jwt_secret.
     assert!(accepted(&server, &server.token(&["--user", "dev"])));

@@ -148,8 +148,8 @@ pub fn verify(
         header.alg,
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
     );
-    let keys = match keys::select(sets, header.kid.as_deref(), header.alg) {
-        Selection::Try(keys) => keys,
+    let (keys, kid_unknown) = match keys::select(sets, header.kid.as_deref(), header.alg) {
+        Selection::Try { keys, kid_unknown } => (keys, kid_unknown),
         Selection::UnknownKid => {
             return Verified {
                 claims: Err(AuthError::UnknownKey),
@@ -189,6 +189,13 @@ pub fn verify(
                 };
             }
         }
+    }
+    // A kid no key has, that the keys without kid did not verify either: the issuer's new key, most likely.
+    if kid_unknown {
+        return Verified {
+            claims: Err(AuthError::UnknownKey),
+            key_missing: public_alg,
+        };
     }
     Verified {
         claims: Err(AuthError::BadSignature),
@@ -312,6 +319,40 @@ mod tests {
             &token(r#"{"alg":"RS256","kid":"new"}"#, Algorithm::RS256),
             &[&set],
         );
+        assert_eq!(v.claims.unwrap_err(), AuthError::UnknownKey);
+        assert!(v.key_missing);
+    }
+
+    #[test]
+    fn an_unknown_kid_that_the_keys_without_kid_do_not_verify_asks_for_the_key() {
+        // A PEM key (no kid) beside a JWKS: the provider's new kid falls back to the PEM key, which fails.
+        let pem =
+            KeySet::new(crate::auth::pem_keys::parse_pem_keys(RSA_PUBLIC.as_bytes()).unwrap());
+        let t = token(r#"{"alg":"EdDSA","kid":"new"}"#, Algorithm::EdDSA);
+        let ed_pem =
+            KeySet::new(crate::auth::pem_keys::parse_pem_keys(P256_PUBLIC.as_bytes()).unwrap());
+        let v = run(&t, &[&pem, &ed_pem]);
+        assert_eq!(v.claims.unwrap_err(), AuthError::UnknownKey);
+        assert!(v.key_missing);
+        // The same with an RSA token: the kid-less RSA key is tried, fails, and the key is asked for.
+        let rsa_token = {
+            let message = format!(
+                "{}.{}",
+                b64(r#"{"alg":"RS256","kid":"new"}"#),
+                b64(r#"{"sub":"a"}"#)
+            );
+            let key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+            let sig =
+                jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::RS256).unwrap();
+            // Signed by the right key: the fallback verifies it, and nothing is missing.
+            format!("{message}.{sig}")
+        };
+        let v = run(&rsa_token, &[&pem]);
+        assert!(v.claims.is_ok());
+        assert!(!v.key_missing);
+        let parts: Vec<&str> = rsa_token.split('.').collect();
+        let tampered = format!("{}.{}.{}", parts[0], b64(r#"{"sub":"b"}"#), parts[2]);
+        let v = run(&tampered, &[&pem]);
         assert_eq!(v.claims.unwrap_err(), AuthError::UnknownKey);
         assert!(v.key_missing);
     }

@@ -218,8 +218,14 @@ impl KeySet {
 /// static keys and the last JWKS fetched).
 #[derive(Debug)]
 pub enum Selection<'a> {
-    /// Try these keys, in order; the first that verifies wins.
-    Try(Vec<&'a Key>),
+    /// Try these keys, in order; the first that verifies wins. `kid_unknown` says they are the fallback
+    /// for a `kid` no key has: if none verifies, the key is missing rather than the signature bad.
+    Try {
+        /// The keys, in order.
+        keys: Vec<&'a Key>,
+        /// The token's `kid` matched no key.
+        kid_unknown: bool,
+    },
     /// Some key has the token's `kid` (or, without `kid`, some key exists) but none accepts its `alg`:
     /// an algorithm-confusion attempt or a misconfigured issuer.
     WrongAlgorithm,
@@ -247,9 +253,10 @@ pub fn select<'a>(sets: &[&'a KeySet], kid: Option<&str>, alg: Algorithm) -> Sel
         .flat_map(|s| s.keys.iter())
         .filter(|k| eligible(k) && k.accepts(alg))
         .collect();
+    let kid_unknown = kid.is_some() && !kid_known;
     if !keys.is_empty() {
-        Selection::Try(keys)
-    } else if kid.is_some() && !kid_known {
+        Selection::Try { keys, kid_unknown }
+    } else if kid_unknown {
         Selection::UnknownKid
     } else {
         Selection::WrongAlgorithm
@@ -275,7 +282,7 @@ mod tests {
 
     fn kids(selection: Selection<'_>) -> Vec<Option<&str>> {
         match selection {
-            Selection::Try(keys) => keys.iter().map(|k| k.kid()).collect(),
+            Selection::Try { keys, .. } => keys.iter().map(|k| k.kid()).collect(),
             other => panic!("expected keys to try, got {other:?}"),
         }
     }

@@ -1012,7 +1012,7 @@ mod tests {
         assert!(check(r#"{"alg":"HS256","kid":"other"}"#, PRIMARY).is_ok());
         assert_eq!(
             check(r#"{"alg":"HS256","kid":"other"}"#, SECRET_A),
-            Err(AuthError::BadSignature)
+            Err(AuthError::UnknownKey)
         );
     }
 
