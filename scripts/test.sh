@@ -27,12 +27,13 @@ if [ ${#packages[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
-# Python `websockets` (client scripts in tests/clients, and the README's `python3 -m websockets` line), in a
+# Python `websockets` (client scripts in tests/clients, and the README's `python3 -m websockets` line) and
+# `cryptography` (tests/clients/jose_sign.py signs the identity-provider tokens of tests/idp.rs), in a
 # virtualenv under target/ so the system Python is left alone.
-if ! target/pyenv/bin/python -c 'import websockets.sync.client' >/dev/null 2>&1; then
-    echo "scripts/test.sh: installing python websockets into target/pyenv" >&2
+if ! target/pyenv/bin/python -c 'import websockets.sync.client, cryptography.x509' >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing python websockets and cryptography into target/pyenv" >&2
     python3 -m venv target/pyenv
-    target/pyenv/bin/pip install -q websockets
+    target/pyenv/bin/pip install -q websockets cryptography
 fi
 
 # Node `ws` and `playwright-core`, at the versions in tests/js/package-lock.json.

@@ -29,7 +29,7 @@ struct Cli {
 enum Cmd {
     /// Run the server (the default).
     Run,
-    /// Print an HS256 JWT signed with the configured secret, for connecting a client.
+    /// Print an HS256 JWT signed with auth.jwt_secret, for connecting a client in development.
     Token {
         /// The user id (`sub` claim).
         #[arg(long)]
@@ -61,6 +61,8 @@ fn run() -> anyhow::Result<()> {
         Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
     match cli.command.unwrap_or(Cmd::Run) {
         Cmd::CheckConfig => {
+            // The key files too: a bad PEM or JWKS file fails here, naming the key and the file.
+            densepush::auth::load_static_keys(&config.auth)?;
             // The certificate pair too: present, parsable, matching, not expired.
             if config.tls.listen.is_some() {
                 densepush::tls::Tls::load(&config.tls)
@@ -76,6 +78,12 @@ fn run() -> anyhow::Result<()> {
             ttl,
         } => {
             let channels: Vec<String> = channels.into_iter().filter(|c| !c.is_empty()).collect();
+            if config.auth.secret.is_empty() {
+                anyhow::bail!(
+                    "densepush token signs with auth.jwt_secret (or auth.jwt_secret_env), which is empty in this config; \
+                     tokens for it come from your identity provider"
+                );
+            }
             let token = densepush::auth::issue_token(
                 &config.auth.secret,
                 &user,
@@ -93,6 +101,11 @@ fn run() -> anyhow::Result<()> {
 fn serve(config: &Config) -> anyhow::Result<()> {
     env_logger::Builder::new()
         .filter_level(config.log.level)
+        // The JWKS client's own request traces would drown densepush's debug lines; DENSEPUSH_LOG can
+        // still ask for them (e.g. DENSEPUSH_LOG=ureq=debug).
+        .filter_module("ureq", log::LevelFilter::Warn.min(config.log.level))
+        .filter_module("ureq_proto", log::LevelFilter::Warn.min(config.log.level))
+        .filter_module("rustls", log::LevelFilter::Warn.min(config.log.level))
         .parse_env("DENSEPUSH_LOG")
         .format_timestamp_millis()
         .init();
@@ -151,7 +164,20 @@ fn warn_about_unsafe_settings(config: &Config) {
             config.server.listen, config.tls.listen
         );
     } else if config.uses_dev_secret() {
-        log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production");
+        if config.uses_identity_provider_keys() {
+            log::warn!(
+                "auth.jwt_secret is the shipped development secret and is still accepted beside your identity \
+                 provider's keys: set auth.jwt_secret = \"\" to accept only the provider's tokens"
+            );
+        } else {
+            log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production");
+        }
+    }
+    if let Some(url) = config.jwks_url_unprotected() {
+        log::warn!(
+            "auth.jwks_url {} is plain http to another host: whoever can alter that traffic can replace the keys and forge tokens; use https",
+            densepush::config::redact_url(url)
+        );
     }
     if config.admin_exposed_without_key() {
         log::warn!(

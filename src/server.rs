@@ -4,10 +4,10 @@
 //! It owns start-up and shutdown order only; every request is handled by the threads it starts.
 
 use crate::admin::{http, AdminServer, Api, ApiSettings};
-use crate::auth::{AuthLimits, Authenticator};
+use crate::auth::Authenticator;
 use crate::budget::Budget;
 use crate::cluster::Cluster;
-use crate::config::{AuthMode, Config};
+use crate::config::Config;
 use crate::conn::Rules;
 use crate::dispatch::{Mailbox, Reactors};
 use crate::history::{self, store::Limits, History};
@@ -81,14 +81,8 @@ impl Running {
 /// Binds everything and starts the threads.
 pub fn start(config: &Config) -> anyhow::Result<Running> {
     let reactor_count = config.server.reactors;
-    let limits = AuthLimits {
-        max_id_bytes: config.auth.max_id_bytes,
-        max_channels: config.auth.max_channels,
-    };
-    let auth = Arc::new(match config.auth.mode {
-        AuthMode::Jwt => Authenticator::jwt(&config.auth.secret, config.auth.leeway_secs, limits),
-        AuthMode::None => Authenticator::none(limits),
-    });
+    // Reads the key files and, with auth.jwks_url, waits (bounded) for the first fetch of the key set.
+    let auth = Arc::new(Authenticator::from_config(&config.auth)?);
     let tls = match config.tls.listen {
         Some(_) => Some(Arc::new(Tls::load(&config.tls)?)),
         None => None,
@@ -143,6 +137,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         reactor_metrics,
         Arc::new(AdminMetrics {
             buffer_budget: Some(settings.budget.clone()),
+            keys: auth.key_metrics(),
             ..AdminMetrics::default()
         }),
         ApiSettings {

@@ -52,6 +52,27 @@ pub const DEFAULT_AUTH_MODE: AuthMode = AuthMode::Jwt;
 pub const DEFAULT_JWT_SECRET: &str = "densepush-development-secret-change-me";
 /// Name of an environment variable holding the JWT secret; empty means use `auth.jwt_secret`.
 pub const DEFAULT_JWT_SECRET_ENV: &str = "";
+/// More HS256 secrets, for rotation: each `{ kid = "...", secret = "..." }`; a token whose `kid` names one
+/// is checked with it. None by default.
+pub const DEFAULT_JWT_SECRETS: &[(&str, &str)] = &[];
+/// PEM file of the identity provider's public keys (RSA, P-256, P-384, Ed25519); empty means none.
+pub const DEFAULT_JWT_PUBLIC_KEY_FILE: &str = "";
+/// File holding a JSON Web Key Set (RFC 7517) of public keys; empty means none.
+pub const DEFAULT_JWKS_FILE: &str = "";
+/// URL of the identity provider's JSON Web Key Set (`http://` or `https://`); empty means none.
+pub const DEFAULT_JWKS_URL: &str = "";
+/// Seconds between two fetches of `auth.jwks_url`.
+pub const DEFAULT_JWKS_REFRESH_SECS: u64 = 300;
+/// Seconds between two fetches of `auth.jwks_url` at least, however many tokens name an unknown `kid`; also
+/// the first delay of the backoff after a failed fetch.
+pub const DEFAULT_JWKS_MIN_REFRESH_SECS: u64 = 10;
+/// PEM file of the CA certificates to trust for an `https` `auth.jwks_url`; empty means the bundled Mozilla
+/// roots.
+pub const DEFAULT_JWKS_CA_FILE: &str = "";
+/// The issuer a token's `iss` claim must equal; empty means `iss` is not checked.
+pub const DEFAULT_JWT_ISSUER: &str = "";
+/// The audience a token's `aud` claim must name; empty means a token with any `aud` is refused.
+pub const DEFAULT_JWT_AUDIENCE: &str = "";
 /// Seconds of clock skew tolerated when checking a token's `exp` and `nbf` claims.
 pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 5;
 /// Bytes in the longest user id a token may carry.
@@ -171,6 +192,17 @@ mod tests {
         assert_eq!(c.auth.mode, AuthMode::Jwt);
         assert_eq!(c.auth.secret, DEFAULT_JWT_SECRET.as_bytes());
         assert_eq!(c.auth.leeway_secs, DEFAULT_JWT_LEEWAY_SECS);
+        assert!(c.auth.secrets.is_empty());
+        assert_eq!(c.auth.public_key_file, None);
+        assert_eq!(c.auth.jwks_file, None);
+        assert_eq!(c.auth.jwks_url, None);
+        assert_eq!(c.auth.jwks_refresh_secs, DEFAULT_JWKS_REFRESH_SECS);
+        assert_eq!(c.auth.jwks_min_refresh_secs, DEFAULT_JWKS_MIN_REFRESH_SECS);
+        assert_eq!(c.auth.jwks_ca_file, None);
+        assert_eq!(
+            (c.auth.issuer.as_deref(), c.auth.audience.as_deref()),
+            (None, None)
+        );
         assert_eq!(c.auth.max_id_bytes, DEFAULT_MAX_ID_BYTES);
         assert_eq!(c.auth.max_channels, DEFAULT_MAX_CHANNELS);
         assert_eq!(

@@ -110,6 +110,15 @@ pub struct AuthSection {
     pub mode: AuthMode,
     pub jwt_secret: String,
     pub jwt_secret_env: String,
+    pub jwt_secrets: Vec<JwtSecretEntry>,
+    pub jwt_public_key_file: String,
+    pub jwks_file: String,
+    pub jwks_url: String,
+    pub jwks_refresh_secs: u64,
+    pub jwks_min_refresh_secs: u64,
+    pub jwks_ca_file: String,
+    pub issuer: String,
+    pub audience: String,
     pub leeway_secs: u64,
     pub max_id_bytes: usize,
     pub max_channels: usize,
@@ -121,6 +130,21 @@ impl Default for AuthSection {
             mode: DEFAULT_AUTH_MODE,
             jwt_secret: DEFAULT_JWT_SECRET.to_owned(),
             jwt_secret_env: DEFAULT_JWT_SECRET_ENV.to_owned(),
+            jwt_secrets: DEFAULT_JWT_SECRETS
+                .iter()
+                .map(|&(kid, secret)| JwtSecretEntry {
+                    kid: kid.to_owned(),
+                    secret: secret.to_owned(),
+                })
+                .collect(),
+            jwt_public_key_file: DEFAULT_JWT_PUBLIC_KEY_FILE.to_owned(),
+            jwks_file: DEFAULT_JWKS_FILE.to_owned(),
+            jwks_url: DEFAULT_JWKS_URL.to_owned(),
+            jwks_refresh_secs: DEFAULT_JWKS_REFRESH_SECS,
+            jwks_min_refresh_secs: DEFAULT_JWKS_MIN_REFRESH_SECS,
+            jwks_ca_file: DEFAULT_JWKS_CA_FILE.to_owned(),
+            issuer: DEFAULT_JWT_ISSUER.to_owned(),
+            audience: DEFAULT_JWT_AUDIENCE.to_owned(),
             leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
             max_id_bytes: DEFAULT_MAX_ID_BYTES,
             max_channels: DEFAULT_MAX_CHANNELS,
@@ -135,9 +159,42 @@ impl fmt::Debug for AuthSection {
             .field("mode", &self.mode)
             .field("jwt_secret", &Redacted(self.jwt_secret.len()))
             .field("jwt_secret_env", &self.jwt_secret_env)
+            .field("jwt_secrets", &self.jwt_secrets)
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_url", &redact_url(&self.jwks_url))
+            .field("jwks_refresh_secs", &self.jwks_refresh_secs)
+            .field("jwks_min_refresh_secs", &self.jwks_min_refresh_secs)
+            .field("jwks_ca_file", &self.jwks_ca_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
             .field("max_id_bytes", &self.max_id_bytes)
             .field("max_channels", &self.max_channels)
+            .finish()
+    }
+}
+
+/// One entry of `auth.jwt_secrets`: an HS256 secret and the `kid` that selects it (empty: none, so it is
+/// tried for tokens without a known `kid`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table { kid = \"...\", secret = \"...\" }"
+)]
+pub struct JwtSecretEntry {
+    /// The key id tokens name in their header; empty for none.
+    #[serde(default)]
+    pub kid: String,
+    /// The secret, at least 32 bytes.
+    pub secret: String,
+}
+
+impl fmt::Debug for JwtSecretEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtSecretEntry")
+            .field("kid", &self.kid)
+            .field("secret", &Redacted(self.secret.len()))
             .finish()
     }
 }

@@ -33,6 +33,16 @@ pub const MAX_BUFFERED_BYTES_TOTAL: RangeInclusive<usize> = 64 << 10..=1 << 40;
 pub const JWT_LEEWAY_SECS: RangeInclusive<u64> = 0..=300;
 /// Bytes in a JWT secret: RFC 7518 §3.2 requires an HS256 key of at least 256 bits.
 pub const JWT_SECRET_BYTES: RangeInclusive<usize> = 32..=usize::MAX;
+/// Entries in `auth.jwt_secrets`: a token without `kid` may be checked against each.
+pub const JWT_SECRETS: RangeInclusive<usize> = 0..=16;
+/// Bytes in a `kid` of `auth.jwt_secrets`.
+pub const JWT_KID_BYTES: RangeInclusive<usize> = 1..=256;
+/// Seconds between JWKS fetches: at least 10 s (an identity provider is not to be polled hard), at most a day.
+pub const JWKS_REFRESH_SECS: RangeInclusive<u64> = 10..=86_400;
+/// Seconds between two JWKS fetches at least (and at most `auth.jwks_refresh_secs`, checked separately).
+pub const JWKS_MIN_REFRESH_SECS: RangeInclusive<u64> = 1..=3_600;
+/// Bytes in `auth.issuer` and `auth.audience`.
+pub const JWT_ISSUER_AUDIENCE_BYTES: RangeInclusive<usize> = 0..=1024;
 /// Bytes in a user id.
 pub const MAX_ID_BYTES: RangeInclusive<usize> = 1..=1024;
 /// Channels per token (0 = user-addressed pushes only).

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +33,7 @@ pub use defaults::*;
 pub use error::ConfigError;
 pub use file::{
     AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
-    LogSection, ServerSection, TlsSection, WebSocketSection,
+    JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
 };
 
 use env::{apply_env_overrides, blame_env, process_env};
@@ -43,7 +43,7 @@ use error::{shape_error, syntax_error};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
-    /// A JWT (HS256) in the upgrade request names the user and the channels.
+    /// A JWT in the upgrade request names the user and the channels.
     Jwt,
     /// No authentication: for development and trusted networks only.
     None,
@@ -190,14 +190,34 @@ pub struct WebSocketConfig {
     pub timer_tick_ms: u64,
 }
 
-/// `[auth]`, checked, with the secret resolved.
+/// `[auth]`, checked, with the secret resolved. Key files are only named here; `auth::load_static_keys`
+/// reads them (at start, and in `densepush check-config`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthConfig {
     /// How clients authenticate.
     pub mode: AuthMode,
     /// The HS256 secret: from the variable named by `auth.jwt_secret_env` when that is set, else
-    /// `auth.jwt_secret`. At least 32 bytes in `jwt` mode; empty in `none` mode.
+    /// `auth.jwt_secret`. At least 32 bytes, or empty when another key source is configured (always empty
+    /// in `none` mode). `densepush token` signs with it.
     pub secret: Vec<u8>,
+    /// `auth.jwt_secrets`: more HS256 secrets, each at least 32 bytes, kids distinct.
+    pub secrets: Vec<JwtSecret>,
+    /// `auth.jwt_public_key_file`.
+    pub public_key_file: Option<PathBuf>,
+    /// `auth.jwks_file`.
+    pub jwks_file: Option<PathBuf>,
+    /// `auth.jwks_url`: an `http://` or `https://` URL.
+    pub jwks_url: Option<String>,
+    /// Seconds between two fetches of `jwks_url`.
+    pub jwks_refresh_secs: u64,
+    /// Seconds between two fetches of `jwks_url` at least; at most `jwks_refresh_secs`.
+    pub jwks_min_refresh_secs: u64,
+    /// `auth.jwks_ca_file`.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// `auth.issuer`: the `iss` every token must carry.
+    pub issuer: Option<String>,
+    /// `auth.audience`: the `aud` every token must name.
+    pub audience: Option<String>,
     /// Seconds of clock skew tolerated for `exp` and `nbf`.
     pub leeway_secs: u64,
     /// Bytes in the longest user id.
@@ -206,11 +226,38 @@ pub struct AuthConfig {
     pub max_channels: usize,
 }
 
+/// One of `auth.jwt_secrets`, checked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtSecret {
+    /// The `kid` that selects it; `None` when the entry has none.
+    pub kid: Option<String>,
+    /// At least 32 bytes.
+    pub secret: Vec<u8>,
+}
+
+impl fmt::Debug for JwtSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtSecret")
+            .field("kid", &self.kid)
+            .field("secret", &Redacted(self.secret.len()))
+            .finish()
+    }
+}
+
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
             .field("mode", &self.mode)
             .field("secret", &Redacted(self.secret.len()))
+            .field("secrets", &self.secrets)
+            .field("public_key_file", &self.public_key_file)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_url", &self.jwks_url.as_deref().map(redact_url))
+            .field("jwks_refresh_secs", &self.jwks_refresh_secs)
+            .field("jwks_min_refresh_secs", &self.jwks_min_refresh_secs)
+            .field("jwks_ca_file", &self.jwks_ca_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
             .field("max_id_bytes", &self.max_id_bytes)
             .field("max_channels", &self.max_channels)
@@ -318,6 +365,33 @@ impl Config {
         self.auth.mode == AuthMode::Jwt && self.auth.secret == DEFAULT_JWT_SECRET.as_bytes()
     }
 
+    /// True when JWT mode verifies tokens with an identity provider's keys (a PEM file, a JWKS file or
+    /// URL), not only with HS256 secrets.
+    pub fn uses_identity_provider_keys(&self) -> bool {
+        self.auth.mode == AuthMode::Jwt
+            && (self.auth.public_key_file.is_some()
+                || self.auth.jwks_file.is_some()
+                || self.auth.jwks_url.is_some())
+    }
+
+    /// The JWKS URL when it is plain `http://` to a host other than loopback: anyone on the path could
+    /// swap the keys and so forge tokens.
+    pub fn jwks_url_unprotected(&self) -> Option<&str> {
+        let url = self.auth.jwks_url.as_deref()?;
+        let rest = url.strip_prefix("http://")?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.split(':').next().unwrap_or(""),
+        };
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        (!loopback).then_some(url)
+    }
+
     /// True when the admin API listens beyond loopback without an API key, so anyone who can
     /// reach the port can publish to every client.
     pub fn admin_exposed_without_key(&self) -> bool {
@@ -385,6 +459,25 @@ mod tests {
         assert!(defaults().uses_dev_secret());
         let c = parse("[auth]\njwt_secret = \"a-production-secret-that-is-long-enough\"").unwrap();
         assert!(!c.uses_dev_secret());
+    }
+
+    #[test]
+    fn plain_http_jwks_url_is_unprotected_unless_on_loopback() {
+        let url = |u: &str| parse(&format!("[auth]\njwks_url = \"{u}\"")).unwrap();
+        assert_eq!(
+            url("http://idp.example/jwks").jwks_url_unprotected(),
+            Some("http://idp.example/jwks")
+        );
+        for safe in [
+            "https://idp.example/jwks",
+            "http://127.0.0.1:8000/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:9/k",
+        ] {
+            assert_eq!(url(safe).jwks_url_unprotected(), None, "{safe}");
+        }
+        assert!(url("https://idp.example/jwks").uses_identity_provider_keys());
+        assert!(!defaults().uses_identity_provider_keys());
     }
 
     #[test]

@@ -12,15 +12,16 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 
 use super::error::invalid;
 use super::file::{
     AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
-    LogSection, ServerSection, TlsSection, WebSocketSection,
+    JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
 };
 use super::{
     limits, redact_url, AdminConfig, AuthConfig, AuthMode, ClusterConfig, Config, ConfigError,
-    HistoryConfig, LogConfig, ServerConfig, TlsConfig, WebSocketConfig,
+    HistoryConfig, JwtSecret, LogConfig, ServerConfig, TlsConfig, WebSocketConfig,
 };
 
 impl FileConfig {
@@ -175,15 +176,64 @@ fn validate_websocket(ws: WebSocketSection) -> Result<WebSocketConfig, ConfigErr
     Ok(websocket)
 }
 
-/// `[auth]`: resolves the secret (see [`jwt_secret`]); `none` mode has none.
+/// `[auth]`: resolves the secret (see [`jwt_secret`]; `none` mode has none), checks the extra secrets, the
+/// key sources' form (files are read at start, by `auth::load_static_keys`), the JWKS intervals and the
+/// issuer and audience.
 fn validate_auth(auth: AuthSection, env: &[(String, String)]) -> Result<AuthConfig, ConfigError> {
-    let secret = match auth.mode {
-        AuthMode::None => Vec::new(),
-        AuthMode::Jwt => jwt_secret(auth.jwt_secret, &auth.jwt_secret_env, env)?,
+    let other_sources = !auth.jwt_secrets.is_empty()
+        || !auth.jwt_public_key_file.is_empty()
+        || !auth.jwks_file.is_empty()
+        || !auth.jwks_url.is_empty();
+    let jwt = auth.mode == AuthMode::Jwt;
+    let secret = if jwt {
+        jwt_secret(auth.jwt_secret, &auth.jwt_secret_env, env, other_sources)?
+    } else {
+        Vec::new()
     };
+    let secrets = jwt_secrets(&auth.jwt_secrets)?;
+    let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
+    let jwks_url = match auth.jwks_url.as_str() {
+        "" => None,
+        url => Some(check_jwks_url(url)?),
+    };
+    let jwks_refresh_secs = check_range(
+        "auth.jwks_refresh_secs",
+        auth.jwks_refresh_secs,
+        limits::JWKS_REFRESH_SECS,
+    )?;
+    let jwks_min_refresh_secs = check_range(
+        "auth.jwks_min_refresh_secs",
+        auth.jwks_min_refresh_secs,
+        limits::JWKS_MIN_REFRESH_SECS,
+    )?;
+    // The periodic fetch would then happen more often than the rate limit allows any fetch.
+    if jwks_min_refresh_secs > jwks_refresh_secs {
+        return Err(invalid(
+            "auth.jwks_min_refresh_secs",
+            format!(
+                "({jwks_min_refresh_secs}) must be at most auth.jwks_refresh_secs ({jwks_refresh_secs})"
+            ),
+        ));
+    }
+    let claim = |key: &'static str, value: String| -> Result<Option<String>, ConfigError> {
+        check_range(key, value.len(), limits::JWT_ISSUER_AUDIENCE_BYTES)
+            .map_err(|_| invalid(key, "must be at most 1024 bytes"))?;
+        Ok((!value.is_empty()).then_some(value))
+    };
+    // In `none` mode no key is used: the sources are checked for form only, then dropped.
+    let keep = |v| if jwt { v } else { None };
     Ok(AuthConfig {
         mode: auth.mode,
         secret,
+        secrets: if jwt { secrets } else { Vec::new() },
+        public_key_file: keep(path(&auth.jwt_public_key_file)),
+        jwks_file: keep(path(&auth.jwks_file)),
+        jwks_url: if jwt { jwks_url } else { None },
+        jwks_refresh_secs,
+        jwks_min_refresh_secs,
+        jwks_ca_file: keep(path(&auth.jwks_ca_file)),
+        issuer: claim("auth.issuer", auth.issuer)?,
+        audience: claim("auth.audience", auth.audience)?,
         leeway_secs: check_range(
             "auth.leeway_secs",
             auth.leeway_secs,
@@ -195,11 +245,13 @@ fn validate_auth(auth: AuthSection, env: &[(String, String)]) -> Result<AuthConf
 }
 
 /// The HS256 secret: the variable named by `jwt_secret_env` (looked up in `env`) when that is set, else
-/// `jwt_secret`; at least 256 bits either way.
+/// `jwt_secret`; at least 256 bits either way. An empty `jwt_secret` is allowed when another key source is
+/// configured (`other_sources`): that is how HS256 is switched off for an identity provider's tokens.
 fn jwt_secret(
     jwt_secret: String,
     jwt_secret_env: &str,
     env: &[(String, String)],
+    other_sources: bool,
 ) -> Result<Vec<u8>, ConfigError> {
     let (key, secret) = if jwt_secret_env.is_empty() {
         ("auth.jwt_secret", jwt_secret)
@@ -221,18 +273,102 @@ fn jwt_secret(
             }
         }
     };
+    if secret.is_empty() && other_sources {
+        return Ok(Vec::new());
+    }
     // RFC 7518 §3.2: an HS256 key MUST be at least as long as the hash output (256 bits).
     if secret.len() < *limits::JWT_SECRET_BYTES.start() {
+        let hint = if secret.is_empty() {
+            "; or leave it empty and configure auth.jwt_secrets, auth.jwt_public_key_file, auth.jwks_file \
+             or auth.jwks_url"
+        } else {
+            ""
+        };
         return Err(invalid(
             key,
             format!(
-                "gives a {}-byte secret; HS256 needs at least {} bytes (RFC 7518 §3.2)",
+                "gives a {}-byte secret; HS256 needs at least {} bytes (RFC 7518 §3.2){hint}",
                 secret.len(),
                 limits::JWT_SECRET_BYTES.start()
             ),
         ));
     }
     Ok(secret.into_bytes())
+}
+
+/// `auth.jwt_secrets`: a bounded list, each secret long enough for HS256, each `kid` visible text and
+/// named once (a token's `kid` must select one secret).
+fn jwt_secrets(entries: &[JwtSecretEntry]) -> Result<Vec<JwtSecret>, ConfigError> {
+    const KEY: &str = "auth.jwt_secrets";
+    check_range(KEY, entries.len(), limits::JWT_SECRETS).map_err(|_| {
+        invalid(
+            KEY,
+            format!(
+                "has {} entries; at most {} are allowed",
+                entries.len(),
+                limits::JWT_SECRETS.end()
+            ),
+        )
+    })?;
+    let mut checked: Vec<JwtSecret> = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let n = i + 1;
+        let kid = match entry.kid.as_str() {
+            "" => None,
+            kid => {
+                if !limits::JWT_KID_BYTES.contains(&kid.len()) || kid.chars().any(char::is_control)
+                {
+                    return Err(invalid(
+                        KEY,
+                        format!(
+                            "entry {n}: kid must be 1 to {} bytes without control characters",
+                            limits::JWT_KID_BYTES.end()
+                        ),
+                    ));
+                }
+                if checked.iter().any(|s| s.kid.as_deref() == Some(kid)) {
+                    return Err(invalid(
+                        KEY,
+                        format!("entry {n}: kid {kid:?} is given twice"),
+                    ));
+                }
+                Some(kid.to_owned())
+            }
+        };
+        if entry.secret.len() < *limits::JWT_SECRET_BYTES.start() {
+            return Err(invalid(
+                KEY,
+                format!(
+                    "entry {n}: a {}-byte secret; HS256 needs at least {} bytes (RFC 7518 §3.2)",
+                    entry.secret.len(),
+                    limits::JWT_SECRET_BYTES.start()
+                ),
+            ));
+        }
+        checked.push(JwtSecret {
+            kid,
+            secret: entry.secret.clone().into_bytes(),
+        });
+    }
+    Ok(checked)
+}
+
+/// `auth.jwks_url`: an absolute `http` or `https` URL with a host (as the HTTP client will parse it).
+fn check_jwks_url(url: &str) -> Result<String, ConfigError> {
+    let uri = url.parse::<ureq::http::Uri>();
+    let ok = uri.as_ref().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+    });
+    if !ok {
+        return Err(invalid(
+            "auth.jwks_url",
+            format!(
+                "(`{}`) must be an http:// or https:// URL, e.g. https://idp.example.com/.well-known/jwks.json",
+                redact_url(url)
+            ),
+        ));
+    }
+    Ok(url.to_owned())
 }
 
 /// `[admin]`: the listener (distinct from `server.listen`), the API key's form, and a publish size no larger
@@ -726,6 +862,21 @@ mod tests {
             ("[auth]\nleeway_secs = 301", "auth.leeway_secs"),
             ("[auth]\nmax_id_bytes = 0", "auth.max_id_bytes"),
             ("[auth]\nmax_channels = 5000", "auth.max_channels"),
+            ("[auth]\njwks_url = \"ftp://idp/keys\"", "auth.jwks_url"),
+            ("[auth]\njwks_url = \"idp.example/keys\"", "auth.jwks_url"),
+            ("[auth]\njwks_refresh_secs = 5", "auth.jwks_refresh_secs"),
+            (
+                "[auth]\njwks_min_refresh_secs = 0",
+                "auth.jwks_min_refresh_secs",
+            ),
+            (
+                "[auth]\njwks_refresh_secs = 60\njwks_min_refresh_secs = 61",
+                "auth.jwks_min_refresh_secs",
+            ),
+            (
+                "[auth]\njwt_secrets = [{ kid = \"a\", secret = \"short\" }]",
+                "auth.jwt_secrets",
+            ),
             ("[admin]\nlisten = \"127.0.0.1\"", "admin.listen"),
             ("[admin]\nlisten = \"127.0.0.1:8080\"", "admin.listen"),
             ("[admin]\napi_key = \"has space\"", "admin.api_key"),
@@ -844,6 +995,98 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    const LONG_A: &str = "secret-a-that-is-long-enough-for-hs256-0000";
+    const LONG_B: &str = "secret-b-that-is-long-enough-for-hs256-1111";
+
+    #[test]
+    fn jwt_secrets_are_read_with_their_kids() {
+        let c = parse(&format!(
+            "[auth]\njwt_secrets = [{{ kid = \"2027-01\", secret = \"{LONG_A}\" }}, {{ secret = \"{LONG_B}\" }}]"
+        ))
+        .unwrap();
+        let got: Vec<_> = c
+            .auth
+            .secrets
+            .iter()
+            .map(|s| (s.kid.as_deref(), s.secret.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("2027-01"), LONG_A.as_bytes()),
+                (None, LONG_B.as_bytes())
+            ]
+        );
+        // The primary secret stays, for `densepush token` and tokens without a known kid.
+        assert!(c.uses_dev_secret());
+    }
+
+    #[test]
+    fn a_kid_given_twice_in_jwt_secrets_is_refused() {
+        let (key, msg) = invalid_key(&format!(
+            "[auth]\njwt_secrets = [{{ kid = \"k\", secret = \"{LONG_A}\" }}, {{ kid = \"k\", secret = \"{LONG_B}\" }}]"
+        ));
+        assert_eq!(key, "auth.jwt_secrets");
+        assert!(msg.contains("entry 2: kid \"k\" is given twice"), "{msg}");
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_jwt_secrets_entry_is_a_parse_error() {
+        let msg = parse_error(&format!(
+            "[auth]\njwt_secrets = [{{ id = \"k\", secret = \"{LONG_A}\" }}]"
+        ));
+        assert!(msg.contains("id"), "{msg}");
+    }
+
+    #[test]
+    fn empty_jwt_secret_is_allowed_only_with_another_key_source() {
+        let (_, msg) = invalid_key("[auth]\njwt_secret = \"\"");
+        assert!(msg.contains("or leave it empty and configure"), "{msg}");
+        for other in [
+            "jwks_url = \"https://idp.example/jwks\"",
+            "jwks_file = \"/etc/densepush/jwks.json\"",
+            "jwt_public_key_file = \"/etc/densepush/idp.pem\"",
+        ] {
+            let c = parse(&format!("[auth]\njwt_secret = \"\"\n{other}")).unwrap();
+            assert!(c.auth.secret.is_empty(), "{other}");
+            assert!(c.uses_identity_provider_keys(), "{other}");
+        }
+    }
+
+    #[test]
+    fn identity_provider_settings_are_read() {
+        let c = parse(
+            "[auth]\njwks_url = \"https://idp.example/jwks\"\njwks_refresh_secs = 600\n\
+             jwks_min_refresh_secs = 30\njwks_ca_file = \"/etc/ca.pem\"\nissuer = \"https://idp.example/\"\n\
+             audience = \"densepush\"\njwks_file = \"/k.json\"\njwt_public_key_file = \"/k.pem\"",
+        )
+        .unwrap()
+        .auth;
+        assert_eq!(c.jwks_url.as_deref(), Some("https://idp.example/jwks"));
+        assert_eq!((c.jwks_refresh_secs, c.jwks_min_refresh_secs), (600, 30));
+        assert_eq!(c.jwks_ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.jwks_file, Some(PathBuf::from("/k.json")));
+        assert_eq!(c.public_key_file, Some(PathBuf::from("/k.pem")));
+        assert_eq!(c.issuer.as_deref(), Some("https://idp.example/"));
+        assert_eq!(c.audience.as_deref(), Some("densepush"));
+    }
+
+    #[test]
+    fn jwks_url_credentials_never_reach_an_error() {
+        let (_, msg) = invalid_key("[auth]\njwks_url = \"ftp://user:hunter2@idp/keys\"");
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn key_sources_are_dropped_in_none_mode() {
+        let c = parse(
+            "[auth]\nmode = \"none\"\njwks_url = \"https://idp.example/jwks\"\njwks_file = \"/k.json\"",
+        )
+        .unwrap();
+        assert!(!c.uses_identity_provider_keys());
+        assert_eq!((c.auth.jwks_url, c.auth.jwks_file), (None, None));
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! text format itself is [`Exposition`]'s (in `exposition`), shared with the history and cluster numbers.
 
 mod exposition;
+mod keys;
 
 use crate::budget::Budget;
 pub use exposition::{Exposition, MetricType};
+pub use keys::{KeyMetrics, KEY_SOURCE_LABELS};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -162,6 +164,8 @@ pub struct AdminMetrics {
     pub requests_5xx: AtomicU64,
     /// The server-wide buffer budget, rendered as its use and its limit.
     pub buffer_budget: Option<Arc<Budget>>,
+    /// The token verification keys (JWT mode only).
+    pub keys: Option<Arc<KeyMetrics>>,
 }
 
 /// Reads one of a reactor's numbers.
@@ -351,6 +355,9 @@ pub fn render(
         "Admin kick requests.",
         admin.kicks.load(Relaxed),
     );
+    if let Some(keys) = &admin.keys {
+        keys.render(&mut out, unix_now_ms());
+    }
     if let Some(rss) = rss_bytes {
         out.gauge(
             "densepush_process_resident_bytes",
@@ -381,6 +388,13 @@ pub fn heap_allocated_bytes() -> Option<u64> {
     {
         None
     }
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is set before it.
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One family with a sample per reactor, labelled with the reactor's index.

@@ -1,19 +1,49 @@
 //! Who a connection is: turns the handshake's query string and `Authorization` value into an
-//! [`Identity`], either by verifying an HS256 JWT (RFC 7519) or, in development mode, by trusting
+//! [`Identity`], either by verifying a JWT (RFC 7519) or, in development mode, by trusting
 //! `?user=&client=&channels=` as given.
 //!
-//! It owns token verification and identity validation; it does not read the request (see `proto::handshake`)
-//! nor decide what an identity may do beyond the channels it names. The `*_at` functions take the time
-//! as an argument so every rule is testable; the plain ones read the system clock for convenience.
+//! Tokens are verified with HS256 secrets from the config and with the public keys of an identity provider
+//! (RS256/384/512, PS256/384/512, ES256/384, EdDSA), from a PEM file, a JWKS file or a JWKS URL. The key
+//! decides the algorithm (`keys`), so no token chooses how it is checked.
+//!
+//! This file owns the public face ([`Authenticator`], [`Identity`], [`AuthError`]), finding the token in the
+//! request, and building the key sets from the config. Its parts each own one job: `jws` (header and
+//! signature), `keys` (which key, which algorithm), `pem_keys` and `jwk` (parsing keys), `jwks` (the refresher
+//! thread), `claims` (time, issuer, audience, identity). It does not read the request (see
+//! `proto::handshake`) nor decide what an identity may do beyond the channels it names. The `*_at` functions
+//! take the time as an argument so every rule is testable; the plain ones read the system clock.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+mod claims;
+mod jwk;
+mod jwks;
+mod jws;
+mod keys;
+mod pem_keys;
+#[cfg(test)]
+mod testkeys;
 
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::metrics::KeyMetrics;
 use crate::proto::http::{self, query_param};
+
+pub use claims::ClaimRules;
+pub use jwks::{FETCH_TIMEOUT as JWKS_FETCH_TIMEOUT, MAX_JWKS_BYTES};
+pub use keys::{Key, KeyKind, KeySet, KeySource, MAX_KEYS_PER_SOURCE};
+
+use claims::{identity_from_claims, identity_from_query};
+use jwks::{JwksSettings, RemoteKeys};
+use jws::Validations;
+
+/// Largest key file read (`auth.jwt_public_key_file`, `auth.jwks_file`, `auth.jwks_ca_file`), in bytes.
+pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
 
 /// The authenticated (or, in `None` mode, claimed) identity of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,10 +68,14 @@ pub enum AuthError {
     /// Not a JWS compact serialisation with JSON header and claims (RFC 7515 §7.1, RFC 7519 §7.2).
     #[error("malformed token")]
     Malformed,
-    /// The header's `alg` is missing or not HS256, or the header has a `crit` we do not understand.
+    /// The header's `alg` is missing, `none`, unknown, or not accepted by the key the token names (or by
+    /// any key, without `kid`); or the header has a `crit` we do not understand.
     #[error("token algorithm not accepted")]
     WrongAlgorithm,
-    /// The HMAC does not verify.
+    /// The header's `kid` names no key we have (a JWKS refresh is requested when one is configured).
+    #[error("token key id not known")]
+    UnknownKey,
+    /// No key that may verify the token does.
     #[error("bad token signature")]
     BadSignature,
     /// `exp` is in the past, beyond the leeway (RFC 7519 §4.1.4).
@@ -69,6 +103,7 @@ impl AuthError {
             AuthError::Ambiguous => "token given more than once",
             AuthError::Malformed => "malformed token",
             AuthError::WrongAlgorithm => "token algorithm not accepted",
+            AuthError::UnknownKey => "token key id not known",
             AuthError::BadSignature => "bad token signature",
             AuthError::Expired => "token expired",
             AuthError::NotYetValid => "token not yet valid",
@@ -85,6 +120,7 @@ impl AuthError {
             AuthError::Ambiguous => "auth_ambiguous",
             AuthError::Malformed => "auth_malformed",
             AuthError::WrongAlgorithm => "auth_wrong_algorithm",
+            AuthError::UnknownKey => "auth_unknown_key",
             AuthError::BadSignature => "auth_bad_signature",
             AuthError::Expired => "auth_expired",
             AuthError::NotYetValid => "auth_not_yet_valid",
@@ -93,6 +129,25 @@ impl AuthError {
             AuthError::Signing => "auth_signing",
         }
     }
+}
+
+/// Why the key sets could not be built at start. Each message names the config key and, for a file, its
+/// path; none carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A key file is unreadable or does not hold what its key needs.
+    #[error("{key} {}: {why}", path.display())]
+    File {
+        /// The config key naming the file, e.g. `auth.jwks_file`.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The JWKS refresher thread could not be started.
+    #[error("starting the auth.jwks_url refresher thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Bounds on identity strings, applied in both modes.
@@ -104,21 +159,11 @@ pub struct AuthLimits {
     pub max_channels: usize,
 }
 
-/// How connections are authenticated. Build it with [`Authenticator::jwt`] or [`Authenticator::none`].
-// One instance per server, so the size gap between the variants costs nothing.
-#[allow(clippy::large_enum_variant)]
+/// How connections are authenticated. Build it with [`Authenticator::from_config`], [`Authenticator::jwt`]
+/// or [`Authenticator::none`].
 pub enum Authenticator {
-    /// HS256 JWTs signed with a shared secret.
-    Jwt {
-        /// Verification key from the shared secret.
-        key: DecodingKey,
-        /// jsonwebtoken settings: HS256 only; time claims are checked here, with an injected clock.
-        validation: Validation,
-        /// Clock skew tolerated on `exp` and `nbf`, in seconds.
-        leeway_secs: u64,
-        /// Identity bounds.
-        limits: AuthLimits,
-    },
+    /// JWTs verified with the configured keys.
+    Jwt(Box<JwtVerifier>),
     /// No authentication: the query names the identity. For development and trusted networks only.
     None {
         /// Identity bounds.
@@ -126,18 +171,28 @@ pub enum Authenticator {
     },
 }
 
+/// JWT mode's state: the keys, the claim rules and their numbers.
+pub struct JwtVerifier {
+    /// Keys from the config and its files, fixed at start.
+    static_keys: KeySet,
+    /// Keys from `auth.jwks_url`, replaced by the refresher.
+    remote: Option<Arc<RemoteKeys>>,
+    validations: Validations,
+    rules: ClaimRules,
+    limits: AuthLimits,
+    metrics: Arc<KeyMetrics>,
+}
+
 impl std::fmt::Debug for Authenticator {
-    // Hand-written so the secret never reaches a log.
+    // Hand-written so no key material reaches a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Authenticator::Jwt {
-                leeway_secs,
-                limits,
-                ..
-            } => f
+            Authenticator::Jwt(v) => f
                 .debug_struct("Jwt")
-                .field("leeway_secs", leeway_secs)
-                .field("limits", limits)
+                .field("static_keys", &v.static_keys)
+                .field("remote", &v.remote)
+                .field("rules", &v.rules)
+                .field("limits", &v.limits)
                 .finish_non_exhaustive(),
             Authenticator::None { limits } => {
                 f.debug_struct("None").field("limits", limits).finish()
@@ -147,28 +202,82 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// JWT mode with an HS256 shared secret and `leeway_secs` of tolerated clock skew.
+    /// JWT mode with one HS256 shared secret and `leeway_secs` of tolerated clock skew.
     pub fn jwt(secret: &[u8], leeway_secs: u64, limits: AuthLimits) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        // exp/nbf are checked in `check_times` against the caller's clock, so the library must not
-        // read the system clock or require exp (tokens without exp are accepted by design).
-        validation.required_spec_claims.clear();
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        // Kept on: with no audience configured, a token carrying `aud` is refused, as RFC 7519 §4.1.3
-        // requires of a recipient that does not identify itself with the audience.
-        validation.validate_aud = true;
-        Authenticator::Jwt {
-            key: DecodingKey::from_secret(secret),
-            validation,
+        let rules = ClaimRules {
             leeway_secs,
+            ..ClaimRules::default()
+        };
+        Self::with_keys(KeySet::new(vec![Key::hmac(None, secret)]), rules, limits)
+    }
+
+    /// JWT mode with these keys (no JWKS URL).
+    pub fn with_keys(keys: KeySet, rules: ClaimRules, limits: AuthLimits) -> Self {
+        let metrics = Arc::new(KeyMetrics::new(None));
+        count_keys(&metrics, &keys);
+        Authenticator::Jwt(Box::new(JwtVerifier {
+            static_keys: keys,
+            remote: None,
+            validations: Validations::new(),
+            rules,
             limits,
-        }
+            metrics,
+        }))
     }
 
     /// No authentication: `?user=U&client=C&channels=a,b` is taken at its word.
     pub fn none(limits: AuthLimits) -> Self {
         Authenticator::None { limits }
+    }
+
+    /// The authenticator the config describes: in JWT mode, reads the key files (see [`load_static_keys`])
+    /// and starts the `auth.jwks_url` refresher, waiting for its first fetch (at most
+    /// [`JWKS_FETCH_TIMEOUT`] and a second; the server starts without those keys if it fails).
+    pub fn from_config(config: &AuthConfig) -> Result<Self, SetupError> {
+        let limits = AuthLimits {
+            max_id_bytes: config.max_id_bytes,
+            max_channels: config.max_channels,
+        };
+        if config.mode == AuthMode::None {
+            return Ok(Authenticator::none(limits));
+        }
+        let static_keys = load_static_keys(config)?;
+        let metrics = Arc::new(KeyMetrics::new(
+            config.jwks_url.as_ref().map(|_| unix_now_ms()),
+        ));
+        count_keys(&metrics, &static_keys);
+        let remote = match &config.jwks_url {
+            None => None,
+            Some(url) => Some(jwks::start(
+                JwksSettings {
+                    url: url.clone(),
+                    refresh: Duration::from_secs(config.jwks_refresh_secs),
+                    min_gap: Duration::from_secs(config.jwks_min_refresh_secs),
+                    ca_file: config.jwks_ca_file.clone(),
+                },
+                metrics.clone(),
+            )?),
+        };
+        Ok(Authenticator::Jwt(Box::new(JwtVerifier {
+            static_keys,
+            remote,
+            validations: Validations::new(),
+            rules: ClaimRules {
+                leeway_secs: config.leeway_secs,
+                issuer: config.issuer.clone(),
+                audience: config.audience.clone(),
+            },
+            limits,
+            metrics,
+        })))
+    }
+
+    /// The key numbers for `/metrics` (JWT mode only).
+    pub fn key_metrics(&self) -> Option<Arc<KeyMetrics>> {
+        match self {
+            Authenticator::Jwt(v) => Some(v.metrics.clone()),
+            Authenticator::None { .. } => None,
+        }
     }
 
     /// [`Self::authenticate_at`] with the system clock.
@@ -193,19 +302,113 @@ impl Authenticator {
         now_unix_secs: u64,
     ) -> Result<Identity, AuthError> {
         match self {
-            Authenticator::Jwt {
-                key,
-                validation,
-                leeway_secs,
-                limits,
-            } => {
+            Authenticator::Jwt(v) => {
                 let token = find_token(query, authorization)?;
-                let claims = verify_token(&token, key, validation)?;
-                check_times(&claims, now_unix_secs, *leeway_secs)?;
-                identity_from_claims(claims, limits)
+                v.verify(&token, now_unix_secs)
             }
             Authenticator::None { limits } => identity_from_query(query, limits),
         }
+    }
+}
+
+impl JwtVerifier {
+    /// Header, then signature (with the keys the header may use), then claims.
+    fn verify(&self, token: &str, now_unix_secs: u64) -> Result<Identity, AuthError> {
+        let header = jws::parse_header(token)?;
+        // A lock-free load; the guard lives only as long as this verification.
+        let remote = self.remote.as_ref().map(|r| r.load());
+        let verified = match &remote {
+            Some(remote_keys) => jws::verify(
+                token,
+                &header,
+                &[&self.static_keys, remote_keys],
+                &self.validations,
+            ),
+            None => jws::verify(token, &header, &[&self.static_keys], &self.validations),
+        };
+        if verified.key_missing {
+            if let Some(remote) = &self.remote {
+                remote.request_refresh();
+            }
+        }
+        let claims = verified.claims?;
+        self.rules.check(&claims, now_unix_secs)?;
+        identity_from_claims(claims, &self.limits)
+    }
+}
+
+/// The keys fixed at start: the HS256 secrets (`auth.jwt_secret` or `auth.jwt_secret_env`, then
+/// `auth.jwt_secrets`), `auth.jwt_public_key_file` and `auth.jwks_file`. Also what `densepush check-config`
+/// loads, so a bad file is found before a deploy.
+pub fn load_static_keys(config: &AuthConfig) -> Result<KeySet, SetupError> {
+    let mut keys = KeySet::default();
+    if !config.secret.is_empty() {
+        keys.extend([Key::hmac(None, &config.secret)]);
+    }
+    keys.extend(
+        config
+            .secrets
+            .iter()
+            .map(|s| Key::hmac(s.kid.clone(), &s.secret)),
+    );
+    if let Some(path) = &config.public_key_file {
+        let key = "auth.jwt_public_key_file";
+        let bytes = read_key_file(key, path)?;
+        let parsed = pem_keys::parse_pem_keys(&bytes).map_err(|e| SetupError::File {
+            key,
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        keys.extend(parsed);
+    }
+    if let Some(path) = &config.jwks_file {
+        let key = "auth.jwks_file";
+        let bytes = read_key_file(key, path)?;
+        let parsed =
+            jwk::parse_jwks(&bytes, KeySource::JwksFile).map_err(|e| SetupError::File {
+                key,
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        for skipped in &parsed.skipped {
+            log::warn!("{key} {}: skipped {skipped}", path.display());
+        }
+        keys.extend(parsed.keys);
+    }
+    Ok(keys)
+}
+
+fn read_key_file(key: &'static str, path: &Path) -> Result<Vec<u8>, SetupError> {
+    read_bounded(path).map_err(|e| SetupError::File {
+        key,
+        path: path.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+/// A file's bytes, at most [`MAX_KEY_FILE_BYTES`] (a key file is never large; a wrong path such as a device
+/// must not be read forever).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "is larger than {MAX_KEY_FILE_BYTES} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
+fn count_keys(metrics: &KeyMetrics, keys: &KeySet) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for source in [
+        KeySource::Secret,
+        KeySource::PublicKeyFile,
+        KeySource::JwksFile,
+    ] {
+        metrics.keys[source as usize].store(keys.count(source) as u64, Relaxed);
     }
 }
 
@@ -233,176 +436,6 @@ fn non_empty(t: std::borrow::Cow<'_, str>) -> Result<std::borrow::Cow<'_, str>, 
     } else {
         Ok(t)
     }
-}
-
-/// Claims as sent, kept untyped so each bad claim gets its own error after the signature verifies.
-/// serde refuses duplicate keys, so a claim cannot be given twice with different values.
-#[derive(Deserialize)]
-struct RawClaims {
-    sub: Option<Value>,
-    client: Option<Value>,
-    channels: Option<Value>,
-    exp: Option<Value>,
-    nbf: Option<Value>,
-}
-
-/// Header check, then signature check, then claims parse.
-fn verify_token(
-    token: &str,
-    key: &DecodingKey,
-    validation: &Validation,
-) -> Result<RawClaims, AuthError> {
-    check_header(token)?;
-    match jsonwebtoken::decode::<RawClaims>(token, key, validation) {
-        Ok(data) => Ok(data.claims),
-        Err(e) => Err(match e.kind() {
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => AuthError::WrongAlgorithm,
-            ErrorKind::InvalidAudience => AuthError::BadClaim("token audience not accepted"),
-            _ => AuthError::Malformed,
-        }),
-    }
-}
-
-/// Refuses any `alg` but HS256 before the signature is looked at, so `none`, other HMAC sizes and
-/// public-key algorithms can never reach verification (RFC 8725 §3.1, §2.1; RFC 7518 §3.1).
-fn check_header(token: &str) -> Result<(), AuthError> {
-    // JWS compact serialisation: exactly three base64url parts (RFC 7515 §7.1).
-    let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(AuthError::Malformed);
-    };
-    let bytes = URL_SAFE_NO_PAD
-        .decode(header)
-        .map_err(|_| AuthError::Malformed)?;
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&bytes) else {
-        return Err(AuthError::Malformed);
-    };
-    // Case-sensitive, as every JOSE value (RFC 7515 §4.1.1).
-    if fields.get("alg").and_then(Value::as_str) != Some("HS256") {
-        return Err(AuthError::WrongAlgorithm);
-    }
-    // RFC 7515 §4.1.11: extensions listed in `crit` must be understood; we understand none.
-    if fields.contains_key("crit") {
-        return Err(AuthError::WrongAlgorithm);
-    }
-    Ok(())
-}
-
-/// `exp` and `nbf`, each optional, with `leeway_secs` of skew allowed on both.
-fn check_times(claims: &RawClaims, now: u64, leeway_secs: u64) -> Result<(), AuthError> {
-    // NumericDate may be non-integer (RFC 7519 §2); f64 is exact for any plausible timestamp.
-    let now = now as f64;
-    let leeway = leeway_secs as f64;
-    if let Some(exp) = numeric_date(&claims.exp, "exp claim must be a number")? {
-        // RFC 7519 §4.1.4: valid only while now is before exp.
-        if now >= exp + leeway {
-            return Err(AuthError::Expired);
-        }
-    }
-    if let Some(nbf) = numeric_date(&claims.nbf, "nbf claim must be a number")? {
-        // RFC 7519 §4.1.5: valid from nbf on.
-        if now + leeway < nbf {
-            return Err(AuthError::NotYetValid);
-        }
-    }
-    Ok(())
-}
-
-fn numeric_date(v: &Option<Value>, wrong_type: &'static str) -> Result<Option<f64>, AuthError> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_f64().map(Some).ok_or(AuthError::BadClaim(wrong_type)),
-        Some(_) => Err(AuthError::BadClaim(wrong_type)),
-    }
-}
-
-fn identity_from_claims(claims: RawClaims, limits: &AuthLimits) -> Result<Identity, AuthError> {
-    let user = match claims.sub {
-        None | Some(Value::Null) => return Err(AuthError::MissingSub),
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(AuthError::BadClaim("sub claim must be a string")),
-    };
-    check_id(&user, limits, "invalid sub claim")?;
-    let client = match claims.client {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => {
-            check_id(&s, limits, "invalid client claim")?;
-            Some(s)
-        }
-        Some(_) => return Err(AuthError::BadClaim("client claim must be a string")),
-    };
-    let channels = match claims.channels {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => {
-            let mut names = Vec::with_capacity(items.len().min(limits.max_channels));
-            for item in items {
-                let Value::String(name) = item else {
-                    return Err(AuthError::BadClaim("channels claim must be strings"));
-                };
-                push_channel(&mut names, name, limits)?;
-            }
-            names
-        }
-        Some(_) => return Err(AuthError::BadClaim("channels claim must be an array")),
-    };
-    Ok(Identity {
-        user,
-        client,
-        channels,
-    })
-}
-
-fn identity_from_query(query: &str, limits: &AuthLimits) -> Result<Identity, AuthError> {
-    let user = query_param(query, "user").ok_or(AuthError::Missing)?;
-    check_id(&user, limits, "invalid user")?;
-    let client = match query_param(query, "client") {
-        None => None,
-        Some(c) => {
-            check_id(&c, limits, "invalid client")?;
-            Some(c.into_owned())
-        }
-    };
-    let mut channels = Vec::new();
-    if let Some(list) = query_param(query, "channels") {
-        for name in list.split(',').filter(|n| !n.is_empty()) {
-            push_channel(&mut channels, name.to_owned(), limits)?;
-        }
-    }
-    Ok(Identity {
-        user: user.into_owned(),
-        client,
-        channels,
-    })
-}
-
-/// Appends a channel unless already present; fails once more than `max_channels` distinct names are
-/// seen, so the work stays bounded by the limit whatever the input size.
-fn push_channel(
-    channels: &mut Vec<String>,
-    name: String,
-    limits: &AuthLimits,
-) -> Result<(), AuthError> {
-    check_id(&name, limits, "invalid channel name")?;
-    if channels.contains(&name) {
-        return Ok(());
-    }
-    if channels.len() >= limits.max_channels {
-        return Err(AuthError::BadClaim("too many channels"));
-    }
-    channels.push(name);
-    Ok(())
-}
-
-/// Identity strings: non-empty, at most `max_id_bytes`, no control characters (they end up in logs
-/// and in the fanout index).
-fn check_id(s: &str, limits: &AuthLimits, invalid: &'static str) -> Result<(), AuthError> {
-    if s.is_empty() || s.len() > limits.max_id_bytes || s.chars().any(char::is_control) {
-        return Err(AuthError::BadClaim(invalid));
-    }
-    Ok(())
 }
 
 #[derive(Serialize)]
@@ -457,14 +490,22 @@ pub fn issue_token_at(
 
 /// Seconds since the Unix epoch; 0 if the clock is set before it.
 fn unix_now_secs() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is set before it.
+fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use serde_json::Value;
 
     const SECRET: &[u8] = b"test-secret-please-ignore";
     const NOW: u64 = 1_700_000_000;
@@ -929,5 +970,179 @@ mod tests {
         let printed = format!("{:?}", jwt());
         assert!(!printed.contains("test-secret"));
         assert!(printed.contains("leeway_secs"));
+    }
+
+    // ---- keys from the config ------------------------------------------------------------------------
+
+    const SECRET_A: &[u8] = b"rotation-secret-a-that-is-long-enough-0000";
+    const SECRET_B: &[u8] = b"rotation-secret-b-that-is-long-enough-1111";
+    const PRIMARY: &[u8] = b"primary-secret-that-is-long-enough-for-hs256";
+
+    fn config(text: &str) -> AuthConfig {
+        crate::config::Config::from_toml_str(text, &[])
+            .unwrap()
+            .auth
+    }
+
+    #[test]
+    fn hs256_secrets_rotate_by_kid() {
+        let auth = Authenticator::from_config(&config(&format!(
+            "[auth]\njwt_secret = \"{}\"\njwt_secrets = [{{ kid = \"a\", secret = \"{}\" }}, {{ kid = \"b\", secret = \"{}\" }}]",
+            std::str::from_utf8(PRIMARY).unwrap(),
+            std::str::from_utf8(SECRET_A).unwrap(),
+            std::str::from_utf8(SECRET_B).unwrap(),
+        )))
+        .unwrap();
+        let check = |header: &str, secret: &[u8]| {
+            auth.authenticate_at(
+                &format!("token={}", hand_signed(header, r#"{"sub":"u"}"#, secret)),
+                None,
+                NOW,
+            )
+        };
+        assert!(check(r#"{"alg":"HS256","kid":"b"}"#, SECRET_B).is_ok());
+        assert!(check(r#"{"alg":"HS256","kid":"a"}"#, SECRET_A).is_ok());
+        // A kid selects its secret only: the other rotation secret does not verify under it.
+        assert_eq!(
+            check(r#"{"alg":"HS256","kid":"b"}"#, SECRET_A),
+            Err(AuthError::BadSignature)
+        );
+        // Without kid, or with a kid no key has, the secrets without kid are tried (here the primary one).
+        assert!(check(r#"{"alg":"HS256"}"#, PRIMARY).is_ok());
+        assert!(check(r#"{"alg":"HS256","kid":"other"}"#, PRIMARY).is_ok());
+        assert_eq!(
+            check(r#"{"alg":"HS256","kid":"other"}"#, SECRET_A),
+            Err(AuthError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn secrets_without_kid_are_all_tried() {
+        let keys = KeySet::new(vec![Key::hmac(None, SECRET_A), Key::hmac(None, SECRET_B)]);
+        let auth = Authenticator::with_keys(keys, ClaimRules::default(), LIMITS);
+        let token = issue_token_at(SECRET_B, "u", None, &[], 60, NOW).unwrap();
+        assert_eq!(
+            auth.authenticate_at(&format!("token={token}"), None, NOW)
+                .unwrap()
+                .user,
+            "u"
+        );
+    }
+
+    #[test]
+    fn public_key_and_jwks_files_are_loaded_and_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem_path = dir.path().join("idp.pem");
+        std::fs::write(&pem_path, testkeys::ED25519_PUBLIC).unwrap();
+        let jwks_path = dir.path().join("jwks.json");
+        let jwk = testkeys::P256_JWK.replacen('{', r#"{"kid":"p","#, 1);
+        std::fs::write(&jwks_path, format!(r#"{{"keys":[{jwk}]}}"#)).unwrap();
+        let auth = Authenticator::from_config(&config(&format!(
+            "[auth]\njwt_secret = \"\"\njwt_public_key_file = {:?}\njwks_file = {:?}",
+            pem_path.display().to_string(),
+            jwks_path.display().to_string()
+        )))
+        .unwrap();
+        let sign = |alg: Algorithm, header: &str, private: &str| {
+            let key = match alg {
+                Algorithm::EdDSA => EncodingKey::from_ed_pem(private.as_bytes()).unwrap(),
+                _ => EncodingKey::from_ec_pem(private.as_bytes()).unwrap(),
+            };
+            let message = format!("{}.{}", b64(header), b64(r#"{"sub":"idp-user"}"#));
+            let sig = jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg).unwrap();
+            format!("token={message}.{sig}")
+        };
+        let ed = sign(
+            Algorithm::EdDSA,
+            r#"{"alg":"EdDSA"}"#,
+            testkeys::ED25519_PRIVATE,
+        );
+        assert_eq!(
+            auth.authenticate_at(&ed, None, NOW).unwrap().user,
+            "idp-user"
+        );
+        let es = sign(
+            Algorithm::ES256,
+            r#"{"alg":"ES256","kid":"p"}"#,
+            testkeys::P256_PRIVATE,
+        );
+        assert_eq!(
+            auth.authenticate_at(&es, None, NOW).unwrap().user,
+            "idp-user"
+        );
+        // HS256 is off: jwt_secret is empty, so no key accepts it.
+        let hs = issue_token_at(SECRET, "u", None, &[], 60, NOW).unwrap();
+        assert_eq!(
+            auth.authenticate_at(&format!("token={hs}"), None, NOW),
+            Err(AuthError::WrongAlgorithm)
+        );
+        let metrics = auth.key_metrics().unwrap();
+        let count =
+            |s: KeySource| metrics.keys[s as usize].load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            (
+                count(KeySource::Secret),
+                count(KeySource::PublicKeyFile),
+                count(KeySource::JwksFile)
+            ),
+            (0, 1, 1)
+        );
+    }
+
+    #[test]
+    fn bad_key_files_are_errors_naming_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private.pem");
+        std::fs::write(&private, testkeys::RSA_PRIVATE).unwrap();
+        let garbage = dir.path().join("garbage.json");
+        std::fs::write(&garbage, "{\"keys\": 5}").unwrap();
+        let missing = dir.path().join("missing.json");
+        let cases = [
+            ("jwt_public_key_file", &private, "is a private key"),
+            ("jwks_file", &garbage, "is not a JWK Set"),
+            ("jwks_file", &missing, "No such file"),
+        ];
+        for (key, path, why) in cases {
+            let err = load_static_keys(&config(&format!(
+                "[auth]\n{key} = {:?}",
+                path.display().to_string()
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with(&format!("auth.{key} {}: ", path.display())),
+                "{err}"
+            );
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn issuer_and_audience_from_the_config_are_enforced() {
+        let auth = Authenticator::from_config(&config(&format!(
+            "[auth]\njwt_secret = \"{}\"\nissuer = \"https://idp/\"\naudience = \"push\"",
+            std::str::from_utf8(PRIMARY).unwrap()
+        )))
+        .unwrap();
+        let check = |claims: &str| {
+            let token = hand_signed(r#"{"alg":"HS256"}"#, claims, PRIMARY);
+            auth.authenticate_at(&format!("token={token}"), None, NOW)
+        };
+        assert!(check(r#"{"sub":"a","iss":"https://idp/","aud":["x","push"]}"#).is_ok());
+        assert_eq!(
+            check(r#"{"sub":"a","iss":"https://evil/","aud":"push"}"#),
+            Err(AuthError::BadClaim("token issuer not accepted"))
+        );
+        assert_eq!(
+            check(r#"{"sub":"a","iss":"https://idp/"}"#),
+            Err(AuthError::BadClaim("token audience not accepted"))
+        );
+    }
+
+    #[test]
+    fn none_mode_from_the_config_has_no_key_metrics() {
+        let auth = Authenticator::from_config(&config("[auth]\nmode = \"none\"")).unwrap();
+        assert!(auth.key_metrics().is_none());
+        assert!(auth.authenticate_at("user=u", None, NOW).is_ok());
     }
 }
