@@ -384,16 +384,18 @@ impl Api {
         let code = match crate::proto::http::query_param(&request.query, "code") {
             None => DEFAULT_KICK_CODE,
             Some(text) => match text.parse::<u16>() {
-                Ok(code) if code == 1000 || (4000..=4999).contains(&code) => code,
-                _ => return Reply::error(400, "code must be 1000 or 4000-4999"),
+                Ok(code) => code,
+                Err(_) => {
+                    let codes = crate::proto::frame::KICK_CODES;
+                    return Reply::error(400, &format!("code must be {codes}"));
+                }
             },
         };
         let reason = crate::proto::http::query_param(&request.query, "reason")
             .map_or_else(|| DEFAULT_KICK_REASON.to_string(), |r| r.into_owned());
-        // A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason (RFC 6455 §5.5).
-        let max = crate::proto::frame::MAX_CLOSE_REASON_BYTES;
-        if reason.len() > max {
-            return Reply::error(400, &format!("reason must be at most {max} bytes"));
+        // The one rule for a kick's close, shared with the cluster bus's decoder.
+        if let Err(e) = crate::proto::frame::check_kick_close(code, &reason) {
+            return Reply::error(400, &e.to_string());
         }
         if let Some(cluster) = &self.cluster {
             if let Err(e) = cluster.kick(&target, code, &reason) {
