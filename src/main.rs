@@ -126,18 +126,26 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Settings that are allowed but unsafe: on loopback, or beyond it with `auth.allow_insecure = true` (the
+/// configuration refuses them otherwise, see `config::exposure`).
 fn warn_about_unsafe_settings(config: &Config) {
+    let opted_in = "; started only because auth.allow_insecure = true";
+    let clients_note = if config.clients_beyond_loopback() {
+        opted_in
+    } else {
+        ""
+    };
     if config.auth.mode == AuthMode::None {
         log::warn!(
-            "auth.mode = \"none\": anyone who can reach {} picks their own user id; use it only on trusted networks",
+            "auth.mode = \"none\": anyone who can reach {} picks their own user id; use it only on trusted networks{clients_note}",
             config.server.listen
         );
     } else if config.uses_dev_secret() {
-        log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production");
+        log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production{clients_note}");
     }
     if config.admin_exposed_without_key() {
         log::warn!(
-            "admin API on {} is reachable from other hosts and has no admin.api_key: anyone there can publish",
+            "admin API on {} is reachable from other hosts and has no admin.api_key: anyone there can publish{opted_in}",
             config.admin.listen
         );
     }

@@ -58,6 +58,10 @@ pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 5;
 pub const DEFAULT_MAX_ID_BYTES: usize = 128;
 /// Channels one token may subscribe its connection to.
 pub const DEFAULT_MAX_CHANNELS: usize = 32;
+/// Start even when a listener beyond loopback is open to anyone: the development secret or `auth.mode = "none"`
+/// with `server.listen` beyond loopback, or `admin.listen` beyond loopback without `admin.api_key`. For trusted
+/// networks only; otherwise such a configuration is refused.
+pub const DEFAULT_ALLOW_INSECURE: bool = false;
 
 /// Address (IP:port) of the admin HTTP API (publish, metrics). Loopback, for local development.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";

@@ -111,6 +111,7 @@ pub struct AuthSection {
     pub leeway_secs: u64,
     pub max_id_bytes: usize,
     pub max_channels: usize,
+    pub allow_insecure: bool,
 }
 
 impl Default for AuthSection {
@@ -122,6 +123,7 @@ impl Default for AuthSection {
             leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
             max_id_bytes: DEFAULT_MAX_ID_BYTES,
             max_channels: DEFAULT_MAX_CHANNELS,
+            allow_insecure: DEFAULT_ALLOW_INSECURE,
         }
     }
 }
@@ -136,6 +138,7 @@ impl fmt::Debug for AuthSection {
             .field("leeway_secs", &self.leeway_secs)
             .field("max_id_bytes", &self.max_id_bytes)
             .field("max_channels", &self.max_channels)
+            .field("allow_insecure", &self.allow_insecure)
             .finish()
     }
 }

@@ -6,14 +6,15 @@
 //!
 //! It does not parse text or apply environment overrides (`env` and `error` do that). It reports the
 //! first problem only, as a [`ConfigError::Invalid`] naming the dotted key; sections are checked in a
-//! fixed order (server, websocket, auth, admin, log, cluster, history), so which error a bad file gets
-//! is stable.
+//! fixed order (server, websocket, auth, admin, log, cluster, history), then the start-up refusals
+//! (`exposure`), so which error a bad file gets is stable.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
 use super::error::invalid;
+use super::exposure;
 use super::file::{
     AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
     LogSection, ServerSection, WebSocketSection,
@@ -42,7 +43,7 @@ impl FileConfig {
         let websocket = validate_websocket(websocket)?;
         let auth = validate_auth(auth, env)?;
         let admin = validate_admin(admin, &server, &websocket)?;
-        Ok(Config {
+        let config = Config {
             server,
             websocket,
             auth,
@@ -51,7 +52,10 @@ impl FileConfig {
             cluster: validate_cluster(cluster)?,
             history: validate_history(history)?,
             diagnostics: validate_diagnostics(diagnostics),
-        })
+        };
+        // Last: every value is well-formed by now, and the refusals pair settings of several sections.
+        exposure::check(&config)?;
+        Ok(config)
     }
 }
 
@@ -181,6 +185,7 @@ fn validate_auth(auth: AuthSection, env: &[(String, String)]) -> Result<AuthConf
         )?,
         max_id_bytes: check_range("auth.max_id_bytes", auth.max_id_bytes, limits::MAX_ID_BYTES)?,
         max_channels: check_range("auth.max_channels", auth.max_channels, limits::MAX_CHANNELS)?,
+        allow_insecure: auth.allow_insecure,
     })
 }
 
