@@ -276,7 +276,10 @@ fn allow_insecure_starts_each_refused_config_with_a_warning() {
     for (key, overrides) in REFUSALS {
         let mut opted_in = overrides.to_vec();
         opted_in.push(("auth.allow_insecure", "true"));
-        assert!(check_config(&opted_in).0, "{key}: check-config refused the opt-in");
+        assert!(
+            check_config(&opted_in).0,
+            "{key}: check-config refused the opt-in"
+        );
         let server = Server::start(&opted_in);
         assert_eq!(server.request("GET", "/healthz", b"", &[]).status, 200);
         assert!(

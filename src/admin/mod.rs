@@ -2,9 +2,12 @@
 //!
 //! It owns the admin sockets and turns requests into reactor commands: a publish is framed here, once, and the
 //! same bytes go to every reactor's mailbox. It does not touch client connections; presence and kicks are
-//! answered by the reactors that own them. Request framing and routing are sans-IO (`http`, `route`).
+//! answered by the reactors that own them. Request framing, the per-connection state with its bounds and
+//! timeouts, and routing are sans-IO (`http`, `buffer`, `conn`, `route`); `server` is the I/O around them.
 
 pub mod api;
+pub mod buffer;
+pub mod conn;
 pub mod http;
 pub mod route;
 pub mod server;

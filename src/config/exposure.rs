@@ -62,7 +62,7 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+
     use crate::config::test_support::*;
 
     const SECRET: &str = "[auth]\njwt_secret = \"a-production-secret-that-is-long-enough\"\n";

@@ -153,6 +153,9 @@ pub struct AdminSection {
     pub max_publish_bytes: usize,
     pub max_request_head_bytes: usize,
     pub max_request_headers: usize,
+    pub max_connections: usize,
+    pub header_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for AdminSection {
@@ -163,6 +166,9 @@ impl Default for AdminSection {
             max_publish_bytes: DEFAULT_MAX_PUBLISH_BYTES,
             max_request_head_bytes: DEFAULT_MAX_REQUEST_HEAD_BYTES,
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            header_timeout_ms: DEFAULT_ADMIN_HEADER_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_ADMIN_IDLE_TIMEOUT_MS,
         }
     }
 }
@@ -175,6 +181,9 @@ impl fmt::Debug for AdminSection {
             .field("max_publish_bytes", &self.max_publish_bytes)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .finish()
     }
 }

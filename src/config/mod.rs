@@ -223,6 +223,12 @@ pub struct AdminConfig {
     pub max_request_head_bytes: usize,
     /// Headers in the largest admin request.
     pub max_request_headers: usize,
+    /// Admin connections held at once.
+    pub max_connections: usize,
+    /// Milliseconds to send a complete request head.
+    pub header_timeout_ms: u64,
+    /// Milliseconds an admin connection may go without progress.
+    pub idle_timeout_ms: u64,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -233,6 +239,9 @@ impl fmt::Debug for AdminConfig {
             .field("max_publish_bytes", &self.max_publish_bytes)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .finish()
     }
 }

@@ -284,6 +284,21 @@ fn validate_admin(
             admin.max_request_headers,
             limits::MAX_REQUEST_HEADERS,
         )?,
+        max_connections: check_range(
+            "admin.max_connections",
+            admin.max_connections,
+            limits::ADMIN_MAX_CONNECTIONS,
+        )?,
+        header_timeout_ms: check_range(
+            "admin.header_timeout_ms",
+            admin.header_timeout_ms,
+            limits::ADMIN_TIMEOUT_MS,
+        )?,
+        idle_timeout_ms: check_range(
+            "admin.idle_timeout_ms",
+            admin.idle_timeout_ms,
+            limits::ADMIN_TIMEOUT_MS,
+        )?,
     })
 }
 
@@ -689,6 +704,14 @@ mod tests {
             (
                 "[admin]\nmax_request_headers = 2",
                 "admin.max_request_headers",
+            ),
+            ("[admin]\nmax_connections = 0", "admin.max_connections"),
+            ("[admin]\nmax_connections = 65537", "admin.max_connections"),
+            ("[admin]\nheader_timeout_ms = 99", "admin.header_timeout_ms"),
+            ("[admin]\nidle_timeout_ms = 0", "admin.idle_timeout_ms"),
+            (
+                "[admin]\nidle_timeout_ms = 86400001",
+                "admin.idle_timeout_ms",
             ),
         ];
         for (text, want) in cases {

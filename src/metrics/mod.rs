@@ -162,6 +162,15 @@ pub struct AdminMetrics {
     pub requests_5xx: AtomicU64,
     /// The server-wide buffer budget, rendered as its use and its limit.
     pub buffer_budget: Option<Arc<Budget>>,
+    /// Gauge: open admin connections.
+    pub admin_connections: AtomicU64,
+    /// Counter: admin connections refused (503 and closed) at `admin.max_connections`.
+    pub admin_connections_refused: AtomicU64,
+    /// Counter: admin connections closed because a request head was not complete within
+    /// `admin.header_timeout_ms`.
+    pub admin_header_timeouts: AtomicU64,
+    /// Counter: admin connections closed after `admin.idle_timeout_ms` without progress.
+    pub admin_idle_timeouts: AtomicU64,
 }
 
 /// Reads one of a reactor's numbers.
@@ -350,6 +359,27 @@ pub fn render(
         "densepush_kick_requests_total",
         "Admin kick requests.",
         admin.kicks.load(Relaxed),
+    );
+    out.gauge(
+        "densepush_admin_connections",
+        "Open admin API connections, against admin.max_connections.",
+        admin.admin_connections.load(Relaxed),
+    );
+    out.counter(
+        "densepush_admin_connections_refused_total",
+        "Admin connections answered 503 and closed at admin.max_connections.",
+        admin.admin_connections_refused.load(Relaxed),
+    );
+    out.family(
+        "densepush_admin_timeouts_total",
+        "Admin connections closed by a timeout: header (admin.header_timeout_ms) or idle (admin.idle_timeout_ms).",
+        MetricType::Counter,
+        "kind",
+        [
+            ("header", &admin.admin_header_timeouts),
+            ("idle", &admin.admin_idle_timeouts),
+        ]
+        .map(|(kind, counter)| (kind, counter.load(Relaxed))),
     );
     if let Some(rss) = rss_bytes {
         out.gauge(
