@@ -5,6 +5,12 @@ use clap::{Parser, Subcommand};
 use densepush::config::{AuthMode, Config};
 use std::path::PathBuf;
 
+/// Counts heap bytes for the `densepush_heap_allocated_bytes` gauge without taking the allocator's locks
+/// (`metrics::heap`).
+#[global_allocator]
+static ALLOCATOR: densepush::metrics::heap::CountingAllocator =
+    densepush::metrics::heap::CountingAllocator;
+
 #[derive(Parser)]
 #[command(
     name = "densepush",
