@@ -51,7 +51,7 @@ pub const KICK_CODES: &str = "1000 or 4000-4999";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KickCloseError {
     /// The code is not one a kick may carry.
-    #[error("code {0} is not allowed in a kick: code must be 1000 or 4000-4999")]
+    #[error("code {0} is not allowed in a kick: code must be {KICK_CODES}")]
     Code(u16),
     /// The reason does not fit a close frame.
     #[error("reason must be at most {MAX_CLOSE_REASON_BYTES} bytes")]
@@ -158,6 +158,15 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    #[test]
+    fn a_refused_kick_code_names_the_allowed_ones() {
+        let message = check_kick_close(1005, "").unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "code 1005 is not allowed in a kick: code must be 1000 or 4000-4999"
+        );
     }
 
     #[test]
