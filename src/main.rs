@@ -5,6 +5,12 @@ use clap::{Parser, Subcommand};
 use densepush::config::{AuthMode, Config};
 use std::path::PathBuf;
 
+/// Counts heap bytes for the `densepush_heap_allocated_bytes` gauge without taking the allocator's locks
+/// (`metrics::heap`).
+#[global_allocator]
+static ALLOCATOR: densepush::metrics::heap::CountingAllocator =
+    densepush::metrics::heap::CountingAllocator;
+
 #[derive(Parser)]
 #[command(
     name = "densepush",
@@ -157,20 +163,28 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Settings that are allowed but unsafe: on loopback, or beyond it with `auth.allow_insecure = true` (the
+/// configuration refuses them otherwise, see `config::exposure`).
 fn warn_about_unsafe_settings(config: &Config) {
+    let opted_in = "; started only because auth.allow_insecure = true";
+    let clients_note = if config.clients_beyond_loopback() {
+        opted_in
+    } else {
+        ""
+    };
     if config.auth.mode == AuthMode::None {
         log::warn!(
-            "auth.mode = \"none\": anyone who can reach {:?} or {:?} picks their own user id; use it only on trusted networks",
+            "auth.mode = \"none\": anyone who can reach {:?} or {:?} picks their own user id; use it only on trusted networks{clients_note}",
             config.server.listen, config.tls.listen
         );
     } else if config.uses_dev_secret() {
         if config.uses_identity_provider_keys() {
             log::warn!(
                 "auth.jwt_secret is the shipped development secret and is still accepted beside your identity \
-                 provider's keys: set auth.jwt_secret = \"\" to accept only the provider's tokens"
+                 provider's keys: set auth.jwt_secret = \"\" to accept only the provider's tokens{clients_note}"
             );
         } else {
-            log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production");
+            log::warn!("auth.jwt_secret is the shipped development secret: set DENSEPUSH_AUTH_JWT_SECRET in production{clients_note}");
         }
     }
     if let Some(url) = config.jwks_url_unprotected() {
@@ -181,7 +195,7 @@ fn warn_about_unsafe_settings(config: &Config) {
     }
     if config.admin_exposed_without_key() {
         log::warn!(
-            "admin API on {} is reachable from other hosts and has no admin.api_key: anyone there can publish",
+            "admin API on {} is reachable from other hosts and has no admin.api_key: anyone there can publish{opted_in}",
             config.admin.listen
         );
     }

@@ -3,7 +3,7 @@
 //!
 //! It owns start-up and shutdown order only; every request is handled by the threads it starts.
 
-use crate::admin::{http, AdminServer, Api, ApiSettings};
+use crate::admin::{conn::Timeouts, http, server as admin_server, AdminServer, Api, ApiSettings};
 use crate::auth::Authenticator;
 use crate::budget::Budget;
 use crate::cluster::Cluster;
@@ -132,14 +132,15 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     admin_listener.set_nonblocking(true)?;
     let admin_addr = admin_listener.local_addr()?;
     let draining = Arc::new(AtomicBool::new(false));
+    let admin_metrics = Arc::new(AdminMetrics {
+        buffer_budget: Some(settings.budget.clone()),
+        keys: auth.key_metrics(),
+        ..AdminMetrics::default()
+    });
     let api = Api::new(
         publisher,
         reactor_metrics,
-        Arc::new(AdminMetrics {
-            buffer_budget: Some(settings.budget.clone()),
-            keys: auth.key_metrics(),
-            ..AdminMetrics::default()
-        }),
+        admin_metrics.clone(),
         ApiSettings {
             api_key: config.admin.api_key.clone(),
             draining: draining.clone(),
@@ -147,12 +148,19 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         cluster.clone(),
     )
     .with_tls(tls.clone());
-    let limits = http::Limits {
-        max_head_bytes: config.admin.max_request_head_bytes,
-        max_headers: config.admin.max_request_headers,
-        max_body_bytes: config.admin.max_publish_bytes,
+    let admin_settings = admin_server::Settings {
+        limits: http::Limits {
+            max_head_bytes: config.admin.max_request_head_bytes,
+            max_headers: config.admin.max_request_headers,
+            max_body_bytes: config.admin.max_publish_bytes,
+        },
+        max_connections: config.admin.max_connections,
+        timeouts: Timeouts {
+            header: Duration::from_millis(config.admin.header_timeout_ms),
+            idle: Duration::from_millis(config.admin.idle_timeout_ms),
+        },
     };
-    let admin = AdminServer::new(admin_listener, limits, api)?;
+    let admin = AdminServer::new(admin_listener, admin_settings, api, admin_metrics)?;
     // The admin thread is not joined: it serves until the process exits after the reactors drain.
     std::thread::Builder::new()
         .name("admin".into())

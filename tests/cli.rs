@@ -252,3 +252,142 @@ fn check_config_rejects_an_expired_certificate_naming_the_key_and_file() {
     assert!(stderr.contains(pki.cert_file.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("expired"), "{stderr}");
 }
+
+// ---- refusals: listeners beyond loopback open to anyone ---------------------------------------------------
+
+/// Runs the server on a config of the test base plus `overrides`, expecting it to refuse to start: returns its
+/// exit status and stderr. Killed after a while if it started after all, so a regression fails instead of
+/// hanging the test.
+fn refused_start(overrides: &[(&str, &str)]) -> (std::process::ExitStatus, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    write_config(&path, overrides);
+    let mut child = command()
+        .arg("--config")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check-config` on the same config: its exit status and stderr.
+fn check_config(overrides: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    write_config(&path, overrides);
+    let out = cli(&["--config", path.to_str().unwrap(), "check-config"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Each unsafe setting beyond loopback, and the key its refusal must name.
+const REFUSALS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "auth.jwt_secret",
+        &[("auth.mode", "jwt"), ("server.listen", "0.0.0.0:0")],
+    ),
+    ("auth.mode", &[("server.listen", "0.0.0.0:0")]),
+    ("admin.api_key", &[("admin.listen", "0.0.0.0:0")]),
+];
+
+#[test]
+fn unsafe_settings_beyond_loopback_refuse_to_start_naming_the_key_and_the_fix() {
+    for (key, overrides) in REFUSALS {
+        let (status, stdout, stderr) = refused_start(overrides);
+        assert_eq!(status.code(), Some(2), "{key}: {status:?} {stderr}");
+        assert!(!stdout.contains("listening"), "{key}: started: {stdout}");
+        let line = stderr.trim();
+        assert!(line.contains(&format!("{key} ")), "{key} not named: {line}");
+        assert!(line.contains("auth.allow_insecure = true"), "{line}");
+        assert!(line.contains("loopback"), "{line}");
+    }
+}
+
+#[test]
+fn the_development_secret_refusal_says_which_variable_to_set() {
+    let (_, _, stderr) = refused_start(REFUSALS[0].1);
+    assert!(stderr.contains("DENSEPUSH_AUTH_JWT_SECRET"), "{stderr}");
+    let (_, _, stderr) = refused_start(REFUSALS[2].1);
+    assert!(stderr.contains("DENSEPUSH_ADMIN_API_KEY"), "{stderr}");
+}
+
+#[test]
+fn check_config_reports_the_same_refusals() {
+    for (key, overrides) in REFUSALS {
+        let (ok, stderr) = check_config(overrides);
+        assert!(!ok, "{key}: check-config accepted it");
+        assert!(stderr.contains(&format!("{key} ")), "{key}: {stderr}");
+    }
+}
+
+#[test]
+fn allow_insecure_starts_each_refused_config_with_a_warning() {
+    for (key, overrides) in REFUSALS {
+        let mut opted_in = overrides.to_vec();
+        opted_in.push(("auth.allow_insecure", "true"));
+        assert!(
+            check_config(&opted_in).0,
+            "{key}: check-config refused the opt-in"
+        );
+        let server = Server::start(&opted_in);
+        assert_eq!(server.request("GET", "/healthz", b"", &[]).status, 200);
+        assert!(
+            wait_until(std::time::Duration::from_secs(2), || server
+                .log()
+                .contains("started only because auth.allow_insecure = true")),
+            "{key}: no warning:\n{}",
+            server.log()
+        );
+    }
+}
+
+#[test]
+fn the_same_settings_on_loopback_still_start() {
+    // The quick start: the shipped development secret and an admin listener without a key, on loopback.
+    let server = Server::start(&[("auth.mode", "jwt")]);
+    assert_eq!(server.request("GET", "/healthz", b"", &[]).status, 200);
+    assert!(server.log().contains("shipped development secret"));
+}
+
+#[test]
+fn a_secret_of_your_own_and_an_admin_key_start_beyond_loopback() {
+    let server = Server::start(&[
+        ("auth.mode", "jwt"),
+        ("auth.jwt_secret", TEST_SECRET),
+        ("server.listen", "0.0.0.0:0"),
+        ("admin.listen", "0.0.0.0:0"),
+        ("admin.api_key", "k-0123456789"),
+    ]);
+    let auth = [("Authorization", "Bearer k-0123456789")];
+    assert_eq!(server.request("GET", "/metrics", b"", &auth).status, 200);
+}
+
+#[test]
+fn the_systemd_unit_fails_to_start_without_its_secrets_file() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/densepush.service"
+    ))
+    .unwrap();
+    let files: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("EnvironmentFile="))
+        .collect();
+    // systemd skips a missing file only when its path starts with "-".
+    assert_eq!(files, ["/etc/densepush/env"], "{unit}");
+}

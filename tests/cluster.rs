@@ -102,6 +102,60 @@ fn kick_through_one_node_closes_the_users_connection_on_another() {
     assert_eq!(recv_text(&mut bystander), "still here");
 }
 
+/// A kick in the bus's wire format (`cluster::wire`), built by hand so a test can send what no node would.
+fn hand_built_kick(origin: &str, user: &str, code: u16, reason: &str) -> Vec<u8> {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    };
+    let mut out = vec![1, 1]; // version 1, kind 1 (kick)
+    string(&mut out, origin);
+    out.push(0); // target: a user
+    string(&mut out, user);
+    out.extend_from_slice(&code.to_be_bytes());
+    string(&mut out, reason);
+    out
+}
+
+#[test]
+fn a_kick_on_the_bus_with_a_code_that_may_not_be_sent_is_dropped_and_counted() {
+    assert!(
+        redis_available(),
+        "redis-server is missing: run scripts/test.sh"
+    );
+    let redis = Redis::start();
+    let a = Node::start(&redis, "node-a");
+    let mut victim = a.connect_as("victim", "phone", "");
+    let mut control = a.connect_as("control", "phone", "");
+    let invalid_before = a.metric("densepush_cluster_invalid_messages_total");
+
+    // 1005 means "no status code present" and must never be sent in a close frame (RFC 6455 §7.4.1).
+    let bad = hand_built_kick("elsewhere", "victim", 1005, "no");
+    assert_eq!(redis.publish_raw("densepush:bus", &bad), 1);
+    // The same bytes with a code a kick may carry do close a connection: the hand-built message is right, and
+    // since the subscriber handles the bus in order, the bad one has been handled by the time this arrives.
+    let good = hand_built_kick("elsewhere", "control", 4001, "ok");
+    assert_eq!(redis.publish_raw("densepush:bus", &good), 1);
+    loop {
+        match control.read() {
+            Ok(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 4001);
+                break;
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            other => panic!("expected the control kick, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        a.metric("densepush_cluster_invalid_messages_total"),
+        invalid_before + 1
+    );
+    // The victim is still open: the next thing it sees is a message, not a close.
+    let (status, _) = a.publish("/publish/user/victim", "still open");
+    assert_eq!(status, 202);
+    assert_eq!(recv_text(&mut victim), "still open");
+}
+
 #[test]
 fn presence_counts_every_node_and_drops_a_killed_node() {
     assert!(

@@ -147,6 +147,33 @@ fn client_token_messages_replay_only_to_that_clients_connections() {
 }
 
 #[test]
+fn a_position_named_five_times_is_replayed_once() {
+    let server = start(&[("history.user", "true")]);
+    let mut ws = server.connect("user=42&recover=1");
+    for i in 1..=3 {
+        server.publish("/publish/user/42", &format!("m{i}"));
+    }
+    let (epoch, _, _) = envelope(&mut ws);
+    common::close_ws(ws);
+
+    // The same position five times: one replay of 3 messages, not 15 frames.
+    let since = vec![format!("user:42@{epoch}:0"); 5].join(",");
+    let mut ws = server.connect(&format!("user=42&since={since}"));
+    server.publish("/publish/user/42", "marker");
+    let mut got = Vec::new();
+    loop {
+        let (_, offset, payload) = envelope(&mut ws);
+        if payload == "marker" {
+            break;
+        }
+        got.push((offset, payload));
+    }
+    let want: Vec<(u64, String)> = (1..=3).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(got, want, "exactly 3 frames before the marker");
+    assert_eq!(server.metric("densepush_history_replayed_total", &[]), 3);
+}
+
+#[test]
 fn position_evicted_by_size_gets_resync_then_live_messages() {
     let server = start(&[("history.user", "true"), ("history.size", "3")]);
     let mut ws = server.connect("user=1&recover=1");

@@ -188,7 +188,11 @@ fn admin_listen_defaults_to_loopback() {
 
 #[test]
 fn server_warns_at_start_when_admin_listens_beyond_loopback_without_a_key() {
-    let server = Server::start(&[("admin.listen", "0.0.0.0:0")]);
+    // Refused without the opt-in (tests/cli.rs); with it, the server starts and says why it is unsafe.
+    let server = Server::start(&[
+        ("admin.listen", "0.0.0.0:0"),
+        ("auth.allow_insecure", "true"),
+    ]);
     assert!(
         wait_until(std::time::Duration::from_secs(2), || server
             .log()

@@ -1,9 +1,10 @@
 //! The admin API's handlers: a parsed request in, a [`Reply`] out.
 //!
-//! It owns what each route does — the key check, publishing, kicks, presence, history, health, metrics and the
-//! dashboard — and talks to the node through the publish path (`publish`, which also holds the reactors and
-//! history) and the cluster to do it. It does not own sockets, buffers or connection limits (`server`), request
-//! framing (`http`), the route table (`route`), or how a message is framed, stored and delivered (`publish`).
+//! It owns what each route does — the key check (also callable on a head alone, before its body is read),
+//! publishing, kicks, presence, history, health, metrics and the dashboard — and talks to the node through the
+//! publish path (`publish`, which also holds the reactors and history) and the cluster to do it. It does not own
+//! sockets, buffers or connection limits (`server`, `conn`), request framing (`http`), the route table (`route`),
+//! or how a message is framed, stored and delivered (`publish`).
 
 use super::http::{Method, Request};
 use super::route::{self, Route, RouteError};
@@ -121,23 +122,41 @@ impl Api {
         counter.fetch_add(1, Relaxed);
     }
 
-    /// Answers one request.
-    pub fn handle(&self, request: &Request) -> Reply {
-        let routed = route::route(request.method, &request.path);
+    /// The key check, callable with a request head alone: the listener calls it before reading a body, so a
+    /// client without the key never makes the server buffer one. `Err` holds the 401 to answer with.
+    pub fn check_key(
+        &self,
+        method: Method,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> Result<(), Reply> {
         // The dashboard page holds no data (its script fetches /stats, which needs the key), so it is served
         // to anyone who can reach the admin port; the page asks for the key when /stats answers 401. The key
         // is checked before a route is looked up, so without it a client cannot tell routes from 404s.
-        let public = matches!(routed, Ok(Route::Healthz | Route::Dashboard));
-        if !public && !self.authorized(request) {
-            let mut reply = Reply::error(
-                401,
-                "missing or wrong admin API key (Authorization: Bearer <key>)",
-            );
-            reply
-                .headers
-                .push(("WWW-Authenticate", "Bearer".to_string()));
-            return reply;
+        let public = matches!(
+            route::route(method, path),
+            Ok(Route::Healthz | Route::Dashboard)
+        );
+        if public || self.authorized(authorization) {
+            return Ok(());
         }
+        let mut reply = Reply::error(
+            401,
+            "missing or wrong admin API key (Authorization: Bearer <key>)",
+        );
+        reply
+            .headers
+            .push(("WWW-Authenticate", "Bearer".to_string()));
+        Err(reply)
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, request: &Request) -> Reply {
+        let authorization = request.authorization.as_deref();
+        if let Err(refusal) = self.check_key(request.method, &request.path, authorization) {
+            return refusal;
+        }
+        let routed = route::route(request.method, &request.path);
         let route = match routed {
             Ok(route) => route,
             Err(RouteError::NotFound) => return Reply::error(404, "no such route"),
@@ -227,13 +246,11 @@ impl Api {
         reply
     }
 
-    fn authorized(&self, request: &Request) -> bool {
+    fn authorized(&self, authorization: Option<&str>) -> bool {
         let Some(key) = self.settings.api_key.as_deref() else {
             return true;
         };
-        let presented = request
-            .authorization
-            .as_deref()
+        let presented = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .unwrap_or("");
         constant_time_eq(presented.trim().as_bytes(), key.as_bytes())
@@ -383,16 +400,18 @@ impl Api {
         let code = match crate::proto::http::query_param(&request.query, "code") {
             None => DEFAULT_KICK_CODE,
             Some(text) => match text.parse::<u16>() {
-                Ok(code) if code == 1000 || (4000..=4999).contains(&code) => code,
-                _ => return Reply::error(400, "code must be 1000 or 4000-4999"),
+                Ok(code) => code,
+                Err(_) => {
+                    let codes = crate::proto::frame::KICK_CODES;
+                    return Reply::error(400, &format!("code must be {codes}"));
+                }
             },
         };
         let reason = crate::proto::http::query_param(&request.query, "reason")
             .map_or_else(|| DEFAULT_KICK_REASON.to_string(), |r| r.into_owned());
-        // A close frame's payload is at most 125 bytes: 2 for the code, 123 for the reason (RFC 6455 §5.5).
-        let max = crate::proto::frame::MAX_CLOSE_REASON_BYTES;
-        if reason.len() > max {
-            return Reply::error(400, &format!("reason must be at most {max} bytes"));
+        // The one rule for a kick's close, shared with the cluster bus's decoder.
+        if let Err(e) = crate::proto::frame::check_kick_close(code, &reason) {
+            return Reply::error(400, &e.to_string());
         }
         if let Some(cluster) = &self.cluster {
             if let Err(e) = cluster.kick(&target, code, &reason) {

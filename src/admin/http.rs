@@ -1,10 +1,12 @@
 //! Sans-IO HTTP/1.1 server-side message framing for the admin API: turns bytes read from an admin
-//! connection into [`Request`]s (keep-alive and pipelining included) and appends responses to an output
-//! buffer.
+//! connection into request [`Head`]s and [`Request`]s (keep-alive and pipelining included) and appends
+//! responses to an output buffer.
 //!
 //! Owns: request-head parsing (via `httparse`), body framing by `Content-Length`, the connection
-//! persistence decision, and response serialisation. Does not own: sockets, timeouts, routing
-//! (`admin::route`), authentication, or what a response says.
+//! persistence decision, and response serialisation. Does not own: sockets, buffers, timeouts (the
+//! connection state, `admin::conn`), routing (`admin::route`), authentication, or what a response says.
+//! A head is complete before its body: [`parse_head`] hands it out alone, so the caller can refuse a
+//! request (401) before a byte of its body is buffered.
 //!
 //! Deliberate limits of this small server:
 //! - No `Transfer-Encoding` (so no chunked request bodies): such requests get 501 and the connection is
@@ -92,6 +94,43 @@ pub struct Request {
     pub keep_alive: bool,
 }
 
+/// A complete request head: what the admin API reads before the body, and how long the body is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The request method.
+    pub method: Method,
+    /// Raw (still percent-encoded) path, without the query; always starts with `/`.
+    pub path: String,
+    /// Raw query without the leading `?`; empty when absent.
+    pub query: String,
+    /// `Content-Type` value, whitespace-trimmed.
+    pub content_type: Option<String>,
+    /// `Authorization` value, whitespace-trimmed (e.g. `Bearer <jwt>`).
+    pub authorization: Option<String>,
+    /// Whether the connection may stay open after the response (RFC 9112 §9.3).
+    pub keep_alive: bool,
+    /// Bytes of the head, its final empty line included.
+    pub len: usize,
+    /// Bytes of body after the head (`Content-Length`, at most `Limits::max_body_bytes`; 0 without one).
+    pub body_len: usize,
+}
+
+impl Head {
+    /// The request this head starts, with its body (exactly [`Head::body_len`] bytes).
+    pub fn into_request(self, body: Vec<u8>) -> Request {
+        debug_assert_eq!(body.len(), self.body_len);
+        Request {
+            method: self.method,
+            path: self.path,
+            query: self.query,
+            content_type: self.content_type,
+            authorization: self.authorization,
+            body,
+            keep_alive: self.keep_alive,
+        }
+    }
+}
+
 /// Why a request could not be framed. After any of these the caller answers with
 /// [`HttpError::status`] / [`HttpError::message`] and closes the connection, since the framing of any
 /// following bytes is unknown.
@@ -142,15 +181,34 @@ impl HttpError {
     }
 }
 
-/// Frames the first request in `buf`.
+/// Frames the first request in `buf`: [`parse_head`], then its body.
 ///
 /// `Ok(None)`: need more bytes. `Ok(Some((req, consumed)))`: one full request (head + `Content-Length`
 /// body) was consumed; more pipelined requests may follow in `buf[consumed..]`. After an `Err` the caller
 /// answers and closes the connection.
 ///
-/// The head is re-parsed on each call until the whole body has arrived; only the first
-/// `limits.max_head_bytes` bytes are ever scanned, which bounds that cost.
+/// The head is re-parsed on each call until the whole body has arrived; a connection that keeps its state
+/// calls [`parse_head`] once and waits for [`Head::body_len`] bytes instead.
 pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize)>, HttpError> {
+    let Some(head) = parse_head(buf, limits)? else {
+        return Ok(None);
+    };
+    let Some(total) = head.len.checked_add(head.body_len) else {
+        return Err(HttpError::BodyTooLarge);
+    };
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body = buf[head.len..total].to_vec();
+    Ok(Some((head.into_request(body), total)))
+}
+
+/// Parses the request head at the start of `buf`; the body (if any) is not looked at.
+///
+/// `Ok(None)`: the head is not complete yet. `Ok(Some(head))`: `buf[..head.len]` is the head and
+/// `head.body_len` bytes of body follow it (some may not have arrived). After an `Err` the caller answers
+/// and closes the connection. Only the first `limits.max_head_bytes` bytes are ever scanned.
+pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, HttpError> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -202,26 +260,18 @@ pub fn parse_request(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usi
         None => 0,
     };
 
-    let Some(total) = head_len.checked_add(body_len) else {
-        return Err(HttpError::BodyTooLarge);
-    };
-    if buf.len() < total {
-        return Ok(None);
-    }
-
     // RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 persists only with "keep-alive".
     let keep_alive = !fields.connection_close && (http11 || fields.connection_keep_alive);
-    let request = Request {
+    Ok(Some(Head {
         method,
         path: path.to_owned(),
         query: query.to_owned(),
         content_type: fields.content_type.map(str::to_owned),
         authorization: fields.authorization.map(str::to_owned),
-        body: buf[head_len..total].to_vec(),
         keep_alive,
-    };
-    debug_assert!(total <= buf.len());
-    Ok(Some((request, total)))
+        len: head_len,
+        body_len,
+    }))
 }
 
 /// The header fields framing cares about, borrowed from the parsed head.
@@ -702,6 +752,35 @@ mod tests {
         raw.extend_from_slice(&[b'x'; 32]);
         let (req, consumed) = parse_request(&raw, &small_head).unwrap().unwrap();
         assert_eq!((req.body.len(), consumed), (64, raw.len()));
+    }
+
+    #[test]
+    fn head_is_complete_before_its_body_arrives() {
+        let raw = b"POST /publish/all HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer k\r\nContent-Length: 64\r\n\r\n";
+        let head = parse_head(raw, &limits()).unwrap().expect("complete head");
+        assert_eq!(head.method, Method::Post);
+        assert_eq!(head.path, "/publish/all");
+        assert_eq!(head.authorization.as_deref(), Some("Bearer k"));
+        assert_eq!((head.len, head.body_len), (raw.len(), 64));
+        // The whole request still needs its body.
+        assert_eq!(parse(raw), Ok(None));
+    }
+
+    #[test]
+    fn head_and_body_give_the_same_request_as_parse_request() {
+        let raw = b"POST /p?q HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET";
+        let head = parse_head(raw, &limits()).unwrap().unwrap();
+        let end = head.len + head.body_len;
+        let body = raw[head.len..end].to_vec();
+        let (whole, consumed) = parse(raw).unwrap().unwrap();
+        assert_eq!(consumed, end);
+        assert_eq!(head.into_request(body), whole);
+    }
+
+    #[test]
+    fn an_oversized_body_is_refused_with_the_head() {
+        let raw = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 65\r\n\r\n";
+        assert_eq!(parse_head(raw, &limits()), Err(HttpError::BodyTooLarge));
     }
 
     #[test]

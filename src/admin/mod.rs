@@ -2,10 +2,13 @@
 //!
 //! It owns the admin sockets and what each request does: publishes go through the one publish path
 //! (`publish`), kicks and presence through the reactors' handle (`dispatch`). It does not touch client
-//! connections; presence and kicks are answered by the reactors that own them. Request framing and routing are
-//! sans-IO (`http`, `route`).
+//! connections; presence and kicks are answered by the reactors that own them. Request framing, the
+//! per-connection state with its bounds and timeouts, and routing are sans-IO (`http`, `buffer`, `conn`,
+//! `route`); `server` is the I/O around them.
 
 pub mod api;
+pub mod buffer;
+pub mod conn;
 pub mod http;
 pub mod route;
 pub mod server;

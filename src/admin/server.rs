@@ -1,56 +1,106 @@
 //! The admin listener: its own thread and `mio` poll, HTTP/1.1 connections with keep-alive and pipelining.
 //!
-//! It owns the admin sockets, their buffers and the accept loop, and hands each complete request to the
-//! handlers (`api`). It does not decide what a request does.
+//! It owns the admin sockets, the accept loop with its connection cap, the one scratch buffer reads go
+//! through, and the clock: a sweep of every connection's deadline runs on the poll timeout. What a connection
+//! may do next (answer, read, shut down, close) is its sans-IO state's decision (`conn`); what a request does
+//! is the handlers' (`api`). This file only moves bytes and time between them and the sockets.
 
 use super::api::{Api, Reply};
+use super::conn::{Connection, Event, Expiry, Timeouts};
 use super::http::{self, Method};
 use crate::accept::Acceptor;
+use crate::metrics::AdminMetrics;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(usize::MAX);
 
 /// How often a paused admin listener retries `accept`.
-const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Bytes read from a socket at a time. Reads go through one buffer for the whole listener, and a connection
+/// is served after every read, so its input never holds more than one request and one read beyond it.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Bounds of the interval between deadline sweeps; within them it is a sixteenth of the shorter timeout, so a
+/// timeout fires at most about 6% late (at most a second, with the default timeouts).
+const SWEEP_MIN: Duration = Duration::from_millis(10);
+const SWEEP_MAX: Duration = Duration::from_secs(1);
+
+/// The admin listener's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Request framing limits.
+    pub limits: http::Limits,
+    /// Connections held at once; past it a new connection gets 503 and is closed.
+    pub max_connections: usize,
+    /// Header and idle timeouts.
+    pub timeouts: Timeouts,
+}
 
 /// The admin listener and its connections.
 pub struct AdminServer {
     poll: Poll,
     listener: TcpListener,
     acceptor: Acceptor,
-    conns: Slab<AdminConn>,
-    limits: http::Limits,
+    conns: Slab<Entry>,
+    settings: Settings,
     api: Api,
+    metrics: Arc<AdminMetrics>,
+    scratch: Box<[u8]>,
+    /// The answer a connection over the cap gets, built once.
+    over_capacity: Vec<u8>,
+    sweep_every: Duration,
+    next_sweep: Instant,
+    /// Reused by the sweep for the keys it closes.
+    expired: Vec<(usize, Expiry)>,
 }
 
-struct AdminConn {
+/// One connection: its socket and its state.
+struct Entry {
     stream: TcpStream,
-    inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
-    close_after_write: bool,
+    conn: Connection,
 }
 
 impl AdminServer {
     /// An admin server on an already bound, non-blocking listener.
     pub fn new(
         listener: std::net::TcpListener,
-        limits: http::Limits,
+        settings: Settings,
         api: Api,
+        metrics: Arc<AdminMetrics>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut over_capacity = Vec::new();
+        http::write_error(
+            &mut over_capacity,
+            503,
+            "too many admin connections; retry later",
+            &[("Retry-After", "1")],
+            false,
+        );
+        let shortest = settings.timeouts.header.min(settings.timeouts.idle);
+        let sweep_every = (shortest / 16).clamp(SWEEP_MIN, SWEEP_MAX);
         Ok(AdminServer {
             poll,
             listener,
             acceptor: Acceptor::default(),
             conns: Slab::new(),
-            limits,
+            settings,
             api,
+            metrics,
+            scratch: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
+            over_capacity,
+            sweep_every,
+            next_sweep: Instant::now() + sweep_every,
+            expired: Vec::new(),
         })
     }
 
@@ -58,8 +108,11 @@ impl AdminServer {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self.acceptor.is_paused().then_some(ACCEPT_RETRY);
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let mut timeout = self.next_sweep.saturating_duration_since(Instant::now());
+            if self.acceptor.is_paused() {
+                timeout = timeout.min(ACCEPT_RETRY);
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -72,152 +125,223 @@ impl AdminServer {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
-                    Token(key) => {
-                        if event.is_writable() || event.is_error() {
-                            self.write_out(key);
-                        }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_in(key);
-                        }
-                    }
+                    // Every event gets the same treatment: the connection's state says what can move.
+                    Token(key) => self.drive(key),
                 }
+            }
+            let now = Instant::now();
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now + self.sweep_every;
             }
         }
     }
 
     fn accept_all(&mut self) {
-        let (conns, poll) = (&mut self.conns, &self.poll);
-        self.acceptor.accept_all(
-            &self.listener,
+        let AdminServer {
+            poll,
+            listener,
+            acceptor,
+            conns,
+            settings,
+            metrics,
+            over_capacity,
+            scratch,
+            ..
+        } = self;
+        let now = Instant::now();
+        acceptor.accept_all(
+            listener,
             "admin listener",
             |mut stream| {
+                if conns.len() >= settings.max_connections {
+                    refuse(stream, over_capacity, scratch);
+                    metrics.admin_connections_refused.fetch_add(1, Relaxed);
+                    return;
+                }
                 let entry = conns.vacant_entry();
                 let token = Token(entry.key());
+                // Edge-triggered, once for the socket's life: the connection's state decides when to read
+                // and write, and `drive` goes until the socket would block.
                 if poll
                     .registry()
                     .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
                     .is_ok()
                 {
-                    entry.insert(AdminConn {
+                    entry.insert(Entry {
                         stream,
-                        inbuf: Vec::new(),
-                        outbuf: Vec::new(),
-                        close_after_write: false,
+                        conn: Connection::new(now, settings.timeouts),
                     });
                 }
             },
             || {},
         );
+        self.count_open();
     }
 
-    fn read_in(&mut self, key: usize) {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            let Some(conn) = self.conns.get_mut(key) else {
-                return;
-            };
-            if conn.close_after_write {
-                return;
-            }
-            match conn.stream.read(&mut chunk) {
-                Ok(0) => {
-                    // The client is done sending; answer what it sent, then close.
-                    conn.close_after_write = true;
-                    break;
-                }
-                Ok(n) => conn.inbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.conns.remove(key);
-                    return;
-                }
-            }
-        }
-        self.serve_buffered(key);
-        self.write_out(key);
-    }
-
-    /// Answers every complete request in the input buffer, in order (pipelining).
-    fn serve_buffered(&mut self, key: usize) {
-        loop {
-            let conn = &mut self.conns[key];
-            match http::parse_request(&conn.inbuf, &self.limits) {
-                Ok(None) => return,
-                Ok(Some((request, consumed))) => {
-                    conn.inbuf.drain(..consumed);
-                    let keep_alive = request.keep_alive;
-                    let head_only = request.method == Method::Head;
-                    let reply = self.api.handle(&request);
-                    self.respond(key, reply, keep_alive, head_only);
-                    if !keep_alive {
-                        return;
-                    }
-                }
-                Err(error) => {
-                    let reply = Reply::error(error.status(), error.message());
-                    self.respond(key, reply, false, false);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn respond(&mut self, key: usize, reply: Reply, keep_alive: bool, head_only: bool) {
-        self.api.count(reply.status);
-        let conn = &mut self.conns[key];
-        let headers: Vec<(&str, &str)> = reply
-            .headers
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
-        if head_only {
-            // HEAD: the GET answer's headers, Content-Length included, without its body (RFC 9110 §9.3.2).
-            let length = reply.body.len();
-            http::write_response_head(
-                &mut conn.outbuf,
-                reply.status,
-                reply.content_type,
-                &headers,
-                length,
-                keep_alive,
-            );
-        } else {
-            http::write_response(
-                &mut conn.outbuf,
-                reply.status,
-                reply.content_type,
-                &headers,
-                &reply.body,
-                keep_alive,
-            );
-        }
-        if !keep_alive {
-            conn.close_after_write = true;
-            conn.inbuf.clear();
-        }
-    }
-
-    fn write_out(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
+    /// Moves everything that can move on one connection: answers complete requests, writes, reads one chunk at
+    /// a time, until nothing moves (the socket would block, or the state says wait); closes it when done.
+    fn drive(&mut self, key: usize) {
+        let AdminServer {
+            conns,
+            settings,
+            api,
+            scratch,
+            ..
+        } = self;
+        let Some(Entry { stream, conn }) = conns.get_mut(key) else {
             return;
         };
-        while !conn.outbuf.is_empty() {
-            match conn.stream.write(&conn.outbuf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    conn.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.conns.remove(key);
-                    return;
+        let alive = loop {
+            let now = Instant::now();
+            let mut moved = false;
+            // The key is checked as soon as a head is complete, before its body is read.
+            while let Some(event) = conn.poll_request(&settings.limits, now, |head| {
+                api.check_key(head.method, &head.path, head.authorization.as_deref())
+            }) {
+                answer(api, conn, event);
+                moved = true;
+            }
+            match write_out(stream, conn, now) {
+                Ok(wrote) => moved |= wrote,
+                Err(_) => break false,
+            }
+            if conn.wants_shutdown() {
+                // Half-close after the last answer and keep reading for a while, so the client's unread
+                // bytes (a body after a 401, say) do not turn our close into a reset that destroys the answer.
+                let _ = stream.shutdown(Shutdown::Write);
+                conn.start_lingering(now);
+                moved = true;
+            }
+            if conn.is_done() {
+                break false;
+            }
+            // One chunk, then the loop answers what it completed: input never holds more than a request and a
+            // chunk. Not reading while answers are blocked leaves the rest in the kernel; the writable event
+            // that unblocks them brings the connection back here.
+            if conn.wants_read() {
+                match stream.read(scratch) {
+                    Ok(0) => {
+                        conn.on_peer_closed();
+                        moved = true;
+                    }
+                    Ok(n) => {
+                        conn.on_read(&scratch[..n], now);
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                    Err(_) => break false,
                 }
             }
-        }
-        if conn.close_after_write {
-            self.conns.remove(key);
+            if !moved {
+                break true;
+            }
+        };
+        if !alive {
+            self.close(key);
         }
     }
+
+    /// Closes every connection whose deadline passed, counting header and idle timeouts.
+    fn sweep(&mut self, now: Instant) {
+        let mut expired = std::mem::take(&mut self.expired);
+        expired.extend(
+            self.conns
+                .iter()
+                .filter_map(|(key, entry)| Some((key, entry.conn.expired(now)?))),
+        );
+        for &(key, expiry) in &expired {
+            let counter = match expiry {
+                Expiry::Header => &self.metrics.admin_header_timeouts,
+                Expiry::Idle => &self.metrics.admin_idle_timeouts,
+                Expiry::Linger => {
+                    self.close(key);
+                    continue;
+                }
+            };
+            counter.fetch_add(1, Relaxed);
+            self.close(key);
+        }
+        expired.clear();
+        self.expired = expired;
+    }
+
+    fn close(&mut self, key: usize) {
+        if self.conns.try_remove(key).is_some() {
+            self.count_open();
+        }
+    }
+
+    fn count_open(&self) {
+        self.metrics
+            .admin_connections
+            .store(self.conns.len() as u64, Relaxed);
+    }
+}
+
+/// Writes one event's answer into the connection's output.
+fn answer(api: &Api, conn: &mut Connection, event: Event<Reply>) {
+    let (reply, keep_alive, head_only) = match event {
+        Event::Request(request) => {
+            let reply = api.handle(&request);
+            (reply, request.keep_alive, request.method == Method::Head)
+        }
+        Event::Refused { answer, head_only } => (answer, false, head_only),
+        Event::Malformed(error) => (Reply::error(error.status(), error.message()), false, false),
+    };
+    api.count(reply.status);
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    let out = conn.output();
+    if head_only {
+        // HEAD: the GET answer's headers, Content-Length included, without its body (RFC 9110 §9.3.2).
+        http::write_response_head(
+            out,
+            reply.status,
+            reply.content_type,
+            &headers,
+            reply.body.len(),
+            keep_alive,
+        );
+    } else {
+        http::write_response(
+            out,
+            reply.status,
+            reply.content_type,
+            &headers,
+            &reply.body,
+            keep_alive,
+        );
+    }
+}
+
+/// Writes unsent bytes until none are left or the socket would block; `Ok(true)` if any were written.
+fn write_out(stream: &mut TcpStream, conn: &mut Connection, now: Instant) -> io::Result<bool> {
+    let mut wrote = false;
+    while !conn.unsent().is_empty() {
+        match stream.write(conn.unsent()) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                conn.on_written(n, now);
+                wrote = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(wrote)
+}
+
+/// A connection over the cap: one best-effort write of a 503, never buffered, then close. What the client sent
+/// already is read first (into the shared scratch buffer, and dropped), so the close is a FIN that lets it read
+/// the 503 rather than a reset that destroys it.
+fn refuse(mut stream: TcpStream, answer: &[u8], scratch: &mut [u8]) {
+    let _ = stream.read(scratch);
+    let _ = stream.write(answer);
+    let _ = stream.shutdown(Shutdown::Write);
 }

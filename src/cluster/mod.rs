@@ -63,7 +63,7 @@ pub struct ClusterMetrics {
     pub received: AtomicU64,
     /// Counter: publishes, kicks and presence queries answered 503 because Redis did not take them.
     pub failed: AtomicU64,
-    /// Counter: messages from Redis that did not decode (dropped).
+    /// Counter: messages from Redis that did not decode, or broke a rule such as a kick's close code (dropped).
     pub invalid: AtomicU64,
     /// Counter: times the link came up (the first connection included).
     pub connects: AtomicU64,
@@ -495,7 +495,7 @@ impl Cluster {
         );
         out.counter(
             "densepush_cluster_invalid_messages_total",
-            "Messages from Redis that did not decode and were dropped.",
+            "Messages from Redis that did not decode or broke a rule (e.g. a kick's close code) and were dropped.",
             self.metrics.invalid.load(Relaxed),
         );
         out.counter(

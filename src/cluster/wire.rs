@@ -6,7 +6,8 @@
 //!
 //! - publish: `target | flags (u8, bit 0 = binary) | payload (the rest)`; the payload is not framed, so a 1 MiB
 //!   message costs 1 MiB on Redis, and each receiving node frames it once for all of its connections;
-//! - kick: `target | code (u16) | reason (str)`;
+//! - kick: `target | code (u16) | reason (str)`; a code or reason `frame::check_kick_close` refuses is a decode
+//!   error, so such a kick is dropped and counted like any undecodable message;
 //! - presence query: `request id (u64) | user (str)`; answered on the origin's reply channel;
 //! - presence answer: `request id (u64) | connections (u64)`;
 //! - stamped publish (a message of a stream that keeps history): `target | flags (u8) | epoch length (u8) |
@@ -49,7 +50,7 @@ pub enum Body {
     Kick {
         /// A user, or a user's client token.
         target: Target,
-        /// Close code (1000 or 4000-4999).
+        /// Close code (1000 or 4000-4999, checked by [`decode`]).
         code: u16,
         /// Close reason.
         reason: String,
@@ -114,6 +115,9 @@ pub enum WireError {
     /// Bytes after the last field of a fixed-size body.
     #[error("trailing bytes after the message")]
     Trailing,
+    /// A kick whose close code or reason may not be sent.
+    #[error("kick: {0}")]
+    Kick(#[from] crate::proto::frame::KickCloseError),
 }
 
 /// Encodes a message; infallible (lengths are `u32`, and no field the admin API accepts comes near 4 GiB).
@@ -252,6 +256,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             }
             let code = u16::from_be_bytes(r.array()?);
             let reason = r.string("reason")?;
+            // The same rule as the admin API's: a code no kick may carry (1005, say, which must never be sent,
+            // RFC 6455 §7.4.1) is dropped here, before any reactor sees it.
+            crate::proto::frame::check_kick_close(code, &reason)?;
             Body::Kick {
                 target,
                 code,
@@ -521,6 +528,43 @@ mod tests {
             },
         );
         assert_eq!(decode(&bytes), Err(WireError::Target(TAG_CHANNEL)));
+    }
+
+    #[test]
+    fn kick_with_a_code_no_kick_may_carry_is_rejected() {
+        use crate::proto::frame::KickCloseError;
+        for code in [1005, 1006, 1001, 3000, 5000, 0] {
+            let bytes = encode(
+                "n",
+                &Body::Kick {
+                    target: Target::User("u".into()),
+                    code,
+                    reason: String::new(),
+                },
+            );
+            assert_eq!(
+                decode(&bytes),
+                Err(WireError::Kick(KickCloseError::Code(code))),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn kick_with_a_reason_too_long_for_a_close_frame_is_rejected() {
+        use crate::proto::frame::{KickCloseError, MAX_CLOSE_REASON_BYTES};
+        let bytes = encode(
+            "n",
+            &Body::Kick {
+                target: Target::User("u".into()),
+                code: 4000,
+                reason: "r".repeat(MAX_CLOSE_REASON_BYTES + 1),
+            },
+        );
+        assert_eq!(
+            decode(&bytes),
+            Err(WireError::Kick(KickCloseError::ReasonTooLong))
+        );
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 5;
 pub const DEFAULT_MAX_ID_BYTES: usize = 128;
 /// Channels one token may subscribe its connection to.
 pub const DEFAULT_MAX_CHANNELS: usize = 32;
+/// Start even when a listener beyond loopback is open to anyone: the development secret or `auth.mode = "none"`
+/// with `server.listen` beyond loopback, or `admin.listen` beyond loopback without `admin.api_key`. For trusted
+/// networks only; otherwise such a configuration is refused.
+pub const DEFAULT_ALLOW_INSECURE: bool = false;
 
 /// Address (IP:port) of the admin HTTP API (publish, metrics). Loopback, for local development.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
@@ -90,6 +94,15 @@ pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 1_048_576;
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 8_192;
 /// Headers in the largest admin HTTP request.
 pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 32;
+/// Admin connections held at once; past it a new one is answered 503 and closed. Admin sockets share the
+/// process's descriptors with client sockets.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Milliseconds an admin client has to send a complete request head, from its first byte (from the accept, for
+/// the first request); nginx's `client_header_timeout`.
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT_MS: u64 = 60_000;
+/// Milliseconds an admin connection may go without progress: between requests (keep-alive), inside a request
+/// body, or with answers its client does not read; nginx's `keepalive_timeout`.
+pub const DEFAULT_ADMIN_IDLE_TIMEOUT_MS: u64 = 75_000;
 
 /// Least severe log level that is printed.
 pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
@@ -216,6 +229,10 @@ mod tests {
             DEFAULT_MAX_REQUEST_HEAD_BYTES
         );
         assert_eq!(c.admin.max_request_headers, DEFAULT_MAX_REQUEST_HEADERS);
+        assert_eq!(c.admin.max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
+        assert_eq!(c.admin.header_timeout_ms, DEFAULT_ADMIN_HEADER_TIMEOUT_MS);
+        assert_eq!(c.admin.idle_timeout_ms, DEFAULT_ADMIN_IDLE_TIMEOUT_MS);
+        assert!(!c.auth.allow_insecure);
         assert_eq!(c.log.level, log::LevelFilter::Info);
     }
 

@@ -156,12 +156,12 @@ mod tests {
     fn env_overrides_a_string_key() {
         let c = parse_env(
             "[server]\nlisten = \"127.0.0.1:9000\"",
-            &[("DENSEPUSH_SERVER_LISTEN", "0.0.0.0:7000")],
+            &[("DENSEPUSH_SERVER_LISTEN", "127.0.0.2:7000")],
         )
         .unwrap();
         assert_eq!(
             c.server.listen,
-            Some("0.0.0.0:7000".parse::<SocketAddr>().unwrap())
+            Some("127.0.0.2:7000".parse::<SocketAddr>().unwrap())
         );
     }
 

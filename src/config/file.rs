@@ -122,6 +122,7 @@ pub struct AuthSection {
     pub leeway_secs: u64,
     pub max_id_bytes: usize,
     pub max_channels: usize,
+    pub allow_insecure: bool,
 }
 
 impl Default for AuthSection {
@@ -148,6 +149,7 @@ impl Default for AuthSection {
             leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
             max_id_bytes: DEFAULT_MAX_ID_BYTES,
             max_channels: DEFAULT_MAX_CHANNELS,
+            allow_insecure: DEFAULT_ALLOW_INSECURE,
         }
     }
 }
@@ -171,6 +173,7 @@ impl fmt::Debug for AuthSection {
             .field("leeway_secs", &self.leeway_secs)
             .field("max_id_bytes", &self.max_id_bytes)
             .field("max_channels", &self.max_channels)
+            .field("allow_insecure", &self.allow_insecure)
             .finish()
     }
 }
@@ -209,6 +212,9 @@ pub struct AdminSection {
     pub max_publish_bytes: usize,
     pub max_request_head_bytes: usize,
     pub max_request_headers: usize,
+    pub max_connections: usize,
+    pub header_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for AdminSection {
@@ -219,6 +225,9 @@ impl Default for AdminSection {
             max_publish_bytes: DEFAULT_MAX_PUBLISH_BYTES,
             max_request_head_bytes: DEFAULT_MAX_REQUEST_HEAD_BYTES,
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            header_timeout_ms: DEFAULT_ADMIN_HEADER_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_ADMIN_IDLE_TIMEOUT_MS,
         }
     }
 }
@@ -231,6 +240,9 @@ impl fmt::Debug for AdminSection {
             .field("max_publish_bytes", &self.max_publish_bytes)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .finish()
     }
 }

@@ -53,6 +53,11 @@ pub const MAX_PUBLISH_BYTES: RangeInclusive<usize> = 1..=64 << 20;
 pub const MAX_REQUEST_HEAD_BYTES: RangeInclusive<usize> = 1024..=1 << 20;
 /// Headers in an admin request.
 pub const MAX_REQUEST_HEADERS: RangeInclusive<usize> = 4..=1024;
+/// Admin connections held at once. The listener sweeps every connection's deadline a few times a second, so
+/// the cap also bounds that work.
+pub const ADMIN_MAX_CONNECTIONS: RangeInclusive<usize> = 1..=65_536;
+/// Milliseconds of an admin header or idle timeout: at least 100, at most one day.
+pub const ADMIN_TIMEOUT_MS: RangeInclusive<u64> = 100..=86_400_000;
 /// Bytes in the cluster's channel prefix.
 pub const CLUSTER_CHANNEL_PREFIX_BYTES: RangeInclusive<usize> = 1..=64;
 /// Bytes in a cluster node id.

@@ -2,9 +2,11 @@
 //! plus `DENSEPUSH_<SECTION>_<KEY>` environment overrides, validated into a [`Config`] of plain values.
 //!
 //! Owns the defaults (one named constant per setting, with its unit), parsing, the environment
-//! overrides, validation, and resolving the reactor count and the JWT secret. It does not bind
-//! sockets, set up logging or print warnings: it exposes [`Config::uses_dev_secret`] and
-//! [`Config::admin_exposed_without_key`] so `main` can warn about insecure settings.
+//! overrides, validation, the refusal of settings that open a listener beyond loopback to anyone
+//! (`exposure`), and resolving the reactor count and the JWT secret. It does not bind sockets, set up
+//! logging or print warnings: it exposes [`Config::uses_dev_secret`] and
+//! [`Config::admin_exposed_without_key`] so `main` can warn about insecure settings that are allowed
+//! (on loopback, or with `auth.allow_insecure`).
 //!
 //! Pipeline: text → `toml::Table` (syntax errors, with line) → overrides applied to that tree →
 //! [`FileConfig`] (serde with `deny_unknown_fields`, so typos are errors, not silent defaults) →
@@ -13,8 +15,8 @@
 //! This file holds the checked [`Config`], the value types it shares with the file ([`AuthMode`],
 //! [`LogLevel`]), secret redaction for `Debug`, and the order of the steps. Each part owns one job:
 //! `defaults` (every `DEFAULT_*`), [`limits`] (accepted ranges), `file` (the file's shape), `env`
-//! (overrides), `validate` (checks, one function per section) and `error` ([`ConfigError`] and one-line
-//! parse messages). Everything public is re-exported here, so callers only ever name `config::X`.
+//! (overrides), `validate` (checks, one function per section), `exposure` (the start-up refusals) and
+//! `error` ([`ConfigError`] and one-line parse messages). Everything public is re-exported here, so callers only ever name `config::X`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use serde::{Deserialize, Serialize};
 mod defaults;
 mod env;
 mod error;
+mod exposure;
 mod file;
 pub mod limits;
 mod validate;
@@ -224,6 +227,8 @@ pub struct AuthConfig {
     pub max_id_bytes: usize,
     /// Channels per token.
     pub max_channels: usize,
+    /// Listeners beyond loopback may be open to anyone (see `exposure`); `main` warns instead of refusing.
+    pub allow_insecure: bool,
 }
 
 /// One of `auth.jwt_secrets`, checked.
@@ -261,6 +266,7 @@ impl fmt::Debug for AuthConfig {
             .field("leeway_secs", &self.leeway_secs)
             .field("max_id_bytes", &self.max_id_bytes)
             .field("max_channels", &self.max_channels)
+            .field("allow_insecure", &self.allow_insecure)
             .finish()
     }
 }
@@ -278,6 +284,12 @@ pub struct AdminConfig {
     pub max_request_head_bytes: usize,
     /// Headers in the largest admin request.
     pub max_request_headers: usize,
+    /// Admin connections held at once.
+    pub max_connections: usize,
+    /// Milliseconds to send a complete request head.
+    pub header_timeout_ms: u64,
+    /// Milliseconds an admin connection may go without progress.
+    pub idle_timeout_ms: u64,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -288,6 +300,9 @@ impl fmt::Debug for AdminConfig {
             .field("max_publish_bytes", &self.max_publish_bytes)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .finish()
     }
 }
@@ -395,7 +410,15 @@ impl Config {
     /// True when the admin API listens beyond loopback without an API key, so anyone who can
     /// reach the port can publish to every client.
     pub fn admin_exposed_without_key(&self) -> bool {
-        !self.admin.listen.ip().is_loopback() && self.admin.api_key.is_none()
+        !exposure::is_loopback(&self.admin.listen) && self.admin.api_key.is_none()
+    }
+
+    /// True when clients reach the server from other hosts (`server.listen` is not loopback).
+    pub fn clients_beyond_loopback(&self) -> bool {
+        [self.server.listen, self.tls.listen]
+            .into_iter()
+            .flatten()
+            .any(|a| !exposure::is_loopback(&a))
     }
 }
 
@@ -483,9 +506,11 @@ mod tests {
     #[test]
     fn admin_is_exposed_without_key_only_off_loopback_and_keyless() {
         assert!(!defaults().admin_exposed_without_key());
-        assert!(parse("[admin]\nlisten = \"0.0.0.0:8081\"")
-            .unwrap()
-            .admin_exposed_without_key());
+        assert!(
+            parse("[admin]\nlisten = \"0.0.0.0:8081\"\n[auth]\nallow_insecure = true")
+                .unwrap()
+                .admin_exposed_without_key()
+        );
         let keyed =
             parse("[admin]\nlisten = \"0.0.0.0:8081\"\napi_key = \"k3y-abc_DEF~+/==\"").unwrap();
         assert!(!keyed.admin_exposed_without_key());

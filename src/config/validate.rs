@@ -6,8 +6,8 @@
 //!
 //! It does not parse text or apply environment overrides (`env` and `error` do that). It reports the
 //! first problem only, as a [`ConfigError::Invalid`] naming the dotted key; sections are checked in a
-//! fixed order (server, websocket, auth, admin, log, cluster, history), so which error a bad file gets
-//! is stable.
+//! fixed order (server, websocket, auth, admin, log, cluster, history), then the start-up refusals
+//! (`exposure`), so which error a bad file gets is stable.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +15,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use super::error::invalid;
+use super::exposure;
 use super::file::{
     AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
     JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
@@ -48,7 +49,7 @@ impl FileConfig {
             server: server.listen,
             admin: admin.listen,
         };
-        Ok(Config {
+        let config = Config {
             server,
             websocket,
             auth,
@@ -58,7 +59,10 @@ impl FileConfig {
             history: validate_history(history)?,
             diagnostics: validate_diagnostics(diagnostics),
             tls: validate_tls(tls, &listeners)?,
-        })
+        };
+        // Last: every value is well-formed by now, and the refusals pair settings of several sections.
+        exposure::check(&config)?;
+        Ok(config)
     }
 }
 
@@ -241,6 +245,7 @@ fn validate_auth(auth: AuthSection, env: &[(String, String)]) -> Result<AuthConf
         )?,
         max_id_bytes: check_range("auth.max_id_bytes", auth.max_id_bytes, limits::MAX_ID_BYTES)?,
         max_channels: check_range("auth.max_channels", auth.max_channels, limits::MAX_CHANNELS)?,
+        allow_insecure: auth.allow_insecure,
     })
 }
 
@@ -421,6 +426,21 @@ fn validate_admin(
             "admin.max_request_headers",
             admin.max_request_headers,
             limits::MAX_REQUEST_HEADERS,
+        )?,
+        max_connections: check_range(
+            "admin.max_connections",
+            admin.max_connections,
+            limits::ADMIN_MAX_CONNECTIONS,
+        )?,
+        header_timeout_ms: check_range(
+            "admin.header_timeout_ms",
+            admin.header_timeout_ms,
+            limits::ADMIN_TIMEOUT_MS,
+        )?,
+        idle_timeout_ms: check_range(
+            "admin.idle_timeout_ms",
+            admin.idle_timeout_ms,
+            limits::ADMIN_TIMEOUT_MS,
         )?,
     })
 }
@@ -892,6 +912,14 @@ mod tests {
             (
                 "[admin]\nmax_request_headers = 2",
                 "admin.max_request_headers",
+            ),
+            ("[admin]\nmax_connections = 0", "admin.max_connections"),
+            ("[admin]\nmax_connections = 65537", "admin.max_connections"),
+            ("[admin]\nheader_timeout_ms = 99", "admin.header_timeout_ms"),
+            ("[admin]\nidle_timeout_ms = 0", "admin.idle_timeout_ms"),
+            (
+                "[admin]\nidle_timeout_ms = 86400001",
+                "admin.idle_timeout_ms",
             ),
         ];
         for (text, want) in cases {

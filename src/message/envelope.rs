@@ -124,8 +124,17 @@ pub struct Position {
 /// is sent as `%2C`. The epoch and offset are taken from the right, so stream names may contain `@` and `:`.
 /// Malformed items are skipped (the client then gets no replay for that stream, only live messages and what
 /// its own refetch brings); at most [`MAX_POSITIONS`] are read.
+///
+/// One position per stream: when a stream is named more than once, the last item wins, in the place of the
+/// first. Each position is a replay, so duplicates would send the same messages again (five copies of one
+/// position replayed a stream five times). Last-wins rather than refusing the upgrade with 400, for the same
+/// reason malformed items are skipped rather than refused: a client that sends a bad `since` still gets its
+/// connection and live messages, instead of a refusal it would retry in a loop; and "the later value wins"
+/// is how repeated query parameters usually read.
 pub fn parse_since(raw: &str) -> Vec<Position> {
-    raw.split(',')
+    let mut positions: Vec<Position> = Vec::new();
+    let parsed = raw
+        .split(',')
         .filter(|item| !item.is_empty())
         .take(MAX_POSITIONS)
         .filter_map(|item| {
@@ -141,8 +150,15 @@ pub fn parse_since(raw: &str) -> Vec<Position> {
                 epoch: epoch.to_owned(),
                 offset,
             })
-        })
-        .collect()
+        });
+    for position in parsed {
+        // At most MAX_POSITIONS items, so the linear search is at most 64 × 64 comparisons.
+        match positions.iter_mut().find(|p| p.stream == position.stream) {
+            Some(earlier) => *earlier = position,
+            None => positions.push(position),
+        }
+    }
+    positions
 }
 
 fn decode(item: &str) -> Option<Cow<'_, str>> {
@@ -253,6 +269,39 @@ mod tests {
         let got = parse_since("user:1@E:x,nope,user:2@E:5,@E:1,user:3@bad-epoch:1");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].stream, "user:2");
+    }
+
+    #[test]
+    fn since_keeps_one_position_per_stream_the_last_one() {
+        let got = parse_since("user:1@E:3,channel:a@F:1,user:1@E:3,user:1@E:7,channel:a@G:2");
+        assert_eq!(
+            got,
+            [
+                Position {
+                    stream: "user:1".into(),
+                    epoch: "E".into(),
+                    offset: 7
+                },
+                Position {
+                    stream: "channel:a".into(),
+                    epoch: "G".into(),
+                    offset: 2
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn since_naming_one_position_many_times_is_one_position() {
+        let raw = vec!["user:42@Ab3xYz12:0"; MAX_POSITIONS].join(",");
+        assert_eq!(parse_since(&raw).len(), 1);
+    }
+
+    #[test]
+    fn since_duplicates_are_matched_after_percent_decoding() {
+        let got = parse_since("channel:a%2Cb@E:1,channel:a%2cb@E:9");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].offset, 9);
     }
 
     #[test]

@@ -89,6 +89,28 @@ impl Redis {
         }
     }
 
+    /// `PUBLISH channel bytes` over a raw RESP connection (the bytes may be anything); returns the number of
+    /// subscribers that got it.
+    pub fn publish_raw(&self, channel: &str, bytes: &[u8]) -> i64 {
+        let mut command = format!(
+            "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n",
+            channel.len(),
+            bytes.len()
+        )
+        .into_bytes();
+        command.extend_from_slice(bytes);
+        command.extend_from_slice(b"\r\n");
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(&command).unwrap();
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).unwrap();
+        reply
+            .strip_prefix(':')
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("PUBLISH answered {reply:?}"))
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -224,6 +246,15 @@ presence_timeout_ms = 500
         let (status, body) = http(self.admin, "GET", &format!("/presence/user/{user}"), "");
         assert_eq!(status, 200, "{body}");
         json(&body)
+    }
+
+    /// The value of an unlabelled sample on this node's `/metrics`; panics if there is none.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, text) = http(self.admin, "GET", "/metrics", "");
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
     }
 
     pub fn kill(&mut self) {

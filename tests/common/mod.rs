@@ -882,6 +882,18 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     sum
 }
 
+/// Resident set size of a process in bytes (VmRSS in /proc/PID/status).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb * 1024
+}
+
 // ---- waiting -------------------------------------------------------------------------------------------
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.

@@ -1,9 +1,11 @@
-//! Close frames (RFC 6455 §5.5.1) and their status codes (§7.4): which codes a peer may send, how a received
-//! close payload splits into code and reason, and how long a reason may be.
+//! Close frames (RFC 6455 §5.5.1) and their status codes (§7.4): which codes a peer may send, which a kick may
+//! carry, how a received close payload splits into code and reason, and how long a reason may be.
 //!
-//! Owns: the close-code rules and the one reason limit, [`MAX_CLOSE_REASON_BYTES`]: the encoder truncates to it,
-//! and code that takes a reason from outside checks against it. Does not own: the closing handshake (who answers
-//! a close, and when), or which code the server picks for a failure (`ProtocolError::close_code`).
+//! Owns: the close-code rules, the one reason limit, [`MAX_CLOSE_REASON_BYTES`] (the encoder truncates to it),
+//! and the one rule for a close that comes from outside, [`check_kick_close`]: every edge that takes a kick (the
+//! admin API, the cluster bus) checks it there, so no reactor is ever asked to send a code it may not. Does not
+//! own: the closing handshake (who answers a close, and when), or which code the server picks for a failure
+//! (`ProtocolError::close_code`).
 
 use super::{ProtocolError, MAX_CONTROL_PAYLOAD};
 
@@ -40,6 +42,39 @@ pub(super) fn parse_close(payload: &[u8]) -> Result<(Option<u16>, &str), Protoco
 /// RFCs), and 5000 and above (undefined).
 pub fn close_code_is_valid(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// The close codes a kick may carry, as the admin API documents them.
+pub const KICK_CODES: &str = "1000 or 4000-4999";
+
+/// Why a kick's close may not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KickCloseError {
+    /// The code is not one a kick may carry.
+    #[error("code {0} is not allowed in a kick: code must be {KICK_CODES}")]
+    Code(u16),
+    /// The reason does not fit a close frame.
+    #[error("reason must be at most {MAX_CLOSE_REASON_BYTES} bytes")]
+    ReasonTooLong,
+}
+
+/// Whether a close the backend asked for (a kick, from the admin API or from another node over the bus) may
+/// be sent: code 1000 (normal closure) or 4000-4999, and a reason that fits a close frame.
+///
+/// 4000-4999 are for private use by applications (§7.4.2), so a client can tell "the backend removed you" from
+/// everything the server or a library says; clients, the bundled JavaScript client included, stop reconnecting
+/// on exactly these codes. The other codes a peer may send (§7.4.1's 1001-1014, the IANA-registered 3000-3999)
+/// mean something else to clients, and 1005, 1006 and 1015 must never be sent at all (§7.4.1).
+pub fn check_kick_close(code: u16, reason: &str) -> Result<(), KickCloseError> {
+    if !(code == 1000 || (4000..=4999).contains(&code)) {
+        return Err(KickCloseError::Code(code));
+    }
+    debug_assert!(close_code_is_valid(code));
+    // A close payload is the 2-byte code and the reason, in a control frame of at most 125 bytes (§5.5).
+    if reason.len() > MAX_CLOSE_REASON_BYTES {
+        return Err(KickCloseError::ReasonTooLong);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -104,6 +139,52 @@ mod tests {
             prop_assert!(parsed_reason.len() <= MAX_CLOSE_REASON_BYTES);
             if reason.len() <= MAX_CLOSE_REASON_BYTES {
                 prop_assert_eq!(parsed_reason, reason.as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn kicks_carry_1000_or_4000_to_4999_only() {
+        for code in [1000, 4000, 4001, 4999] {
+            assert_eq!(check_kick_close(code, "bye"), Ok(()), "{code}");
+        }
+        // 1005 and 1006 may never be sent (§7.4.1); the others mean something other than a kick.
+        for code in [
+            0, 999, 1001, 1005, 1006, 1011, 1015, 2999, 3000, 3999, 5000, 65535,
+        ] {
+            assert_eq!(
+                check_kick_close(code, ""),
+                Err(KickCloseError::Code(code)),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_kick_code_names_the_allowed_ones() {
+        let message = check_kick_close(1005, "").unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "code 1005 is not allowed in a kick: code must be 1000 or 4000-4999"
+        );
+    }
+
+    #[test]
+    fn kick_reason_must_fit_a_close_frame() {
+        let longest = "r".repeat(MAX_CLOSE_REASON_BYTES);
+        assert_eq!(check_kick_close(4000, &longest), Ok(()));
+        assert_eq!(
+            check_kick_close(4000, &format!("{longest}r")),
+            Err(KickCloseError::ReasonTooLong)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn every_kick_close_that_passes_may_be_sent(code in any::<u16>()) {
+            if check_kick_close(code, "").is_ok() {
+                prop_assert!(close_code_is_valid(code));
+                prop_assert!(!matches!(code, 1005 | 1006 | 1015));
             }
         }
     }

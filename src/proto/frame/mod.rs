@@ -18,7 +18,9 @@ mod mask;
 mod testkit;
 mod utf8;
 
-pub use close::{close_code_is_valid, MAX_CLOSE_REASON_BYTES};
+pub use close::{
+    check_kick_close, close_code_is_valid, KickCloseError, KICK_CODES, MAX_CLOSE_REASON_BYTES,
+};
 pub use decode::Decoder;
 pub use encode::{
     encode_close, encode_message, encode_ping, encode_pong, header_len, EMPTY_CLOSE_FRAME,
