@@ -30,7 +30,7 @@ pub enum Command {
     Kick {
         /// Whose connections (a user, or a user's client token).
         target: Arc<Target>,
-        /// Close code (1000 or 4000-4999).
+        /// Close code (1000 or 3000-4999).
         code: u16,
         /// Close reason (UTF-8, at most 123 bytes).
         reason: Arc<str>,

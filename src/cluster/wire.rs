@@ -50,7 +50,7 @@ pub enum Body {
     Kick {
         /// A user, or a user's client token.
         target: Target,
-        /// Close code (1000 or 4000-4999, checked by [`decode`]).
+        /// Close code (1000 or 3000-4999, checked by [`decode`]).
         code: u16,
         /// Close reason.
         reason: String,

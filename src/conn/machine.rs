@@ -127,7 +127,7 @@ pub enum Close<'a> {
     Budget,
     /// Unsent data passed `max_outbox_bytes`: 1008.
     SlowConsumer,
-    /// The backend asked (1000 or 4000-4999).
+    /// The backend asked (1000 or 3000-4999).
     Kick {
         /// Close code.
         code: u16,
