@@ -3,12 +3,16 @@
 //!
 //! It owns the hand-off only. One FIFO queue per reactor, so messages sent one after another reach every
 //! connection in that order; the waker is rung only when a queue goes from empty to non-empty, so a burst of
-//! publishes costs one wake-up, not one per message. Questions (kick, presence) go to every reactor and the
-//! answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
+//! publishes costs one wake-up, not one per message. A batch publish is one command per reactor, however many
+//! messages and targets it holds, so a batch counts once against [`MAX_PENDING_COMMANDS`]. Questions (kick,
+//! presence, subscription changes) go to every reactor and the answers are summed here, within
+//! [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
 //! (`message`, `history`, the reactors' fanout indexes).
 
+use crate::message::envelope::Position;
 use crate::message::{Message, Target};
 use mio::Waker;
+use std::ops::AddAssign;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,23 @@ pub enum Command {
         /// Receives the number of connections closed in this reactor, if anyone waits for it.
         reply: Option<Sender<usize>>,
     },
+    /// Deliver these messages in order (a batch publish: each item framed once, one message per target sharing
+    /// those bytes).
+    PublishBatch {
+        /// The messages, in the order of the batch's body; shared by every reactor.
+        messages: Arc<[Arc<Message>]>,
+        /// The first message not applied yet. A reactor that reaches its turn's send budget part-way through a
+        /// large batch puts the rest back at the front of its backlog, so one batch cannot starve socket reads
+        /// and timers.
+        next: usize,
+    },
+    /// Subscribe the target's connections to a channel, or unsubscribe them; reply with what changed.
+    Subscribe {
+        /// What to change.
+        change: Arc<Subscription>,
+        /// Receives this reactor's counts, if anyone waits for them.
+        reply: Option<Sender<Subscribed>>,
+    },
     /// Reply with the number of connections of a user in this reactor.
     Presence {
         /// The user.
@@ -49,6 +70,36 @@ pub enum Command {
         /// How long to wait for clients to finish the close handshake.
         timeout: Duration,
     },
+}
+
+/// A runtime subscription change for the connections of a user, or of one of its client tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Whose connections: [`Target::User`] or [`Target::UserClient`].
+    pub target: Target,
+    /// The channel.
+    pub channel: String,
+    /// Subscribe (true) or unsubscribe (false).
+    pub join: bool,
+    /// For a subscribe, where in the channel's stream the connections are: a connection that joins gets what
+    /// history holds after it (or a `resync`) before anything live.
+    pub since: Option<Position>,
+}
+
+/// What a subscription change did, summed over reactors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subscribed {
+    /// Connections whose membership changed (joined, or left).
+    pub changed: usize,
+    /// Connections that were not subscribed because they hold `auth.max_channels` channels already.
+    pub at_limit: usize,
+}
+
+impl AddAssign for Subscribed {
+    fn add_assign(&mut self, other: Subscribed) {
+        self.changed += other.changed;
+        self.at_limit += other.at_limit;
+    }
 }
 
 /// A reactor's inbox: a queue plus the `mio::Waker` of its poll.
@@ -78,6 +129,12 @@ impl Mailbox {
     /// The reactor applied `n` commands.
     pub fn applied(&self, n: usize) {
         self.pending.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The reactor put the unapplied rest of a command back in its backlog (counted in `applied` with the
+    /// others of its turn): it is pending again.
+    pub fn requeued(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Queues a command and wakes the reactor if it may be asleep.
@@ -141,6 +198,33 @@ impl Reactors {
         self.send_all(|| Command::Publish(message.clone()));
     }
 
+    /// Hands a batch of messages to every reactor as one command; each applies them in order.
+    pub fn publish_batch(&self, messages: Arc<[Arc<Message>]>) {
+        self.send_all(|| Command::PublishBatch {
+            messages: messages.clone(),
+            next: 0,
+        });
+    }
+
+    /// Applies a subscription change on every reactor. With `wait`, returns what changed (`None` if some reactor
+    /// did not answer within [`REPLY_TIMEOUT`]); without (another node's change, nobody waits), returns the
+    /// zero count at once.
+    pub fn subscribe(&self, change: Subscription, wait: bool) -> Option<Subscribed> {
+        let change = Arc::new(change);
+        if !wait {
+            self.send_all(|| Command::Subscribe {
+                change: change.clone(),
+                reply: None,
+            });
+            return Some(Subscribed::default());
+        }
+        self.ask(|reply| Command::Subscribe {
+            change: change.clone(),
+            reply: Some(reply),
+        })
+        .total()
+    }
+
     /// Closes the target's connections on every reactor with `code` and `reason`. With `wait`, returns how
     /// many were closed (`None` if some reactor did not answer within [`REPLY_TIMEOUT`]); without, returns
     /// `Some(0)` at once.
@@ -182,13 +266,13 @@ impl Reactors {
     }
 
     /// Sends a question to every reactor and sums the answers that arrive within [`REPLY_TIMEOUT`].
-    fn ask(&self, make: impl Fn(Sender<usize>) -> Command) -> Answers {
+    fn ask<T: Default + AddAssign>(&self, make: impl Fn(Sender<T>) -> Command) -> Answers<T> {
         let (tx, rx) = mpsc::channel();
         self.send_all(|| make(tx.clone()));
         drop(tx);
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut answers = Answers {
-            sum: 0,
+            sum: T::default(),
             missing: self.mailboxes.len(),
         };
         while answers.missing > 0 {
@@ -204,22 +288,22 @@ impl Reactors {
     }
 }
 
-/// What the reactors answered to a question (kick, presence) within [`REPLY_TIMEOUT`].
+/// What the reactors answered to a question (kick, presence, subscription change) within [`REPLY_TIMEOUT`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answers {
-    sum: usize,
+pub struct Answers<T = usize> {
+    sum: T,
     missing: usize,
 }
 
-impl Answers {
+impl<T> Answers<T> {
     /// The sum, when every reactor answered: what a caller that must be exact (the admin API) reports.
-    pub fn total(self) -> Option<usize> {
+    pub fn total(self) -> Option<T> {
         (self.missing == 0).then_some(self.sum)
     }
 
     /// The sum of the answers that came, a reactor that did not answer counting 0: for a caller that is itself
     /// answering under its own deadline (another node's presence query).
-    pub fn partial(self) -> usize {
+    pub fn partial(self) -> T {
         self.sum
     }
 }
@@ -320,6 +404,88 @@ mod tests {
                 ..
             }] => {}
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_one_command_per_reactor_sharing_the_messages() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let messages: Arc<[Arc<Message>]> = (0..3)
+            .map(|i| Arc::new(Message::new(Target::User(i.to_string()), false, b"x")))
+            .collect();
+        reactors.publish_batch(messages.clone());
+        for mailbox in &mailboxes {
+            assert_eq!(
+                mailbox.pending(),
+                1,
+                "a batch counts once against the bound"
+            );
+            match taken(mailbox).as_slice() {
+                [Command::PublishBatch {
+                    messages: m,
+                    next: 0,
+                }] => {
+                    assert!(Arc::ptr_eq(m, &messages))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_requeued_rest_is_pending_again_until_applied() {
+        let (_reactors, mailboxes, _polls) = reactors(1);
+        mailboxes[0].send(Command::Shutdown {
+            timeout: Duration::ZERO,
+        });
+        let mut taken = Vec::new();
+        mailboxes[0].take_all(&mut taken);
+        mailboxes[0].requeued();
+        mailboxes[0].applied(1);
+        assert_eq!(mailboxes[0].pending(), 1);
+        mailboxes[0].applied(1);
+        assert_eq!(mailboxes[0].pending(), 0);
+    }
+
+    #[test]
+    fn subscription_answers_are_summed_field_by_field() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let answerers: Vec<_> = mailboxes
+            .into_iter()
+            .enumerate()
+            .map(|(i, mailbox)| {
+                std::thread::spawn(move || loop {
+                    for command in taken(&mailbox) {
+                        if let Command::Subscribe {
+                            reply: Some(reply), ..
+                        } = command
+                        {
+                            let _ = reply.send(Subscribed {
+                                changed: i + 1,
+                                at_limit: i,
+                            });
+                            return;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                })
+            })
+            .collect();
+        let change = Subscription {
+            target: Target::User("u".into()),
+            channel: "c".into(),
+            join: true,
+            since: None,
+        };
+        assert_eq!(
+            reactors.subscribe(change, true),
+            Some(Subscribed {
+                changed: 3,
+                at_limit: 1
+            })
+        );
+        for a in answerers {
+            a.join().unwrap();
         }
     }
 

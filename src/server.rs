@@ -144,6 +144,10 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         ApiSettings {
             api_key: config.admin.api_key.clone(),
             draining: draining.clone(),
+            max_publish_bytes: config.admin.max_publish_bytes,
+            max_batch_bytes: config.admin.max_batch_bytes,
+            max_batch_targets: config.admin.max_batch_targets,
+            max_id_bytes: config.auth.max_id_bytes,
         },
         cluster.clone(),
     )
@@ -152,7 +156,11 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         limits: http::Limits {
             max_head_bytes: config.admin.max_request_head_bytes,
             max_headers: config.admin.max_request_headers,
-            max_body_bytes: config.admin.max_publish_bytes,
+            // The larger of the two: each route's own limit is checked once its head is in (`Api::admit`).
+            max_body_bytes: config
+                .admin
+                .max_publish_bytes
+                .max(config.admin.max_batch_bytes),
         },
         max_connections: config.admin.max_connections,
         timeouts: Timeouts {
@@ -226,6 +234,7 @@ fn reactor_settings(config: &Config, history: Arc<History>, tls: Option<Arc<Tls>
         history,
         budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
         tls,
+        max_channels: config.auth.max_channels,
     }
 }
 

@@ -90,6 +90,11 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
 pub const DEFAULT_ADMIN_API_KEY: &str = "";
 /// Bytes in the largest message body the admin API accepts for publishing.
 pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 1_048_576;
+/// Bytes in the largest `POST /publish/batch` body (its JSON, before base64 payloads are decoded). As large as
+/// one publish by default, so the admin listener's worst-case memory (a body per connection) stays the same.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1_048_576;
+/// Targets one `POST /publish/batch` may name, summed over its messages.
+pub const DEFAULT_MAX_BATCH_TARGETS: usize = 10_000;
 /// Bytes in the largest admin HTTP request head (request line plus headers).
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 8_192;
 /// Headers in the largest admin HTTP request.
@@ -232,6 +237,8 @@ mod tests {
         assert_eq!(c.admin.max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
         assert_eq!(c.admin.header_timeout_ms, DEFAULT_ADMIN_HEADER_TIMEOUT_MS);
         assert_eq!(c.admin.idle_timeout_ms, DEFAULT_ADMIN_IDLE_TIMEOUT_MS);
+        assert_eq!(c.admin.max_batch_bytes, DEFAULT_MAX_BATCH_BYTES);
+        assert_eq!(c.admin.max_batch_targets, DEFAULT_MAX_BATCH_TARGETS);
         assert!(!c.auth.allow_insecure);
         assert_eq!(c.log.level, log::LevelFilter::Info);
     }

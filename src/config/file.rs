@@ -210,6 +210,8 @@ pub struct AdminSection {
     pub listen: String,
     pub api_key: String,
     pub max_publish_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_batch_targets: usize,
     pub max_request_head_bytes: usize,
     pub max_request_headers: usize,
     pub max_connections: usize,
@@ -223,6 +225,8 @@ impl Default for AdminSection {
             listen: DEFAULT_ADMIN_LISTEN.to_owned(),
             api_key: DEFAULT_ADMIN_API_KEY.to_owned(),
             max_publish_bytes: DEFAULT_MAX_PUBLISH_BYTES,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_batch_targets: DEFAULT_MAX_BATCH_TARGETS,
             max_request_head_bytes: DEFAULT_MAX_REQUEST_HEAD_BYTES,
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
             max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
@@ -238,6 +242,8 @@ impl fmt::Debug for AdminSection {
             .field("listen", &self.listen)
             .field("api_key", &Redacted(self.api_key.len()))
             .field("max_publish_bytes", &self.max_publish_bytes)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_batch_targets", &self.max_batch_targets)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
             .field("max_connections", &self.max_connections)

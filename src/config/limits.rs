@@ -49,6 +49,10 @@ pub const MAX_ID_BYTES: RangeInclusive<usize> = 1..=1024;
 pub const MAX_CHANNELS: RangeInclusive<usize> = 0..=4096;
 /// Bytes in a published message body: at most 64 MiB.
 pub const MAX_PUBLISH_BYTES: RangeInclusive<usize> = 1..=64 << 20;
+/// Bytes in a batch publish body: at most 256 MiB.
+pub const MAX_BATCH_BYTES: RangeInclusive<usize> = 1024..=256 << 20;
+/// Targets in one batch publish.
+pub const MAX_BATCH_TARGETS: RangeInclusive<usize> = 1..=1_000_000;
 /// Bytes in an admin request head.
 pub const MAX_REQUEST_HEAD_BYTES: RangeInclusive<usize> = 1024..=1 << 20;
 /// Headers in an admin request.

@@ -280,6 +280,10 @@ pub struct AdminConfig {
     pub api_key: Option<String>,
     /// Bytes in the largest publishable message body; at most `websocket.max_outbox_bytes`.
     pub max_publish_bytes: usize,
+    /// Bytes in the largest batch publish body.
+    pub max_batch_bytes: usize,
+    /// Targets one batch publish may name.
+    pub max_batch_targets: usize,
     /// Bytes in the largest admin request head.
     pub max_request_head_bytes: usize,
     /// Headers in the largest admin request.
@@ -298,6 +302,8 @@ impl fmt::Debug for AdminConfig {
             .field("listen", &self.listen)
             .field("api_key", &self.api_key.as_ref().map(|k| Redacted(k.len())))
             .field("max_publish_bytes", &self.max_publish_bytes)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_batch_targets", &self.max_batch_targets)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
             .field("max_connections", &self.max_connections)

@@ -417,6 +417,16 @@ fn validate_admin(
         listen: admin_listen,
         api_key,
         max_publish_bytes,
+        max_batch_bytes: check_range(
+            "admin.max_batch_bytes",
+            admin.max_batch_bytes,
+            limits::MAX_BATCH_BYTES,
+        )?,
+        max_batch_targets: check_range(
+            "admin.max_batch_targets",
+            admin.max_batch_targets,
+            limits::MAX_BATCH_TARGETS,
+        )?,
         max_request_head_bytes: check_range(
             "admin.max_request_head_bytes",
             admin.max_request_head_bytes,
@@ -913,6 +923,8 @@ mod tests {
                 "[admin]\nmax_request_headers = 2",
                 "admin.max_request_headers",
             ),
+            ("[admin]\nmax_batch_bytes = 10", "admin.max_batch_bytes"),
+            ("[admin]\nmax_batch_targets = 0", "admin.max_batch_targets"),
             ("[admin]\nmax_connections = 0", "admin.max_connections"),
             ("[admin]\nmax_connections = 65537", "admin.max_connections"),
             ("[admin]\nheader_timeout_ms = 99", "admin.header_timeout_ms"),
