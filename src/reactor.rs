@@ -14,6 +14,7 @@ use crate::budget::Budget;
 use crate::conn::transport::{self, Plain, Transport};
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
 use crate::dispatch::{Command, Mailbox, Subscribed, Subscription};
+use crate::events;
 use crate::fanout::{Fanout, Joined};
 use crate::history::{self, History};
 use crate::message::{envelope, Encoding, Message, Target};
@@ -77,6 +78,8 @@ pub struct Settings {
     pub tls: Option<Arc<Tls>>,
     /// Channels a connection may be in (`auth.max_channels`), for runtime subscriptions as for tokens.
     pub max_channels: usize,
+    /// Where connection events go, when `events.webhook_url` is set.
+    pub events: Option<Arc<events::Events>>,
 }
 
 /// One reactor and everything it owns.
@@ -314,6 +317,7 @@ impl Reactor {
     /// Removes the connection everywhere and closes its socket (dropping the stream also drops its epoll
     /// registration, since no other descriptor refers to it).
     fn remove(&mut self, key: u32, ending: Ending) {
+        self.disconnect_event(key);
         self.fanout.remove(key);
         let mut conn = self.conns.remove(key as usize);
         let cx = Ctx {
@@ -683,6 +687,10 @@ impl Reactor {
             identity.client.as_deref(),
             &identity.channels,
         );
+        if let Some(events) = &self.settings.events {
+            let first = self.fanout.user_count(&identity.user) == 1;
+            events.connected(&identity.user, identity.client.as_deref(), first);
+        }
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         self.metrics.connections_open.fetch_add(1, Relaxed);
         ReactorMetrics::inc(&self.metrics.handshakes_accepted);
@@ -1027,6 +1035,27 @@ impl Reactor {
             }
         }
         true
+    }
+
+    /// The hook where an upgraded connection leaves: its disconnect event, while the index still knows who it
+    /// was, saying whether it was the user's last connection on this reactor (`events` turns that into the
+    /// user's offline event when no other reactor holds one). A connection that never upgraded was never
+    /// announced, so it is not in the index and gets none.
+    fn disconnect_event(&self, key: u32) {
+        let Some(events) = &self.settings.events else {
+            return;
+        };
+        let Some((user, client)) = self.fanout.identity(key) else {
+            return;
+        };
+        // RFC 6455 §7.1.5: a connection closed without a close frame reports 1006.
+        let code = self
+            .conns
+            .get(key as usize)
+            .and_then(|c| c.machine.close_code())
+            .unwrap_or(1006);
+        let last = self.fanout.user_count(user) == 1;
+        events.disconnected(user, client, code, last);
     }
 
     fn begin_shutdown(&mut self, timeout: Duration) {

@@ -13,6 +13,7 @@ use super::route::{self, Route, RouteError};
 use super::stats;
 use crate::cluster::Cluster;
 use crate::dispatch::Subscription;
+use crate::events::Events;
 use crate::message::envelope::Position;
 use crate::message::{self, Message, Target};
 use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
@@ -97,6 +98,8 @@ pub struct Api {
     cluster: Option<Arc<Cluster>>,
     /// The TLS side, when `[tls]` is on (its counters are on `/metrics`).
     tls: Option<Arc<crate::tls::Tls>>,
+    /// The connection events sender, when `events.webhook_url` is set (its counters are on `/metrics`).
+    events: Option<Arc<Events>>,
 }
 
 impl Api {
@@ -115,7 +118,14 @@ impl Api {
             settings,
             cluster,
             tls: None,
+            events: None,
         }
+    }
+
+    /// Reports the connection events counters too.
+    pub fn with_events(mut self, events: Option<Arc<Events>>) -> Api {
+        self.events = events;
+        self
     }
 
     /// Reports the TLS counters too.
@@ -266,6 +276,9 @@ impl Api {
         self.publisher.history().render_metrics(&mut text);
         if let Some(tls) = &self.tls {
             tls.render_metrics(&mut text);
+        }
+        if let Some(events) = &self.events {
+            events.render_metrics(&mut text);
         }
         text
     }

@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub diagnostics: DiagnosticsSection,
     /// `[tls]`
     pub tls: TlsSection,
+    /// `[events]`
+    pub events: EventsSection,
 }
 
 /// `[server]` as written. Field docs are on the `DEFAULT_*` constants.
@@ -379,5 +381,51 @@ impl Default for TlsSection {
             cert_file: DEFAULT_TLS_CERT_FILE.to_owned(),
             key_file: DEFAULT_TLS_KEY_FILE.to_owned(),
         }
+    }
+}
+
+/// `[events]` as written. Field docs are on the `DEFAULT_EVENTS_*` constants.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [events] table")]
+#[allow(missing_docs)]
+pub struct EventsSection {
+    pub webhook_url: String,
+    pub authorization: String,
+    pub batch_ms: u64,
+    pub max_batch: usize,
+    pub queue_size: usize,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub ca_file: String,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            webhook_url: DEFAULT_EVENTS_WEBHOOK_URL.to_owned(),
+            authorization: DEFAULT_EVENTS_AUTHORIZATION.to_owned(),
+            batch_ms: DEFAULT_EVENTS_BATCH_MS,
+            max_batch: DEFAULT_EVENTS_MAX_BATCH,
+            queue_size: DEFAULT_EVENTS_QUEUE_SIZE,
+            timeout_ms: DEFAULT_EVENTS_TIMEOUT_MS,
+            max_retries: DEFAULT_EVENTS_MAX_RETRIES,
+            ca_file: DEFAULT_EVENTS_CA_FILE.to_owned(),
+        }
+    }
+}
+
+// Hand-written so the webhook's credentials (in its URL or its Authorization header) never reach a log line.
+impl fmt::Debug for EventsSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventsSection")
+            .field("webhook_url", &redact_url(&self.webhook_url))
+            .field("authorization", &Redacted(self.authorization.len()))
+            .field("batch_ms", &self.batch_ms)
+            .field("max_batch", &self.max_batch)
+            .field("queue_size", &self.queue_size)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_retries", &self.max_retries)
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }

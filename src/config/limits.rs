@@ -78,3 +78,13 @@ pub const HISTORY_SIZE: RangeInclusive<usize> = 1..=1_000_000;
 pub const HISTORY_TTL_SECS: RangeInclusive<u64> = 1..=2_592_000;
 /// Bytes of history: at least a page, at most 1 TiB.
 pub const HISTORY_MAX_BYTES: RangeInclusive<usize> = 4096..=1 << 40;
+/// Milliseconds an event may wait for its request: at most a minute.
+pub const EVENTS_BATCH_MS: RangeInclusive<u64> = 1..=60_000;
+/// Events per request.
+pub const EVENTS_MAX_BATCH: RangeInclusive<usize> = 1..=100_000;
+/// Events queued at most (about 64 bytes each, allocated when the queue is made).
+pub const EVENTS_QUEUE_SIZE: RangeInclusive<usize> = 1..=16_777_216;
+/// Milliseconds one events request may take.
+pub const EVENTS_TIMEOUT_MS: RangeInclusive<u64> = 100..=60_000;
+/// Retries of a failed events request.
+pub const EVENTS_MAX_RETRIES: RangeInclusive<u32> = 0..=100;
