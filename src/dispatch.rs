@@ -4,7 +4,8 @@
 //! It owns the hand-off only. One FIFO queue per reactor, so messages sent one after another reach every
 //! connection in that order; the waker is rung only when a queue goes from empty to non-empty, so a burst of
 //! publishes costs one wake-up, not one per message. A batch publish is one command per reactor, however many
-//! messages and targets it holds, so a batch counts once against [`MAX_PENDING_COMMANDS`]. Questions (kick,
+//! messages it holds, but it weighs one per message against [`MAX_PENDING_COMMANDS`], as that many single
+//! publishes would, so batches cannot queue more work than the bound allows. Questions (kick,
 //! presence, subscription changes) go to every reactor and the answers are summed here, within
 //! [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
 //! (`message`, `history`, the reactors' fanout indexes).
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Commands a reactor may have pending before publishes are refused with 503: past it the reactor is not
-/// keeping up, and queuing more would only grow memory and latency without bound.
+/// keeping up, and queuing more would only grow memory and latency without bound. A batch counts one per
+/// message (per target: each is a message to one stream).
 pub const MAX_PENDING_COMMANDS: usize = 4_096;
 
 /// Work for a reactor.
@@ -107,7 +109,8 @@ impl AddAssign for Subscribed {
 pub struct Mailbox {
     queue: Mutex<Vec<Command>>,
     waker: Waker,
-    /// Commands sent and not yet applied by the reactor (queued here or in its backlog).
+    /// Commands sent and not yet applied by the reactor (queued here or in its backlog), a batch's messages
+    /// counted one by one.
     pending: AtomicUsize,
 }
 
@@ -126,20 +129,21 @@ impl Mailbox {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The reactor applied `n` commands.
+    /// The reactor applied `n` commands (or messages of a batch).
     pub fn applied(&self, n: usize) {
         self.pending.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// The reactor put the unapplied rest of a command back in its backlog (counted in `applied` with the
-    /// others of its turn): it is pending again.
-    pub fn requeued(&self) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Queues a command and wakes the reactor if it may be asleep.
     pub fn send(&self, command: Command) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.send_weighing(command, 1);
+    }
+
+    /// [`Mailbox::send`] for a command that counts as `weight` pending commands (a batch: its messages). The
+    /// reactor counts one applied per command it takes, and the rest of the weight as it applies the batch.
+    fn send_weighing(&self, command: Command, weight: usize) {
+        debug_assert!(weight >= 1);
+        self.pending.fetch_add(weight, Ordering::Relaxed);
         let was_empty = {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let was_empty = queue.is_empty();
@@ -198,12 +202,19 @@ impl Reactors {
         self.send_all(|| Command::Publish(message.clone()));
     }
 
-    /// Hands a batch of messages to every reactor as one command; each applies them in order.
+    /// Hands a batch of messages to every reactor as one command, weighing one pending command per message;
+    /// each reactor applies them in order.
     pub fn publish_batch(&self, messages: Arc<[Arc<Message>]>) {
-        self.send_all(|| Command::PublishBatch {
-            messages: messages.clone(),
-            next: 0,
-        });
+        if messages.is_empty() {
+            return;
+        }
+        for mailbox in self.mailboxes.iter() {
+            let batch = Command::PublishBatch {
+                messages: messages.clone(),
+                next: 0,
+            };
+            mailbox.send_weighing(batch, messages.len());
+        }
     }
 
     /// Applies a subscription change on every reactor. With `wait`, returns what changed (`None` if some reactor
@@ -415,12 +426,10 @@ mod tests {
             .collect();
         reactors.publish_batch(messages.clone());
         for mailbox in &mailboxes {
-            assert_eq!(
-                mailbox.pending(),
-                1,
-                "a batch counts once against the bound"
-            );
-            match taken(mailbox).as_slice() {
+            assert_eq!(mailbox.pending(), 3, "a batch weighs one per message");
+            let mut commands = Vec::new();
+            mailbox.take_all(&mut commands);
+            match commands.as_slice() {
                 [Command::PublishBatch {
                     messages: m,
                     next: 0,
@@ -433,18 +442,23 @@ mod tests {
     }
 
     #[test]
-    fn a_requeued_rest_is_pending_again_until_applied() {
-        let (_reactors, mailboxes, _polls) = reactors(1);
-        mailboxes[0].send(Command::Shutdown {
-            timeout: Duration::ZERO,
-        });
-        let mut taken = Vec::new();
-        mailboxes[0].take_all(&mut taken);
-        mailboxes[0].requeued();
-        mailboxes[0].applied(1);
-        assert_eq!(mailboxes[0].pending(), 1);
-        mailboxes[0].applied(1);
-        assert_eq!(mailboxes[0].pending(), 0);
+    fn batches_fill_the_pending_bound_by_their_messages() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let messages: Arc<[Arc<Message>]> = (0..MAX_PENDING_COMMANDS)
+            .map(|_| Arc::new(Message::new(Target::All, false, b"x")))
+            .collect();
+        reactors.publish_batch(messages.clone());
+        assert!(
+            reactors.overloaded(),
+            "one batch of MAX_PENDING_COMMANDS messages fills it"
+        );
+        // A reactor counts the command applied (one) and its other messages as it applies them.
+        for mailbox in &mailboxes {
+            mailbox.applied(1);
+            mailbox.applied(MAX_PENDING_COMMANDS - 1);
+            assert_eq!(mailbox.pending(), 0);
+        }
+        assert!(!reactors.overloaded());
     }
 
     #[test]

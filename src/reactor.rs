@@ -953,15 +953,17 @@ impl Reactor {
     }
 
     /// Sends a batch's messages in order, from `next`, until about a turn's worth of sends is done; the rest
-    /// goes back to the front of the backlog (pending again), so a batch that reaches huge channels shares the
-    /// loop with socket reads and timers like a burst of single publishes. Returns the sends done.
+    /// goes back to the front of the backlog, so a batch that reaches huge channels shares the loop with socket
+    /// reads and timers like a burst of single publishes. A batch weighs one pending command per message: the
+    /// caller counts the command applied, this counts the other messages it applied. Returns the sends done.
     fn publish_batch(&mut self, messages: Arc<[Arc<Message>]>, next: usize) -> usize {
         let mut spent = 0;
         for (at, message) in messages.iter().enumerate().skip(next) {
             if spent >= SENDS_PER_TURN {
+                // At least one message was applied: the first iteration never stops here.
+                self.mailbox.applied(at - next - 1);
                 self.backlog
                     .push_front(Command::PublishBatch { messages, next: at });
-                self.mailbox.requeued();
                 return spent;
             }
             let seq = message.seq();
@@ -971,6 +973,7 @@ impl Reactor {
             }
             spent += self.publish(message).max(1);
         }
+        self.mailbox.applied(messages.len() - next - 1);
         spent
     }
 

@@ -227,3 +227,59 @@ fn a_batch_larger_than_a_reactors_turn_arrives_whole_and_in_order() {
         .metric("densepush_commands_pending", &[])
         == 0));
 }
+
+#[test]
+fn batches_past_the_reactor_backlog_get_503_and_accepted_ones_all_arrive_in_order() {
+    let server = Server::start(&[("server.reactors", "1")]);
+    // Each message goes to all 100 connections: applying a batch costs the reactor far more than accepting it
+    // costs the admin thread, and a batch weighs one pending command per message (4,096 at most).
+    let clients: Vec<_> = (0..100)
+        .map(|i| server.raw_upgrade(&format!("user=u{i}")))
+        .collect();
+    let mut admin = server.admin();
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    let mut requests = Vec::new();
+    for b in 0..12 {
+        let messages: Vec<serde_json::Value> = (0..1_000)
+            .map(|i| json!({"targets": ["all"], "data": format!("{b}.{i}")}))
+            .collect();
+        requests.extend(admin.encode(
+            "POST",
+            "/publish/batch",
+            json!({ "messages": messages }).to_string().as_bytes(),
+            &[],
+        ));
+    }
+    admin.write_raw(&requests);
+    for b in 0..12 {
+        let response = admin.read_response();
+        match response.status {
+            202 => accepted.extend((0..1_000).map(|i| format!("{b}.{i}"))),
+            503 => {
+                assert_eq!(response.header("Retry-After"), Some("1"));
+                refused += 1;
+            }
+            other => panic!("batch {b}: {other}: {}", response.text()),
+        }
+    }
+    assert!(
+        refused > 0,
+        "12,000 messages to 100 connections never filled the backlog"
+    );
+    assert!(accepted.len() >= 4_000, "only {} accepted", accepted.len());
+    for (n, client) in clients.into_iter().enumerate() {
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut client = std::io::BufReader::new(client);
+        for expected in &accepted {
+            let (_, _, payload) = read_frame(&mut client)
+                .unwrap_or_else(|e| panic!("client {n}: reading {expected}: {e}"))
+                .unwrap_or_else(|| panic!("client {n}: closed before {expected}"));
+            assert_eq!(String::from_utf8(payload).unwrap(), *expected, "client {n}");
+        }
+    }
+    assert!(wait_until(std::time::Duration::from_secs(5), || server
+        .metric("densepush_commands_pending", &[])
+        == 0));
+}

@@ -148,7 +148,8 @@ impl History {
 
     /// Whether messages published to `target` are stored.
     pub fn keeps(&self, target: &Target) -> bool {
-        self.settings.enabled(stream_of(target).1)
+        // Called per target of a batch: the kind alone, no stream name built.
+        self.settings.enabled(target.kind())
     }
 
     /// Stores a message of a stream that keeps history ([`History::keeps`]): it gets the stream's next offset

@@ -29,6 +29,15 @@ pub enum Target {
 }
 
 impl Target {
+    /// The kind of stream it publishes to (what [`stream_of`] says, without building the stream's name).
+    pub fn kind(&self) -> Kind {
+        match self {
+            Target::User(_) | Target::UserClient(..) => Kind::User,
+            Target::Channel(_) => Kind::Channel,
+            Target::All => Kind::All,
+        }
+    }
+
     /// The target in the same stream for a message tagged with `client`, or with no tag: how a message read back
     /// from the shared log (`history::Backfill`) is addressed. Only `user` streams carry client tags.
     pub fn with_client(&self, client: Option<&str>) -> Target {
@@ -222,6 +231,18 @@ mod tests {
         assert_eq!(stream_of(&t), ("user:42".into(), Kind::User, Some("phone")));
         assert_eq!(stream_of(&Target::Channel("n".into())).0, "channel:n");
         assert_eq!(stream_of(&Target::All).0, "all");
+    }
+
+    #[test]
+    fn a_targets_kind_is_its_streams() {
+        for t in [
+            Target::User("u".into()),
+            Target::UserClient("u".into(), "c".into()),
+            Target::Channel("n".into()),
+            Target::All,
+        ] {
+            assert_eq!(t.kind(), stream_of(&t).1);
+        }
     }
 
     #[test]
