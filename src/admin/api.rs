@@ -410,8 +410,9 @@ impl Api {
         }
         let messages = items.len();
         let targets: usize = items.iter().map(|item| item.targets.len()).sum();
+        let mut kinds = [0u64; metrics::TARGET_LABELS.len()];
         for target in items.iter().flat_map(|item| &item.targets) {
-            self.metrics.published[target_kind(target) as usize].fetch_add(1, Relaxed);
+            kinds[target_kind(target) as usize] += 1;
         }
         let positions = match &self.cluster {
             None => {
@@ -424,6 +425,11 @@ impl Api {
                 Err(reply) => return reply,
             },
         };
+        // Counted once the batch is accepted, like single publishes (not after a 503, even one that came once
+        // part of a cluster batch went out).
+        for (counter, n) in self.metrics.published.iter().zip(kinds) {
+            counter.fetch_add(n, Relaxed);
+        }
         self.metrics.batches.fetch_add(1, Relaxed);
         let mut answer = serde_json::json!({ "messages": messages, "targets": targets });
         if self.cluster.is_some() {
