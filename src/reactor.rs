@@ -20,10 +20,10 @@ use crate::message::{envelope, Encoding, Message, Target};
 use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::proto::http;
+use crate::shared_frame::SharedFrame;
 use crate::timer::TimerWheel;
 use crate::tls::table::{Sessions, Slot};
 use crate::tls::{self, Tls, TlsWire};
-use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -44,6 +44,9 @@ pub const MAX_KEY: u32 = u32::MAX - 3;
 /// Sends (or closes) a turn of the loop applies from the command backlog before it polls sockets again: about
 /// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst.
 const SENDS_PER_TURN: usize = 8_192;
+
+/// Bytes a connection's socket is read and discarded at most before it is closed (see `discard_unread`).
+const DISCARD_BEFORE_CLOSE_BYTES: usize = 64 << 10;
 
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
@@ -110,7 +113,7 @@ pub struct Reactor {
     /// later ones are still in the mailbox and arrive live.
     applied_seq: u64,
     /// Reusable list of replay frames.
-    replay: Vec<Bytes>,
+    replay: Vec<SharedFrame>,
     started: Instant,
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
@@ -245,9 +248,12 @@ impl Reactor {
                 "shutdown timeout: closing {} connections that did not finish closing",
                 self.conns.len()
             );
+            // Each gets the last chance a close deadline gives its close frame, then goes.
             let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
             for key in keys {
-                self.remove(key as u32, Ending::Done);
+                if self.drive(key as u32, |m, cx, t| m.close_deadline(cx, t)) {
+                    self.remove(key as u32, Ending::Done);
+                }
             }
             return true;
         }
@@ -314,6 +320,9 @@ impl Reactor {
     fn remove(&mut self, key: u32, ending: Ending) {
         self.fanout.remove(key);
         let mut conn = self.conns.remove(key as usize);
+        if ending == Ending::Done && conn.machine.was_upgraded() {
+            discard_unread(&conn.stream);
+        }
         let cx = Ctx {
             key,
             rules: &self.settings.rules,
@@ -910,7 +919,7 @@ impl Reactor {
         let mut delivered = 0u64;
         // Each encoding is looked up (or built, the first time any reactor needs it) once per publish here, not
         // once per recipient of a broadcast.
-        let mut frames: [Option<&Bytes>; Encoding::COUNT] = [None; Encoding::COUNT];
+        let mut frames: [Option<&SharedFrame>; Encoding::COUNT] = [None; Encoding::COUNT];
         for &key in &recipients {
             // Closing connections already have their close frame queued: nothing may follow it.
             let Some(conn) = self.conns.get(key as usize) else {
@@ -923,14 +932,16 @@ impl Reactor {
                 false => Encoding::Bare,
                 true => Encoding::Envelope,
             };
-            let bytes = *frames[encoding as usize].get_or_insert_with(|| message.frame(encoding));
-            if self.drive(key, |m, cx, t| m.send(cx, t, bytes)) {
+            let frame = *frames[encoding as usize].get_or_insert_with(|| message.shared(encoding));
+            if self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
                 delivered += 1;
             }
         }
         let count = recipients.len();
         self.recipients = recipients;
         ReactorMetrics::add(&self.metrics.frames_delivered, delivered);
+        // Delivered to every recipient: the message leaves the mailbox.
+        self.mailbox.delivered(message, &self.settings.budget);
         count
     }
 
@@ -972,6 +983,22 @@ fn settle_tls(slot: &mut Slot, settings: &Settings) {
             .fetch_sub((slot.charged - now) as u64, Relaxed);
     }
     slot.charged = now;
+}
+
+/// Reads and discards what a client sent that nobody read, before its socket is closed: Linux answers the
+/// close of a socket holding unread data with a reset (RFC 2525 §2.17) that throws away what is still queued
+/// for the client — our close frame among it. Bounded: a client that keeps sending gets its reset.
+fn discard_unread(stream: &std::net::TcpStream) {
+    let mut sink = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < DISCARD_BEFORE_CLOSE_BYTES {
+        match (&*stream).read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
 }
 
 fn make_token(key: u32, generation: u32) -> Token {

@@ -47,6 +47,9 @@ pub enum Flag {
     /// The connection came in on the TLS listener: its transport is its TLS session (kept by the reactor).
     /// The machine's rules do not depend on it; it lives here because these bits are already paid for.
     Tls = 16,
+    /// A close frame the server started (not the echo of the client's) is queued or held by the transport and
+    /// not yet handed whole to the socket: when the connection goes it counts as given up.
+    CloseUnsent = 32,
 }
 
 /// Phase and flags in two bytes.

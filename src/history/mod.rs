@@ -20,7 +20,7 @@ use crate::message::envelope::{self, Position, Stamp};
 use crate::message::{kind_of, stream_of, Encoding, Kind, Message, Target};
 use crate::proto::frame;
 use crate::proto::http;
-use bytes::Bytes;
+use crate::shared_frame::SharedFrame;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use store::{Limits, Recovery, Slot, Store, Stored, REASON_LABELS};
@@ -246,7 +246,7 @@ impl History {
         positions: &[Position],
         reader: Reader<'_>,
         applied_seq: u64,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<SharedFrame>,
     ) {
         let now = self.now_ms();
         let mut store = self.lock();
@@ -262,13 +262,13 @@ impl History {
             out.extend(
                 missed
                     .drain(..)
-                    .map(|message| message.frame(Encoding::Envelope).clone()),
+                    .map(|message| message.shared(Encoding::Envelope).clone()),
             );
             if let Recovery::Resync { epoch, offset } = recovery {
-                out.push(frame::encode_message(
+                out.push(SharedFrame::new(frame::encode_message(
                     true,
                     &envelope::encode_resync(&position.stream, &epoch, offset),
-                ));
+                )));
             }
         }
     }
