@@ -42,7 +42,8 @@ const TLS_LISTENER: Token = Token(usize::MAX - 2);
 pub const MAX_KEY: u32 = u32::MAX - 3;
 
 /// Sends (or closes) a turn of the loop applies from the command backlog before it polls sockets again: about
-/// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst.
+/// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst. A
+/// single publish with more recipients than this is delivered over several turns (see [`Delivery`]).
 const SENDS_PER_TURN: usize = 8_192;
 
 /// Bytes a connection's socket is read and discarded at most before it is closed (see `discard_unread`).
@@ -80,6 +81,19 @@ pub struct Settings {
     pub tls: Option<Arc<Tls>>,
 }
 
+/// A publish being delivered: its recipients are written to over as many turns of the loop as they need, so
+/// one publish to a million connections does not keep sockets and timers waiting for a million writes.
+struct Delivery {
+    message: Arc<Message>,
+    /// Slab keys collected when the publish was taken; those from `next` on are still to be sent to.
+    recipients: Vec<u32>,
+    next: usize,
+    /// The reactor's `next_generation` when the recipients were collected: a key now held by a connection
+    /// accepted since is skipped (it did not exist when the message was applied, and may recover it from
+    /// history instead).
+    generation: u32,
+}
+
 /// One reactor and everything it owns.
 pub struct Reactor {
     poll: Poll,
@@ -109,6 +123,8 @@ pub struct Reactor {
     pending_reads: Vec<(u32, u32)>,
     /// Commands taken from the mailbox and not yet applied (a turn applies a bounded amount).
     backlog: VecDeque<Command>,
+    /// The publish being delivered, when its recipients did not all fit in one turn.
+    delivery: Option<Delivery>,
     /// Sequence number of the last stored message this reactor delivered (see `history`): replays stop there,
     /// later ones are still in the mailbox and arrive live.
     applied_seq: u64,
@@ -165,6 +181,7 @@ impl Reactor {
             recipients: Vec::new(),
             pending_reads: Vec::new(),
             backlog: VecDeque::new(),
+            delivery: None,
             applied_seq: 0,
             replay: Vec::new(),
             started: Instant::now(),
@@ -220,7 +237,7 @@ impl Reactor {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.pending_reads.is_empty() || !self.backlog.is_empty() {
+        if !self.pending_reads.is_empty() || !self.backlog.is_empty() || self.delivery.is_some() {
             return Duration::ZERO;
         }
         let tick_ns = self.settings.tick.as_nanos().max(1);
@@ -807,16 +824,25 @@ impl Reactor {
     // ---- commands from other threads -------------------------------------------------------------------
 
     /// Applies commands in order until the stored message with sequence `seq` has been delivered (every
-    /// stored message up to `seq` is in the mailbox when this is called; see `History::last_seq`).
+    /// stored message up to `seq` is in the mailbox when this is called; see `History::last_seq`). A publish
+    /// being delivered is finished first, whatever its sequence.
     fn apply_until(&mut self, seq: u64) {
         self.take_mailbox();
         let mut applied = 0;
-        while self.applied_seq < seq {
+        loop {
+            if self.delivery.is_some() {
+                self.deliver_some(usize::MAX);
+                applied += 1;
+            }
+            if self.applied_seq >= seq {
+                break;
+            }
             let Some(command) = self.backlog.pop_front() else {
                 break;
             };
-            self.handle_command(command);
-            applied += 1;
+            if self.take_command(command).is_some() {
+                applied += 1;
+            }
         }
         self.mailbox.applied(applied);
     }
@@ -829,23 +855,37 @@ impl Reactor {
     }
 
     /// Applies backlog commands in order until about `budget` sends are done. Bounding a turn keeps a burst of
-    /// publishes from starving socket reads (pongs) and timers: the rest waits for the next turn, which polls
-    /// without sleeping.
+    /// publishes — or one publish to very many connections — from starving socket reads (pongs) and timers:
+    /// the rest waits for the next turn, which polls without sleeping.
     fn apply_backlog(&mut self, budget: usize) {
         let mut spent = 0;
         let mut applied = 0;
-        while spent < budget {
+        loop {
+            if self.delivery.is_some() {
+                spent += self.deliver_some(budget - spent).max(1);
+                if self.delivery.is_some() {
+                    ReactorMetrics::inc(&self.metrics.fanout_yields);
+                    break;
+                }
+                applied += 1;
+            }
+            if spent >= budget {
+                break;
+            }
             let Some(command) = self.backlog.pop_front() else {
                 break;
             };
-            spent += self.handle_command(command).max(1);
-            applied += 1;
+            if let Some(cost) = self.take_command(command) {
+                spent += cost.max(1);
+                applied += 1;
+            }
         }
         self.mailbox.applied(applied);
     }
 
-    /// Applies one command; returns how many connections it wrote to or closed.
-    fn handle_command(&mut self, command: Command) -> usize {
+    /// Applies one command, or starts delivering it if it is a publish (`None`: counted as applied when its
+    /// delivery ends). Returns how many connections it wrote to or closed.
+    fn take_command(&mut self, command: Command) -> Option<usize> {
         match command {
             Command::Publish(message) => {
                 let seq = message.seq();
@@ -853,7 +893,14 @@ impl Reactor {
                     debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
                     self.applied_seq = seq;
                 }
-                self.publish(&message)
+                self.collect(message.target());
+                self.delivery = Some(Delivery {
+                    message,
+                    recipients: std::mem::take(&mut self.recipients),
+                    next: 0,
+                    generation: self.next_generation,
+                });
+                None
             }
             Command::Kick {
                 target,
@@ -879,15 +926,15 @@ impl Reactor {
                 if let Some(reply) = reply {
                     let _ = reply.send(closed);
                 }
-                closed
+                Some(closed)
             }
             Command::Presence { user, reply } => {
                 let _ = reply.send(self.fanout.user_count(&user));
-                1
+                Some(1)
             }
             Command::Shutdown { timeout } => {
                 self.begin_shutdown(timeout);
-                self.conns.len()
+                Some(self.conns.len())
             }
         }
     }
@@ -911,38 +958,50 @@ impl Reactor {
         }
     }
 
-    /// Sends a published message to its recipients, each in the encoding it asked for; returns how many
-    /// there were.
-    fn publish(&mut self, message: &Message) -> usize {
-        self.collect(message.target());
-        let recipients = std::mem::take(&mut self.recipients);
+    /// Sends the publish being delivered to up to `limit` more of its recipients, each in the encoding it asked
+    /// for; when the last one is done the delivery ends and the message leaves the mailbox. Returns how many
+    /// recipients it went through.
+    fn deliver_some(&mut self, limit: usize) -> usize {
+        let Some(mut delivery) = self.delivery.take() else {
+            return 0;
+        };
+        let start = delivery.next;
+        let end = delivery.recipients.len().min(start.saturating_add(limit));
         let mut delivered = 0u64;
-        // Each encoding is looked up (or built, the first time any reactor needs it) once per publish here, not
+        // Each encoding is looked up (or built, the first time any reactor needs it) once per call here, not
         // once per recipient of a broadcast.
         let mut frames: [Option<&SharedFrame>; Encoding::COUNT] = [None; Encoding::COUNT];
-        for &key in &recipients {
+        for &key in &delivery.recipients[start..end] {
             // Closing connections already have their close frame queued: nothing may follow it.
             let Some(conn) = self.conns.get(key as usize) else {
                 continue;
             };
-            if !conn.machine.is_open() {
+            if !conn.machine.is_open() || newer(conn.generation, delivery.generation) {
                 continue;
             }
             let encoding = match conn.machine.wants_envelopes() {
                 false => Encoding::Bare,
                 true => Encoding::Envelope,
             };
-            let frame = *frames[encoding as usize].get_or_insert_with(|| message.shared(encoding));
+            let frame =
+                *frames[encoding as usize].get_or_insert_with(|| delivery.message.shared(encoding));
             if self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
                 delivered += 1;
             }
         }
-        let count = recipients.len();
-        self.recipients = recipients;
         ReactorMetrics::add(&self.metrics.frames_delivered, delivered);
-        // Delivered to every recipient: the message leaves the mailbox.
-        self.mailbox.delivered(message, &self.settings.budget);
-        count
+        delivery.next = end;
+        if end < delivery.recipients.len() {
+            self.delivery = Some(delivery);
+        } else {
+            self.mailbox
+                .delivered(&delivery.message, &self.settings.budget);
+            delivery.recipients.clear();
+            if self.recipients.capacity() < delivery.recipients.capacity() {
+                self.recipients = delivery.recipients;
+            }
+        }
+        end - start
     }
 
     fn begin_shutdown(&mut self, timeout: Duration) {
@@ -985,6 +1044,12 @@ fn settle_tls(slot: &mut Slot, settings: &Settings) {
     slot.charged = now;
 }
 
+/// Whether a connection of `generation` was accepted after the one of generation `than` (generations count
+/// accepts, wrapping).
+fn newer(generation: u32, than: u32) -> bool {
+    (generation.wrapping_sub(than) as i32) > 0
+}
+
 /// Reads and discards what a client sent that nobody read, before its socket is closed: Linux answers the
 /// close of a socket holding unread data with a reset (RFC 2525 §2.17) that throws away what is still queued
 /// for the client — our close frame among it. Bounded: a client that keeps sending gets its reset.
@@ -1021,5 +1086,14 @@ mod tests {
         for reserved in [LISTENER, WAKER, TLS_LISTENER] {
             assert_ne!(make_token(MAX_KEY, u32::MAX), reserved);
         }
+    }
+
+    #[test]
+    fn generations_compare_across_the_wrap() {
+        assert!(newer(5, 4));
+        assert!(!newer(4, 4));
+        assert!(!newer(3, 4));
+        assert!(newer(2, u32::MAX - 1), "accepted after the counter wrapped");
+        assert!(!newer(u32::MAX, 2));
     }
 }

@@ -121,6 +121,9 @@ pub struct ReactorMetrics {
     pub close_frames_written: AtomicU64,
     /// Counter: such close frames still unsent when the connection went (close deadline, socket error).
     pub close_frames_given_up: AtomicU64,
+    /// Counter: publishes whose delivery paused after a turn's worth of sends, to serve sockets and timers
+    /// before the rest of its recipients.
+    pub fanout_yields: AtomicU64,
     /// Counter: connections closed for not answering a ping.
     pub pong_timeouts: AtomicU64,
     /// Counter: connections closed by an admin kick.
@@ -242,7 +245,7 @@ pub fn render(
     for (name, help, get) in gauges {
         per_reactor(&mut out, name, help, MetricType::Gauge, reactors, get);
     }
-    let counters: [(&str, &str, Field); 18] = [
+    let counters: [(&str, &str, Field); 19] = [
         (
             "densepush_tcp_accepted_total",
             "Accepted TCP connections.",
@@ -292,6 +295,11 @@ pub fn render(
             "densepush_close_frames_given_up_total",
             "Server-initiated close frames still unsent when the connection went.",
             |m| &m.close_frames_given_up,
+        ),
+        (
+            "densepush_fanout_yields_total",
+            "Publishes whose delivery paused to serve sockets and timers before its remaining recipients.",
+            |m| &m.fanout_yields,
         ),
         (
             "densepush_pong_timeouts_total",
