@@ -804,7 +804,7 @@ impl Reactor {
                 let generation = self.conns[entry.key as usize].generation;
                 self.on_readable(entry.key, generation);
                 if self.live(entry.key, generation) {
-                    self.drive(entry.key, |m, cx, _| m.pong_deadline(cx));
+                    self.drive(entry.key, |m, cx, t| m.pong_deadline(cx, t));
                 }
             }
         }

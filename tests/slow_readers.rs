@@ -475,3 +475,65 @@ fn a_close_behind_a_remainder_too_large_to_hand_over_is_given_up_at_the_deadline
     let _ = std::io::Read::read_to_end(&mut slow, &mut rest);
     assert!(rest.len() < big.len(), "{} bytes", rest.len());
 }
+
+#[test]
+fn a_ping_waiting_behind_a_backlog_does_not_drop_a_reader_that_reads_and_one_that_stops_gets_1008()
+{
+    let server = Server::start(&[
+        ("websocket.ping_interval_ms", "1000"),
+        ("websocket.pong_timeout_ms", "500"),
+        ("websocket.close_timeout_ms", "300"),
+        ("websocket.max_outbox_bytes", "4194304"),
+        ("websocket.timer_tick_ms", "10"),
+        ("log.level", "info"),
+    ]);
+    let mut reading = slow_reader(&server, "reading");
+    let mut stopped = slow_reader(&server, "stopped");
+    // 1.6 MB each, published before the first ping (1 s after the upgrade), which goes behind all of it.
+    let messages = 400;
+    let mut admin = server.admin();
+    for i in 0..messages {
+        let response = admin.request("POST", "/publish/all", numbered(i).as_bytes(), &[]);
+        assert_eq!(response.status, 202);
+    }
+    assert!(
+        server.metric("densepush_outbox_bytes", &[]) > 0,
+        "nothing queued"
+    );
+    // One reads about 800 KB/s: it reaches its ping more than one pong timeout after the ping was due. It
+    // keeps reading until it has answered a ping.
+    let started = Instant::now();
+    let (mut received, mut pongs) = (0, 0);
+    while received < messages || pongs == 0 {
+        let (_, opcode, payload) = read_frame(&mut reading)
+            .expect("reading")
+            .expect("EOF: the reading client was dropped");
+        match opcode {
+            0x1 => {
+                assert_eq!(seq_of(&payload), received);
+                received += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            0x9 => {
+                write_frame(&mut reading, 0xA, &payload).unwrap();
+                pongs += 1;
+            }
+            other => panic!("opcode {other:#x} after {received} messages"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_millis(1600),
+        "read in {took:?}: too fast to pass a pong deadline"
+    );
+    assert_eq!(server.metric("densepush_pong_timeouts_total", &[]), 0);
+    // The other read nothing: closed as a slow consumer with a frame that tells it, not dropped as silent.
+    assert_eq!(
+        server.metric("densepush_slow_consumer_closes_total", &[]),
+        1
+    );
+    let read = read_backlog(&mut stopped, 0);
+    assert_eq!(read.close, Some(1008), "{read:?}");
+    assert_ends(&mut stopped);
+    assert_eq!(server.metric("densepush_connections_open", &[]), 1);
+}

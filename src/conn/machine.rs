@@ -208,7 +208,18 @@ pub struct Machine {
     /// Stamp of the connection's one live timer entry.
     timer_stamp: u32,
     state: State,
+    /// The client's acknowledged bytes when the last ping went out (or the last pong check moved on), in KiB,
+    /// wrapping: whether it has been reading its backlog since ([`acked_mark`]). It lives in what would be
+    /// padding.
+    acked_mark: u16,
     buffers: Buffers,
+}
+
+/// Acknowledged bytes as the machine remembers them: KiB, wrapping at 64 MiB. A client that reads less than
+/// 1 KiB in a pong timeout counts as not reading; one that read a multiple of exactly 64 MiB in one is the
+/// only other miss.
+fn acked_mark(acked: u64) -> u16 {
+    (acked >> 10) as u16
 }
 
 impl Machine {
@@ -218,6 +229,7 @@ impl Machine {
         let mut machine = Machine {
             timer_stamp: 0,
             state: State::new(),
+            acked_mark: 0,
             buffers: Buffers::default(),
         };
         machine.state.set(Flag::Tls, tls);
@@ -486,6 +498,8 @@ impl Machine {
             Timer::Ping => {
                 self.state.set(Flag::PingSent, true);
                 self.state.set(Flag::Heard, false);
+                self.state.set(Flag::Drained, false);
+                self.acked_mark = t.progress().map_or(0, |p| acked_mark(p.acked));
                 self.arm(cx, cx.rules.pong_timeout_ticks);
                 ReactorMetrics::inc(&cx.metrics.pings_sent);
                 Expired::Next(self.deliver(cx, t, Out::Own(Bytes::from_static(&PING_FRAME)), true))
@@ -502,7 +516,14 @@ impl Machine {
 
     /// After [`Expired::Silent`] and a last read: a connection that still sent nothing since the ping is dead
     /// (no close frame would arrive); one that did goes back to the ping rhythm.
-    pub fn pong_deadline(&mut self, cx: &mut Ctx<'_>) -> Next {
+    ///
+    /// Unless our ping may still wait behind bytes the client has not read (queued here, or held by the kernel):
+    /// then the client may not have seen it, and its silence says only that it is behind on reading, which
+    /// `max_outbox_bytes` judges. If it read some of them since the ping (its TCP acknowledged more, or queued
+    /// bytes went out), the check is repeated one pong timeout later; if it read nothing, it is closed as a
+    /// slow consumer, with a close frame that tells it why (and arrives if it ever reads again), not dropped as
+    /// silent.
+    pub fn pong_deadline<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         if self.state.timer() != Timer::Pong {
             return Next::Continue; // the read changed its phase (it closed)
         }
@@ -510,6 +531,27 @@ impl Machine {
             self.back_to_pinging(cx);
             return Next::Continue;
         }
+        let kernel = t.progress();
+        let behind = self.buffers.queued_bytes() > 0
+            || t.holds_unsent()
+            || kernel.is_some_and(|p| p.holding);
+        if behind {
+            let now = kernel.map(|p| acked_mark(p.acked));
+            let reading =
+                self.state.has(Flag::Drained) || now.is_some_and(|now| now != self.acked_mark);
+            if reading {
+                self.state.set(Flag::Drained, false);
+                self.acked_mark = now.unwrap_or(self.acked_mark);
+                self.arm(cx, cx.rules.pong_timeout_ticks);
+                return Next::Continue;
+            }
+            log::debug!(
+                "connection {}: read nothing of its backlog for a pong timeout: slow consumer",
+                cx.key
+            );
+            return self.close(cx, t, Close::SlowConsumer);
+        }
+        log::debug!("connection {}: no pong: closed", cx.key);
         ReactorMetrics::inc(&cx.metrics.pong_timeouts);
         Next::Remove(Ending::Done)
     }
@@ -799,10 +841,11 @@ impl Machine {
         if let Some(spill) = self.buffers.get_mut() {
             let before = spill.outbox.queued_bytes();
             let result = spill.outbox.write_to(t, cx.budget);
-            ReactorMetrics::add(
-                &cx.metrics.bytes_written,
-                (before - spill.outbox.queued_bytes()) as u64,
-            );
+            let written = before - spill.outbox.queued_bytes();
+            ReactorMetrics::add(&cx.metrics.bytes_written, written as u64);
+            if written > 0 {
+                self.state.set(Flag::Drained, true);
+            }
             self.settle(cx);
             match result {
                 Ok(Flush::Drained) => {}
@@ -1046,7 +1089,7 @@ mod tests {
         let _ = rig.advance(&mut m, 300);
         assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
         assert_eq!(
-            rig.with(|cx, _| m.pong_deadline(cx)),
+            rig.with(|cx, w| m.pong_deadline(cx, w)),
             Next::Remove(Ending::Done)
         );
         assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 1);
@@ -1060,7 +1103,7 @@ mod tests {
         assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
         let mut pong = client_frame(0xA, b"");
         let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut pong));
-        assert_eq!(rig.with(|cx, _| m.pong_deadline(cx)), Next::Continue);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
         assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
         assert_eq!(
             rig.advance(&mut m, 600),
@@ -1654,5 +1697,82 @@ mod tests {
         assert_eq!(&frames[0].1[..2], &1013u16.to_be_bytes());
         rig.with(|cx, _| m.teardown(cx));
         assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_ping_stuck_behind_a_backlog_is_no_silence_while_the_client_reads_and_1008_once_it_stops() {
+        let mut rig = Rig::new();
+        let mut m = stalled(&mut rig, 1);
+        rig.wire.room = 1 << 20;
+        // The ping goes behind the backlog; the client has not seen it at the pong deadline.
+        assert_eq!(
+            rig.advance(&mut m, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        // It reads a little meanwhile: the check is repeated later, the connection stays.
+        rig.wire.window = 100;
+        assert_eq!(rig.with(|cx, w| m.handle_writable(cx, w)), Next::Continue);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert!(m.is_open());
+        // Then it reads nothing for a whole pong timeout: a slow consumer, told why, not dropped as silent.
+        assert_eq!(rig.advance(&mut m, 500), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 1);
+        let frames = rig.frames();
+        assert_eq!(
+            frames.last(),
+            Some(&(0x8, close_payload(1008, SLOW_CONSUMER)))
+        );
+        rig.with(|cx, _| m.teardown(cx));
+    }
+
+    #[test]
+    fn a_ping_held_by_the_kernel_behind_data_the_client_keeps_acknowledging_is_no_silence() {
+        use super::super::transport::TcpProgress;
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        // Everything went to the kernel, which still holds it: the ping is behind it there.
+        rig.wire.tcp = Some(TcpProgress {
+            acked: 0,
+            holding: true,
+        });
+        let _ = rig.advance(&mut m, 300);
+        assert!(!m.holds_buffers());
+        rig.wire.tcp = Some(TcpProgress {
+            acked: 50_000,
+            holding: true,
+        });
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert!(m.is_open(), "it is reading: the check moves on");
+        // It stops acknowledging: a slow consumer, told why.
+        assert_eq!(rig.advance(&mut m, 500), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
+        rig.with(|cx, _| m.teardown(cx));
+    }
+
+    #[test]
+    fn a_silent_client_with_nothing_but_the_ping_in_flight_still_times_out() {
+        use super::super::transport::TcpProgress;
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        rig.wire.tcp = Some(TcpProgress {
+            acked: 0,
+            holding: false,
+        });
+        let _ = rig.advance(&mut m, 300);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(
+            rig.with(|cx, w| m.pong_deadline(cx, w)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 1);
     }
 }

@@ -50,6 +50,8 @@ pub enum Flag {
     /// A close frame the server started (not the echo of the client's) is queued or held by the transport and
     /// not yet handed whole to the socket: when the connection goes it counts as given up.
     CloseUnsent = 32,
+    /// Queued bytes went to the socket since the last ping: a client behind on reading is still reading.
+    Drained = 64,
 }
 
 /// Phase and flags in two bytes.

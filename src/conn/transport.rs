@@ -29,6 +29,12 @@ pub trait Transport: Write {
         Ok(true)
     }
 
+    /// What the kernel says about the bytes it took from this connection, when it can say (see
+    /// [`TcpProgress`]).
+    fn progress(&self) -> Option<TcpProgress> {
+        None
+    }
+
     /// Grows the socket's send buffer so that `bytes` more of the machine's plaintext (plus whatever the
     /// transport holds and adds, such as TLS record overhead) fit in it now; false if it could not. Only for a
     /// closing connection's last bytes: the kernel memory it adds is the caller's bound to keep.
@@ -38,6 +44,19 @@ pub trait Transport: Write {
     }
 }
 
+/// What the kernel says about a connection's outbound bytes: whether the client is taking them. A ping queued
+/// behind a backlog reaches the client only once it has read the backlog, so silence after it says the client
+/// is behind, not that it is gone, as long as the backlog moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpProgress {
+    /// Bytes the client's TCP acknowledged since the connection began (it acknowledges past its small
+    /// receive window only as its application reads).
+    pub acked: u64,
+    /// The kernel still holds bytes for the client beyond a single segment (a lone ping): unsent, or sent
+    /// and not acknowledged.
+    pub holding: bool,
+}
+
 /// What a transport writes to: the socket, and growing its kernel send buffer.
 pub trait Socket: Write {
     /// See [`Transport::make_room`]; `bytes` are bytes on the wire.
@@ -45,12 +64,47 @@ pub trait Socket: Write {
         let _ = bytes;
         false
     }
+
+    /// See [`Transport::progress`].
+    fn progress(&self) -> Option<TcpProgress> {
+        None
+    }
 }
 
 impl Socket for &TcpStream {
     fn make_room(&mut self, bytes: usize) -> bool {
         grow_send_buffer(self, bytes)
     }
+
+    fn progress(&self) -> Option<TcpProgress> {
+        tcp_progress(self)
+    }
+}
+
+/// `TCP_INFO` of `stream`, as [`TcpProgress`].
+pub fn tcp_progress(stream: &TcpStream) -> Option<TcpProgress> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor, and a pointer to a tcp_info with its size, as getsockopt requires; the kernel
+    // writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    Some(TcpProgress {
+        acked: info.tcpi_bytes_acked,
+        holding: info.tcpi_notsent_bytes > 0 || info.tcpi_unacked > 1,
+    })
 }
 
 impl Socket for &mut Vec<u8> {}
@@ -60,7 +114,8 @@ impl Socket for &mut Vec<u8> {}
 const SEGMENT_SLACK: usize = 2 << 10;
 
 /// Grows `stream`'s kernel send buffer (`SO_SNDBUF`) by enough for `bytes` more bytes to be written now; false
-/// if the kernel would not (it caps the size at `net.core.wmem_max`). Setting the size turns the kernel's
+/// if the kernel would not: it caps the size it is given at `net.core.wmem_max`, and a socket whose buffer
+/// autotuning already grew past that is left alone rather than shrunk. Setting the size turns the kernel's
 /// send-buffer autotuning off for this socket, which only matters for a connection that is closing.
 pub fn grow_send_buffer(stream: &TcpStream, bytes: usize) -> bool {
     let socket = socket2::SockRef::from(stream);
@@ -70,6 +125,9 @@ pub fn grow_send_buffer(stream: &TcpStream, bytes: usize) -> bool {
     // Linux reports (and enforces) twice the size it is given, to leave room for its bookkeeping; the socket
     // is full, so what it holds is about `now`.
     let want = now + 2 * bytes + SEGMENT_SLACK;
+    if wmem_max().is_some_and(|max| want / 2 > max) {
+        return false;
+    }
     if socket.set_send_buffer_size(want / 2).is_err() {
         return false;
     }
@@ -100,6 +158,10 @@ impl Transport for Plain<'_> {
     fn make_room(&mut self, bytes: usize) -> bool {
         grow_send_buffer(self.0, bytes)
     }
+
+    fn progress(&self) -> Option<TcpProgress> {
+        tcp_progress(self.0)
+    }
 }
 
 /// Writes `bytes` until all are taken or the writer would block; returns how many were taken. A write of
@@ -118,11 +180,23 @@ pub fn write_some<W: Write + ?Sized>(transport: &mut W, bytes: &[u8]) -> io::Res
     Ok(done)
 }
 
+/// `net.core.wmem_max`, read once: the largest `SO_SNDBUF` an unprivileged process may set.
+fn wmem_max() -> Option<usize> {
+    static WMEM_MAX: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *WMEM_MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[cfg(test)]
 pub mod testing {
     //! An in-memory transport for the machine's unit tests: a peer with a receive window.
 
-    use super::{Socket, Transport};
+    use super::{Socket, TcpProgress, Transport};
     use std::io::{self, IoSlice, Write};
 
     /// Accepts up to `window` bytes, then reports `WouldBlock` until the test opens the window again; can be
@@ -140,6 +214,9 @@ pub mod testing {
         pub room: usize,
         /// Bytes it was asked to make room for, over all calls.
         pub room_asked: usize,
+        /// What it reports as the kernel's view of the client (`None`: unknown, as for a transport that
+        /// cannot tell).
+        pub tcp: Option<TcpProgress>,
     }
 
     impl MemWire {
@@ -205,6 +282,10 @@ pub mod testing {
     impl Transport for MemWire {
         fn make_room(&mut self, bytes: usize) -> bool {
             self.grow(bytes)
+        }
+
+        fn progress(&self) -> Option<TcpProgress> {
+            self.tcp
         }
     }
 

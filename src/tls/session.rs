@@ -660,6 +660,10 @@ impl<S: Socket> Transport for TlsWire<'_, S> {
         !self.session.unsent().is_empty()
     }
 
+    fn progress(&self) -> Option<crate::conn::transport::TcpProgress> {
+        self.socket.progress()
+    }
+
     fn make_room(&mut self, bytes: usize) -> bool {
         // The plaintext goes out sealed: one record per MAX_PLAINTEXT bytes, each with its header, content
         // type and tag; behind the held tail of the record sealed last.
