@@ -8,6 +8,7 @@
 //! - broadcast: `b:{seq}:{ts_ns}:`
 //! - unicast:   `u:{user}:{seq}:{ts_ns}:` (`seq` counts messages to that user, from 0)
 //! - churn:     `c:{seq}:{ts_ns}:` (published to all while connections come and go)
+//! - slow:      `s:{seq}:{ts_ns}:` (published to all while the slow readers do not read)
 //!
 //! `ts_ns` is CLOCK_MONOTONIC at publish time; the monotonic clock is one system-wide clock on Linux, so a
 //! worker process can subtract it from its own reading.
@@ -25,6 +26,8 @@ pub enum Stream {
     Unicast,
     /// `POST /publish/all` during the churn phase.
     Churn,
+    /// `POST /publish/all` during the slow-reader phase.
+    Slow,
 }
 
 impl Stream {
@@ -34,6 +37,7 @@ impl Stream {
             Stream::Broadcast => b'b',
             Stream::Unicast => b'u',
             Stream::Churn => b'c',
+            Stream::Slow => b's',
         }
     }
 
@@ -43,6 +47,7 @@ impl Stream {
             Stream::Broadcast => "broadcast",
             Stream::Unicast => "unicast",
             Stream::Churn => "churn",
+            Stream::Slow => "slow",
         }
     }
 }
@@ -91,6 +96,7 @@ pub fn parse(payload: &[u8]) -> Result<Payload<'_>, PayloadError> {
         Some(b'b') => Stream::Broadcast,
         Some(b'u') => Stream::Unicast,
         Some(b'c') => Stream::Churn,
+        Some(b's') => Stream::Slow,
         _ => return Err(PayloadError::UnknownTag),
     };
     let mut fields = payload.split(|&b| b == b':');

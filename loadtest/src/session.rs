@@ -90,8 +90,8 @@ impl StreamTally {
 /// Everything one worker's connections report into.
 #[derive(Debug, Default)]
 pub struct Tally {
-    /// Broadcast, unicast and churn, indexed by `stream_index`.
-    pub streams: [StreamTally; 3],
+    /// Broadcast, unicast, churn and slow, indexed by `stream_index`.
+    pub streams: [StreamTally; 4],
     /// Data frames that are not one of our payloads.
     pub malformed: u64,
     /// Pings received while open (each answered).
@@ -110,6 +110,7 @@ pub fn stream_index(stream: Stream) -> usize {
         Stream::Broadcast => 0,
         Stream::Unicast => 1,
         Stream::Churn => 2,
+        Stream::Slow => 3,
     }
 }
 
@@ -126,6 +127,12 @@ pub struct Session {
     pub started_ns: u64,
     /// Closed by the churn phase, to be reopened when done.
     pub churn_victim: bool,
+    /// A slow reader (its socket has a small receive buffer and MSS).
+    pub slow_reader: bool,
+    /// Not read while set (the slow-reader phase pauses slow readers).
+    pub paused: bool,
+    /// The code of the close frame the server started, once one arrived (`Some(None)`: no code).
+    pub server_close: Option<Option<u16>>,
     nonce: [u8; 16],
     /// Bytes read but not yet parsed (partial head or frame); empty, with no heap, when idle.
     inbuf: Vec<u8>,
@@ -136,6 +143,7 @@ pub struct Session {
     broadcast: SeqTracker,
     unicast: SeqTracker,
     churn: Option<SeqTracker>,
+    slow: SeqTracker,
 }
 
 impl Session {
@@ -147,6 +155,9 @@ impl Session {
             phase: Phase::Connecting,
             started_ns,
             churn_victim: false,
+            slow_reader: false,
+            paused: false,
+            server_close: None,
             nonce,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
@@ -154,6 +165,7 @@ impl Session {
             broadcast: SeqTracker::new(),
             unicast: SeqTracker::new(),
             churn: None,
+            slow: SeqTracker::new(),
         }
     }
 
@@ -199,6 +211,7 @@ impl Session {
             Stream::Broadcast => Some(&self.broadcast),
             Stream::Unicast => Some(&self.unicast),
             Stream::Churn => self.churn.as_ref(),
+            Stream::Slow => Some(&self.slow),
         }
     }
 
@@ -306,6 +319,7 @@ impl Session {
                 if self.phase == Phase::Open {
                     // The server started the close: echo its code (§5.5.1) and wait for it to close TCP.
                     let code = ws::close_code(frame.payload);
+                    self.server_close = Some(code);
                     stats::count(
                         &mut tally.server_closes,
                         &code.map_or_else(|| "none".to_string(), |c| c.to_string()),
@@ -371,6 +385,7 @@ impl Session {
         let tracker = match msg.stream {
             Stream::Broadcast => &mut self.broadcast,
             Stream::Unicast => &mut self.unicast,
+            Stream::Slow => &mut self.slow,
             Stream::Churn => match &mut self.churn {
                 Some(t) => t,
                 None => {
