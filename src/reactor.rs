@@ -1089,6 +1089,41 @@ mod tests {
     }
 
     #[test]
+    fn unread_bytes_are_discarded_before_a_close_up_to_the_bound() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        // A little: all of it is read, so the close is a FIN.
+        client.write_all(&[1u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        discard_unread(&server);
+        assert_eq!(
+            (&server).read(&mut [0u8; 16]).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        // More than the bound: the rest is left (the close will reset), the reactor does not spin on it.
+        let flood = vec![2u8; 4 * DISCARD_BEFORE_CLOSE_BYTES];
+        client.write_all(&flood).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        discard_unread(&server);
+        let mut left = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = (&server).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            left += n;
+        }
+        assert!(
+            left >= flood.len() - DISCARD_BEFORE_CLOSE_BYTES - 4096,
+            "{left} bytes left of {}",
+            flood.len()
+        );
+    }
+
+    #[test]
     fn generations_compare_across_the_wrap() {
         assert!(newer(5, 4));
         assert!(!newer(4, 4));
