@@ -208,7 +208,7 @@ pub struct Machine {
     /// Stamp of the connection's one live timer entry.
     timer_stamp: u32,
     state: State,
-    /// The client's acknowledged bytes when the last ping went out (or the last pong check moved on), in KiB,
+    /// The client's acknowledged bytes at the last pong deadline that found it behind (`Flag::Marked`), in KiB,
     /// wrapping: whether it has been reading its backlog since ([`acked_mark`]). It lives in what would be
     /// padding.
     acked_mark: u16,
@@ -499,7 +499,7 @@ impl Machine {
                 self.state.set(Flag::PingSent, true);
                 self.state.set(Flag::Heard, false);
                 self.state.set(Flag::Drained, false);
-                self.acked_mark = t.progress().map_or(0, |p| acked_mark(p.acked));
+                self.state.set(Flag::Marked, false);
                 self.arm(cx, cx.rules.pong_timeout_ticks);
                 ReactorMetrics::inc(&cx.metrics.pings_sent);
                 Expired::Next(self.deliver(cx, t, Out::Own(Bytes::from_static(&PING_FRAME)), true))
@@ -519,10 +519,11 @@ impl Machine {
     ///
     /// Unless our ping may still wait behind bytes the client has not read (queued here, or held by the kernel):
     /// then the client may not have seen it, and its silence says only that it is behind on reading, which
-    /// `max_outbox_bytes` judges. If it read some of them since the ping (its TCP acknowledged more, or queued
-    /// bytes went out), the check is repeated one pong timeout later; if it read nothing, it is closed as a
-    /// slow consumer, with a close frame that tells it why (and arrives if it ever reads again), not dropped as
-    /// silent.
+    /// `max_outbox_bytes` judges. The check is repeated one pong timeout later as long as it keeps reading
+    /// (queued bytes went out, or its TCP acknowledged more since the last check; the first check only takes
+    /// that reading, so the kernel is asked only about clients found silent, not at every ping); one that read
+    /// nothing between two checks is closed as a slow consumer, with a close frame that tells it why (and
+    /// arrives if it ever reads again), not dropped as silent.
     pub fn pong_deadline<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         if self.state.timer() != Timer::Pong {
             return Next::Continue; // the read changed its phase (it closed)
@@ -537,10 +538,13 @@ impl Machine {
             || kernel.is_some_and(|p| p.holding);
         if behind {
             let now = kernel.map(|p| acked_mark(p.acked));
-            let reading =
-                self.state.has(Flag::Drained) || now.is_some_and(|now| now != self.acked_mark);
+            let marked = self.state.has(Flag::Marked);
+            let reading = self.state.has(Flag::Drained)
+                || !marked
+                || now.is_some_and(|now| now != self.acked_mark);
             if reading {
                 self.state.set(Flag::Drained, false);
+                self.state.set(Flag::Marked, true);
                 self.acked_mark = now.unwrap_or(self.acked_mark);
                 self.arm(cx, cx.rules.pong_timeout_ticks);
                 return Next::Continue;
@@ -1736,21 +1740,26 @@ mod tests {
         let mut rig = Rig::new();
         let mut m = rig.open(false);
         // Everything went to the kernel, which still holds it: the ping is behind it there.
-        rig.wire.tcp = Some(TcpProgress {
-            acked: 0,
-            holding: true,
-        });
+        let kernel = |acked| {
+            Some(TcpProgress {
+                acked,
+                holding: true,
+            })
+        };
+        rig.wire.tcp = kernel(0);
         let _ = rig.advance(&mut m, 300);
         assert!(!m.holds_buffers());
-        rig.wire.tcp = Some(TcpProgress {
-            acked: 50_000,
-            holding: true,
-        });
+        // The first deadline only takes a reading of what the client acknowledged.
+        rig.wire.tcp = kernel(50_000);
         assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
         assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
-        assert!(m.is_open(), "it is reading: the check moves on");
-        // It stops acknowledging: a slow consumer, told why.
+        // It acknowledged more by the next one: it is reading, the check moves on.
+        rig.wire.tcp = kernel(90_000);
         assert_eq!(rig.advance(&mut m, 500), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert!(m.is_open());
+        // It stops acknowledging: a slow consumer, told why.
+        assert_eq!(rig.advance(&mut m, 600), vec![Expired::Silent]);
         assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
         assert_eq!(m.phase(), Phase::Closing);
         assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);

@@ -52,6 +52,8 @@ pub enum Flag {
     CloseUnsent = 32,
     /// Queued bytes went to the socket since the last ping: a client behind on reading is still reading.
     Drained = 64,
+    /// The machine's acknowledgement mark was taken at a pong deadline of the current ping (not before).
+    Marked = 128,
 }
 
 /// Phase and flags in two bytes.
