@@ -132,7 +132,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         );
     }
 
-    let reactors = Reactors::new(mailboxes);
+    let reactors = Reactors::new(mailboxes, settings.budget.clone());
     let publisher = Publisher::new(history, reactors.clone());
     let cluster = Cluster::start(&config.cluster, publisher.clone())?;
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
