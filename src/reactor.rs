@@ -5,7 +5,10 @@
 //! and the clock. It moves bytes, events and time into each connection's machine (`conn::Machine`) and
 //! carries out what the machine answers: removing a connection, scheduling its timer. It also owns what spans
 //! connections: the upgrade decision (origin, identity, connection slots), the fanout index, replays from
-//! history, and the commands other threads send through the mailbox. Sockets are registered once,
+//! history, and the commands other threads send through the mailbox. Every connection of a user lives on the
+//! user's home reactor (`dispatch::home`): a reactor that accepts an upgrade for a user homed elsewhere hands
+//! the admitted connection over (`Command::Adopt`) before answering it, and the home reactor finishes the
+//! upgrade as if it had accepted it. Sockets are registered once,
 //! edge-triggered, for read and write, and every readiness is drained until `WouldBlock`.
 
 use crate::accept::Acceptor;
@@ -13,7 +16,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::budget::Budget;
 use crate::conn::transport::{self, Plain, Transport};
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
-use crate::dispatch::{Command, Mailbox, Subscribed, Subscription};
+use crate::dispatch::{Adoption, Command, Mailbox, Reactors, Subscribed, Subscription};
 use crate::events;
 use crate::fanout::{Fanout, Joined};
 use crate::history::{self, History};
@@ -86,6 +89,15 @@ pub struct Settings {
     pub events: Option<Arc<events::Events>>,
 }
 
+/// What an admitted upgrade carries to the home reactor, besides its socket and session (see [`Adoption`]).
+struct Upgrade {
+    identity: Identity,
+    response: Vec<u8>,
+    recover: bool,
+    since: Vec<envelope::Position>,
+    rest: Vec<u8>,
+}
+
 /// A publish being delivered: its recipients are written to over as many turns of the loop as they need, so
 /// one publish to a million connections does not keep sockets and timers waiting for a million writes.
 struct Delivery {
@@ -115,6 +127,9 @@ pub struct Reactor {
     tls_out: Vec<u8>,
     conns: Slab<Conn>,
     fanout: Fanout,
+    /// This reactor's number among `reactors`, the handle that reaches every reactor (its own included).
+    index: usize,
+    reactors: Reactors,
     wheel: TimerWheel,
     mailbox: Arc<Mailbox>,
     auth: Arc<Authenticator>,
@@ -130,8 +145,10 @@ pub struct Reactor {
     backlog: VecDeque<Command>,
     /// The publish being delivered, when its recipients did not all fit in one turn.
     delivery: Option<Delivery>,
-    /// Sequence number of the last stored message this reactor delivered (see `history`): replays stop there,
-    /// later ones are still in the mailbox and arrive live.
+    /// Replay horizon (see `history`): every stored message that concerns this reactor (its users' streams,
+    /// channels, `all`) up to this sequence number has been delivered here, and every later one is still in
+    /// the mailbox and arrives live, so replays stop here. It is the last stored message applied, or more: the
+    /// node's last sequence number when the mailbox was drained up to a point where it was read.
     applied_seq: u64,
     /// Reusable list of replay frames.
     replay: Vec<SharedFrame>,
@@ -147,6 +164,7 @@ impl Reactor {
         poll: Poll,
         listener: Option<std::net::TcpListener>,
         tls_listener: Option<std::net::TcpListener>,
+        (index, reactors): (usize, Reactors),
         mailbox: Arc<Mailbox>,
         auth: Arc<Authenticator>,
         metrics: Arc<ReactorMetrics>,
@@ -177,6 +195,8 @@ impl Reactor {
             // so there is no doubling slack and no copy of millions of records while clients connect.
             conns: Slab::with_capacity(settings.max_tracked),
             fanout: Fanout::with_capacity(settings.max_tracked),
+            index,
+            reactors,
             wheel: TimerWheel::new(settings.rules.max_delay_ticks()),
             mailbox,
             auth,
@@ -202,19 +222,29 @@ impl Reactor {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            let mut timeout = self.poll_timeout();
+            // Senders ring the waker only while the reactor says it may sleep; mail that came before that is
+            // taken below without a wake-up.
+            if !timeout.is_zero() && !self.mailbox.going_to_sleep() {
+                timeout = Duration::ZERO;
+            }
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.mailbox.awake();
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 log::error!("poll failed, reactor stops: {e}");
                 return;
             }
+            if self.mailbox.has_mail() {
+                self.take_mailbox();
+            }
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(false),
                     TLS_LISTENER => self.accept_all(true),
-                    WAKER => self.take_mailbox(),
+                    WAKER => {}
                     token => {
                         let (key, generation) = split_token(token);
                         // An error or hang-up surfaces through the read or write that follows.
@@ -662,7 +692,7 @@ impl Reactor {
             }
             Err(reject) => self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject))),
             Ok(Some((request, head_len))) => {
-                if !self.upgrade(key, request) {
+                if !self.upgrade(key, request, &buf[head_len..]) {
                     return false;
                 }
                 // Bytes after the head are the client's first frames, sent without waiting for our 101.
@@ -675,9 +705,11 @@ impl Reactor {
         }
     }
 
-    /// Decides a complete upgrade request: origin, identity and a connection slot; then indexes the
-    /// connection, answers 101 and replays what a recovering client missed. Returns false if it is gone.
-    fn upgrade(&mut self, key: u32, request: Request<'_>) -> bool {
+    /// Decides a complete upgrade request: origin, identity and a connection slot; then hands the connection
+    /// to its user's home reactor if that is another one, or indexes it, answers 101 and replays what a
+    /// recovering client missed. `early` is what the client sent after the request head. Returns false if the
+    /// connection is gone from this reactor.
+    fn upgrade(&mut self, key: u32, request: Request<'_>, early: &[u8]) -> bool {
         let generation = self.conns[key as usize].generation;
         let since = http::query_raw(request.query, "since")
             .filter(|_| self.settings.history.any_enabled())
@@ -689,6 +721,22 @@ impl Reactor {
                 return self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
             }
         };
+        let protocol =
+            history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
+        let response = handshake::accept_response(request.key, protocol);
+        let recover = history::wants_envelopes(request.query, request.protocols);
+        let home = self.reactors.home(&identity.user);
+        if home != self.index {
+            let parts = Upgrade {
+                identity,
+                response,
+                recover,
+                since,
+                rest: early.to_vec(),
+            };
+            self.hand_over(key, home, parts);
+            return false;
+        }
         if !since.is_empty() {
             // Apply what was published before reading history (see `history`): the client may have had
             // those messages on another reactor's connection before it reconnected here. Only up to the last
@@ -702,11 +750,19 @@ impl Reactor {
                 return false;
             }
         }
-        let protocol =
-            history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
-        let response = handshake::accept_response(request.key, protocol);
-        let recover = history::wants_envelopes(request.query, request.protocols);
+        self.open(key, &identity, response, recover, &since)
+    }
 
+    /// Indexes an admitted connection, answers 101 and replays what it missed (from the replay horizon
+    /// `applied_seq`). Returns false if the connection is gone.
+    fn open(
+        &mut self,
+        key: u32,
+        identity: &Identity,
+        response: Vec<u8>,
+        recover: bool,
+        since: &[envelope::Position],
+    ) -> bool {
         self.fanout.add(
             key,
             &identity.user,
@@ -723,7 +779,123 @@ impl Reactor {
         if !self.drive(key, |m, cx, t| m.accept(cx, t, response, recover)) {
             return false;
         }
-        since.is_empty() || self.replay_missed(key, &since, &identity)
+        since.is_empty() || self.replay_missed(key, since, identity)
+    }
+
+    /// Takes an admitted connection out of this reactor (its socket out of this poll, its slab record and
+    /// buffers, its TLS session out of the table) and queues it for its user's home reactor `home`. Nothing
+    /// was answered and nothing indexed, so it leaves no trace here but a stale timer entry (stamped, ignored).
+    fn hand_over(&mut self, key: u32, home: usize, parts: Upgrade) {
+        let mut conn = self.conns.remove(key as usize);
+        let fd = conn.stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            log::warn!("deregister failed: {e}");
+        }
+        let cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        conn.machine.teardown(&cx);
+        self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
+        ReactorMetrics::inc(&self.metrics.handed_over);
+        let tls = self.sessions.remove(key);
+        // Read last, just before queueing: every stored message up to it that concerns the home reactor is in
+        // its mailbox already, ahead of the adoption.
+        let stored_upto = self.settings.history.last_seq();
+        let Upgrade {
+            identity,
+            response,
+            recover,
+            since,
+            rest,
+        } = parts;
+        self.reactors.adopt(
+            home,
+            Adoption {
+                stream: conn.stream,
+                tls,
+                identity,
+                response,
+                recover,
+                since,
+                stored_upto,
+                rest,
+            },
+        );
+    }
+
+    /// Takes over a connection another reactor admitted for a user homed here (see [`Adoption`]): registers
+    /// it, and finishes its upgrade as [`Reactor::upgrade`] does. No `apply_until` is needed before its replay:
+    /// every stored message up to `stored_upto` that concerns this reactor was queued ahead of the adoption
+    /// and has been applied, and every later one is behind it, so the replay horizon is at least
+    /// `stored_upto`. Returns the connections it touched (for the turn's budget).
+    fn adopt(&mut self, adoption: Adoption) -> usize {
+        let Adoption {
+            stream,
+            tls,
+            identity,
+            response,
+            recover,
+            since,
+            stored_upto,
+            rest,
+        } = adoption;
+        self.applied_seq = self.applied_seq.max(stored_upto);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key() as u32;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let fd = stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            make_token(key, generation),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("register failed: {e}");
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            if let Some(mut slot) = tls {
+                self.end_tls(&stream, &mut slot, Ending::Abrupt);
+            }
+            return 1;
+        }
+        let is_tls = tls.is_some();
+        if let Some(slot) = tls {
+            self.sessions.insert(key, slot);
+        }
+        let mut cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        let machine = Machine::new(&mut cx, is_tls);
+        entry.insert(Conn {
+            stream,
+            generation,
+            machine,
+        });
+        self.metrics.connections_handshaking.fetch_add(1, Relaxed);
+        if self.shutdown_deadline.is_some() {
+            // It came after the shutdown: the slot it holds goes back, and it gets the 503 a late client gets.
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            let reject = Reject::Unavailable("server shutting down");
+            self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
+            return 1;
+        }
+        if !self.open(key, &identity, response, recover, &since) {
+            return 1;
+        }
+        if !rest.is_empty() {
+            let mut rest = rest;
+            self.drive(key, |m, cx, t| m.handle_frames(cx, t, &mut rest));
+        }
+        // Bytes that arrived after the accepting reactor's last read are reported by the registration above
+        // (epoll reports a socket that is readable when it is added, edge-triggered or not).
+        1
     }
 
     /// The checks that decide an upgrade, in the order that names the most specific refusal; takes a
@@ -848,6 +1020,9 @@ impl Reactor {
                 break;
             }
             let Some(command) = self.backlog.pop_front() else {
+                // Everything queued when `seq` was read has been applied; the stored messages up to it that
+                // concern this reactor were among it (the others went to their users' home reactors only).
+                self.applied_seq = seq;
                 break;
             };
             if self.take_command(command).is_some() {
@@ -958,6 +1133,7 @@ impl Reactor {
                 let _ = reply.send(self.fanout.user_count(&user));
                 Some(1)
             }
+            Command::Adopt(adoption) => Some(self.adopt(*adoption)),
             Command::Shutdown { timeout } => {
                 self.begin_shutdown(timeout);
                 Some(self.conns.len())

@@ -105,25 +105,32 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         bind_listeners(config.server.listen, reactor_count, "server.listen")?;
     let (tls_addr, mut secure) = bind_listeners(config.tls.listen, reactor_count, "tls.listen")?;
 
+    // Every reactor reaches the others (to hand a connection to its user's home reactor), so the mailboxes and
+    // their handle exist before the reactors.
+    let mut polls = Vec::new();
     let mut mailboxes = Vec::new();
-    let mut reactor_metrics = Vec::new();
-    let mut handles = Vec::new();
-    for id in 0..reactor_count {
-        let (listener, tls_listener) = (plain.pop(), secure.pop());
+    for _ in 0..reactor_count {
         let poll = mio::Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), Reactor::WAKER_TOKEN)?;
-        let mailbox = Mailbox::new(waker);
+        mailboxes.push(Mailbox::new(waker));
+        polls.push(poll);
+    }
+    let reactors = Reactors::new(mailboxes.clone(), settings.budget.clone());
+    let mut reactor_metrics = Vec::new();
+    let mut handles = Vec::new();
+    for (id, (poll, mailbox)) in polls.into_iter().zip(mailboxes).enumerate() {
+        let (listener, tls_listener) = (plain.pop(), secure.pop());
         let metrics = Arc::new(ReactorMetrics::default());
         let reactor = Reactor::new(
             poll,
             listener,
             tls_listener,
-            mailbox.clone(),
+            (id, reactors.clone()),
+            mailbox,
             auth.clone(),
             metrics.clone(),
             settings.clone(),
         )?;
-        mailboxes.push(mailbox);
         reactor_metrics.push(metrics);
         handles.push(
             std::thread::Builder::new()
@@ -132,7 +139,6 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         );
     }
 
-    let reactors = Reactors::new(mailboxes, settings.budget.clone());
     let publisher = Publisher::new(history, reactors.clone());
     let cluster = Cluster::start(&config.cluster, publisher.clone())?;
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)

@@ -122,13 +122,17 @@ impl AdminServer {
             if self.acceptor.is_paused() {
                 self.accept_all();
             }
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    // Every event gets the same treatment: the connection's state says what can move.
-                    Token(key) => self.drive(key),
+            // Commands reach the mailboxes as each request is handled, in order; the reactors are woken once
+            // each when the turn is over, after the answers went out (`dispatch::hold_wakes`).
+            crate::dispatch::hold_wakes(|| {
+                for event in events.iter() {
+                    match event.token() {
+                        LISTENER => self.accept_all(),
+                        // Every event gets the same treatment: the connection's state says what can move.
+                        Token(key) => self.drive(key),
+                    }
                 }
-            }
+            });
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);
