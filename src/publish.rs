@@ -204,14 +204,16 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        // Each user's messages go to its home reactor only; each mailbox gets them once, in sequence order.
+        let mut all: Vec<u64> = Vec::new();
         for mailbox in &mailboxes {
             let seqs: Vec<u64> = received(mailbox).iter().map(|m| m.seq()).collect();
-            let expected: Vec<u64> = (1..=2 * EACH as u64).collect();
-            assert_eq!(
-                seqs, expected,
-                "each stored message once, in sequence order"
-            );
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in sequence order");
+            all.extend(seqs);
         }
+        all.sort();
+        let expected: Vec<u64> = (1..=2 * EACH as u64).collect();
+        assert_eq!(all, expected, "each stored message once");
     }
 
     /// The batches a mailbox received, in order.
@@ -263,10 +265,23 @@ mod tests {
         assert_eq!(offsets, [Some(1), None, Some(1), Some(2)]);
         let seqs: Vec<u64> = sent.iter().map(|m| m.seq()).collect();
         assert_eq!(seqs, [1, 0, 2, 3]);
-        for mailbox in &mailboxes {
+        // One command per reactor, holding the messages it has recipients for (a channel's everywhere, a
+        // user's at its home), in the batch's order.
+        let reactors = publisher.reactors();
+        for (i, mailbox) in mailboxes.iter().enumerate() {
             let got = batches(mailbox);
             assert_eq!(got.len(), 1, "one command per reactor");
-            assert!(Arc::ptr_eq(&got[0], &sent));
+            let expected: Vec<&Arc<Message>> = sent
+                .iter()
+                .filter(|m| match m.target() {
+                    Target::User(u) => reactors.home(u) == i,
+                    _ => true,
+                })
+                .collect();
+            assert_eq!(got[0].len(), expected.len());
+            for (g, e) in got[0].iter().zip(expected) {
+                assert!(Arc::ptr_eq(g, e));
+            }
         }
         let page = publisher.history().read("user:a", 0, 10).unwrap();
         assert_eq!(page.entries.len(), 2);
@@ -290,9 +305,12 @@ mod tests {
     fn every_reactor_and_history_share_one_message() {
         let (publisher, mailboxes, _polls) = publisher(2);
         let sent = publisher.publish(Target::User("u".into()), false, b"hi");
-        for mailbox in &mailboxes {
-            assert!(Arc::ptr_eq(&received(mailbox)[0], &sent));
-        }
+        let home = publisher.reactors().home("u");
+        assert!(Arc::ptr_eq(&received(&mailboxes[home])[0], &sent));
+        assert!(
+            received(&mailboxes[1 - home]).is_empty(),
+            "only the user's home"
+        );
         let page = publisher.history().read("user:u", 0, 10).unwrap();
         assert!(Arc::ptr_eq(&page.entries[0].item, &sent));
         assert_eq!(page.entries[0].item.payload(), b"hi");
@@ -334,11 +352,9 @@ mod tests {
         let live =
             publisher.publish_stamped(Target::User("u".into()), false, b"7", stamp, &backfill);
         assert_eq!(live.stamp(), Some(stamp));
-        for mailbox in &mailboxes {
-            let got = received(mailbox);
-            assert_eq!(got.len(), 1, "backfill is for replay only");
-            assert!(Arc::ptr_eq(&got[0], &live));
-        }
+        let got: Vec<Arc<Message>> = mailboxes.iter().flat_map(|m| received(m)).collect();
+        assert_eq!(got.len(), 1, "backfill is for replay only");
+        assert!(Arc::ptr_eq(&got[0], &live));
         let page = publisher.history().read("user:u", 0, 10).unwrap();
         let stored: Vec<(u64, Option<&str>, &[u8])> = page
             .entries

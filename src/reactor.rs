@@ -770,7 +770,7 @@ impl Reactor {
             &identity.channels,
         );
         if let Some(events) = &self.settings.events {
-            let first = self.fanout.user_count(&identity.user) == 1;
+            let first = self.fanout.alone(key);
             events.connected(&identity.user, identity.client.as_deref(), first);
         }
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
@@ -1286,7 +1286,7 @@ impl Reactor {
             .get(key as usize)
             .and_then(|c| c.machine.close_code())
             .unwrap_or(1006);
-        let last = self.fanout.user_count(user) == 1;
+        let last = self.fanout.alone(key);
         events.disconnected(user, client, code, last);
     }
 
