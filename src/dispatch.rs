@@ -6,11 +6,15 @@
 //! publishes costs one wake-up, not one per message. Questions (kick, presence) go to every reactor and the
 //! answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
 //! (`message`, `history`, the reactors' fanout indexes).
+//!
+//! A sender that must keep every mailbox within [`MAX_PENDING_COMMANDS`] without being refused (the cluster's bus
+//! reader, which waits instead) reads [`Reactors::fullest`] before it sends.
 
+use crate::message::missed::{Missed, Told};
 use crate::message::{Message, Target};
 use mio::Waker;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,14 @@ pub enum Command {
         reason: Arc<str>,
         /// Receives the number of connections closed in this reactor, if anyone waits for it.
         reply: Option<Sender<usize>>,
+    },
+    /// Tell the connections in `scope` that they may have missed messages: `resync` notices to those that opted
+    /// into recovery, close 1012 to the others (`message::missed`); count them in `told`.
+    Missed {
+        /// Which connections, and which of their streams.
+        scope: Arc<Missed>,
+        /// Where the reactor counts the connections it told.
+        told: Arc<Told>,
     },
     /// Reply with the number of connections of a user in this reactor.
     Presence {
@@ -136,9 +148,29 @@ impl Reactors {
             .any(|m| m.pending() >= MAX_PENDING_COMMANDS)
     }
 
+    /// The most commands pending in any one mailbox.
+    pub fn fullest(&self) -> usize {
+        self.mailboxes
+            .iter()
+            .map(|m| m.pending())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Hands a message to every reactor.
     pub fn publish(&self, message: Arc<Message>) {
         self.send_all(|| Command::Publish(message.clone()));
+    }
+
+    /// Tells the connections in `scope`, on every reactor, that they may have missed messages; each reactor
+    /// counts the connections it told in `told`. Queued behind everything sent before, so what was delivered
+    /// before the loss reaches them first, and ahead of everything sent after.
+    pub fn missed(&self, scope: Missed, told: &Arc<Told>) {
+        let scope = Arc::new(scope);
+        self.send_all(|| Command::Missed {
+            scope: scope.clone(),
+            told: told.clone(),
+        });
     }
 
     /// Closes the target's connections on every reactor with `code` and `reason`. With `wait`, returns how
@@ -158,6 +190,19 @@ impl Reactors {
             return Some(0);
         }
         self.ask(|reply| kick(Some(reply))).total()
+    }
+
+    /// Closes the target's connections like [`Reactors::kick`], without waiting: each reactor sends the number
+    /// it closed to `reply`, for a caller that collects them itself ([`Answers::collect`]) on another thread.
+    pub fn kick_replying(&self, target: Target, code: u16, reason: &str, reply: Sender<usize>) {
+        let target = Arc::new(target);
+        let reason: Arc<str> = reason.into();
+        self.send_all(|| Command::Kick {
+            target: target.clone(),
+            code,
+            reason: reason.clone(),
+            reply: Some(reply.clone()),
+        });
     }
 
     /// The user's connections, summed over the reactors that answered within [`REPLY_TIMEOUT`].
@@ -186,10 +231,23 @@ impl Reactors {
         let (tx, rx) = mpsc::channel();
         self.send_all(|| make(tx.clone()));
         drop(tx);
-        let deadline = Instant::now() + REPLY_TIMEOUT;
+        Answers::collect(&rx, self.mailboxes.len(), Instant::now() + REPLY_TIMEOUT)
+    }
+}
+
+/// What the reactors answered to a question (kick, presence) within [`REPLY_TIMEOUT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answers {
+    sum: usize,
+    missing: usize,
+}
+
+impl Answers {
+    /// Sums the first `expected` answers that arrive on `rx` before `deadline`.
+    pub fn collect(rx: &Receiver<usize>, expected: usize, deadline: Instant) -> Answers {
         let mut answers = Answers {
             sum: 0,
-            missing: self.mailboxes.len(),
+            missing: expected,
         };
         while answers.missing > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -202,16 +260,7 @@ impl Reactors {
         }
         answers
     }
-}
 
-/// What the reactors answered to a question (kick, presence) within [`REPLY_TIMEOUT`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answers {
-    sum: usize,
-    missing: usize,
-}
-
-impl Answers {
     /// The sum, when every reactor answered: what a caller that must be exact (the admin API) reports.
     pub fn total(self) -> Option<usize> {
         (self.missing == 0).then_some(self.sum)
@@ -321,6 +370,54 @@ mod tests {
             }] => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_kick_with_the_callers_reply_channel_is_counted_where_the_caller_waits() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let (tx, rx) = mpsc::channel();
+        reactors.kick_replying(Target::User("u".into()), 4000, "bye", tx);
+        for (i, mailbox) in mailboxes.iter().enumerate() {
+            match taken(mailbox).pop() {
+                Some(Command::Kick {
+                    reply: Some(reply), ..
+                }) => reply.send(i + 2).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+        let answers = Answers::collect(&rx, 2, Instant::now() + Duration::from_secs(1));
+        assert_eq!(answers.total(), Some(5));
+    }
+
+    #[test]
+    fn a_missed_notice_reaches_every_reactor_with_the_shared_counters() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let told = Arc::new(Told::default());
+        reactors.missed(Missed::Everything, &told);
+        for mailbox in &mailboxes {
+            match taken(mailbox).as_slice() {
+                [Command::Missed { scope, told: t }] => {
+                    assert_eq!(**scope, Missed::Everything);
+                    assert!(Arc::ptr_eq(t, &told));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fullest_is_the_longest_mailbox() {
+        let (reactors, mailboxes, _polls) = reactors(3);
+        assert_eq!(reactors.fullest(), 0);
+        for _ in 0..5 {
+            mailboxes[1].send(Command::Shutdown {
+                timeout: Duration::ZERO,
+            });
+        }
+        mailboxes[2].send(Command::Shutdown {
+            timeout: Duration::ZERO,
+        });
+        assert_eq!(reactors.fullest(), 5);
     }
 
     #[test]
