@@ -283,12 +283,12 @@ impl Api {
             reply.headers.push(("Retry-After", "1".to_string()));
             return reply;
         }
-        // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
+        // In a cluster the message goes onto the bus, and every node, this one included, delivers it from there
+        // in bus order: a 202 promises it is on the bus, and a message Redis refused went nowhere.
         let history = self.publisher.history();
         let mut stamp = None;
         match &self.cluster {
-            // A stream with shared history: Redis assigns the offset and every node, this one included, gets
-            // the message from the bus, in offset order.
+            // A stream with shared history: Redis assigns the offset too.
             Some(cluster) if history.keeps(&target) => {
                 let limits = history.settings().limits;
                 let epoch = history.fresh_epoch();
@@ -302,11 +302,10 @@ impl Api {
                     return Reply::error(503, &e.to_string());
                 }
             }
-            None => {}
-        }
-        if stamp.is_none() {
-            // Framed once, stored when the stream keeps history; every reactor and every recipient shares it.
-            self.publisher.publish(target, binary, &request.body);
+            None => {
+                // Framed once, stored when the stream keeps history; every reactor and recipient shares it.
+                self.publisher.publish(target, binary, &request.body);
+            }
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
         let mut answer = serde_json::json!({
@@ -413,13 +412,17 @@ impl Api {
         if let Err(e) = crate::proto::frame::check_kick_close(code, &reason) {
             return Reply::error(400, &e.to_string());
         }
-        if let Some(cluster) = &self.cluster {
-            if let Err(e) = cluster.kick(&target, code, &reason) {
-                return Reply::error(503, &e.to_string());
-            }
-        }
+        // In a cluster the kick goes onto the bus like a publish, so every node applies it in the same order as
+        // the messages around it; this node's count comes back once its reactors applied it from there.
+        let closed = match &self.cluster {
+            Some(cluster) => match cluster.kick(&target, code, &reason) {
+                Ok(closed) => closed,
+                Err(e) => return Reply::error(503, &e.to_string()),
+            },
+            None => self.publisher.reactors().kick(target, code, &reason, true),
+        };
         self.metrics.kicks.fetch_add(1, Relaxed);
-        match self.publisher.reactors().kick(target, code, &reason, true) {
+        match closed {
             Some(closed) => {
                 let mut answer = serde_json::json!({ "closed": closed, "code": code });
                 // In a cluster, `closed` counts this node's connections; the others close theirs on their own.

@@ -1,13 +1,16 @@
-//! The bytes densepush nodes exchange through Redis pub/sub: encoding and decoding, sans-IO.
+//! The bytes densepush nodes exchange through Redis: encoding and decoding, sans-IO.
 //!
-//! It owns the message layout only; it does not publish, subscribe or deliver. Every message is
+//! It owns the message layout only; it does not append, read, subscribe or deliver. Publishes and kicks travel
+//! as the `m` field of bus stream entries (`cluster::bus`); presence queries and answers as pub/sub messages.
+//! Every message is
 //! `version (u8) | kind (u8) | origin node id (str) | body`, where a `str` is a big-endian `u32` length followed
 //! by that many UTF-8 bytes. Bodies by kind:
 //!
 //! - publish: `target | flags (u8, bit 0 = binary) | payload (the rest)`; the payload is not framed, so a 1 MiB
 //!   message costs 1 MiB on Redis, and each receiving node frames it once for all of its connections;
-//! - kick: `target | code (u16) | reason (str)`; a code or reason `frame::check_kick_close` refuses is a decode
-//!   error, so such a kick is dropped and counted like any undecodable message;
+//! - kick: `request id (u64) | target | code (u16) | reason (str)`; the origin waits for its own reactors'
+//!   count under the request id (0: nobody waits); a code or reason `frame::check_kick_close` refuses is a
+//!   decode error, so such a kick is dropped and counted like any undecodable message;
 //! - presence query: `request id (u64) | user (str)`; answered on the origin's reply channel;
 //! - presence answer: `request id (u64) | connections (u64)`;
 //! - stamped publish (a message of a stream that keeps history): `target | flags (u8) | epoch length (u8) |
@@ -18,8 +21,9 @@
 
 use crate::message::Target;
 
-/// Layout version; a node drops messages of another version instead of misreading them.
-pub const VERSION: u8 = 1;
+/// Layout version; a node drops messages of another version instead of misreading them. Version 2 is the
+/// stream bus (kicks carry a request id); version 1 nodes used pub/sub and must not share a prefix with it.
+pub const VERSION: u8 = 2;
 
 const KIND_PUBLISH: u8 = 0;
 const KIND_KICK: u8 = 1;
@@ -48,6 +52,9 @@ pub enum Body {
     },
     /// Close the target's connections.
     Kick {
+        /// Chosen by the origin to collect its own reactors' count when the kick comes back from the bus; 0
+        /// when nobody waits.
+        request: u64,
         /// A user, or a user's client token.
         target: Target,
         /// Close code (1000 or 4000-4999, checked by [`decode`]).
@@ -156,12 +163,14 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
             out.extend_from_slice(payload);
         }
         Body::Kick {
+            request,
             target,
             code,
             reason,
         } => {
             out.push(KIND_KICK);
             put_str(&mut out, origin);
+            out.extend_from_slice(&request.to_be_bytes());
             put_target(&mut out, target);
             out.extend_from_slice(&code.to_be_bytes());
             put_str(&mut out, reason);
@@ -250,6 +259,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             }
         }
         KIND_KICK => {
+            let request = u64::from_be_bytes(r.array()?);
             let target = r.target()?;
             if matches!(target, Target::Channel(_) | Target::All) {
                 return Err(WireError::Target(target_tag(&target)));
@@ -260,6 +270,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             // RFC 6455 §7.4.1) is dropped here, before any reactor sees it.
             crate::proto::frame::check_kick_close(code, &reason)?;
             Body::Kick {
+                request,
                 target,
                 code,
                 reason,
@@ -444,6 +455,7 @@ mod tests {
     #[test]
     fn kick_round_trips() {
         round_trip(Body::Kick {
+            request: 77,
             target: Target::UserClient("u".into(), "c".into()),
             code: 4001,
             reason: "bye".into(),
@@ -522,6 +534,7 @@ mod tests {
         let bytes = encode(
             "n",
             &Body::Kick {
+                request: 0,
                 target: Target::Channel("c".into()),
                 code: 4000,
                 reason: String::new(),
@@ -537,6 +550,7 @@ mod tests {
             let bytes = encode(
                 "n",
                 &Body::Kick {
+                    request: 0,
                     target: Target::User("u".into()),
                     code,
                     reason: String::new(),
@@ -556,6 +570,7 @@ mod tests {
         let bytes = encode(
             "n",
             &Body::Kick {
+                request: 0,
                 target: Target::User("u".into()),
                 code: 4000,
                 reason: "r".repeat(MAX_CLOSE_REASON_BYTES + 1),
@@ -585,6 +600,7 @@ mod tests {
         let bytes = encode(
             "node",
             &Body::Kick {
+                request: 0,
                 target: Target::User("user".into()),
                 code: 4000,
                 reason: "why".into(),
