@@ -330,3 +330,30 @@ fn a_kick_after_a_message_arrives_after_it_on_every_node() {
         assert_eq!(expect_close(ws), 4002);
     }
 }
+
+/// After Redis lost the bus, whichever node publishes first starts it again under a new epoch; a node that
+/// appended under the old epoch before (and would append there again) is refused by Redis and appends under
+/// the new one: both nodes' messages reach every node, in order.
+#[test]
+fn nodes_agree_on_the_epoch_of_a_bus_started_again() {
+    let mut redis = redis();
+    let a = Node::start(&redis, "node-a");
+    let b = Node::start(&redis, "node-b");
+    assert_eq!(a.publish("/publish/all", "old epoch").0, 202);
+    redis.stop();
+    a.wait_for_cluster("down");
+    // A later epoch: Redis's clock in milliseconds when the stream starts again.
+    std::thread::sleep(Duration::from_millis(5));
+    redis.restart();
+    a.wait_for_cluster("up");
+    b.wait_for_cluster("up");
+    let mut on_a = a.connect_as("u", "x", "");
+    let mut on_b = b.connect_as("u", "y", "");
+    assert_eq!(b.publish("/publish/user/u", "first").0, 202);
+    assert_eq!(a.publish("/publish/user/u", "second").0, 202);
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(recv_text(ws), "first");
+        assert_eq!(recv_text(ws), "second");
+    }
+    assert_nothing_more(&a, &mut [&mut on_a, &mut on_b]);
+}

@@ -1,11 +1,11 @@
 //! The cluster bus as a numbered sequence, sans-IO: where this node is in it, what to do with each entry read
 //! from Redis, when it lost entries it can never get back, and how much it may read at once.
 //!
-//! The bus is one Redis stream (`{prefix}:bus`). Every entry is appended by a script (`cluster::scripts`) that
-//! gives it the id `{n}-0`, `n` one more than the last entry's, and a field `e` with the bus **epoch**: random
-//! characters chosen when the stream starts (its first entry, or after the key was lost: a Redis restart
-//! without persistence, a failover to a replica that never had it, a `DEL`). So entry numbers have no holes
-//! within an epoch, and a node that remembers `(epoch, n)` of the last entry it applied ([`BusPosition`]) can
+//! The bus is one Redis stream (`{prefix}:bus`). Every entry's id is `{epoch}-{seq}`: the **epoch** is the time
+//! in milliseconds (Redis's clock) at which the stream started, the same for all its entries, and `seq` is
+//! assigned by Redis itself (`XADD {epoch}-*`, Redis 7), one more than the last entry's, from 0. Entry number
+//! `n` is `seq + 1`. So numbers have no holes within an epoch, a stream that is lost and started again gets
+//! another epoch, and a node that remembers `(epoch, n)` of the last entry it applied ([`BusPosition`]) can
 //! tell for certain, from what Redis holds, whether it can continue without a loss:
 //!
 //! - the next entry is `n + 1` in the same epoch: nothing was lost (a reconnection, however long, that stayed
@@ -17,19 +17,20 @@
 //!   asynchronous replication). Nothing is missing *here*; the node reads on from Redis's last entry, whose
 //!   successors are new messages.
 //!
-//! It owns those rules ([`Cursor`]) and the read size ([`room`], [`BatchSize`]); it does no I/O and holds no
-//! connection. The reader thread (`bridge`) feeds it what Redis answers and carries out its verdicts.
+//! It owns those rules ([`Cursor`]), the id layout ([`parse_id`], [`read_after`]) and the read size ([`room`],
+//! [`BatchSize`]); it does no I/O and holds no connection. The reader thread (`reader`) feeds it what Redis
+//! answers and carries out its verdicts; the appends are `scripts` and `Cluster::append`.
 
 use std::fmt;
 use std::str::FromStr;
 
 /// Where a node is in the bus: the bus epoch and the number of the last entry it applied. A successor process
 /// (live upgrade) that starts from its predecessor's position continues exactly where it stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BusPosition {
-    /// The bus epoch; empty when the bus did not exist when the node last looked (then any epoch starting at
+    /// The bus epoch; 0 when the bus did not exist when the node last looked (then any epoch starting at
     /// entry 1 is the one it follows).
-    pub epoch: String,
+    pub epoch: u64,
     /// The number of the last entry applied (0: none yet in this epoch).
     pub applied: u64,
 }
@@ -43,46 +44,49 @@ impl fmt::Display for BusPosition {
 
 /// Why a [`BusPosition`] did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a bus position is EPOCH:NUMBER, e.g. Ab3xYz12:1042")]
+#[error("a bus position is EPOCH:NUMBER, e.g. 1767225600000:1042")]
 pub struct PositionError;
 
 impl FromStr for BusPosition {
     type Err = PositionError;
 
     fn from_str(s: &str) -> Result<BusPosition, PositionError> {
-        let (epoch, applied) = s.rsplit_once(':').ok_or(PositionError)?;
-        let applied = applied.parse().map_err(|_| PositionError)?;
-        if epoch.len() > u8::MAX as usize
-            || epoch.contains(':')
-            || (epoch.is_empty() && applied != 0)
-        {
+        let (epoch, applied) = s.split_once(':').ok_or(PositionError)?;
+        let epoch: u64 = epoch.parse().map_err(|_| PositionError)?;
+        let applied: u64 = applied.parse().map_err(|_| PositionError)?;
+        if epoch == 0 && applied != 0 {
             return Err(PositionError);
         }
-        Ok(BusPosition {
-            epoch: epoch.to_owned(),
-            applied,
-        })
+        Ok(BusPosition { epoch, applied })
     }
 }
 
-/// The number of an entry from its stream id `{n}-0`; `None` for an id the bus scripts never write (another
-/// program's entry, which the caller treats as undecodable).
-pub fn entry_number(id: &str) -> Option<u64> {
-    id.strip_suffix("-0")?.parse().ok().filter(|&n| n > 0)
+/// The epoch and number of an entry, from its stream id `{epoch}-{seq}`; `None` for an id no stream has.
+pub fn parse_id(id: &str) -> Option<Edge> {
+    let (epoch, seq) = id.split_once('-')?;
+    let (epoch, seq): (u64, u64) = (epoch.parse().ok()?, seq.parse().ok()?);
+    Some(Edge {
+        epoch,
+        number: seq.checked_add(1)?,
+    })
 }
 
-/// The stream id of entry `n`: what `XREAD` is given to read the entries after it.
-pub fn entry_id(n: u64) -> String {
-    format!("{n}-0")
+/// The stream id to give `XREAD` to read the entries after `position`: all of the stream when nothing of its
+/// epoch was applied yet.
+pub fn read_after(position: Option<&BusPosition>) -> String {
+    match position {
+        Some(p) if p.epoch != 0 && p.applied > 0 => format!("{}-{}", p.epoch, p.applied - 1),
+        _ => "0-0".to_owned(),
+    }
 }
 
-/// The first or last entry Redis holds: its number and epoch.
+/// An entry's place: its epoch and number (the first or last entry Redis holds, or one just read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Edge<'a> {
-    /// The entry's number.
+pub struct Edge {
+    /// The bus epoch.
+    pub epoch: u64,
+    /// The entry's number in its epoch, from 1.
     pub number: u64,
-    /// The bus epoch it carries.
-    pub epoch: &'a str,
 }
 
 /// Why this node may have missed bus entries it can never read.
@@ -148,12 +152,9 @@ impl Cursor {
     }
 
     /// Decides where to read after a (re)connection, or a periodic check, from the first (`head`) and last
-    /// (`tail`) entries Redis holds (`None` when the stream does not exist).
-    pub fn resume(&mut self, head: Option<Edge<'_>>, tail: Option<Edge<'_>>) -> Resume {
-        let at = |epoch: &str, applied: u64| BusPosition {
-            epoch: epoch.to_owned(),
-            applied,
-        };
+    /// (`tail`) entries Redis holds (`None` when the stream does not exist). The position is then the place to
+    /// read after ([`read_after`]).
+    pub fn resume(&mut self, head: Option<Edge>, tail: Option<Edge>) -> Resume {
         let plain = |after| Resume {
             after,
             gap: None,
@@ -164,79 +165,82 @@ impl Cursor {
             gap: Some(gap),
             rewound: false,
         };
-        let Some(position) = &self.position else {
+        let Some(position) = self.position else {
             // First link: start at the end. Earlier entries were for connections this node did not have, except
             // those that opened before the link came up (Gap::Start tells them).
-            let (epoch, after) = tail.map_or(("", 0), |t| (t.epoch, t.number));
-            self.position = Some(at(epoch, after));
-            return gap(after, Gap::Start);
+            let (epoch, applied) = tail.map_or((0, 0), |t| (t.epoch, t.number));
+            self.position = Some(BusPosition { epoch, applied });
+            return gap(applied, Gap::Start);
         };
         let Some(tail) = tail else {
             // No stream: nothing to read yet. Lost only if this node had followed an epoch that is now gone.
-            let lost = !position.epoch.is_empty();
-            self.position = Some(at("", 0));
-            return if lost {
+            self.position = Some(BusPosition {
+                epoch: 0,
+                applied: 0,
+            });
+            return if position.epoch != 0 {
                 gap(0, Gap::NewEpoch)
             } else {
                 plain(0)
             };
         };
-        let head = head.unwrap_or(tail);
-        if position.epoch.is_empty() {
+        let head = head.filter(|h| h.epoch == tail.epoch).unwrap_or(Edge {
+            epoch: tail.epoch,
+            number: 1,
+        });
+        // From the oldest entry held: what was trimmed of the epoch is part of the same gap.
+        let from_head = BusPosition {
+            epoch: tail.epoch,
+            applied: head.number - 1,
+        };
+        if position.epoch == 0 {
             // The stream did not exist when this node last looked: every entry of its epoch is new to it.
-            let after = head.number - 1;
-            self.position = Some(at(tail.epoch, after));
-            return match after {
+            self.position = Some(from_head);
+            return match from_head.applied {
                 0 => plain(0),
-                lost => gap(after, Gap::Trimmed { lost }),
+                lost => gap(lost, Gap::Trimmed { lost }),
             };
         }
         if position.epoch != tail.epoch {
-            // Read the new epoch from the oldest entry held; what was trimmed of it is part of this one gap.
-            let after = head.number - 1;
-            self.position = Some(at(tail.epoch, after));
-            return gap(after, Gap::NewEpoch);
+            self.position = Some(from_head);
+            return gap(from_head.applied, Gap::NewEpoch);
         }
-        let applied = position.applied;
-        if tail.number < applied {
-            self.position = Some(at(tail.epoch, tail.number));
+        if tail.number < position.applied {
+            self.position = Some(BusPosition {
+                epoch: tail.epoch,
+                applied: tail.number,
+            });
             return Resume {
                 after: tail.number,
                 gap: None,
                 rewound: true,
             };
         }
-        if head.number > applied + 1 {
-            let after = head.number - 1;
-            self.position = Some(at(tail.epoch, after));
-            return gap(
-                after,
-                Gap::Trimmed {
-                    lost: after - applied,
-                },
-            );
+        if head.number > position.applied + 1 {
+            self.position = Some(from_head);
+            let lost = from_head.applied - position.applied;
+            return gap(from_head.applied, Gap::Trimmed { lost });
         }
-        plain(applied)
+        plain(position.applied)
     }
 
-    /// Judges entry `number` of `epoch`, just read after the position; on [`Verdict::Apply`] the position
-    /// moves to it.
-    pub fn accept(&mut self, number: u64, epoch: &str) -> Verdict {
+    /// Judges an entry just read after the position; on [`Verdict::Apply`] the position moves to it.
+    pub fn accept(&mut self, entry: Edge) -> Verdict {
         let Some(position) = &mut self.position else {
             debug_assert!(false, "entries are read only after a resume");
             return Verdict::Resume;
         };
-        if !position.epoch.is_empty() && position.epoch != epoch {
+        if position.epoch != 0 && position.epoch != entry.epoch {
             return Verdict::Resume;
         }
-        if number <= position.applied {
+        if entry.number <= position.applied {
             return Verdict::Skip;
         }
-        let lost = number - position.applied - 1;
-        if position.epoch.is_empty() {
-            position.epoch = epoch.to_owned();
-        }
-        position.applied = number;
+        let lost = entry.number - position.applied - 1;
+        *position = BusPosition {
+            epoch: entry.epoch,
+            applied: entry.number,
+        };
         Verdict::Apply {
             gap: (lost > 0).then_some(Gap::Trimmed { lost }),
         }
@@ -292,15 +296,19 @@ impl BatchSize {
 mod tests {
     use super::*;
 
-    fn edge(number: u64, epoch: &str) -> Option<Edge<'_>> {
-        Some(Edge { number, epoch })
+    const E: u64 = 1_767_225_600_000;
+    const F: u64 = E + 5_000;
+
+    fn edge(epoch: u64, number: u64) -> Option<Edge> {
+        Some(Edge { epoch, number })
     }
 
-    fn at(epoch: &str, applied: u64) -> Cursor {
-        Cursor::new(Some(BusPosition {
-            epoch: epoch.into(),
-            applied,
-        }))
+    fn entry(epoch: u64, number: u64) -> Edge {
+        Edge { epoch, number }
+    }
+
+    fn at(epoch: u64, applied: u64) -> Cursor {
+        Cursor::new(Some(BusPosition { epoch, applied }))
     }
 
     fn resumed(after: u64, gap: Option<Gap>) -> Resume {
@@ -314,129 +322,142 @@ mod tests {
     #[test]
     fn positions_round_trip_as_text() {
         let p = BusPosition {
-            epoch: "Ab3xYz12".into(),
+            epoch: E,
             applied: 1042,
         };
-        assert_eq!(p.to_string(), "Ab3xYz12:1042");
-        assert_eq!("Ab3xYz12:1042".parse::<BusPosition>(), Ok(p));
+        assert_eq!(p.to_string(), "1767225600000:1042");
+        assert_eq!("1767225600000:1042".parse::<BusPosition>(), Ok(p));
         assert_eq!(
-            ":0".parse::<BusPosition>().map(|p| p.applied),
+            "0:0".parse::<BusPosition>().map(|p| p.applied),
             Ok(0),
             "no epoch seen yet"
         );
-        for bad in ["", "E", "E:x", ":5", "a:b:1", "E:-1"] {
+        for bad in ["", "E", "1:x", "0:5", "a:1", "1:-1", "1:2:3"] {
             assert_eq!(bad.parse::<BusPosition>(), Err(PositionError), "{bad}");
         }
     }
 
     #[test]
-    fn entry_numbers_come_from_ids_the_scripts_write() {
-        assert_eq!(entry_number("17-0"), Some(17));
-        assert_eq!(entry_id(17), "17-0");
-        for foreign in ["17-1", "0-0", "1700000000000", "x-0", ""] {
-            assert_eq!(entry_number(foreign), None, "{foreign}");
+    fn ids_carry_the_epoch_and_the_number_less_one() {
+        assert_eq!(parse_id("1767225600000-0"), Some(entry(E, 1)));
+        assert_eq!(parse_id("1767225600000-16"), Some(entry(E, 17)));
+        for foreign in ["17", "x-0", "1-y", "", "-1"] {
+            assert_eq!(parse_id(foreign), None, "{foreign}");
         }
+        let p = BusPosition {
+            epoch: E,
+            applied: 17,
+        };
+        assert_eq!(read_after(Some(&p)), "1767225600000-16");
+        assert_eq!(
+            parse_id(&read_after(Some(&p))).unwrap().number,
+            17,
+            "XREAD returns the entries after the last applied"
+        );
+        let none_yet = BusPosition {
+            epoch: E,
+            applied: 0,
+        };
+        assert_eq!(read_after(Some(&none_yet)), "0-0");
+        assert_eq!(read_after(None), "0-0");
     }
 
     #[test]
     fn the_first_link_starts_at_the_end_and_tells_early_connections() {
         let mut c = Cursor::new(None);
         assert_eq!(
-            c.resume(edge(3, "E"), edge(90, "E")),
+            c.resume(edge(E, 3), edge(E, 90)),
             resumed(90, Some(Gap::Start))
         );
-        assert_eq!(c.accept(91, "E"), Verdict::Apply { gap: None });
+        assert_eq!(c.accept(entry(E, 91)), Verdict::Apply { gap: None });
         assert_eq!(c.position().unwrap().applied, 91);
 
         let mut empty = Cursor::new(None);
         assert_eq!(empty.resume(None, None), resumed(0, Some(Gap::Start)));
         assert_eq!(
-            empty.accept(1, "F"),
+            empty.accept(entry(F, 1)),
             Verdict::Apply { gap: None },
             "the epoch is learned from entry 1"
         );
-        assert_eq!(empty.position().unwrap().epoch, "F");
+        assert_eq!(empty.position().unwrap().epoch, F);
     }
 
     #[test]
     fn a_reconnection_within_the_window_continues_without_a_gap() {
-        let mut c = at("E", 50);
-        assert_eq!(c.resume(edge(10, "E"), edge(80, "E")), resumed(50, None));
-        assert_eq!(c.accept(51, "E"), Verdict::Apply { gap: None });
+        let mut c = at(E, 50);
+        assert_eq!(c.resume(edge(E, 10), edge(E, 80)), resumed(50, None));
+        assert_eq!(c.accept(entry(E, 51)), Verdict::Apply { gap: None });
         // Exactly at the edge: the oldest entry held is the next one.
-        let mut edge_case = at("E", 9);
-        assert_eq!(
-            edge_case.resume(edge(10, "E"), edge(80, "E")),
-            resumed(9, None)
-        );
+        let mut edge_case = at(E, 9);
+        assert_eq!(edge_case.resume(edge(E, 10), edge(E, 80)), resumed(9, None));
         // Caught up, nothing new.
-        let mut idle = at("E", 80);
-        assert_eq!(idle.resume(edge(10, "E"), edge(80, "E")), resumed(80, None));
+        let mut idle = at(E, 80);
+        assert_eq!(idle.resume(edge(E, 10), edge(E, 80)), resumed(80, None));
     }
 
     #[test]
     fn a_position_trimmed_away_is_a_gap_and_reading_goes_on_from_the_oldest_entry() {
-        let mut c = at("E", 50);
+        let mut c = at(E, 50);
         assert_eq!(
-            c.resume(edge(61, "E"), edge(900, "E")),
+            c.resume(edge(E, 61), edge(E, 900)),
             resumed(60, Some(Gap::Trimmed { lost: 10 }))
         );
-        assert_eq!(c.accept(61, "E"), Verdict::Apply { gap: None });
+        assert_eq!(c.accept(entry(E, 61)), Verdict::Apply { gap: None });
     }
 
     #[test]
     fn trimming_between_the_check_and_the_read_is_caught_by_the_entry_numbers() {
-        let mut c = at("E", 50);
-        assert_eq!(c.resume(edge(40, "E"), edge(60, "E")), resumed(50, None));
+        let mut c = at(E, 50);
+        assert_eq!(c.resume(edge(E, 40), edge(E, 60)), resumed(50, None));
         assert_eq!(
-            c.accept(58, "E"),
+            c.accept(entry(E, 58)),
             Verdict::Apply {
                 gap: Some(Gap::Trimmed { lost: 7 })
             }
         );
-        assert_eq!(c.accept(59, "E"), Verdict::Apply { gap: None });
-        assert_eq!(c.accept(59, "E"), Verdict::Skip, "never twice");
-        assert_eq!(c.accept(3, "E"), Verdict::Skip);
+        assert_eq!(c.accept(entry(E, 59)), Verdict::Apply { gap: None });
+        assert_eq!(c.accept(entry(E, 59)), Verdict::Skip, "never twice");
+        assert_eq!(c.accept(entry(E, 3)), Verdict::Skip);
     }
 
     #[test]
     fn a_lost_stream_is_a_gap_and_the_next_epoch_is_read_from_its_start() {
         // Redis restarted without persistence: the stream is gone.
-        let mut c = at("E", 50);
+        let mut c = at(E, 50);
         assert_eq!(c.resume(None, None), resumed(0, Some(Gap::NewEpoch)));
         assert_eq!(c.resume(None, None), resumed(0, None), "reported once");
-        assert_eq!(c.accept(1, "F"), Verdict::Apply { gap: None });
+        assert_eq!(c.accept(entry(F, 1)), Verdict::Apply { gap: None });
         // Another node published first: the new epoch is already there.
-        let mut c = at("E", 50);
+        let mut c = at(E, 50);
         assert_eq!(
-            c.resume(edge(1, "F"), edge(3, "F")),
+            c.resume(edge(F, 1), edge(F, 3)),
             resumed(0, Some(Gap::NewEpoch))
         );
-        assert_eq!(c.accept(1, "F"), Verdict::Apply { gap: None });
+        assert_eq!(c.accept(entry(F, 1)), Verdict::Apply { gap: None });
         // Numbers of the new epoch past the old position do not hide the change.
-        let mut c = at("E", 2);
+        let mut c = at(E, 2);
         assert_eq!(
-            c.resume(edge(1, "F"), edge(9, "F")),
+            c.resume(edge(F, 1), edge(F, 9)),
             resumed(0, Some(Gap::NewEpoch))
         );
     }
 
     #[test]
     fn a_stream_replaced_while_reading_stops_the_batch_for_a_resume() {
-        let mut c = at("E", 50);
-        assert_eq!(c.accept(51, "F"), Verdict::Resume);
+        let mut c = at(E, 50);
+        assert_eq!(c.accept(entry(F, 51)), Verdict::Resume);
         assert_eq!(c.position().unwrap().applied, 50, "not applied");
         assert_eq!(
-            c.resume(edge(1, "F"), edge(51, "F")),
+            c.resume(edge(F, 1), edge(F, 51)),
             resumed(0, Some(Gap::NewEpoch))
         );
     }
 
     #[test]
     fn a_failover_that_lost_applied_entries_rewinds_without_a_gap() {
-        let mut c = at("E", 50);
+        let mut c = at(E, 50);
         assert_eq!(
-            c.resume(edge(1, "E"), edge(47, "E")),
+            c.resume(edge(E, 1), edge(E, 47)),
             Resume {
                 after: 47,
                 gap: None,
@@ -444,23 +465,23 @@ mod tests {
             }
         );
         // The new primary's next entries reuse 48.. for new messages: all applied.
-        assert_eq!(c.accept(48, "E"), Verdict::Apply { gap: None });
+        assert_eq!(c.accept(entry(E, 48)), Verdict::Apply { gap: None });
     }
 
     #[test]
     fn a_stream_that_appeared_after_the_last_look_is_read_from_entry_one() {
-        let mut c = at("", 0);
-        assert_eq!(c.resume(edge(1, "F"), edge(5, "F")), resumed(0, None));
-        assert_eq!(c.accept(1, "F"), Verdict::Apply { gap: None });
-        let mut late = at("", 0);
+        let mut c = at(0, 0);
+        assert_eq!(c.resume(edge(F, 1), edge(F, 5)), resumed(0, None));
+        assert_eq!(c.accept(entry(F, 1)), Verdict::Apply { gap: None });
+        let mut late = at(0, 0);
         assert_eq!(
-            late.resume(edge(4, "F"), edge(5, "F")),
+            late.resume(edge(F, 4), edge(F, 5)),
             resumed(3, Some(Gap::Trimmed { lost: 3 }))
         );
-        let mut raced = at("", 0);
+        let mut raced = at(0, 0);
         assert_eq!(raced.resume(None, None), resumed(0, None));
         assert_eq!(
-            raced.accept(3, "F"),
+            raced.accept(entry(F, 3)),
             Verdict::Apply {
                 gap: Some(Gap::Trimmed { lost: 2 })
             }
@@ -469,17 +490,17 @@ mod tests {
 
     #[test]
     fn a_handed_over_position_continues_exactly_where_the_predecessor_stopped() {
-        let mut predecessor = at("E", 10);
+        let mut predecessor = at(E, 10);
         for n in 11..=20 {
-            assert_eq!(predecessor.accept(n, "E"), Verdict::Apply { gap: None });
+            assert_eq!(
+                predecessor.accept(entry(E, n)),
+                Verdict::Apply { gap: None }
+            );
         }
         let handed: BusPosition = predecessor.position().unwrap().to_string().parse().unwrap();
         let mut successor = Cursor::new(Some(handed));
-        assert_eq!(
-            successor.resume(edge(1, "E"), edge(25, "E")),
-            resumed(20, None)
-        );
-        assert_eq!(successor.accept(21, "E"), Verdict::Apply { gap: None });
+        assert_eq!(successor.resume(edge(E, 1), edge(E, 25)), resumed(20, None));
+        assert_eq!(successor.accept(entry(E, 21)), Verdict::Apply { gap: None });
     }
 
     #[test]

@@ -9,9 +9,9 @@
 //! presence and gap notices go through the reactors' handle (`dispatch`).
 //!
 //! Design, in short:
-//! - The bus is a Redis stream, `{prefix}:bus`. Publishes and kicks are appended to it by a script that
-//!   numbers its entries without holes under a bus epoch (`bus`, `scripts`), with a cap of
-//!   `cluster.bus_max_len` entries. A 202 means the entry is in the stream.
+//! - The bus is a Redis stream, `{prefix}:bus`. Publishes and kicks are appended to it as entries `{epoch}-*`,
+//!   which Redis numbers without holes within the epoch (`bus`; a script when the stream must be started,
+//!   `scripts`), with a cap of `cluster.bus_max_len` entries. A 202 means the entry is in the stream.
 //! - Every node, the publishing one included, applies every entry in stream order from its own reader thread
 //!   (`XREAD BLOCK` from the last entry it applied). So every node delivers one cluster-wide order, exactly
 //!   once: a reconnection, however long, continues from the node's position as long as that is still in the
@@ -179,8 +179,8 @@ pub struct Cluster {
     /// reactors when the kick comes back from the bus.
     kicks: Mutex<HashMap<u64, mpsc::Sender<usize>>>,
     next_request: AtomicU64,
-    /// State of the candidate-epoch generator (xorshift).
-    rng: AtomicU64,
+    /// The bus epoch the last append used (0: not known yet), so the next one is a plain `XADD {epoch}-*`.
+    bus_epoch: AtomicU64,
     stop: AtomicBool,
     handoff: Handoff,
     /// Counters for `/metrics`.
@@ -207,10 +207,6 @@ impl Cluster {
                 format!("cluster.redis_url {}: {e}", redact_url(url)),
             )
         })?;
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ (u64::from(std::process::id()) << 32);
         let cluster = Arc::new(Cluster {
             names: Names::new(&settings.channel_prefix),
             settings: settings.clone(),
@@ -226,7 +222,7 @@ impl Cluster {
             pending: Mutex::new(HashMap::new()),
             kicks: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            rng: AtomicU64::new(seed | 1),
+            bus_epoch: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             handoff: Handoff::default(),
             metrics: ClusterMetrics::default(),
@@ -293,7 +289,6 @@ impl Cluster {
         let [epoch_key, offset_key, log_key] =
             history::keys(&self.settings.channel_prefix, &stream);
         let head = wire::encode_stamped_head(self.node_id(), target, binary);
-        let bus_epoch = self.candidate_epoch();
         let result = self.with_publisher(|conn| {
             scripts::STAMPED.invoke::<(String, u64)>(conn, 4, |cmd| {
                 cmd.arg(&epoch_key)
@@ -307,7 +302,6 @@ impl Cluster {
                     .arg(limits.ttl_ms.max(1))
                     .arg(client.unwrap_or(""))
                     .arg(if binary { "1" } else { "0" })
-                    .arg(&bus_epoch)
                     .arg(self.settings.bus_max_len);
             })
         });
@@ -397,44 +391,42 @@ impl Cluster {
         self.lock_kicks().remove(&request)
     }
 
-    /// Appends one wire message to the bus; returns its entry number.
-    fn append(&self, bytes: &[u8]) -> Result<u64, ClusterError> {
-        let epoch = self.candidate_epoch();
+    /// Appends one wire message to the bus. Usually one plain `XADD NOMKSTREAM {epoch}-*` with the epoch the
+    /// last append used: Redis numbers the entry. When the stream is gone (`NOMKSTREAM` answers nil) or is of
+    /// another epoch now (Redis refuses an id below the stream's last), [`scripts::APPEND`] appends under the
+    /// stream's epoch or starts a new one, atomically.
+    fn append(&self, bytes: &[u8]) -> Result<(), ClusterError> {
+        let known = self.bus_epoch.load(Relaxed);
+        let max_len = self.settings.bus_max_len;
         let result = self.with_publisher(|conn| {
-            scripts::APPEND.invoke::<u64>(conn, 1, |cmd| {
-                cmd.arg(&self.names.bus)
-                    .arg(&epoch)
-                    .arg(self.settings.bus_max_len)
-                    .arg(bytes);
+            if known != 0 {
+                let fast: redis::RedisResult<Option<String>> = redis::cmd("XADD")
+                    .arg(&self.names.bus)
+                    .arg("NOMKSTREAM")
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(max_len)
+                    .arg(format!("{known}-*"))
+                    .arg("m")
+                    .arg(bytes)
+                    .query(conn);
+                match fast {
+                    Ok(Some(id)) => return Ok(id),
+                    Ok(None) => {}
+                    Err(e) if e.to_string().contains("equal or smaller") => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            scripts::APPEND.invoke::<String>(conn, 1, |cmd| {
+                cmd.arg(&self.names.bus).arg(max_len).arg(bytes);
             })
         });
-        if result.is_ok() {
-            self.metrics.published.fetch_add(1, Relaxed);
+        let id = result?;
+        if let Some(entry) = bus::parse_id(&id) {
+            self.bus_epoch.store(entry.epoch, Relaxed);
         }
-        result
-    }
-
-    /// A random bus epoch, used only if this append starts the stream: 8 characters `[0-9A-Za-z]`, like a
-    /// history epoch.
-    fn candidate_epoch(&self) -> String {
-        const ALPHABET: &[u8; 62] =
-            b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        let mut x = self
-            .rng
-            .fetch_update(Relaxed, Relaxed, |mut x| {
-                // xorshift64: epochs only need to differ between the bus's lifetimes.
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                Some(x)
-            })
-            .unwrap_or(1);
-        (0..8)
-            .map(|_| {
-                x = x.wrapping_mul(0x2545_f491_4f6c_dd1d).rotate_left(17);
-                ALPHABET[(x >> 58) as usize % 62] as char
-            })
-            .collect()
+        self.metrics.published.fetch_add(1, Relaxed);
+        Ok(())
     }
 
     /// Asks every other live node for the user's connection count and adds `local`. Waits up to
@@ -596,12 +588,11 @@ impl Cluster {
         self.handoff.requested.store(true, SeqCst);
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(at) = self
+            if let Some(at) = *self
                 .handoff
                 .stopped_at
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone()
             {
                 return Some(at);
             }

@@ -6,7 +6,7 @@
 //! to apply, skip or count as lost is `bus::Cursor`'s decision; this file only moves entries, time and errors
 //! between Redis and it. The same connection reads shared history for backfill between reads.
 
-use super::bus::{self, BatchSize, Cursor, Edge, Gap, Verdict};
+use super::bus::{self, BatchSize, Cursor, Gap, Verdict};
 use super::wire::{self, Body};
 use super::{Backoff, Cluster, StateLog};
 use crate::config::redact_url;
@@ -56,7 +56,7 @@ fn run(cluster: &Cluster, mut cursor: Cursor) {
                 .handoff
                 .stopped_at
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(cursor.position().cloned());
+                .unwrap_or_else(|e| e.into_inner()) = Some(cursor.position().copied());
             return;
         }
         let error = match connect(cluster) {
@@ -92,13 +92,39 @@ fn run(cluster: &Cluster, mut cursor: Cursor) {
     }
 }
 
-/// A connection whose reads may block for a whole `XREAD BLOCK` plus the command timeout.
+/// A connection whose reads may block for a whole `XREAD BLOCK` plus the command timeout, to a Redis that can
+/// carry the bus.
 fn connect(cluster: &Cluster) -> redis::RedisResult<redis::Connection> {
-    let conn = cluster.connect()?;
+    let mut conn = cluster.connect()?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut conn)?;
+    if let Err(why) = supports_the_bus(&info) {
+        // The link stays down with this as its reason, which every 503 quotes.
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unsupported Redis",
+            why,
+        )));
+    }
     conn.set_read_timeout(Some(
         poll_interval(cluster) + Duration::from_millis(cluster.settings.command_timeout_ms),
     ))?;
     Ok(conn)
+}
+
+/// Redis 7.0 or later, from `INFO server`: the bus lets Redis number its entries (`XADD {epoch}-*`, new in 7.0).
+fn supports_the_bus(info: &str) -> Result<(), String> {
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .unwrap_or("unknown");
+    let major: Option<u32> = version.split('.').next().and_then(|m| m.parse().ok());
+    match major {
+        Some(major) if major >= 7 => Ok(()),
+        _ => Err(format!(
+            "Redis {version}: the cluster bus needs Redis 7.0 or later (it appends with XADD <epoch>-*)"
+        )),
+    }
 }
 
 fn poll_interval(cluster: &Cluster) -> Duration {
@@ -161,24 +187,14 @@ fn read(
         // and the cursor has moved over it), then reconnect.
         let mut broken = None;
         for (id, fields) in entries {
-            after = id.clone();
-            let Some(number) = bus::entry_number(&id) else {
-                // Another program's entry: not part of the numbered sequence.
-                invalid(cluster, &format!("bus entry {id} has an id no node writes"));
+            let Some(entry) = bus::parse_id(&id) else {
+                debug_assert!(false, "Redis returned the stream id {id}");
                 continue;
             };
-            let verdict = match field(&fields, b"e").and_then(|e| std::str::from_utf8(e).ok()) {
-                Some(epoch) => cursor.accept(number, epoch),
-                // No epoch (a foreign entry with our id format): judged by its number alone.
-                None => {
-                    let current = cursor.position().map(|p| p.epoch.clone());
-                    cursor.accept(number, &current.unwrap_or_default())
-                }
-            };
-            match verdict {
+            match cursor.accept(entry) {
                 Verdict::Skip => continue,
                 Verdict::Resume => {
-                    after = resume(cluster, conn, cursor)?;
+                    resume(cluster, conn, cursor)?;
                     break;
                 }
                 Verdict::Apply { gap } => {
@@ -201,6 +217,7 @@ fn read(
                 }
             }
         }
+        after = bus::read_after(cursor.position());
         if let Some(p) = cursor.position() {
             cluster.metrics.position.store(p.applied, Relaxed);
         }
@@ -227,6 +244,7 @@ fn resume(
     conn: &mut redis::Connection,
     cursor: &mut Cursor,
 ) -> redis::RedisResult<String> {
+    // Whole entries, though only their ids matter: Redis has no command for just the first and last id.
     let (head, tail): (Vec<Entry>, Vec<Entry>) = redis::pipe()
         .cmd("XRANGE")
         .arg(&cluster.names.bus)
@@ -241,19 +259,9 @@ fn resume(
         .arg("COUNT")
         .arg(1)
         .query(conn)?;
-    let edge = |entries: &[Entry]| -> Option<(u64, String)> {
-        let (id, fields) = entries.first()?;
-        let epoch = field(fields, b"e").and_then(|e| std::str::from_utf8(e).ok())?;
-        Some((bus::entry_number(id)?, epoch.to_owned()))
-    };
-    let (head, tail) = (edge(&head), edge(&tail));
-    fn as_edge(e: &Option<(u64, String)>) -> Option<Edge<'_>> {
-        e.as_ref().map(|(number, epoch)| Edge {
-            number: *number,
-            epoch,
-        })
-    }
-    let resumed = cursor.resume(as_edge(&head), as_edge(&tail));
+    let edge = |entries: &[Entry]| entries.first().and_then(|(id, _)| bus::parse_id(id));
+    let tail = edge(&tail);
+    let resumed = cursor.resume(edge(&head), tail);
     if resumed.rewound {
         cluster.metrics.rewinds.fetch_add(1, Relaxed);
         log::warn!(
@@ -264,12 +272,12 @@ fn resume(
     if let Some(gap) = resumed.gap {
         tell(cluster, gap);
     }
-    let last = tail.map_or(0, |(number, _)| number);
+    let last = tail.map_or(0, |t| t.number);
     cluster
         .metrics
         .lag
         .store(last.saturating_sub(resumed.after), Relaxed);
-    Ok(bus::entry_id(resumed.after))
+    Ok(bus::read_after(cursor.position()))
 }
 
 /// Waits until every mailbox has room for a read; returns how many entries to ask for, or `None` when the node
@@ -512,6 +520,18 @@ mod tests {
         budget.spend(Duration::from_millis(60));
         assert!(!budget.allows(start + Duration::from_millis(500)));
         assert!(budget.allows(start + Duration::from_millis(1_000)));
+    }
+
+    #[test]
+    fn the_bus_needs_redis_7() {
+        assert!(
+            supports_the_bus("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n")
+                .is_ok()
+        );
+        assert!(supports_the_bus("redis_version:7.2.4").is_ok());
+        let old = supports_the_bus("redis_version:6.2.14\r\n").unwrap_err();
+        assert!(old.contains("6.2.14") && old.contains("7.0"), "{old}");
+        assert!(supports_the_bus("no version here").is_err());
     }
 
     #[test]

@@ -1,52 +1,49 @@
-//! The Lua scripts that append to the cluster bus, and how they are run (`EVALSHA`, falling back to `EVAL` the
-//! first time a Redis has not seen the script, or after it restarted).
+//! The Lua scripts that append to the cluster bus when a plain `XADD` cannot, and how scripts are run
+//! (`EVALSHA`, falling back to `EVAL` the first time a Redis has not seen the script, or after it restarted).
 //!
-//! Owns the one rule every bus entry follows (`bus_append`, shared by both scripts): its id is `{n}-0`, `n` one
-//! more than the last entry's, and it carries the bus epoch (`e`) next to the message (`m`); a stream that
-//! does not exist starts over at 1 under the caller's candidate epoch. Reading that sequence is `bus`'s job;
-//! the stamped-history script's other keys are `history`'s.
+//! Owns the one rule every bus entry follows (`bus_append`, shared by both scripts, and mirrored by
+//! `Cluster::append`'s fast path): its id is `{epoch}-*`, so Redis numbers it one more than the last entry of the
+//! epoch; the epoch is the last entry's, or, when the stream does not exist, Redis's time in milliseconds, so a
+//! stream that was lost and started again never continues an old epoch's numbering. Reading that sequence is
+//! `bus`'s job; the stamped-history script's other keys are `history`'s.
 
 use sha1::{Digest, Sha1};
 use std::sync::OnceLock;
 
-/// The Lua function both scripts use to append one message to the bus: `bus_append(bus_key, candidate_epoch,
-/// maxlen, message)` returns the entry's number. The epoch and the next number are read from the last entry
-/// itself, not from keys of their own, so they cannot drift apart from the stream: if the stream is lost, so
-/// are they, and the next entry starts a new epoch at 1, which every node recognises as a gap.
+/// The Lua function both scripts use to append one message to the bus: `bus_append(bus_key, maxlen, message)`
+/// returns the entry's id. The epoch is read from the last entry itself, not from a key of its own, so it cannot
+/// drift apart from the stream: if the stream is lost, so is its epoch.
 macro_rules! bus_append_lua {
     () => {
         r#"
-local function bus_append(bus, candidate, maxlen, message)
+local function bus_append(bus, maxlen, message)
   local last = redis.call('XREVRANGE', bus, '+', '-', 'COUNT', 1)
-  local epoch, number = candidate, 1
+  local epoch
   if #last > 0 then
-    number = tonumber(string.match(last[1][1], '^(%d+)-')) + 1
-    local fields = last[1][2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'e' then epoch = fields[i + 1] end
-    end
-  elseif redis.call('EXISTS', bus) == 1 then
-    -- Emptied by hand (XTRIM 0): it keeps its last id, so numbering cannot restart in it. Start it over.
+    epoch = string.match(last[1][1], '^(%d+)-')
+  else
+    -- Emptied by hand (XTRIM 0), it would keep its last id: start it over.
     redis.call('DEL', bus)
+    local now = redis.call('TIME')
+    epoch = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
   end
-  redis.call('XADD', bus, 'MAXLEN', '~', maxlen, string.format('%d-0', number), 'e', epoch, 'm', message)
-  return number
+  return redis.call('XADD', bus, 'MAXLEN', '~', maxlen, epoch .. '-*', 'm', message)
 end
 "#
     };
 }
 
-/// `KEYS`: bus. `ARGV`: candidate bus epoch, `MAXLEN ~` of the bus, message (`wire` bytes). Returns the entry's
-/// number.
+/// `KEYS`: bus. `ARGV`: `MAXLEN ~` of the bus, message (`wire` bytes). Returns the entry's id. The slow path of
+/// `Cluster::append`: when the stream does not exist, or the epoch that node knew is not the stream's.
 pub static APPEND: Script = Script::new(concat!(
     bus_append_lua!(),
-    "return bus_append(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
+    "return bus_append(KEYS[1], ARGV[1], ARGV[2])\n"
 ));
 
 /// `KEYS`: the stream's epoch, offset and log keys (`history::keys`), then the bus. `ARGV`: message head
 /// (`wire::encode_stamped_head`), payload, candidate stream epoch (used when the stream has none), `MAXLEN ~` of
-/// the log, TTL in ms, client tag (`""` for none), binary flag (`"1"`/`"0"`), candidate bus epoch, `MAXLEN ~` of
-/// the bus. Returns `{epoch, offset}`: the stream's, which the publish answer carries.
+/// the log, TTL in ms, client tag (`""` for none), binary flag (`"1"`/`"0"`), `MAXLEN ~` of the bus. Returns
+/// `{epoch, offset}`: the stream's, which the publish answer carries.
 ///
 /// The stream's epoch and offset are assigned, the message logged for backfill and appended to the bus in one
 /// atomic step, so the bus order is the offset order on every node.
@@ -63,7 +60,7 @@ end
 local offset = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], offset .. '-1', 'c', ARGV[6], 'b', ARGV[7], 'p', ARGV[2])
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
-bus_append(KEYS[4], ARGV[8], ARGV[9], ARGV[1] .. string.char(#epoch) .. epoch .. offset .. '\n' .. ARGV[2])
+bus_append(KEYS[4], ARGV[8], ARGV[1] .. string.char(#epoch) .. epoch .. offset .. '\n' .. ARGV[2])
 return {epoch, offset}
 "#
 ));
@@ -132,7 +129,7 @@ mod tests {
                 script.text().matches("local function bus_append").count(),
                 1
             );
-            assert!(script.text().contains("'%d-0'"));
+            assert!(script.text().contains("epoch .. '-*'"));
         }
         assert!(STAMPED.text().contains("bus_append(KEYS[4]"));
     }

@@ -130,7 +130,7 @@ pub const DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS: u64 = 300;
 /// Entries the bus stream keeps (Redis `XADD MAXLEN ~`, so a little more): a node whose link is cut, or that
 /// reads slower than the cluster publishes, continues without a loss while it is less than this many entries
 /// behind. At 1,000 publishes/s through the cluster, 100,000 entries are 100 s; Redis holds about the messages'
-/// size plus ~30 bytes per entry.
+/// payload plus ~50 bytes per entry.
 pub const DEFAULT_CLUSTER_BUS_MAX_LEN: u64 = 100_000;
 
 /// Keep history for `user:{user}` streams (publishes to a user and to its client tokens).

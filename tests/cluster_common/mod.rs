@@ -72,13 +72,10 @@ impl Redis {
 
     /// Appends raw `wire` bytes to the bus of `prefix` the way a node does (the same script), so a test can put
     /// there what no node would.
-    pub fn append_to_bus(&self, prefix: &str, bytes: &[u8]) -> u64 {
+    pub fn append_to_bus(&self, prefix: &str, bytes: &[u8]) -> String {
         densepush::cluster::scripts::APPEND
             .invoke(&mut self.conn(), 1, |cmd| {
-                cmd.arg(format!("{prefix}:bus"))
-                    .arg("TESTEPOC")
-                    .arg(100_000)
-                    .arg(bytes);
+                cmd.arg(format!("{prefix}:bus")).arg(100_000).arg(bytes);
             })
             .unwrap()
     }
