@@ -85,6 +85,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::builder::PossibleValuesParser::new(["1", "2", "5"])
         .map(|s| s.parse::<u64>().expect("listed values are numbers")))]
     pub conns_per_user: u64,
+    /// Number of the first user: connection i belongs to user u{F + i / K}. Generators that share a cluster
+    /// (clients on different nodes, publishing through one) use disjoint user ranges, so each checks only the
+    /// messages it published.
+    #[arg(long, default_value_t = 0)]
+    pub first_user: u64,
     /// Channels: connection i joins ch{i % K} (0 = none).
     #[arg(long, default_value_t = 16)]
     pub channels: u64,

@@ -153,12 +153,15 @@ pub struct UnicastPublished {
     pub publishers: usize,
 }
 
-/// Sends `messages` unicast messages to random users `0..users` from `publishers` concurrent publishers.
+/// Sends `messages` unicast messages to random users `0..users` (named `u{first_user + k}`) from `publishers`
+/// concurrent publishers.
+#[allow(clippy::too_many_arguments)]
 pub fn unicast(
     admin: SocketAddr,
     publishers: usize,
     messages: u64,
     users: u64,
+    first_user: u64,
     spec: PayloadSpec,
     seed: u64,
     deadline: Instant,
@@ -175,6 +178,7 @@ pub fn unicast(
                     publishers as u64,
                     share,
                     users,
+                    first_user,
                     spec,
                     seed,
                     deadline,
@@ -205,6 +209,7 @@ fn unicast_publisher(
     publishers: u64,
     messages: u64,
     users: u64,
+    first_user: u64,
     spec: PayloadSpec,
     seed: u64,
     deadline: Instant,
@@ -221,7 +226,7 @@ fn unicast_publisher(
         }
         let k = rng.below(mine);
         let user = p + k * publishers;
-        let name = format!("u{user}");
+        let name = format!("u{}", first_user + user);
         let ts = monotonic_ns();
         let payload = checker::encode(
             Stream::Unicast,
