@@ -4,14 +4,16 @@
 # two load generators (clients on B and on C, each publishing to its own users through A's admin API), and
 # a single node without Redis under the same load as the baseline.
 #
-# Usage: scripts/cluster-bench.sh [N] [--messages M] [--publishers P] [--payload-bytes B] [--cut-secs S]
-#                                 [--window-len L] [--scenarios single,cluster,cut,cut-window] [--out DIR]
+# Usage: scripts/cluster-bench.sh [N] [--messages M] [--publishers P] [--rate R] [--payload-bytes B]
+#                                 [--cut-secs S] [--window-len L] [--scenarios single,cluster,cut,cut-window]
+#                                 [--out DIR]
 #   N                 connections per receiving node (default 2000)
 #   --messages M      unicast publishes per generator (default 40000)
 #   --publishers P    concurrent publishers per generator (default 4)
+#   --rate R          publishes per second per generator, paced (default 0: as fast as the admin API answers)
 #   --payload-bytes B payload size (default 64)
 #   --cut-secs S      how long B's link to Redis is cut in the cut scenarios (default 2)
-#   --window-len L    cluster.bus_max_len in the cut-window scenario (default 1000; the others use 1000000)
+#   --window-len L    cluster.bus_max_len in the cut-window scenario (default 5000; the others use 1000000)
 #   --scenarios LIST  which scenarios to run, in this order (default all four):
 #       single      one node, no Redis: clients and publishes on the same node (the baseline)
 #       cluster     three nodes, nothing cut
@@ -33,9 +35,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=2000
 MESSAGES=40000
 PUBLISHERS=4
+RATE=0
 PAYLOAD=64
 CUT_SECS=2
-WINDOW_LEN=1000
+WINDOW_LEN=5000
 SCENARIOS=single,cluster,cut,cut-window
 OUT=
 
@@ -47,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --messages) MESSAGES=$2; shift 2 ;;
         --publishers) PUBLISHERS=$2; shift 2 ;;
+        --rate) RATE=$2; shift 2 ;;
         --payload-bytes) PAYLOAD=$2; shift 2 ;;
         --cut-secs) CUT_SECS=$2; shift 2 ;;
         --window-len) WINDOW_LEN=$2; shift 2 ;;
@@ -128,7 +132,7 @@ redis_cpu() { redis-cli -p "$REDIS_PORT" INFO cpu | tr -d '\r' | awk -F: '/^used
 # generate NAME CLIENT ADMIN FIRST_USER: one generator in the background; sets GEN_PID.
 generate() {
     "$GENERATOR" --server "$2" --admin "$3" --conns "$N" --first-user "$4" --channels 0 \
-        --phases connect,unicast --unicast-messages "$MESSAGES" --publishers "$PUBLISHERS" \
+        --phases connect,unicast --unicast-messages "$MESSAGES" --publishers "$PUBLISHERS" --unicast-rate "$RATE" \
         --payload-bytes "$PAYLOAD" --quiet --json-file "$OUT/$1.json" --max-seconds 600 \
         --phase-timeout-secs 120 >/dev/null 2>"$OUT/$1.stderr" &
     GEN_PID=$!

@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// Messages published to random users in the unicast phase, over all publishers.
     #[arg(long, default_value_t = 10_000)]
     pub unicast_messages: u64,
+    /// Unicast publishes per second over all publishers (0 = back to back): at a fixed rate, latencies of
+    /// different servers or topologies compare at the same load.
+    #[arg(long, default_value_t = 0.0)]
+    pub unicast_rate: f64,
 
     /// Seconds of churn.
     #[arg(long, default_value_t = 10.0)]
@@ -186,6 +190,9 @@ impl RunArgs {
         }
         if self.source_ips as u16 + 1 > 255 {
             return Err("--source-ips must be at most 254".into());
+        }
+        if self.unicast_rate < 0.0 || !self.unicast_rate.is_finite() {
+            return Err("--unicast-rate must be a non-negative number".into());
         }
         if self.rate < 0.0 || !self.rate.is_finite() {
             return Err("--rate must be a non-negative number".into());

@@ -414,6 +414,7 @@ impl Run<'_> {
             self.args.unicast_messages,
             users,
             self.args.first_user,
+            self.args.unicast_rate,
             self.spec(),
             self.seed,
             deadline,
