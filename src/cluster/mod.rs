@@ -720,7 +720,7 @@ impl Cluster {
 }
 
 /// Answers one presence query can collect; more are dropped.
-const PRESENCE_ANSWERS: usize = 1024;
+const PRESENCE_ANSWERS: usize = 256;
 
 /// Counts answers to one presence query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
