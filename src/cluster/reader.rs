@@ -194,7 +194,10 @@ fn read(
             match cursor.accept(entry) {
                 Verdict::Skip => continue,
                 Verdict::Resume => {
-                    resume(cluster, conn, cursor)?;
+                    // Not on a connection that may be out of step: the reconnection resumes instead.
+                    if broken.is_none() {
+                        resume(cluster, conn, cursor)?;
+                    }
                     break;
                 }
                 Verdict::Apply { gap } => {

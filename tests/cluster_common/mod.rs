@@ -98,21 +98,6 @@ impl Redis {
             .unwrap()
     }
 
-    /// Redis's CPU seconds (user + system) so far, from `INFO cpu`.
-    pub fn cpu_seconds(&self) -> f64 {
-        let info: String = redis::cmd("INFO")
-            .arg("cpu")
-            .query(&mut self.conn())
-            .unwrap();
-        info.lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                matches!(k, "used_cpu_sys" | "used_cpu_user")
-                    .then(|| v.trim().parse::<f64>().ok())?
-            })
-            .sum()
-    }
-
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
