@@ -10,6 +10,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::conn::Rules;
 use crate::dispatch::{Mailbox, Reactors};
+use crate::events::Events;
 use crate::history::{self, store::Limits, History};
 use crate::metrics::{AdminMetrics, ReactorMetrics};
 use crate::proto::frame;
@@ -48,6 +49,8 @@ pub struct Running {
     cluster: Option<Arc<Cluster>>,
     /// Shared with the admin server: set when draining starts.
     draining: Arc<AtomicBool>,
+    /// The connection events sender, when `events.webhook_url` is set.
+    events: Option<Arc<Events>>,
 }
 
 impl Running {
@@ -70,10 +73,14 @@ impl Running {
         }
     }
 
-    /// Waits for every reactor to finish.
+    /// Waits for every reactor to finish, then gives the events sender a last chance to send the disconnect
+    /// events of the drain (within `server.shutdown_timeout_ms` again, one attempt per request).
     pub fn join(self) {
         for handle in self.threads {
             let _ = handle.join();
+        }
+        if let Some(events) = &self.events {
+            events.finish(self.shutdown_timeout);
         }
     }
 }
@@ -89,7 +96,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     };
     // Every reactor gets a clone of these settings, and with it the same shared open-connection counter.
     let history = History::new(history_settings(config));
-    let settings = reactor_settings(config, history.clone(), tls.clone());
+    let events = Events::start(&config.events, &config.cluster.node_id)?;
+    let settings = reactor_settings(config, history.clone(), tls.clone(), events.clone());
 
     // One listener per reactor and scheme: the first settles the port (it may be 0); the others share it
     // through SO_REUSEPORT, and the kernel spreads incoming connections over them.
@@ -165,15 +173,24 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         ApiSettings {
             api_key: config.admin.api_key.clone(),
             draining: draining.clone(),
+            max_publish_bytes: config.admin.max_publish_bytes,
+            max_batch_bytes: config.admin.max_batch_bytes,
+            max_batch_targets: config.admin.max_batch_targets,
+            max_id_bytes: config.auth.max_id_bytes,
         },
         cluster.clone(),
     )
-    .with_tls(tls.clone());
+    .with_tls(tls.clone())
+    .with_events(events.clone());
     let admin_settings = admin_server::Settings {
         limits: http::Limits {
             max_head_bytes: config.admin.max_request_head_bytes,
             max_headers: config.admin.max_request_headers,
-            max_body_bytes: config.admin.max_publish_bytes,
+            // The larger of the two: each route's own limit is checked once its head is in (`Api::admit`).
+            max_body_bytes: config
+                .admin
+                .max_publish_bytes
+                .max(config.admin.max_batch_bytes),
         },
         max_connections: config.admin.max_connections,
         timeouts: Timeouts {
@@ -197,6 +214,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
         cluster,
         draining,
+        events,
     })
 }
 
@@ -214,7 +232,12 @@ fn history_settings(config: &Config) -> history::Settings {
     }
 }
 
-fn reactor_settings(config: &Config, history: Arc<History>, tls: Option<Arc<Tls>>) -> Settings {
+fn reactor_settings(
+    config: &Config,
+    history: Arc<History>,
+    tls: Option<Arc<Tls>>,
+    events: Option<Arc<Events>>,
+) -> Settings {
     let ws = &config.websocket;
     let tick_ms = ws.timer_tick_ms.max(1);
     // Round up: a deadline never fires early.
@@ -247,6 +270,8 @@ fn reactor_settings(config: &Config, history: Arc<History>, tls: Option<Arc<Tls>
         history,
         budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
         tls,
+        max_channels: config.auth.max_channels,
+        events,
     }
 }
 

@@ -82,16 +82,30 @@ fn kick_uses_the_code_and_reason_given_in_the_query() {
 }
 
 #[test]
-fn kick_with_a_code_outside_1000_and_4000_to_4999_is_400_and_closes_nothing() {
+fn kick_with_a_code_outside_1000_and_3000_to_4999_is_400_and_closes_nothing() {
     let server = Server::start(&[]);
     let mut ws = server.connect("user=alice");
-    for code in ["1001", "3000", "5000", "abc", "-1", ""] {
+    for code in ["1001", "1005", "2999", "5000", "abc", "-1", ""] {
         let response = delete(&server, &format!("/connections/user/alice?code={code}"));
         assert_eq!(response.status, 400, "code={code}: {}", response.text());
         assert!(response.json()["error"].is_string());
     }
     assert_next_is_marker(&server, &mut [&mut ws], "marker");
     assert_eq!(presence(&server, "alice"), 1);
+}
+
+#[test]
+fn kick_with_a_registered_application_code_reaches_the_client() {
+    let server = Server::start(&[]);
+    let mut ws = server.connect("user=alice");
+    let response = delete(
+        &server,
+        "/connections/user/alice?code=3003&reason=forbidden",
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    let frame = recv_close(&mut ws).expect("a close frame");
+    assert_eq!(frame.code, CloseCode::from(3003));
+    assert_eq!(frame.reason.as_str(), "forbidden");
 }
 
 #[test]

@@ -168,6 +168,71 @@ fn a_link_cut_longer_than_the_window_tells_every_connection() {
     assert_eq!(a.metric("densepush_cluster_missed_closes_total"), 0);
 }
 
+/// The same for batches: each is one bus entry, so a batch trimmed away while the link was cut is a gap like any
+/// other entry; the node's connections are told (close 1012, or a resync per stream), none of it is lost
+/// silently, and batches published after the link is back arrive whole and in order.
+#[test]
+fn a_batch_trimmed_away_while_the_link_was_cut_is_told_not_lost() {
+    let redis = redis();
+    let proxy = Proxy::start(redis.port);
+    let a = Node::start_with(&redis, "node-a", "bus_max_len = 10\n");
+    let b = Node::start_via(&proxy.url(), "node-b", "bus_max_len = 10\n");
+    let mut plain = b.connect_as("u", "phone", "news");
+    let mut recovering = b.connect("user=v&channels=news&recover=1");
+    let mut on_a = a.connect_as("u", "laptop", "");
+
+    proxy.cut();
+    b.wait_for_cluster("down");
+    let mut admin = Admin::connect(a.admin);
+    let mut batch = |round: &str| {
+        let body = serde_json::json!({"messages": [
+            {"targets": ["user/u", "channel/news"], "data": format!("{round}-1")},
+            {"targets": ["user/v"], "data": format!("{round}-2")},
+        ]});
+        let (status, text) = admin.request("POST", "/publish/batch", &body.to_string());
+        assert_eq!(status, 202, "{round}: {text}");
+    };
+    for i in 0..100 {
+        batch(&format!("b{i}"));
+    }
+    for i in 0..100 {
+        assert_eq!(recv_text(&mut on_a), format!("b{i}-1"));
+    }
+    assert!(redis.bus_len("densepush") < 100, "trimmed");
+    proxy.restore();
+    b.wait_for_cluster("up");
+
+    assert_eq!(expect_close(&mut plain), 1012);
+    let mut streams: Vec<String> = (0..3).map(|_| expect_resync(&mut recovering)).collect();
+    streams.sort();
+    assert_eq!(streams, ["all", "channel:news", "user:v"]);
+    // Then the batches the bus still holds, whole and in order (both messages of each: news, then user v).
+    let first = envelope_data(&mut recovering);
+    let k: usize = first
+        .strip_prefix('b')
+        .and_then(|r| r.strip_suffix("-1"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("expected a retained batch, got {first}"));
+    assert!(k > 0, "the first batches were trimmed");
+    assert_eq!(envelope_data(&mut recovering), format!("b{k}-2"));
+    for i in k + 1..100 {
+        assert_eq!(envelope_data(&mut recovering), format!("b{i}-1"));
+        assert_eq!(envelope_data(&mut recovering), format!("b{i}-2"));
+    }
+    batch("after");
+    assert_eq!(envelope_data(&mut recovering), "after-1", "news");
+    assert_eq!(envelope_data(&mut recovering), "after-2", "user v");
+    assert_eq!(recv_text(&mut on_a), "after-1");
+    assert_nothing_more(&a, &mut [&mut on_a]);
+    assert_eq!(
+        b.metric("densepush_cluster_bus_gaps_total{reason=\"trimmed\"}"),
+        1
+    );
+    assert!(b.metric("densepush_cluster_bus_lost_entries_total") > 0);
+    assert_eq!(b.metric("densepush_cluster_missed_closes_total"), 1);
+    assert_eq!(b.metric("densepush_cluster_missed_resyncs_total"), 1);
+}
+
 /// With persistence, a Redis restart keeps the bus: the nodes continue from their positions, and nobody is
 /// told anything (without persistence, `cluster.rs` shows the close 1012).
 #[test]
@@ -227,6 +292,48 @@ fn a_slow_node_keeps_its_mailboxes_bounded_and_catches_up() {
         0,
         "the drainers kept up"
     );
+    drop(drained);
+}
+
+/// Batches weigh one pending command per message on the reading node too: a slow node's reader waits for room
+/// for a whole batch, so its mailbox stays within the bound, and every batch arrives whole and in order.
+#[test]
+fn a_slow_node_keeps_its_mailboxes_bounded_under_batches() {
+    const BATCHES: usize = 100;
+    const PER_BATCH: usize = 100;
+    const DRAINERS: usize = 150;
+    let redis = redis();
+    let a = Node::start(&redis, "node-a");
+    let b = Node::start_env(
+        &redis.url(),
+        "node-b",
+        "",
+        &[("DENSEPUSH_SERVER_REACTORS", "1")],
+    );
+    let drained: Vec<_> = (0..DRAINERS).map(|i| drain(b.client, i)).collect();
+    let mut verifier = b.connect("user=verifier&channels=news");
+    std::thread::sleep(Duration::from_millis(200));
+
+    b.pause();
+    let mut admin = Admin::connect(a.admin);
+    for round in 0..BATCHES {
+        let messages: Vec<serde_json::Value> = (0..PER_BATCH)
+            .map(|i| serde_json::json!({"targets": ["channel/news"], "data": format!("n{}", round * PER_BATCH + i)}))
+            .collect();
+        let body = serde_json::json!({ "messages": messages }).to_string();
+        let (status, text) = admin.request("POST", "/publish/batch", &body);
+        assert_eq!(status, 202, "{round}: {text}");
+    }
+    b.resume();
+
+    expect_texts(&mut verifier, "n", BATCHES * PER_BATCH);
+    let high_water = b.metric("densepush_cluster_bus_pending_high_water");
+    assert!(high_water <= 4_096, "a mailbox held {high_water} commands");
+    assert!(
+        b.metric("densepush_cluster_bus_stalls_total") > 0,
+        "the reader had to wait for the reactor (high water {high_water})"
+    );
+    assert_eq!(b.metric("densepush_cluster_missed_closes_total"), 0);
     drop(drained);
 }
 

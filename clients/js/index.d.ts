@@ -92,7 +92,7 @@ export interface EventMap {
   resync: Resync;
   open: {};
   close: { code: number; reason: string; wasClean: boolean; opened: boolean };
-  /** Closed by the backend (1000 or 4000-4999): the client stops until `setToken()` or `reconnect()`. */
+  /** Closed by the backend (1000 or 3000-4999): the client stops until `setToken()` or `reconnect()`. */
   kicked: { code: number; reason: string };
   authfailure: AuthFailure;
 }

@@ -307,8 +307,8 @@ export class DensepushClient {
     this.#emit("close", { code, reason, wasClean: Boolean(event?.wasClean), opened });
     if (this.state === State.CLOSED) return;
     if (opened && Date.now() - this.openedAt >= this.options.stableAfterMs) this.attempts = 0;
-    // Kicked by the backend (DELETE /connections/...): 1000 or 4000-4999. Do not come back uninvited.
-    if (opened && (code === 1000 || (code >= 4000 && code <= 4999))) {
+    // Kicked by the backend (DELETE /connections/...): 1000 or 3000-4999. Do not come back uninvited.
+    if (opened && (code === 1000 || (code >= 3000 && code <= 4999))) {
       this.#emit("kicked", { code, reason });
       this.#stop();
       return;

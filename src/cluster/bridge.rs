@@ -171,7 +171,7 @@ fn route(cluster: &Cluster, bytes: &[u8], queries: &Bounded<'_, Query>) {
         _ => {
             if cluster.metrics.invalid.fetch_add(1, Relaxed) == 0 {
                 log::warn!(
-                    "dropping a publish or kick on the presence channel (they go on the bus)"
+                    "dropping a publish, kick, batch or subscription change on the presence channel (they go on the bus)"
                 );
             }
         }

@@ -248,10 +248,19 @@ impl Cursor {
 }
 
 /// Entries the reader may take now without any reactor's mailbox passing `bound` commands: each entry queues at
-/// most one command per mailbox, and one more is kept for a gap notice. `fullest` is the most commands pending
-/// in any mailbox. 0 means wait: the reactors are behind, and the bus keeps what is not read yet.
+/// least one command per mailbox, and one more is kept for a gap notice. `fullest` is the most commands pending
+/// in any mailbox. 0 means wait: the reactors are behind, and the bus keeps what is not read yet. An entry that
+/// weighs more (a batch) is checked again on its own before it is applied ([`fits`]).
 pub fn room(fullest: usize, bound: usize, batch: usize) -> usize {
     bound.saturating_sub(fullest + 1).min(batch)
+}
+
+/// Whether an entry that weighs `weight` commands per mailbox (a batch weighs one per message, as `dispatch`
+/// counts it) may be applied now: it fits under `bound` with one to spare for a gap notice, or every mailbox is
+/// empty. The second case lets a batch heavier than the bound itself through alone, as the admin API lets one
+/// batch past the bound of a node whose reactors are not behind; a mailbox never holds more than one such batch.
+pub fn fits(fullest: usize, bound: usize, weight: usize) -> bool {
+    fullest == 0 || fullest + weight < bound
 }
 
 /// Bytes one read should bring at most, roughly: a reply is held whole in memory before it is applied.
@@ -512,6 +521,24 @@ mod tests {
         // Whatever the reader takes, the fullest mailbox ends at most at the bound (one more for a gap notice).
         for fullest in 0..4096 {
             assert!(fullest + room(fullest, 4096, 512) < 4096);
+        }
+    }
+
+    #[test]
+    fn a_heavy_entry_fits_under_the_bound_or_into_empty_mailboxes() {
+        assert!(fits(0, 4096, 1));
+        assert!(fits(4094, 4096, 1), "as room(4094) is 1");
+        assert!(!fits(4095, 4096, 1));
+        assert!(fits(3000, 4096, 1095));
+        assert!(!fits(3000, 4096, 1096), "one is kept for a gap notice");
+        assert!(fits(0, 4096, 10_000), "heavier than the bound: alone");
+        assert!(!fits(1, 4096, 10_000));
+        // The same rule as room for entries that weigh one.
+        for fullest in 0..4200 {
+            assert_eq!(
+                fits(fullest, 4096, 1),
+                fullest == 0 || room(fullest, 4096, 512) > 0
+            );
         }
     }
 

@@ -34,13 +34,14 @@ pub mod scripts;
 pub mod wire;
 
 use crate::config::{redact_url, ClusterConfig};
-use crate::dispatch::{Answers, REPLY_TIMEOUT};
+use crate::dispatch::{Answers, Subscribed, Subscription, REPLY_TIMEOUT};
 use crate::message::missed::Told;
 use crate::message::{stream_of, Target};
 use crate::metrics::MetricType;
-use crate::publish::Publisher;
+use crate::publish::{BatchItem, Publisher};
 use bus::{BusPosition, Cursor};
 use std::collections::HashMap;
+use std::ops::AddAssign;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{mpsc, Arc, Mutex};
@@ -162,6 +163,35 @@ struct Handoff {
     stopped_at: Mutex<Option<Option<BusPosition>>>,
 }
 
+/// Admin requests waiting for this node's reactors to apply an entry they appended (a kick, a subscription
+/// change), by request id: the reader hands the sender to the reactors when the entry comes back from the bus,
+/// so the count is taken in bus order, after everything appended before it.
+struct Waiters<T>(Mutex<HashMap<u64, mpsc::Sender<T>>>);
+
+impl<T> Default for Waiters<T> {
+    fn default() -> Self {
+        Waiters(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> Waiters<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<T>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the reactors' answers to `request` will arrive.
+    fn register(&self, request: u64) -> mpsc::Receiver<T> {
+        let (reply, answers) = mpsc::channel();
+        self.lock().insert(request, reply);
+        answers
+    }
+
+    /// The reply channel of `request`, if its admin request still waits (the reader takes it once).
+    fn take(&self, request: u64) -> Option<mpsc::Sender<T>> {
+        self.lock().remove(&request)
+    }
+}
+
 /// A node's handle on the cluster; shared by the admin thread and the cluster threads.
 pub struct Cluster {
     settings: ClusterConfig,
@@ -175,9 +205,10 @@ pub struct Cluster {
     publisher: Mutex<PublishConn>,
     /// Presence queries waiting for answers, by request id; the presence subscriber routes answers here.
     pending: Mutex<HashMap<u64, mpsc::SyncSender<u64>>>,
-    /// This node's kicks waiting for its reactors' count, by request id; the reader hands the sender to the
-    /// reactors when the kick comes back from the bus.
-    kicks: Mutex<HashMap<u64, mpsc::Sender<usize>>>,
+    /// This node's kicks waiting for its reactors' count.
+    kicks: Waiters<usize>,
+    /// This node's subscription changes waiting for its reactors' counts.
+    subscriptions: Waiters<Subscribed>,
     next_request: AtomicU64,
     /// The bus epoch the last append used (0: not known yet), so the next one is a plain `XADD {epoch}-*`.
     bus_epoch: AtomicU64,
@@ -220,7 +251,8 @@ impl Cluster {
             },
             publisher: Mutex::new(PublishConn { conn: None }),
             pending: Mutex::new(HashMap::new()),
-            kicks: Mutex::new(HashMap::new()),
+            kicks: Waiters::default(),
+            subscriptions: Waiters::default(),
             next_request: AtomicU64::new(1),
             bus_epoch: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -364,9 +396,6 @@ impl Cluster {
         reason: &str,
     ) -> Result<Option<usize>, ClusterError> {
         let request = self.next_request.fetch_add(1, Relaxed);
-        let (reply, answers) = mpsc::channel();
-        // Registered before the append: the reader may apply the kick before the append returns.
-        self.lock_kicks().insert(request, reply);
         let bytes = wire::encode(
             self.node_id(),
             &Body::Kick {
@@ -376,19 +405,95 @@ impl Cluster {
                 reason: reason.to_owned(),
             },
         );
-        if let Err(e) = self.append(&bytes) {
-            self.lock_kicks().remove(&request);
+        self.append_and_wait(&self.kicks, request, &bytes)
+    }
+
+    /// Appends a subscription change to the bus and waits (up to [`REPLY_TIMEOUT`]) for this node's reactors to
+    /// apply it in bus order, as [`Cluster::kick`] does: every node changes its connections' memberships after
+    /// every message appended before the change and before every one appended after it. `Ok(Some(counts))`: this
+    /// node's counts; `Ok(None)`: the change is on the bus and will be applied, but this node's counts did not
+    /// come in time.
+    pub fn subscribe(&self, change: &Subscription) -> Result<Option<Subscribed>, ClusterError> {
+        let request = self.next_request.fetch_add(1, Relaxed);
+        let bytes = wire::encode(
+            self.node_id(),
+            &Body::Subscribe {
+                request,
+                change: change.clone(),
+            },
+        );
+        self.append_and_wait(&self.subscriptions, request, &bytes)
+    }
+
+    /// Appends an entry that carries `request` and collects this node's reactors' answers once the reader has
+    /// applied it, until [`REPLY_TIMEOUT`] after the append.
+    fn append_and_wait<T: Default + AddAssign>(
+        &self,
+        waiters: &Waiters<T>,
+        request: u64,
+        bytes: &[u8],
+    ) -> Result<Option<T>, ClusterError> {
+        // Registered before the append: the reader may apply the entry before the append returns.
+        let answers = waiters.register(request);
+        if let Err(e) = self.append(bytes) {
+            waiters.take(request);
             return Err(e);
         }
         let reactors = self.local.reactors().len();
         let counted = Answers::collect(&answers, reactors, Instant::now() + REPLY_TIMEOUT);
-        self.lock_kicks().remove(&request);
+        waiters.take(request);
         Ok(counted.total())
     }
 
-    /// The reply channel of this node's kick `request`, if its admin request still waits for the count.
-    fn take_kick_waiter(&self, request: u64) -> Option<mpsc::Sender<usize>> {
-        self.lock_kicks().remove(&request)
+    /// Appends a whole batch to the bus as one entry. `kept` has one flag per target of every item, in order:
+    /// the targets whose streams keep history, which Redis places in their streams' shared history in the same
+    /// atomic step ([`scripts::STAMPED_BATCH`]; without any, a plain append). `Ok` carries the kept targets'
+    /// epochs and offsets, in order; as with [`Cluster::publish`], every node, this one included, delivers the
+    /// batch from the bus, at one point of the bus order and in the body's order. A batch is never in the bus in
+    /// part: an `Err` means it went out whole (if Redis ran the script before the error) or not at all.
+    pub fn publish_batch(
+        &self,
+        items: &[BatchItem],
+        kept: &[bool],
+        limits: &crate::history::store::Limits,
+        candidate_epoch: &str,
+    ) -> Result<Vec<(String, u64)>, ClusterError> {
+        let (message, payloads) = wire::encode_batch_head(self.node_id(), items, kept);
+        if !kept.contains(&true) {
+            return self.append(&message).map(|()| Vec::new());
+        }
+        let mut keys = vec![self.names.bus.clone()];
+        let mut args: Vec<String> = Vec::new();
+        let targets = items.iter().zip(&payloads).flat_map(|(item, payload)| {
+            item.targets
+                .iter()
+                .map(move |target| (target, item.binary, payload))
+        });
+        for ((target, binary, payload), _) in targets.zip(kept).filter(|(_, &kept)| kept) {
+            let (stream, _, client) = stream_of(target);
+            keys.extend(history::keys(&self.settings.channel_prefix, &stream));
+            args.extend([
+                (payload.start + 1).to_string(),
+                payload.end.to_string(),
+                client.unwrap_or("").to_owned(),
+                if binary { "1" } else { "0" }.to_owned(),
+            ]);
+        }
+        let result = self.with_publisher(|conn| {
+            scripts::STAMPED_BATCH.invoke::<Vec<(String, u64)>>(conn, keys.len(), |cmd| {
+                cmd.arg(&keys)
+                    .arg(&message)
+                    .arg(candidate_epoch)
+                    .arg(limits.size)
+                    .arg(limits.ttl_ms.max(1))
+                    .arg(self.settings.bus_max_len)
+                    .arg(&args);
+            })
+        });
+        if result.is_ok() {
+            self.metrics.published.fetch_add(1, Relaxed);
+        }
+        result
     }
 
     /// Appends one wire message to the bus. Usually one plain `XADD NOMKSTREAM {epoch}-*` with the epoch the
@@ -554,10 +659,6 @@ impl Cluster {
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::SyncSender<u64>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_kicks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<usize>>> {
-        self.kicks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops the cluster threads and removes this node's alive marker, so the others stop counting it at once.

@@ -7,13 +7,16 @@
 //! between Redis and it. The same connection reads shared history for backfill between reads.
 
 use super::bus::{self, BatchSize, Cursor, Gap, Verdict};
-use super::wire::{self, Body};
+use super::wire::{self, Body, Place};
 use super::{Backoff, Cluster, StateLog};
 use crate::config::redact_url;
 use crate::dispatch::MAX_PENDING_COMMANDS;
+use crate::history::Backfill;
 use crate::message::envelope::Stamp;
 use crate::message::missed::Missed;
 use crate::message::{stream_of, Target};
+use crate::publish::BatchItem;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -167,7 +170,10 @@ fn read(
         if cluster.stop.load(SeqCst) || cluster.handoff.requested.load(SeqCst) {
             return Ok(());
         }
-        let Some(count) = wait_for_room(cluster, batch.count()) else {
+        let Some(count) = wait_for_room(cluster, |fullest| {
+            let room = bus::room(fullest, MAX_PENDING_COMMANDS, batch.count());
+            (room > 0).then_some(room)
+        }) else {
             return Ok(());
         };
         let reply: XreadReply = redis::cmd("XREAD")
@@ -186,11 +192,31 @@ fn read(
         // A backfill read that failed leaves the connection out of step: finish the batch (it is in memory
         // and the cursor has moved over it), then reconnect.
         let mut broken = None;
+        // The room checked before the read, in commands per mailbox: `count` entries that weigh one each.
+        let mut allowance = count;
         for (id, fields) in entries {
             let Some(entry) = bus::parse_id(&id) else {
                 debug_assert!(false, "Redis returned the stream id {id}");
                 continue;
             };
+            let message = field(&fields, b"m").map(wire::decode);
+            // A batch weighs one command per message. Past the room checked before the read, each entry waits
+            // for room of its own before it counts as applied, so a handoff meanwhile stops before it.
+            let weight = match &message {
+                Some(Ok(message)) => weight(&message.body),
+                _ => 1,
+            };
+            if weight <= allowance {
+                allowance -= weight;
+            } else {
+                allowance = 0;
+                let fits = wait_for_room(cluster, |fullest| {
+                    bus::fits(fullest, MAX_PENDING_COMMANDS, weight).then_some(())
+                });
+                if fits.is_none() {
+                    break;
+                }
+            }
             match cursor.accept(entry) {
                 Verdict::Skip => continue,
                 Verdict::Resume => {
@@ -204,8 +230,8 @@ fn read(
                     if let Some(gap) = gap {
                         tell(cluster, gap);
                     }
-                    match field(&fields, b"m") {
-                        Some(message) => {
+                    match message {
+                        Some(Ok(message)) => {
                             let use_conn = if broken.is_none() {
                                 Some(&mut *conn)
                             } else {
@@ -214,6 +240,9 @@ fn read(
                             if let Err(e) = apply(cluster, use_conn, message, &mut backfill) {
                                 broken = Some(e);
                             }
+                        }
+                        Some(Err(e)) => {
+                            invalid(cluster, &format!("a bus message does not decode: {e}"))
                         }
                         None => invalid(cluster, &format!("bus entry {id} has no message")),
                     }
@@ -283,17 +312,12 @@ fn resume(
     Ok(bus::read_after(cursor.position()))
 }
 
-/// Waits until every mailbox has room for a read; returns how many entries to ask for, or `None` when the node
-/// stops or hands over meanwhile.
-fn wait_for_room(cluster: &Cluster, batch: usize) -> Option<usize> {
+/// Waits until `room`, given the most commands pending in any mailbox, says there is room (how many entries to
+/// read, or that an entry fits); `None` when the node stops or hands over meanwhile.
+fn wait_for_room<T>(cluster: &Cluster, room: impl Fn(usize) -> Option<T>) -> Option<T> {
     let mut stalled = false;
     loop {
-        let room = bus::room(
-            cluster.local.reactors().fullest(),
-            MAX_PENDING_COMMANDS,
-            batch,
-        );
-        if room > 0 {
+        if let Some(room) = room(cluster.local.reactors().fullest()) {
             return Some(room);
         }
         if !stalled {
@@ -304,6 +328,15 @@ fn wait_for_room(cluster: &Cluster, batch: usize) -> Option<usize> {
             return None;
         }
         std::thread::sleep(STALL_SLEEP);
+    }
+}
+
+/// Commands one bus message queues in each mailbox, as `dispatch` weighs them: one per message of a batch, one
+/// for anything else.
+fn weight(body: &Body) -> usize {
+    match body {
+        Body::Batch { items, .. } => items.iter().map(|i| i.targets.len()).sum::<usize>().max(1),
+        _ => 1,
     }
 }
 
@@ -339,22 +372,15 @@ fn tell(cluster: &Cluster, gap: Gap) {
         .missed(Missed::Everything, &cluster.metrics.told);
 }
 
-/// Applies one bus message: a publish through the publish path, a kick through the reactors' handle.
-/// `conn` (for backfill reads) is `None` once it may be out of step; an error from it is returned after the
-/// message was applied anyway.
+/// Applies one bus message: a publish or batch through the publish path, a kick or subscription change through
+/// the reactors' handle. `conn` (for backfill reads) is `None` once it may be out of step; an error from it is
+/// returned after the message was applied anyway.
 fn apply(
     cluster: &Cluster,
-    conn: Option<&mut redis::Connection>,
-    bytes: &[u8],
-    backfill: &mut BackfillBudget,
+    mut conn: Option<&mut redis::Connection>,
+    message: wire::Message,
+    budget: &mut BackfillBudget,
 ) -> redis::RedisResult<()> {
-    let message = match wire::decode(bytes) {
-        Ok(message) => message,
-        Err(e) => {
-            invalid(cluster, &format!("a bus message does not decode: {e}"));
-            return Ok(());
-        }
-    };
     let own = message.origin == cluster.node_id();
     let mut result = Ok(());
     match message.body {
@@ -363,7 +389,7 @@ fn apply(
             binary,
             payload,
         } => {
-            if oversize(cluster, &target, payload.len()) {
+            if oversize(cluster, std::slice::from_ref(&target), payload.len()) {
                 return Ok(());
             }
             // Framed once for every connection on this node, and stored, exactly like a local publish.
@@ -376,37 +402,20 @@ fn apply(
             offset,
             payload,
         } => {
-            if oversize(cluster, &target, payload.len()) {
+            if oversize(cluster, std::slice::from_ref(&target), payload.len()) {
                 return Ok(());
             }
             let stamp = Stamp {
                 epoch: &epoch,
                 offset,
             };
-            // Messages of this stream this node never stored (it started, or its history was cleared after a
-            // gap, since they were published): fetch them from the shared log first, so they can be replayed
-            // here too. Within a time budget: after a gap every stream's first message shows one, and a reader
-            // busy reading history falls behind the bus. Past it, earlier positions get a resync.
-            let mut fetched = Vec::new();
-            if let (Some(from), Some(conn)) =
-                (cluster.local.history().missing_before(&target, stamp), conn)
-            {
-                if backfill.allows(Instant::now()) {
-                    let (stream, _, _) = stream_of(&target);
-                    let started = Instant::now();
-                    match cluster.fetch_backfill(conn, &stream, &epoch, from, offset - 1) {
-                        Ok(got) => fetched = got,
-                        Err(e) => {
-                            log::debug!("reading the shared history of {stream} failed: {e}");
-                            result = Err(e);
-                        }
-                    }
-                    backfill.spend(started.elapsed());
-                }
-            }
+            let fetched = fetch_missing(cluster, &mut conn, &target, stamp, budget, &mut result);
             cluster
                 .local
                 .publish_stamped(target, binary, &payload, stamp, &fetched);
+        }
+        Body::Batch { items, places } => {
+            apply_batch(cluster, conn, items, places, budget, &mut result);
         }
         Body::Kick {
             request,
@@ -416,10 +425,20 @@ fn apply(
         } => {
             let reactors = cluster.local.reactors();
             // This node's admin request waits for the count only for its own kick, and only while it waits.
-            match own.then(|| cluster.take_kick_waiter(request)).flatten() {
+            match own.then(|| cluster.kicks.take(request)).flatten() {
                 Some(reply) => reactors.kick_replying(target, code, &reason, reply),
                 None => {
                     reactors.kick(target, code, &reason, false);
+                }
+            }
+        }
+        Body::Subscribe { request, change } => {
+            let reactors = cluster.local.reactors();
+            // As a kick: this node's admin request waits for its own change's counts.
+            match own.then(|| cluster.subscriptions.take(request)).flatten() {
+                Some(reply) => reactors.subscribe_replying(change, reply),
+                None => {
+                    reactors.subscribe(change, false);
                 }
             }
         }
@@ -437,9 +456,99 @@ fn apply(
     result
 }
 
+/// Applies a batch: every message this node may carry goes to the reactors as one command, in the body's order,
+/// the ones Redis placed in shared history with their places (after fetching what this node lacks before them,
+/// as for a single stamped message). An item over `admin.max_publish_bytes` is dropped and its targets told.
+fn apply_batch(
+    cluster: &Cluster,
+    mut conn: Option<&mut redis::Connection>,
+    items: Vec<BatchItem>,
+    places: Vec<Option<Place>>,
+    budget: &mut BackfillBudget,
+    result: &mut redis::RedisResult<()>,
+) {
+    let mut kept_items = Vec::with_capacity(items.len());
+    let mut kept_places = Vec::with_capacity(places.len());
+    let mut places = places.into_iter();
+    for item in items {
+        let item_places = places.by_ref().take(item.targets.len());
+        if oversize(cluster, &item.targets, item.payload.len()) {
+            item_places.for_each(drop);
+            continue;
+        }
+        kept_places.extend(item_places);
+        kept_items.push(item);
+    }
+    let targets = kept_items.iter().flat_map(|item| &item.targets);
+    // Only before a stream's first message in the batch: its later ones follow it without a hole (the script
+    // placed them in one atomic step), and they are not stored yet when this looks.
+    let mut seen = HashSet::new();
+    let fetched: Vec<Vec<Backfill>> = targets
+        .zip(&kept_places)
+        .map(|(target, place)| match place {
+            Some(place) if seen.insert(stream_of(target).0) => {
+                let stamp = Stamp {
+                    epoch: &place.epoch,
+                    offset: place.offset,
+                };
+                fetch_missing(cluster, &mut conn, target, stamp, budget, result)
+            }
+            _ => Vec::new(),
+        })
+        .collect();
+    let stamps: Vec<Option<(Stamp<'_>, &[Backfill])>> = kept_places
+        .iter()
+        .zip(&fetched)
+        .map(|(place, fetched)| {
+            place.as_ref().map(|p| {
+                let stamp = Stamp {
+                    epoch: &p.epoch,
+                    offset: p.offset,
+                };
+                (stamp, fetched.as_slice())
+            })
+        })
+        .collect();
+    cluster.local.publish_batch_stamped(kept_items, &stamps);
+}
+
+/// Messages of `target`'s stream this node never stored before `stamp` (it started, or its history was cleared
+/// after a gap, since they were published), fetched from the shared log so they can be replayed here too.
+/// Within a time budget: after a gap every stream's first message shows one, and a reader busy reading history
+/// falls behind the bus. Past it, earlier positions get a resync. A failed read leaves `conn` out of step: it is
+/// not used again (`None`), and the error goes to `result`.
+fn fetch_missing(
+    cluster: &Cluster,
+    conn: &mut Option<&mut redis::Connection>,
+    target: &Target,
+    stamp: Stamp<'_>,
+    budget: &mut BackfillBudget,
+    result: &mut redis::RedisResult<()>,
+) -> Vec<Backfill> {
+    let Some(from) = cluster.local.history().missing_before(target, stamp) else {
+        return Vec::new();
+    };
+    let Some(link) = conn.as_deref_mut() else {
+        return Vec::new();
+    };
+    if !budget.allows(Instant::now()) {
+        return Vec::new();
+    }
+    let (stream, _, _) = stream_of(target);
+    let started = Instant::now();
+    let fetched = cluster.fetch_backfill(link, &stream, stamp.epoch, from, stamp.offset - 1);
+    budget.spend(started.elapsed());
+    fetched.unwrap_or_else(|e| {
+        log::debug!("reading the shared history of {stream} failed: {e}");
+        *conn = None;
+        *result = Err(e);
+        Vec::new()
+    })
+}
+
 /// Drops a bus message whose payload is over `admin.max_publish_bytes` (a node with a larger limit, or a
-/// foreign writer, published it) and tells its target's connections; true if it was dropped.
-fn oversize(cluster: &Cluster, target: &Target, len: usize) -> bool {
+/// foreign writer, published it) and tells its targets' connections; true if it was dropped.
+fn oversize(cluster: &Cluster, targets: &[Target], len: usize) -> bool {
     if len <= cluster.max_payload_bytes {
         return false;
     }
@@ -450,10 +559,12 @@ fn oversize(cluster: &Cluster, target: &Target, len: usize) -> bool {
             cluster.max_payload_bytes
         );
     }
-    cluster
-        .local
-        .reactors()
-        .missed(Missed::Target(target.clone()), &cluster.metrics.told);
+    for target in targets {
+        cluster
+            .local
+            .reactors()
+            .missed(Missed::Target(target.clone()), &cluster.metrics.told);
+    }
     true
 }
 

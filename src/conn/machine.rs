@@ -127,7 +127,7 @@ pub enum Close<'a> {
     Budget,
     /// Unsent data passed `max_outbox_bytes`: 1008.
     SlowConsumer,
-    /// The backend asked (1000 or 4000-4999).
+    /// The backend asked (1000 or 3000-4999).
     Kick {
         /// Close code.
         code: u16,
@@ -166,6 +166,9 @@ pub struct Machine {
     /// Stamp of the connection's one live timer entry.
     timer_stamp: u32,
     state: State,
+    /// The code of the first close frame exchanged (ours, or the client's), for the disconnect event; 0 while
+    /// none was. It fills bytes that were padding, so the record does not grow.
+    close_code: u16,
     buffers: Buffers,
 }
 
@@ -176,6 +179,7 @@ impl Machine {
         let mut machine = Machine {
             timer_stamp: 0,
             state: State::new(),
+            close_code: 0,
             buffers: Buffers::default(),
         };
         machine.state.set(Flag::Tls, tls);
@@ -211,6 +215,13 @@ impl Machine {
     /// Whether the client opted into envelopes.
     pub fn wants_envelopes(&self) -> bool {
         self.state.has(Flag::Recover)
+    }
+
+    /// The code the connection's close handshake began with (the first close frame, ours or the client's;
+    /// 1005 for a client close without a code, RFC 6455 §7.4.1); `None` when it ends without one (EOF, a reset,
+    /// a silent client), which RFC 6455 §7.1.5 reports as 1006.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.close_code != 0).then_some(self.close_code)
     }
 
     /// Whether the connection was upgraded at some point (so it counts among open connections).
@@ -549,6 +560,10 @@ impl Machine {
             Close::Shutdown => (Some(1001), SHUTTING_DOWN, Phase::Closing),
             Close::Refuse(_) => unreachable!("handled above"),
         };
+        if self.close_code == 0 {
+            // The first close decides the code; the other side's echo does not change it.
+            self.close_code = code.unwrap_or(1005);
+        }
         self.state.set_phase(next);
         self.arm(cx, cx.rules.close_timeout_ticks);
         if was_open {
@@ -961,6 +976,29 @@ mod tests {
         );
         assert_eq!(rig.frames(), vec![(0x8, 4001u16.to_be_bytes().to_vec())]);
         assert_eq!(rig.metrics.client_closes.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn the_first_close_decides_the_close_code() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        assert_eq!(m.close_code(), None);
+        let kick = Close::Kick {
+            code: 4002,
+            reason: "",
+        };
+        let _ = rig.with(|cx, w| m.close(cx, w, kick));
+        let mut echo = client_frame(0x8, &close_payload(1000, ""));
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut echo));
+        assert_eq!(
+            m.close_code(),
+            Some(4002),
+            "the client's echo does not change it"
+        );
+        let mut m = rig.open(false);
+        let mut empty = client_frame(0x8, b"");
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut empty));
+        assert_eq!(m.close_code(), Some(1005), "a close without a code");
     }
 
     #[test]

@@ -148,7 +148,8 @@ impl History {
 
     /// Whether messages published to `target` are stored.
     pub fn keeps(&self, target: &Target) -> bool {
-        self.settings.enabled(stream_of(target).1)
+        // Called per target of a batch: the kind alone, no stream name built.
+        self.settings.enabled(target.kind())
     }
 
     /// Stores a message of a stream that keeps history ([`History::keeps`]): it gets the stream's next offset
@@ -179,11 +180,32 @@ impl History {
         stamped: Option<(Stamp<'_>, &[Backfill])>,
         deliver: impl FnOnce(&Arc<Message>),
     ) -> Arc<Message> {
-        let (stream, kind, client) = stream_of(message.target());
-        debug_assert!(self.settings.enabled(kind), "only kept streams are stored");
-        let client = client.map(str::to_owned);
+        debug_assert!(self.keeps(message.target()), "only kept streams are stored");
         let now = self.now_ms();
         let mut store = self.lock();
+        let stored = self.place(&mut store, now, message, stamped);
+        deliver(&stored);
+        stored
+    }
+
+    /// Places one message under the lock: a kept stream's message is stored (with the cluster's stamp after its
+    /// backfill, or at the stream's next local offset); another is only stamped, with sequence 0 (no reactor
+    /// awaits it in sequence), when the cluster placed it in a history this node does not keep.
+    fn place(
+        &self,
+        store: &mut Store<Arc<Message>>,
+        now: u64,
+        message: Message,
+        stamped: Option<(Stamp<'_>, &[Backfill])>,
+    ) -> Arc<Message> {
+        let (stream, kind, client) = stream_of(message.target());
+        if !self.settings.enabled(kind) {
+            return Arc::new(match stamped {
+                Some((stamp, _)) => message.stamped(stamp.epoch.into(), stamp.offset, 0),
+                None => message,
+            });
+        }
+        let client = client.map(str::to_owned);
         let appended = match stamped {
             None => store.append(&stream, client.as_deref(), now, |slot| {
                 placed(message, slot)
@@ -211,8 +233,47 @@ impl History {
                 })
             }
         };
-        deliver(&appended.item);
         appended.item
+    }
+
+    /// Stores the messages of a batch publish whose streams keep history (each gets its stream's next offset and
+    /// the next sequence number, in the batch's order) and hands the whole batch, stored and unstored messages
+    /// alike, to `deliver` before the lock is released: a batch is one command per reactor, so its stored
+    /// messages reach every mailbox in sequence order, as single publishes do.
+    pub fn append_batch(
+        &self,
+        messages: Vec<Message>,
+        deliver: impl FnOnce(&Arc<[Arc<Message>]>),
+    ) -> Arc<[Arc<Message>]> {
+        self.append_batch_stamped(messages.into_iter().map(|m| (m, None)), deliver)
+    }
+
+    /// [`History::append_batch`] for a batch from the cluster bus: a message Redis placed in its stream's
+    /// shared history comes with that stamp and the backfill to store before it (as [`History::append_stamped`]);
+    /// one without a stamp (a stream the origin keeps no history of) is placed as in a local batch. Only the
+    /// cluster's bus reader calls this, from one thread, in bus order.
+    pub fn append_batch_stamped<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (Message, Option<(Stamp<'a>, &'a [Backfill])>)>,
+        deliver: impl FnOnce(&Arc<[Arc<Message>]>),
+    ) -> Arc<[Arc<Message>]> {
+        let now = self.now_ms();
+        let mut store = self.lock();
+        let batch: Arc<[Arc<Message>]> = messages
+            .into_iter()
+            .map(|(message, stamped)| self.place(&mut store, now, message, stamped))
+            .collect();
+        deliver(&batch);
+        batch
+    }
+
+    /// The current epoch of a stream, when history holds it: what a position given as a bare offset (a
+    /// subscription's `since`) is read against.
+    pub fn epoch(&self, stream: &str) -> Option<Arc<str>> {
+        let now = self.now_ms();
+        self.lock()
+            .read(stream, u64::MAX, 0, now)
+            .map(|page| page.epoch)
     }
 
     /// The sequence number of the last message stored so far. Messages are stored and handed to every mailbox
@@ -270,6 +331,31 @@ impl History {
                     &envelope::encode_resync(&position.stream, &epoch, offset),
                 ));
             }
+        }
+    }
+
+    /// What a connection that joins a channel at `position` missed, among the messages with a sequence up to
+    /// `applied_seq`, appended to `out` as messages (the caller sends each in the connection's encoding); or,
+    /// when history cannot serve the position, the `resync` notice to send instead. The messages after
+    /// `applied_seq` are still in the caller's mailbox and reach the connection live, as at an upgrade.
+    pub fn recover_join(
+        &self,
+        position: &Position,
+        client: Option<&str>,
+        applied_seq: u64,
+        out: &mut Vec<Arc<Message>>,
+    ) -> Option<Bytes> {
+        if !kind_of(&position.stream).is_some_and(|k| self.settings.enabled(k)) {
+            return None;
+        }
+        let now = self.now_ms();
+        let recovery = self.lock().recover(position, client, applied_seq, now, out);
+        match recovery {
+            Recovery::Resync { epoch, offset } => Some(frame::encode_message(
+                true,
+                &envelope::encode_resync(&position.stream, &epoch, offset),
+            )),
+            Recovery::Replayed(_) => None,
         }
     }
 
@@ -390,6 +476,81 @@ mod tests {
         assert!(r.may_read("channel:news"));
         assert!(!r.may_read("channel:sport"));
         assert!(r.may_read("all"));
+    }
+
+    fn kept_channels() -> Arc<History> {
+        History::new(Settings {
+            user: false,
+            channel: true,
+            all: false,
+            limits: Limits {
+                size: 100,
+                ttl_ms: 3_600_000,
+                max_bytes: 1 << 20,
+            },
+        })
+    }
+
+    #[test]
+    fn a_batch_stores_its_kept_messages_in_order_and_delivers_all_of_it_at_once() {
+        let history = kept_channels();
+        let messages = vec![
+            Message::new(Target::Channel("n".into()), false, b"1"),
+            Message::new(Target::User("u".into()), false, b"2"),
+            Message::new(Target::Channel("n".into()), false, b"3"),
+        ];
+        let mut delivered = None;
+        let batch = history.append_batch(messages, |b| delivered = Some(b.clone()));
+        assert!(Arc::ptr_eq(&batch, &delivered.unwrap()));
+        let places: Vec<(u64, Option<u64>)> = batch
+            .iter()
+            .map(|m| (m.seq(), m.stamp().map(|s| s.offset)))
+            .collect();
+        assert_eq!(places, [(1, Some(1)), (0, None), (2, Some(2))]);
+        assert_eq!(history.read("channel:n", 0, 10).unwrap().entries.len(), 2);
+        assert!(history.read("user:u", 0, 10).is_none());
+    }
+
+    #[test]
+    fn a_join_replays_what_follows_its_position_up_to_what_the_reactor_applied() {
+        let history = kept_channels();
+        let sent: Vec<Arc<Message>> = (1..=4)
+            .map(|i| {
+                let m = Message::new(Target::Channel("n".into()), false, i.to_string().as_bytes());
+                history.append(m, |_| {})
+            })
+            .collect();
+        let epoch = history.epoch("channel:n").unwrap();
+        let at = |offset| Position {
+            stream: "channel:n".into(),
+            epoch: epoch.to_string(),
+            offset,
+        };
+        let mut out = Vec::new();
+        assert_eq!(
+            history.recover_join(&at(1), None, sent[2].seq(), &mut out),
+            None
+        );
+        let payloads: Vec<&[u8]> = out.iter().map(|m| m.payload()).collect();
+        assert_eq!(payloads, [b"2", b"3"], "offset 4 is still in the mailbox");
+        out.clear();
+        let resync = history.recover_join(&at(9), None, sent[3].seq(), &mut out);
+        assert!(out.is_empty());
+        let resync: serde_json::Value =
+            serde_json::from_slice(envelope::frame_payload(&resync.unwrap())).unwrap();
+        assert_eq!(resync["type"], "resync");
+        assert_eq!(resync["o"], 4);
+        let other = Position {
+            stream: "user:u".into(),
+            epoch: String::new(),
+            offset: 0,
+        };
+        assert_eq!(
+            history.recover_join(&other, None, 9, &mut out),
+            None,
+            "kind without history"
+        );
+        assert!(history.epoch("channel:none").is_none());
     }
 
     #[test]

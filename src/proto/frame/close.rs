@@ -45,7 +45,7 @@ pub fn close_code_is_valid(code: u16) -> bool {
 }
 
 /// The close codes a kick may carry, as the admin API documents them.
-pub const KICK_CODES: &str = "1000 or 4000-4999";
+pub const KICK_CODES: &str = "1000 or 3000-4999";
 
 /// Why a kick's close may not be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -59,14 +59,17 @@ pub enum KickCloseError {
 }
 
 /// Whether a close the backend asked for (a kick, from the admin API or from another node over the bus) may
-/// be sent: code 1000 (normal closure) or 4000-4999, and a reason that fits a close frame.
+/// be sent: code 1000 (normal closure) or 3000-4999, and a reason that fits a close frame.
 ///
-/// 4000-4999 are for private use by applications (§7.4.2), so a client can tell "the backend removed you" from
-/// everything the server or a library says; clients, the bundled JavaScript client included, stop reconnecting
-/// on exactly these codes. The other codes a peer may send (§7.4.1's 1001-1014, the IANA-registered 3000-3999)
-/// mean something else to clients, and 1005, 1006 and 1015 must never be sent at all (§7.4.1).
+/// 3000-3999 are registered with IANA for applications and libraries (3000 Unauthorized, 3003 Forbidden, 3008
+/// Timeout) and 4000-4999 are for private use (§7.4.2), so a client can tell "the backend removed you" from
+/// everything the server says with 1001-1014; clients, the bundled JavaScript client included, stop
+/// reconnecting on exactly these codes. 1005, 1006 and 1015 must never be sent at all (§7.4.1).
 pub fn check_kick_close(code: u16, reason: &str) -> Result<(), KickCloseError> {
-    if !(code == 1000 || (4000..=4999).contains(&code)) {
+    // 1000 (normal closure) and the application ranges: 3000-3999 registered with IANA (3000 Unauthorized,
+    // 3003 Forbidden, 3008 Timeout...), 4000-4999 private (RFC 6455 §7.4.2). Nothing a kick means fits the
+    // other protocol codes, and 1005/1006/1015 must never be sent (§7.4.1).
+    if !(code == 1000 || (3000..=4999).contains(&code)) {
         return Err(KickCloseError::Code(code));
     }
     debug_assert!(close_code_is_valid(code));
@@ -144,14 +147,12 @@ mod tests {
     }
 
     #[test]
-    fn kicks_carry_1000_or_4000_to_4999_only() {
-        for code in [1000, 4000, 4001, 4999] {
+    fn kicks_carry_1000_or_3000_to_4999_only() {
+        for code in [1000, 3000, 3003, 3999, 4000, 4001, 4999] {
             assert_eq!(check_kick_close(code, "bye"), Ok(()), "{code}");
         }
         // 1005 and 1006 may never be sent (§7.4.1); the others mean something other than a kick.
-        for code in [
-            0, 999, 1001, 1005, 1006, 1011, 1015, 2999, 3000, 3999, 5000, 65535,
-        ] {
+        for code in [0, 999, 1001, 1005, 1006, 1011, 1015, 2999, 5000, 65535] {
             assert_eq!(
                 check_kick_close(code, ""),
                 Err(KickCloseError::Code(code)),
@@ -165,7 +166,7 @@ mod tests {
         let message = check_kick_close(1005, "").unwrap_err().to_string();
         assert_eq!(
             message,
-            "code 1005 is not allowed in a kick: code must be 1000 or 4000-4999"
+            "code 1005 is not allowed in a kick: code must be 1000 or 3000-4999"
         );
     }
 
