@@ -27,5 +27,6 @@ pub mod proto;
 pub mod publish;
 pub mod reactor;
 pub mod server;
+pub mod shared_frame;
 pub mod timer;
 pub mod tls;

@@ -128,7 +128,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         built.push(reactor);
     }
 
-    let reactors = Reactors::new(mailboxes);
+    let reactors = Reactors::new(mailboxes, settings.budget.clone());
     let publisher = Publisher::new(history, reactors.clone());
     let cluster = Cluster::start(
         &config.cluster,

@@ -7,6 +7,7 @@
 mod cluster_common;
 
 use cluster_common::*;
+use densepush::budget::Budget;
 use densepush::cluster::bus::BusPosition;
 use densepush::cluster::Cluster;
 use densepush::config::Config;
@@ -39,7 +40,10 @@ impl Process {
                 max_bytes: 4096,
             },
         });
-        let publisher = Publisher::new(history, Reactors::new(vec![mailbox.clone()]));
+        let publisher = Publisher::new(
+            history,
+            Reactors::new(vec![mailbox.clone()], Arc::new(Budget::new(1 << 30))),
+        );
         let toml = format!(
             "[cluster]\nredis_url = \"{}\"\nnode_id = \"upgrading\"\nreconnect_min_ms = 50\nheartbeat_interval_ms = 200\n\
              node_ttl_ms = 1500\n",

@@ -314,11 +314,18 @@ fn resume(
 
 /// Waits until `room`, given the most commands pending in any mailbox, says there is room (how many entries to
 /// read, or that an entry fits); `None` when the node stops or hands over meanwhile.
+/// Also none while some mailbox holds its share of the buffer budget in bytes ([`Reactors::bytes_full`]): that
+/// bound is checked per read, so one read (at most about `bus::READ_BYTES_TARGET`) may pass it by its size.
+///
+/// [`Reactors::bytes_full`]: crate::dispatch::Reactors::bytes_full
 fn wait_for_room<T>(cluster: &Cluster, room: impl Fn(usize) -> Option<T>) -> Option<T> {
     let mut stalled = false;
     loop {
-        if let Some(room) = room(cluster.local.reactors().fullest()) {
-            return Some(room);
+        let reactors = cluster.local.reactors();
+        if !reactors.bytes_full() {
+            if let Some(room) = room(reactors.fullest()) {
+                return Some(room);
+            }
         }
         if !stalled {
             stalled = true;
