@@ -81,6 +81,10 @@ impl<V> NameTable<V> {
         id
     }
 
+    fn name(&self, id: NameId) -> &str {
+        &self.entries[id as usize].0
+    }
+
     fn value(&self, id: NameId) -> &V {
         &self.entries[id as usize].1
     }
@@ -560,6 +564,22 @@ impl Fanout {
         }
     }
 
+    /// The user and the channels connection `key` is indexed under (`None` if it is not indexed): the streams a
+    /// notice about everything it receives must name.
+    pub fn names_of(&self, key: ConnKey) -> Option<(&str, impl Iterator<Item = &str> + '_)> {
+        let member = self.members.get(key as usize).filter(|m| m.user != NIL)?;
+        let first = (member.first.channel != NIL).then_some(&member.first);
+        let spilled = first.and_then(|_| self.more.get(&key));
+        let channels = first
+            .into_iter()
+            .chain(spilled.into_iter().flat_map(|more| more.iter()))
+            .map(|link| self.channels.name(link.channel));
+        let user = self
+            .arena
+            .get(self.users.entries[member.user as usize].name);
+        Some((user, channels))
+    }
+
     /// Number of connections of `user` in this reactor (walked: O(its connections)).
     pub fn user_count(&self, user: &str) -> usize {
         self.user_keys(user).count()
@@ -630,6 +650,23 @@ mod tests {
         assert_eq!(user_client(&f, "alice", "phone"), vec![0, 2]);
         assert_eq!(user_client(&f, "bob", "phone"), vec![3]);
         assert_eq!(user_client(&f, "alice", "tablet"), Vec::<ConnKey>::new());
+    }
+
+    #[test]
+    fn names_of_a_connection_are_its_user_and_channels() {
+        let mut f = Fanout::new();
+        f.add(0, "alice", Some("phone"), &ch(&["news", "sport", "tv"]));
+        f.add(1, "bob", None, &[]);
+        let (user, channels) = f.names_of(0).unwrap();
+        assert_eq!(
+            (user, channels.collect::<Vec<_>>()),
+            ("alice", vec!["news", "sport", "tv"])
+        );
+        let (user, channels) = f.names_of(1).unwrap();
+        assert_eq!((user, channels.count()), ("bob", 0));
+        f.remove(0);
+        assert!(f.names_of(0).is_none());
+        assert!(f.names_of(7).is_none());
     }
 
     #[test]
