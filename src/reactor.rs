@@ -54,6 +54,11 @@ const SENDS_PER_TURN: usize = 8_192;
 /// Bytes a connection's socket is read and discarded at most before it is closed (see `discard_unread`).
 const DISCARD_BEFORE_CLOSE_BYTES: usize = 64 << 10;
 
+/// How often reactor 0 hands free heap pages back to the kernel after connections came or went
+/// (`metrics::heap::release_free_pages`): rare enough that walking the allocator's free lists costs nothing
+/// measurable, soon enough that a server at rest after a connection storm holds only what it uses.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
 const READS_PER_TURN: usize = 16;
@@ -154,6 +159,8 @@ pub struct Reactor {
     /// Reusable list of replay frames.
     replay: Vec<SharedFrame>,
     started: Instant,
+    /// When free heap pages were last handed back, and the accepted-connection count then (reactor 0 only).
+    trimmed: (Instant, u64),
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
 }
@@ -211,6 +218,7 @@ impl Reactor {
             applied_seq: 0,
             replay: Vec::new(),
             started: Instant::now(),
+            trimmed: (Instant::now(), 0),
             next_generation: 0,
             shutdown_deadline: None,
         })
@@ -951,6 +959,9 @@ impl Reactor {
         if now <= self.wheel.now_tick() {
             return;
         }
+        if self.index == 0 && self.trimmed.0.elapsed() >= TRIM_EVERY {
+            self.trim_heap();
+        }
         if self.acceptor.is_paused() {
             self.accept_all(false);
         }
@@ -1002,6 +1013,17 @@ impl Reactor {
         self.metrics
             .index_channels
             .store(sizes.channels as u64, Relaxed);
+    }
+
+    /// Hands free heap pages back once connections came or went since the last time, as far as reactor 0 can
+    /// tell: the node's open connections changed, or it accepted some itself.
+    fn trim_heap(&mut self) {
+        let churn = (self.settings.open_total.load(Relaxed) as u64)
+            .wrapping_add(self.metrics.tcp_accepted.load(Relaxed) << 32);
+        if churn != self.trimmed.1 {
+            crate::metrics::heap::release_free_pages();
+        }
+        self.trimmed = (Instant::now(), churn);
     }
 
     // ---- commands from other threads -------------------------------------------------------------------

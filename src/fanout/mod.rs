@@ -9,8 +9,8 @@
 //!   linked list of connections, the client token's offset in the reactor's string arena (`arena`) and the first
 //!   channel membership inline;
 //! - user ids and client tokens are strings in that arena (a short one costs 8 bytes, no allocation);
-//! - a user is an 8-byte entry (its name's offset, the head of its list) behind a hash table of 4-byte ids; a
-//!   user's connection count is not kept but walked, only presence asks for it;
+//! - a user is one slot of a hash table holding the slab key of its list's head (the name is the arena string
+//!   its records point to); a user's connection count is not kept but walked, only presence asks for it;
 //! - channel member lists are vectors with each member's position remembered, so joining and leaving are O(1)
 //!   even for a channel with a million members.
 //!
@@ -102,87 +102,34 @@ impl<V> NameTable<V> {
     }
 }
 
-/// A user: its name in the arena and the head of its connections' list. A free entry's `head` links the free
-/// list.
-#[derive(Debug, Clone, Copy)]
-struct UserEntry {
-    name: Offset,
-    head: ConnKey,
-}
-
-/// The users of one reactor: 8-byte entries in a vector with a free list, found through a hash table of ids.
+/// The users of one reactor: a hash table whose only content is, per user, the slab key of the head of its
+/// connections' list (4 bytes and a control byte). The user's name is not stored beside it: it is the arena
+/// string every membership record of the user points to, read through the head's record.
 #[derive(Debug)]
 struct Users {
     hasher: DefaultHashBuilder,
-    index: HashTable<NameId>,
-    entries: Vec<UserEntry>,
-    free: NameId,
-    len: usize,
+    index: HashTable<ConnKey>,
 }
 
 impl Users {
-    fn with_capacity(entries: usize) -> Users {
+    fn new() -> Users {
         Users {
             hasher: DefaultHashBuilder::default(),
             // Grows as needed: a reserved hash table would initialise its control bytes and make them resident.
             index: HashTable::new(),
-            entries: Vec::with_capacity(entries),
-            free: NIL,
-            len: 0,
         }
     }
 
-    fn find(&self, name: &str, arena: &Arena) -> Option<NameId> {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The head of `name`'s list, if the user has connections here.
+    fn head(&self, name: &str, members: &[Member], arena: &Arena) -> Option<ConnKey> {
         let hash = self.hasher.hash_one(name);
         self.index
-            .find(hash, |&id| {
-                arena.get(self.entries[id as usize].name) == name
-            })
+            .find(hash, |&head| arena.get(members[head as usize].user) == name)
             .copied()
-    }
-
-    /// The user's id, a new entry (with an empty list) if it has none.
-    fn get_or_insert(&mut self, name: &str, arena: &mut Arena) -> NameId {
-        if let Some(id) = self.find(name, arena) {
-            return id;
-        }
-        let entry = UserEntry {
-            name: arena.insert(name),
-            head: NIL,
-        };
-        let id = match self.free {
-            NIL => {
-                self.entries.push(entry);
-                (self.entries.len() - 1) as NameId
-            }
-            id => {
-                self.free = self.entries[id as usize].head;
-                self.entries[id as usize] = entry;
-                id
-            }
-        };
-        let hash = self.hasher.hash_one(name);
-        let (hasher, entries) = (&self.hasher, &self.entries);
-        self.index.insert_unique(hash, id, |&other| {
-            hasher.hash_one(arena.get(entries[other as usize].name))
-        });
-        self.len += 1;
-        id
-    }
-
-    fn remove(&mut self, id: NameId, arena: &mut Arena) {
-        let name = self.entries[id as usize].name;
-        let hash = self.hasher.hash_one(arena.get(name));
-        if let Ok(entry) = self.index.find_entry(hash, |&other| other == id) {
-            entry.remove();
-        }
-        arena.remove(name);
-        self.entries[id as usize] = UserEntry {
-            name: NIL,
-            head: self.free,
-        };
-        self.free = id;
-        self.len -= 1;
     }
 }
 
@@ -193,7 +140,8 @@ struct ChannelLink {
     pos: u32,
 }
 
-/// Membership record of one connection (indexed by slab key), 24 bytes. `user == NIL` means "not indexed".
+/// Membership record of one connection (indexed by slab key), 24 bytes. `user` is the offset of the user's
+/// name in the arena, shared by every record of the user; `user == NIL` means "not indexed".
 ///
 /// Laid out for the common connection: one user, at most one channel, and a client token that is unique to
 /// its device. The token is an offset in the arena (`NIL` without one) rather than interned: a per-reactor
@@ -201,7 +149,7 @@ struct ChannelLink {
 /// membership is inline; only connections in two or more channels have more, in `Fanout::more`.
 #[derive(Debug, Clone, Copy)]
 struct Member {
-    user: NameId,
+    user: Offset,
     prev: ConnKey,
     next: ConnKey,
     client: Offset,
@@ -281,8 +229,7 @@ impl Fanout {
     pub fn with_capacity(keys: usize) -> Self {
         Fanout {
             arena: Arena::with_capacity(keys.saturating_mul(ARENA_BYTES_PER_KEY)),
-            // At most one user per connection: reserve as many entries as keys.
-            users: Users::with_capacity(keys),
+            users: Users::new(),
             channels: NameTable::new(),
             members: Vec::with_capacity(keys),
             more: HashMap::new(),
@@ -299,12 +246,31 @@ impl Fanout {
         }
         debug_assert_eq!(self.members[k].user, NIL, "connection {key} indexed twice");
 
-        let user_id = self.users.get_or_insert(user, &mut self.arena);
-        let list = &mut self.users.entries[user_id as usize];
-        let old_head = list.head;
-        list.head = key;
+        // The user's list gets `key` as its new head: the table's slot is repointed, or made, with the name the
+        // old head's record points to, or a new one.
+        let hash = self.users.hasher.hash_one(user);
+        let (arena, members) = (&self.arena, &self.members);
+        let found = self
+            .users
+            .index
+            .find_mut(hash, |&head| arena.get(members[head as usize].user) == user);
+        let (name, old_head) = match found {
+            Some(head) => {
+                let old = std::mem::replace(head, key);
+                (self.members[old as usize].user, old)
+            }
+            None => (self.arena.insert(user), NIL),
+        };
         if old_head != NIL {
             self.members[old_head as usize].prev = key;
+        }
+        // The record must name the user before the table may rehash through it.
+        self.members[k].user = name;
+        if old_head == NIL {
+            let (arena, members, hasher) = (&self.arena, &self.members, &self.users.hasher);
+            self.users.index.insert_unique(hash, key, |&head| {
+                hasher.hash_one(arena.get(members[head as usize].user))
+            });
         }
 
         // An empty token is refused at the handshake; here it means none.
@@ -332,7 +298,7 @@ impl Fanout {
         }
 
         self.members[k] = Member {
-            user: user_id,
+            user: name,
             prev: NIL,
             next: old_head,
             client,
@@ -358,12 +324,17 @@ impl Fanout {
         if member.next != NIL {
             self.members[member.next as usize].prev = member.prev;
         }
-        let entry = &mut self.users.entries[member.user as usize];
-        if entry.head == key {
-            entry.head = member.next;
-        }
-        if entry.head == NIL {
-            self.users.remove(member.user, &mut self.arena);
+        if member.prev == NIL {
+            // It was the head: the table's slot moves to the next one, or the user is gone with its name.
+            let hash = self.users.hasher.hash_one(self.arena.get(member.user));
+            match self.users.index.find_entry(hash, |&head| head == key) {
+                Ok(mut slot) if member.next != NIL => *slot.get_mut() = member.next,
+                Ok(slot) => {
+                    slot.remove();
+                    self.arena.remove(member.user);
+                }
+                Err(_) => debug_assert!(false, "the head of a list is in the table"),
+            }
         }
 
         if member.client != NIL {
@@ -502,9 +473,7 @@ impl Fanout {
     pub fn identity(&self, key: ConnKey) -> Option<(&str, Option<&str>)> {
         let member = self.members.get(key as usize).filter(|m| m.user != NIL)?;
         let client = (member.client != NIL).then(|| self.arena.get(member.client));
-        let user = self
-            .arena
-            .get(self.users.entries[member.user as usize].name);
+        let user = self.arena.get(member.user);
         Some((user, client))
     }
 
@@ -532,8 +501,8 @@ impl Fanout {
     fn user_keys(&self, user: &str) -> impl Iterator<Item = (ConnKey, &Member)> {
         let mut key = self
             .users
-            .find(user, &self.arena)
-            .map_or(NIL, |id| self.users.entries[id as usize].head);
+            .head(user, &self.members, &self.arena)
+            .unwrap_or(NIL);
         std::iter::from_fn(move || {
             if key == NIL {
                 return None;
@@ -574,9 +543,7 @@ impl Fanout {
             .into_iter()
             .chain(spilled.into_iter().flat_map(|more| more.iter()))
             .map(|link| self.channels.name(link.channel));
-        let user = self
-            .arena
-            .get(self.users.entries[member.user as usize].name);
+        let user = self.arena.get(member.user);
         Some((user, channels))
     }
 
@@ -589,7 +556,7 @@ impl Fanout {
     pub fn sizes(&self) -> FanoutSizes {
         FanoutSizes {
             connections: self.indexed,
-            users: self.users.len,
+            users: self.users.len(),
             clients: self.with_client,
             channels: self.channels.len(),
         }
