@@ -25,5 +25,6 @@ pub mod proto;
 pub mod publish;
 pub mod reactor;
 pub mod server;
+pub mod snapshot;
 pub mod timer;
 pub mod tls;

@@ -48,6 +48,22 @@ impl Outbox {
         self.bytes + self.queue.capacity() * std::mem::size_of::<Bytes>()
     }
 
+    /// The queued frames, oldest first (the head possibly partly written already: it is the unwritten tail),
+    /// and whether the head has started going out.
+    pub fn queued(&self) -> (impl Iterator<Item = &Bytes>, bool) {
+        (self.queue.iter(), self.head_started)
+    }
+
+    /// A queue holding `frames` (as [`Outbox::queued`] gave them), for a connection moved from another process.
+    pub fn from_queued(frames: Vec<Bytes>, head_started: bool) -> Outbox {
+        let mut outbox = Outbox::default();
+        for frame in frames {
+            outbox.push(frame);
+        }
+        outbox.head_started = head_started && !outbox.queue.is_empty();
+        outbox
+    }
+
     /// Queues `frame` behind what is already queued. Empty frames are ignored.
     pub fn push(&mut self, frame: Bytes) {
         if frame.is_empty() {
