@@ -147,17 +147,23 @@ impl<'a> Reader<'a> {
 
     /// Two bytes.
     pub fn u16(&mut self, what: &'static str) -> Result<u16, SnapshotError> {
-        Ok(u16::from_le_bytes(self.raw(2, what)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.raw(2, what)?.try_into().expect("2 bytes"),
+        ))
     }
 
     /// Four bytes.
     pub fn u32(&mut self, what: &'static str) -> Result<u32, SnapshotError> {
-        Ok(u32::from_le_bytes(self.raw(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.raw(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
 
     /// Eight bytes.
     pub fn u64(&mut self, what: &'static str) -> Result<u64, SnapshotError> {
-        Ok(u64::from_le_bytes(self.raw(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.raw(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// A length-prefixed byte string.
@@ -225,7 +231,8 @@ impl FrameTable {
             if id != self.known.len() {
                 return Err(SnapshotError::Invalid("frame id"));
             }
-            self.known.push(Bytes::copy_from_slice(r.bytes_field("frame")?));
+            self.known
+                .push(Bytes::copy_from_slice(r.bytes_field("frame")?));
         }
         Ok(())
     }
@@ -278,7 +285,10 @@ mod tests {
             Reader::new(&bytes[..5]).str("user"),
             Err(SnapshotError::Truncated("user"))
         );
-        assert_eq!(Reader::new(&[2]).bool("flag"), Err(SnapshotError::Invalid("flag")));
+        assert_eq!(
+            Reader::new(&[2]).bool("flag"),
+            Err(SnapshotError::Invalid("flag"))
+        );
         assert_eq!(
             Reader::new(&[1, 0, 0, 0, 0xFF]).str("name"),
             Err(SnapshotError::Invalid("name"))

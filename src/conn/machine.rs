@@ -23,8 +23,8 @@ use super::state::{Flag, Phase, State, Timer};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
 use crate::metrics::{ReactorMetrics, RejectKind};
-use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::frame::Decoder;
+use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::Reject;
 use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
@@ -1341,7 +1341,10 @@ mod tests {
         assert_eq!(old.with(|cx, w| m.send(cx, w, &second)), Next::Continue);
         let mut ping = client_frame(0x9, b"hey");
         let mut tail = ping.split_off(4);
-        assert_eq!(old.with(|cx, w| m.handle_frames(cx, w, &mut ping)), Next::Continue);
+        assert_eq!(
+            old.with(|cx, w| m.handle_frames(cx, w, &mut ping)),
+            Next::Continue
+        );
         let sent_before = std::mem::take(&mut old.wire.written);
 
         let mut w = Writer::new();
@@ -1353,17 +1356,28 @@ mod tests {
         // The successor: its own wheel, budget and counters.
         let mut new = Rig::new();
         let mut received = FrameTable::default();
-        received.read_fresh(&mut Reader::new(table.bytes())).unwrap();
+        received
+            .read_fresh(&mut Reader::new(table.bytes()))
+            .unwrap();
         let bytes = w.take();
         let mut moved = new
             .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &received))
             .unwrap();
         assert!(moved.is_open() && moved.wants_envelopes() && moved.holds_buffers());
         assert_eq!(new.metrics.buffers_live.load(Relaxed), 1);
-        assert!(new.budget.used() > 0, "its buffers are charged in the new process");
+        assert!(
+            new.budget.used() > 0,
+            "its buffers are charged in the new process"
+        );
         // The rest of the ping completes it; the queue goes out in order, then the pong.
-        assert_eq!(new.with(|cx, w| moved.handle_frames(cx, w, &mut tail)), Next::Continue);
-        assert_eq!(new.with(|cx, w| moved.handle_writable(cx, w)), Next::Continue);
+        assert_eq!(
+            new.with(|cx, w| moved.handle_frames(cx, w, &mut tail)),
+            Next::Continue
+        );
+        assert_eq!(
+            new.with(|cx, w| moved.handle_writable(cx, w)),
+            Next::Continue
+        );
         let mut all = sent_before;
         all.extend_from_slice(&new.wire.written);
         assert_eq!(
@@ -1378,7 +1392,10 @@ mod tests {
         assert_eq!(new.budget.used(), 0);
         // The ping timer runs afresh in the new process.
         new.wire.written.clear();
-        assert_eq!(new.advance(&mut moved, 300), vec![Expired::Next(Next::Continue)]);
+        assert_eq!(
+            new.advance(&mut moved, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
         assert_eq!(new.frames(), vec![(0x9, vec![])]);
     }
 

@@ -158,7 +158,11 @@ impl History {
         let now = history.now_ms();
         let seed = history.lock().fresh_epoch().len() as u64 ^ now ^ u64::from(std::process::id());
         let store = Store::restore(settings.limits, seed, now, r, |r, stream, slot| {
-            let target = match (r.u8("message target")?, r.str("message target name")?, r.opt_str("message client")?) {
+            let target = match (
+                r.u8("message target")?,
+                r.str("message target name")?,
+                r.opt_str("message client")?,
+            ) {
                 (0, user, None) => Target::User(user.to_owned()),
                 (1, user, Some(client)) => Target::UserClient(user.to_owned(), client.to_owned()),
                 (2, channel, None) => Target::Channel(channel.to_owned()),
@@ -492,21 +496,37 @@ mod tests {
     fn a_history_moved_to_a_successor_replays_the_same_and_continues_its_sequence() {
         let old = History::new(settings(true, true, 100));
         for i in 0..5 {
-            old.append(Message::new(Target::User("42".into()), false, format!("u{i}").as_bytes()), |_| {});
-            old.append(Message::new(Target::Channel("news".into()), true, &[i]), |_| {});
+            old.append(
+                Message::new(Target::User("42".into()), false, format!("u{i}").as_bytes()),
+                |_| {},
+            );
+            old.append(
+                Message::new(Target::Channel("news".into()), true, &[i]),
+                |_| {},
+            );
         }
         let epoch = old.read("user:42", 0, 10).unwrap().epoch.to_string();
         let mut w = Writer::new();
         old.snapshot(&mut w);
         let bytes = w.take();
 
-        let (new, last) = History::restore(settings(true, true, 100), &mut snapshot::Reader::new(&bytes)).unwrap();
+        let (new, last) = History::restore(
+            settings(true, true, 100),
+            &mut snapshot::Reader::new(&bytes),
+        )
+        .unwrap();
         assert_eq!(last, 10);
         assert_eq!(new.last_seq(), 10);
-        assert_eq!(replay(&new, "user:42", &epoch, 2, last), replay(&old, "user:42", &epoch, 2, last));
+        assert_eq!(
+            replay(&new, "user:42", &epoch, 2, last),
+            replay(&old, "user:42", &epoch, 2, last)
+        );
         assert_eq!(replay(&new, "user:42", &epoch, 2, last).len(), 3);
         // The successor's next stored message continues the offsets and the sequence.
-        let next = new.append(Message::new(Target::User("42".into()), false, b"u5"), |_| {});
+        let next = new.append(
+            Message::new(Target::User("42".into()), false, b"u5"),
+            |_| {},
+        );
         assert_eq!(next.seq(), 11);
         assert_eq!(new.read("user:42", 5, 10).unwrap().entries[0].offset, 6);
     }
@@ -515,14 +535,24 @@ mod tests {
     fn a_successor_keeping_less_history_drops_and_evicts_what_it_does_not_keep() {
         let old = History::new(settings(true, true, 100));
         for i in 0..5 {
-            old.append(Message::new(Target::User("42".into()), false, format!("u{i}").as_bytes()), |_| {});
-            old.append(Message::new(Target::Channel("news".into()), false, b"c"), |_| {});
+            old.append(
+                Message::new(Target::User("42".into()), false, format!("u{i}").as_bytes()),
+                |_| {},
+            );
+            old.append(
+                Message::new(Target::Channel("news".into()), false, b"c"),
+                |_| {},
+            );
         }
         let mut w = Writer::new();
         old.snapshot(&mut w);
         let bytes = w.take();
-        let (new, _) = History::restore(settings(true, false, 2), &mut snapshot::Reader::new(&bytes)).unwrap();
-        assert!(new.read("channel:news", 0, 10).is_none(), "channel history is off here");
+        let (new, _) =
+            History::restore(settings(true, false, 2), &mut snapshot::Reader::new(&bytes)).unwrap();
+        assert!(
+            new.read("channel:news", 0, 10).is_none(),
+            "channel history is off here"
+        );
         let page = new.read("user:42", 0, 10).unwrap();
         assert_eq!(page.entries.len(), 2, "size 2 here");
         assert_eq!(page.last, 5);
@@ -536,7 +566,11 @@ mod tests {
         old.snapshot(&mut w);
         let bytes = w.take();
         for cut in [0, 5, bytes.len() / 2, bytes.len() - 1] {
-            assert!(History::restore(settings(true, true, 100), &mut snapshot::Reader::new(&bytes[..cut])).is_err());
+            assert!(History::restore(
+                settings(true, true, 100),
+                &mut snapshot::Reader::new(&bytes[..cut])
+            )
+            .is_err());
         }
     }
 }

@@ -188,7 +188,9 @@ impl Keys {
     }
 
     /// Keys written by [`Keys::snapshot`].
-    pub fn restore(r: &mut crate::snapshot::Reader<'_>) -> Result<Keys, crate::snapshot::SnapshotError> {
+    pub fn restore(
+        r: &mut crate::snapshot::Reader<'_>,
+    ) -> Result<Keys, crate::snapshot::SnapshotError> {
         let suite = match r.u8("tls suite")? {
             1 => Suite::Aes128Gcm,
             2 => Suite::Aes256Gcm,
@@ -196,7 +198,10 @@ impl Keys {
             _ => return Err(crate::snapshot::SnapshotError::Invalid("tls suite")),
         };
         let key = r.raw(suite.key_len(), "tls key")?;
-        let iv = r.raw(NONCE_LEN, "tls iv")?.try_into().expect("nonce length");
+        let iv = r
+            .raw(NONCE_LEN, "tls iv")?
+            .try_into()
+            .expect("nonce length");
         let seq = r.u64("tls sequence")?;
         Ok(Keys::new(suite, key, iv, seq))
     }

@@ -359,10 +359,9 @@ impl Session {
         };
         e.rx.snapshot(w);
         e.tx.snapshot(w);
-        let (partial, unsent) = e
-            .held
-            .as_ref()
-            .map_or((&[][..], &[][..]), |h| (&h.partial[..], &h.unsent[h.unsent_at..]));
+        let (partial, unsent) = e.held.as_ref().map_or((&[][..], &[][..]), |h| {
+            (&h.partial[..], &h.unsent[h.unsent_at..])
+        });
         w.bytes_field(partial);
         w.bytes_field(unsent);
         true
@@ -835,24 +834,36 @@ mod tests {
         let p = pair();
         let (mut c, mut s) = established(&p);
         // Half a record from the client arrives before the move.
-        c.writer().write_all(b"half before, half after the move").unwrap();
+        c.writer()
+            .write_all(b"half before, half after the move")
+            .unwrap();
         let mut wire = Vec::new();
         while c.wants_write() {
             c.write_tls(&mut wire).unwrap();
         }
         let mut plain = Vec::new();
-        s.receive(&mut wire[..10], &mut plain, &mut Vec::new()).unwrap();
+        s.receive(&mut wire[..10], &mut plain, &mut Vec::new())
+            .unwrap();
         assert!(plain.is_empty());
         let mut w = crate::snapshot::Writer::new();
         assert!(s.snapshot(&mut w));
         let bytes = w.take();
         let mut moved = Session::restore(&mut crate::snapshot::Reader::new(&bytes)).unwrap();
-        moved.receive(&mut wire[10..], &mut plain, &mut Vec::new()).unwrap();
+        moved
+            .receive(&mut wire[10..], &mut plain, &mut Vec::new())
+            .unwrap();
         assert_eq!(plain, b"half before, half after the move");
         // And the new process's records are the client's next ones.
-        assert_eq!(send_to_client(&mut c, &mut moved, b"from the new process"), b"from the new process");
+        assert_eq!(
+            send_to_client(&mut c, &mut moved, b"from the new process"),
+            b"from the new process"
+        );
         // A session still in its handshake cannot move.
-        assert!(!p.tls.session().unwrap().snapshot(&mut crate::snapshot::Writer::new()));
+        assert!(!p
+            .tls
+            .session()
+            .unwrap()
+            .snapshot(&mut crate::snapshot::Writer::new()));
     }
 
     #[test]

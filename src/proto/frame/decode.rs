@@ -115,7 +115,9 @@ impl Decoder {
     }
 
     /// A decoder written by [`Decoder::snapshot`].
-    pub fn restore(r: &mut crate::snapshot::Reader<'_>) -> Result<Decoder, crate::snapshot::SnapshotError> {
+    pub fn restore(
+        r: &mut crate::snapshot::Reader<'_>,
+    ) -> Result<Decoder, crate::snapshot::SnapshotError> {
         use crate::snapshot::SnapshotError::Invalid;
         let phase = match r.u8("decoder phase")? {
             0 => Phase::Header,
@@ -135,7 +137,8 @@ impl Decoder {
         let opcode = r.u8("decoder opcode")?;
         let fin = r.bool("decoder fin")?;
         let first = r.bool("decoder first")?;
-        let utf8 = Utf8Carry::with(r.bytes_field("decoder utf8")?).ok_or(Invalid("decoder utf8"))?;
+        let utf8 =
+            Utf8Carry::with(r.bytes_field("decoder utf8")?).ok_or(Invalid("decoder utf8"))?;
         let partial = r.bytes_field("decoder buffer")?;
         if partial.len() > MAX_CONTROL_PAYLOAD {
             return Err(Invalid("decoder buffer"));
