@@ -175,8 +175,8 @@ fn upgrade(
         let now_pid = health["pid"].as_u64().unwrap_or(0) as u32;
         if now_pid != pid && upgrade["last"] == "completed" {
             println!(
-                "upgraded: process {now_pid} took over {} connections from {pid} (deliveries paused {} ms)",
-                upgrade["moved"], upgrade["pause_ms"]
+                "upgraded: process {now_pid} took over {} connections from {pid} in {} ms (deliveries paused {} ms)",
+                upgrade["moved"], upgrade["total_ms"], upgrade["pause_ms"]
             );
             return Ok(());
         }

@@ -722,10 +722,9 @@ impl Reactor {
             return Err(SnapshotError::Invalid("batch size"));
         }
         for fd in fds {
+            // Already non-blocking: O_NONBLOCK belongs to the open file description, which SCM_RIGHTS shares
+            // with the predecessor's descriptor (one syscall per connection saved, in the pause).
             let stream = std::net::TcpStream::from(fd);
-            stream
-                .set_nonblocking(true)
-                .map_err(|_| SnapshotError::Invalid("socket"))?;
             let entry = self.conns.vacant_entry();
             let key = entry.key() as u32;
             self.next_generation = self.next_generation.wrapping_add(1);

@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Listen backlog; the kernel caps it at net.core.somaxconn.
 const LISTEN_BACKLOG: i32 = 65_535;
@@ -155,7 +155,7 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
     let mut mailboxes = Vec::new();
     let mut reactor_metrics = Vec::new();
     let mut built = Vec::new();
-    for _ in 0..reactor_count {
+    for i in 0..reactor_count {
         let (listener, tls_listener) = match taker.as_mut() {
             None => (plain.pop(), secure.pop()),
             Some(taker) => {
@@ -185,10 +185,19 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         )?;
         if let Some(taker) = taker.as_mut() {
             use handoff::protocol::kind;
-            taker.batches(kind::BATCH, kind::REACTOR_DONE, |payload, fds| {
-                reactor.adopt(payload, fds)
+            let (started, mut registering) = (Instant::now(), Duration::ZERO);
+            let adopted = taker.batches(kind::BATCH, kind::REACTOR_DONE, |payload, fds| {
+                let t = Instant::now();
+                let n = reactor.adopt(payload, fds);
+                registering += t.elapsed();
+                n
             })?;
             reactor.adopted(applied_seq);
+            log::info!(
+                "upgrade: reactor {i}: {adopted} connections in {} ms ({} ms registering them)",
+                started.elapsed().as_millis(),
+                registering.as_millis()
+            );
         }
         mailboxes.push(mailbox);
         reactor_metrics.push(metrics);

@@ -5,13 +5,12 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tungstenite::{Message, WebSocket};
 
 /// Users (and client tokens) of the clients; client `j` is user `u{j}` with client token `c{j}`.
 const USERS: usize = 10;
@@ -41,18 +40,100 @@ fn payload(text: &str) -> String {
     }
 }
 
-/// Reads `count` messages (text), failing on a close or a timeout.
-fn read_all<S: Read + Write>(ws: &mut WebSocket<S>, count: usize) -> Vec<String> {
-    let mut got = Vec::with_capacity(count);
-    while got.len() < count {
-        match ws.read() {
-            Ok(Message::Text(t)) => got.push(t.as_str().to_string()),
-            Ok(Message::Ping(_) | Message::Pong(_)) => {}
-            Ok(other) => panic!("after {} messages: {other:?}", got.len()),
-            Err(e) => panic!("after {} messages: {e}", got.len()),
+/// A client in a child process, Python `websockets` (tests/clients/ws_client.py) or Node `ws`
+/// (tests/js/ws_client.mjs), and the text messages it reported, in order. Killed on drop.
+struct ChildClient {
+    child: std::process::Child,
+    /// Text messages, in order.
+    texts: Arc<Mutex<Vec<String>>>,
+    /// Whether it reported `open`; the `close` or `error` event that ended it, if any.
+    state: Arc<Mutex<(bool, Option<String>)>>,
+}
+
+impl ChildClient {
+    fn spawn(python: bool, url: &str, ca: Option<&Path>) -> ChildClient {
+        let mut command = if python {
+            let mut c = std::process::Command::new(python_with("websockets.sync.client"));
+            c.arg(repo().join("tests/clients/ws_client.py"));
+            c
+        } else {
+            let mut c = std::process::Command::new("node");
+            c.current_dir(js_dir()).arg("ws_client.mjs");
+            c
+        };
+        command.arg(url);
+        if let Some(ca) = ca {
+            command.arg("--ca").arg(ca);
+        }
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting a client: {e}; {TOOLS_HINT}"));
+        let texts: Arc<Mutex<Vec<String>>> = Arc::default();
+        let state: Arc<Mutex<(bool, Option<String>)>> = Arc::default();
+        let stdout = child.stdout.take().unwrap();
+        let (t, st) = (Arc::clone(&texts), Arc::clone(&state));
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                let mut state = st.lock().unwrap();
+                match event["event"].as_str() {
+                    Some("open") => state.0 = true,
+                    Some("message") if event["type"] == "text" => {
+                        let text = event["data"].as_str().unwrap().to_string();
+                        t.lock().unwrap().push(text);
+                    }
+                    Some("ping") => {}
+                    _ => state.1 = Some(line),
+                }
+            }
+        });
+        ChildClient {
+            child,
+            texts,
+            state,
         }
     }
-    got
+
+    fn opened(&self) -> bool {
+        self.state.lock().unwrap().0
+    }
+
+    fn ended(&self) -> Option<String> {
+        self.state.lock().unwrap().1.clone()
+    }
+
+    /// Waits for `count` messages; fails if the connection ends or they do not come in time.
+    fn wait_for(&self, count: usize, timeout: Duration) -> Vec<String> {
+        let arrived = wait_until(timeout, || {
+            self.texts.lock().unwrap().len() >= count || self.ended().is_some()
+        });
+        let texts = self.texts.lock().unwrap().clone();
+        assert!(
+            self.ended().is_none(),
+            "after {} messages: {:?}",
+            texts.len(),
+            self.ended()
+        );
+        assert!(
+            arrived,
+            "{} of {count} messages in {timeout:?}",
+            texts.len()
+        );
+        texts
+    }
+}
+
+impl Drop for ChildClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Publishes `rounds` rounds over one keep-alive admin connection, calling `at(i)` before round `i`.
@@ -82,41 +163,36 @@ fn two_upgrades_in_a_row_move_ws_and_wss_clients_history_and_admin_with_nothing_
         ("history.channel", "true"),
     ]);
     let first_pid = server.pid();
-    // Half the clients over ws://, half over wss://; two of them opted into recovery (envelopes).
-    let mut clients = Vec::new();
-    // Clients hold their connections, once they have everything, until the gauges have been read.
-    let release = Arc::new(AtomicBool::new(false));
-    let hold = |release: &Arc<AtomicBool>| {
-        while !release.load(Relaxed) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    for j in 0..USERS {
-        let recover = if j < 2 { "&recover=1" } else { "" };
-        let query = format!("user=u{j}&client=c{j}&channels=news{recover}");
-        let expected = expected(j, ROUNDS);
-        if j % 2 == 0 {
-            let mut ws = server.connect(&query);
-            let release = release.clone();
-            clients.push(std::thread::spawn(move || {
-                let got = read_all(&mut ws, expected.len());
-                hold(&release);
-                (j, got, expected)
-            }));
-        } else {
-            let mut wss = server.connect_wss(&query);
-            let release = release.clone();
-            clients.push(std::thread::spawn(move || {
-                let got = read_all(&mut wss, expected.len());
-                hold(&release);
-                (j, got, expected)
-            }));
-        }
-    }
+    // Clients in child processes: Python `websockets` and Node `ws`, each over ws:// and wss://; two of them
+    // opted into recovery (envelopes, with history positions).
+    let ca = server.pki().ca_file.clone();
+    let clients: Vec<ChildClient> = (0..USERS)
+        .map(|j| {
+            let recover = if j < 2 { "&recover=1" } else { "" };
+            let query = format!("user=u{j}&client=c{j}&channels=news{recover}");
+            let (python, url, ca) = match j % 4 {
+                0 => (true, server.ws_url(&query), None),
+                1 => (false, server.wss_url(&query), Some(ca.as_path())),
+                2 => (false, server.ws_url(&query), None),
+                _ => (true, server.wss_url(&query), Some(ca.as_path())),
+            };
+            ChildClient::spawn(python, &url, ca)
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || clients
+            .iter()
+            .all(|c| c.opened())),
+        "clients did not open: {:?}",
+        clients.iter().map(|c| c.ended()).collect::<Vec<_>>()
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        server.metric("densepush_connections_open", &[]) == USERS as u64
+    }));
     // /healthz answers 200 throughout on one keep-alive connection: during the freeze it waits and is answered
     // by the new process. The thread records which process answered.
     let stop = Arc::new(AtomicBool::new(false));
-    let answered_by = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let answered_by = Arc::new(Mutex::new(Vec::<u64>::new()));
     let health = {
         let (stop, answered_by, admin) = (stop.clone(), answered_by.clone(), server.admin_addr);
         std::thread::spawn(move || {
@@ -182,9 +258,9 @@ fn two_upgrades_in_a_row_move_ws_and_wss_clients_history_and_admin_with_nothing_
         server.metric("densepush_upgrade_connections_moved", &[]),
         USERS as u64
     );
-    release.store(true, Relaxed);
-    for client in clients {
-        let (j, got, expected) = client.join().unwrap();
+    for (j, client) in clients.iter().enumerate() {
+        let expected = expected(j, ROUNDS);
+        let got = client.wait_for(expected.len(), Duration::from_secs(60));
         let got: Vec<String> = got.iter().map(|t| payload(t)).collect();
         assert_eq!(got, expected, "client {j}: lost, duplicated or reordered");
     }
@@ -334,6 +410,19 @@ fn a_failed_upgrade_rolls_back_and_the_old_process_keeps_serving_every_connectio
     check(&server, &mut ws);
     std::fs::write(&server.config_path, &config).unwrap();
 
+    // A new config that moves the client listener to another address: refused, naming the key.
+    let mut moved: toml::Table = config.parse().unwrap();
+    moved["server"]["listen"] = toml::Value::from("127.0.0.2:0");
+    std::fs::write(&server.config_path, toml::to_string(&moved).unwrap()).unwrap();
+    let (reason, detail) = rolled_back(&server);
+    assert_eq!(reason, "refused", "{detail}");
+    assert!(
+        detail.starts_with("server.listen cannot change"),
+        "{detail}"
+    );
+    check(&server, &mut ws);
+    std::fs::write(&server.config_path, &config).unwrap();
+
     // A successor that speaks another handoff version.
     let facts = ["127.0.0.1:0", "", "127.0.0.1:0", "", ""];
     replace(&binary, &fake_successor(99, &facts, 1, 0));
@@ -355,9 +444,9 @@ fn a_failed_upgrade_rolls_back_and_the_old_process_keeps_serving_every_connectio
     };
     assert_eq!(
         (rolled("exited"), rolled("refused"), rolled("version")),
-        (2, 1, 1)
+        (2, 2, 1)
     );
-    assert_eq!(server.metric("densepush_upgrades_started_total", &[]), 4);
+    assert_eq!(server.metric("densepush_upgrades_started_total", &[]), 5);
 
     // New clients are still accepted (accepting resumed after each freeze), and a real upgrade then works.
     let mut bob = server.connect("user=bob&channels=news");
@@ -400,7 +489,9 @@ fn systemd_hears_ready_from_the_first_process_and_the_new_main_pid_from_its_succ
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    manager.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut server = Server::start_with_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
     let heard = || {
         let mut buf = [0u8; 256];

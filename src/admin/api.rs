@@ -492,10 +492,11 @@ fn upgrade_json(state: &crate::handoff::give::UpgradeState) -> serde_json::Value
             from_pid,
             moved,
             pause_ms,
+            total_ms,
             started_ms,
         }) => serde_json::json!({
             "last": "completed", "from_pid": from_pid, "moved": moved, "pause_ms": pause_ms,
-            "started_ms": started_ms,
+            "total_ms": total_ms, "started_ms": started_ms,
         }),
     }
 }

@@ -132,6 +132,8 @@ pub enum Outcome {
         moved: u64,
         /// Milliseconds from the freeze to the commit.
         pause_ms: u64,
+        /// Milliseconds from the signal to the commit (starting the new binary included).
+        total_ms: u64,
         /// When it started (ms since the epoch).
         started_ms: u64,
     },
@@ -282,6 +284,10 @@ impl Giver {
         for (parts, _) in &run.parts {
             applied.push(ready(parts)?);
         }
+        log::info!(
+            "upgrade: frozen in {} ms",
+            freeze_started.elapsed().as_millis()
+        );
 
         // 3. The history: nothing more can be stored now.
         let mut history = Writer::new();
@@ -430,7 +436,7 @@ fn exited(child: &mut Child, e: std::io::Error) -> Failure {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

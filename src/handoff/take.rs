@@ -155,6 +155,7 @@ impl Taker {
             from_pid: self.accept.pid,
             moved: self.moved,
             pause_ms: self.started.elapsed().as_millis() as u64,
+            total_ms: super::give::now_ms().saturating_sub(self.accept.started_ms),
             started_ms: self.accept.started_ms,
         })
     }

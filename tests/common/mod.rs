@@ -1519,3 +1519,45 @@ impl Sealer {
         record
     }
 }
+
+// ---- real clients in child processes ------------------------------------------------------------------------
+
+/// What to run once when a client tool is missing.
+pub const TOOLS_HINT: &str =
+    "run scripts/test.sh once: it installs the Python and Node test clients";
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python that can `import module`: the virtualenv scripts/test.sh creates, else `python3` if it can.
+pub fn python_with(module: &str) -> PathBuf {
+    let candidates = [
+        repo().join("target/pyenv/bin/python"),
+        PathBuf::from("python3"),
+    ];
+    for python in &candidates {
+        let ok = Command::new(python)
+            .args(["-c", &format!("import {module}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return python.clone();
+        }
+    }
+    panic!("no Python that imports {module} (tried {candidates:?}); {TOOLS_HINT}");
+}
+
+/// tests/js, with its node_modules installed.
+pub fn js_dir() -> PathBuf {
+    let dir = repo().join("tests/js");
+    for module in ["ws", "playwright-core"] {
+        assert!(
+            dir.join("node_modules").join(module).is_dir(),
+            "tests/js/node_modules/{module} is missing; {TOOLS_HINT}"
+        );
+    }
+    dir
+}
