@@ -3,12 +3,17 @@
 //!
 //! It owns the hand-off only. One FIFO queue per reactor, so messages sent one after another reach every
 //! connection in that order; the waker is rung only when a queue goes from empty to non-empty, so a burst of
-//! publishes costs one wake-up, not one per message. Questions (kick, presence) go to every reactor and the
-//! answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
+//! publishes costs one wake-up, not one per message. A batch publish is one command per reactor, however many
+//! messages it holds, but it weighs one per message against [`MAX_PENDING_COMMANDS`], as that many single
+//! publishes would, so batches cannot queue more work than the bound allows. Questions (kick,
+//! presence, subscription changes) go to every reactor and the answers are summed here, within
+//! [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
 //! (`message`, `history`, the reactors' fanout indexes).
 
+use crate::message::envelope::Position;
 use crate::message::{Message, Target};
 use mio::Waker;
+use std::ops::AddAssign;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -18,7 +23,8 @@ use std::time::{Duration, Instant};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Commands a reactor may have pending before publishes are refused with 503: past it the reactor is not
-/// keeping up, and queuing more would only grow memory and latency without bound.
+/// keeping up, and queuing more would only grow memory and latency without bound. A batch counts one per
+/// message (per target: each is a message to one stream).
 pub const MAX_PENDING_COMMANDS: usize = 4_096;
 
 /// Work for a reactor.
@@ -36,6 +42,23 @@ pub enum Command {
         reason: Arc<str>,
         /// Receives the number of connections closed in this reactor, if anyone waits for it.
         reply: Option<Sender<usize>>,
+    },
+    /// Deliver these messages in order (a batch publish: each item framed once, one message per target sharing
+    /// those bytes).
+    PublishBatch {
+        /// The messages, in the order of the batch's body; shared by every reactor.
+        messages: Arc<[Arc<Message>]>,
+        /// The first message not applied yet. A reactor that reaches its turn's send budget part-way through a
+        /// large batch puts the rest back at the front of its backlog, so one batch cannot starve socket reads
+        /// and timers.
+        next: usize,
+    },
+    /// Subscribe the target's connections to a channel, or unsubscribe them; reply with what changed.
+    Subscribe {
+        /// What to change.
+        change: Arc<Subscription>,
+        /// Receives this reactor's counts, if anyone waits for them.
+        reply: Option<Sender<Subscribed>>,
     },
     /// Reply with the number of connections of a user in this reactor.
     Presence {
@@ -55,12 +78,43 @@ pub enum Command {
     },
 }
 
+/// A runtime subscription change for the connections of a user, or of one of its client tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Whose connections: [`Target::User`] or [`Target::UserClient`].
+    pub target: Target,
+    /// The channel.
+    pub channel: String,
+    /// Subscribe (true) or unsubscribe (false).
+    pub join: bool,
+    /// For a subscribe, where in the channel's stream the connections are: a connection that joins gets what
+    /// history holds after it (or a `resync`) before anything live.
+    pub since: Option<Position>,
+}
+
+/// What a subscription change did, summed over reactors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subscribed {
+    /// Connections whose membership changed (joined, or left).
+    pub changed: usize,
+    /// Connections that were not subscribed because they hold `auth.max_channels` channels already.
+    pub at_limit: usize,
+}
+
+impl AddAssign for Subscribed {
+    fn add_assign(&mut self, other: Subscribed) {
+        self.changed += other.changed;
+        self.at_limit += other.at_limit;
+    }
+}
+
 /// A reactor's inbox: a queue plus the `mio::Waker` of its poll.
 #[derive(Debug)]
 pub struct Mailbox {
     queue: Mutex<Vec<Command>>,
     waker: Waker,
-    /// Commands sent and not yet applied by the reactor (queued here or in its backlog).
+    /// Commands sent and not yet applied by the reactor (queued here or in its backlog), a batch's messages
+    /// counted one by one.
     pending: AtomicUsize,
 }
 
@@ -79,14 +133,21 @@ impl Mailbox {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The reactor applied `n` commands.
+    /// The reactor applied `n` commands (or messages of a batch).
     pub fn applied(&self, n: usize) {
         self.pending.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Queues a command and wakes the reactor if it may be asleep.
     pub fn send(&self, command: Command) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.send_weighing(command, 1);
+    }
+
+    /// [`Mailbox::send`] for a command that counts as `weight` pending commands (a batch: its messages). The
+    /// reactor counts one applied per command it takes, and the rest of the weight as it applies the batch.
+    fn send_weighing(&self, command: Command, weight: usize) {
+        debug_assert!(weight >= 1);
+        self.pending.fetch_add(weight, Ordering::Relaxed);
         let was_empty = {
             let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             let was_empty = queue.is_empty();
@@ -145,6 +206,40 @@ impl Reactors {
         self.send_all(|| Command::Publish(message.clone()));
     }
 
+    /// Hands a batch of messages to every reactor as one command, weighing one pending command per message;
+    /// each reactor applies them in order.
+    pub fn publish_batch(&self, messages: Arc<[Arc<Message>]>) {
+        if messages.is_empty() {
+            return;
+        }
+        for mailbox in self.mailboxes.iter() {
+            let batch = Command::PublishBatch {
+                messages: messages.clone(),
+                next: 0,
+            };
+            mailbox.send_weighing(batch, messages.len());
+        }
+    }
+
+    /// Applies a subscription change on every reactor. With `wait`, returns what changed (`None` if some reactor
+    /// did not answer within [`REPLY_TIMEOUT`]); without (another node's change, nobody waits), returns the
+    /// zero count at once.
+    pub fn subscribe(&self, change: Subscription, wait: bool) -> Option<Subscribed> {
+        let change = Arc::new(change);
+        if !wait {
+            self.send_all(|| Command::Subscribe {
+                change: change.clone(),
+                reply: None,
+            });
+            return Some(Subscribed::default());
+        }
+        self.ask(|reply| Command::Subscribe {
+            change: change.clone(),
+            reply: Some(reply),
+        })
+        .total()
+    }
+
     /// Closes the target's connections on every reactor with `code` and `reason`. With `wait`, returns how
     /// many were closed (`None` if some reactor did not answer within [`REPLY_TIMEOUT`]); without, returns
     /// `Some(0)` at once.
@@ -194,13 +289,13 @@ impl Reactors {
     }
 
     /// Sends a question to every reactor and sums the answers that arrive within [`REPLY_TIMEOUT`].
-    fn ask(&self, make: impl Fn(Sender<usize>) -> Command) -> Answers {
+    fn ask<T: Default + AddAssign>(&self, make: impl Fn(Sender<T>) -> Command) -> Answers<T> {
         let (tx, rx) = mpsc::channel();
         self.send_all(|| make(tx.clone()));
         drop(tx);
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut answers = Answers {
-            sum: 0,
+            sum: T::default(),
             missing: self.mailboxes.len(),
         };
         while answers.missing > 0 {
@@ -216,22 +311,22 @@ impl Reactors {
     }
 }
 
-/// What the reactors answered to a question (kick, presence) within [`REPLY_TIMEOUT`].
+/// What the reactors answered to a question (kick, presence, subscription change) within [`REPLY_TIMEOUT`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answers {
-    sum: usize,
+pub struct Answers<T = usize> {
+    sum: T,
     missing: usize,
 }
 
-impl Answers {
+impl<T> Answers<T> {
     /// The sum, when every reactor answered: what a caller that must be exact (the admin API) reports.
-    pub fn total(self) -> Option<usize> {
+    pub fn total(self) -> Option<T> {
         (self.missing == 0).then_some(self.sum)
     }
 
     /// The sum of the answers that came, a reactor that did not answer counting 0: for a caller that is itself
     /// answering under its own deadline (another node's presence query).
-    pub fn partial(self) -> usize {
+    pub fn partial(self) -> T {
         self.sum
     }
 }
@@ -332,6 +427,91 @@ mod tests {
                 ..
             }] => {}
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_one_command_per_reactor_sharing_the_messages() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let messages: Arc<[Arc<Message>]> = (0..3)
+            .map(|i| Arc::new(Message::new(Target::User(i.to_string()), false, b"x")))
+            .collect();
+        reactors.publish_batch(messages.clone());
+        for mailbox in &mailboxes {
+            assert_eq!(mailbox.pending(), 3, "a batch weighs one per message");
+            let mut commands = Vec::new();
+            mailbox.take_all(&mut commands);
+            match commands.as_slice() {
+                [Command::PublishBatch {
+                    messages: m,
+                    next: 0,
+                }] => {
+                    assert!(Arc::ptr_eq(m, &messages))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn batches_fill_the_pending_bound_by_their_messages() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let messages: Arc<[Arc<Message>]> = (0..MAX_PENDING_COMMANDS)
+            .map(|_| Arc::new(Message::new(Target::All, false, b"x")))
+            .collect();
+        reactors.publish_batch(messages.clone());
+        assert!(
+            reactors.overloaded(),
+            "one batch of MAX_PENDING_COMMANDS messages fills it"
+        );
+        // A reactor counts the command applied (one) and its other messages as it applies them.
+        for mailbox in &mailboxes {
+            mailbox.applied(1);
+            mailbox.applied(MAX_PENDING_COMMANDS - 1);
+            assert_eq!(mailbox.pending(), 0);
+        }
+        assert!(!reactors.overloaded());
+    }
+
+    #[test]
+    fn subscription_answers_are_summed_field_by_field() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let answerers: Vec<_> = mailboxes
+            .into_iter()
+            .enumerate()
+            .map(|(i, mailbox)| {
+                std::thread::spawn(move || loop {
+                    for command in taken(&mailbox) {
+                        if let Command::Subscribe {
+                            reply: Some(reply), ..
+                        } = command
+                        {
+                            let _ = reply.send(Subscribed {
+                                changed: i + 1,
+                                at_limit: i,
+                            });
+                            return;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                })
+            })
+            .collect();
+        let change = Subscription {
+            target: Target::User("u".into()),
+            channel: "c".into(),
+            join: true,
+            since: None,
+        };
+        assert_eq!(
+            reactors.subscribe(change, true),
+            Some(Subscribed {
+                changed: 3,
+                at_limit: 1
+            })
+        );
+        for a in answerers {
+            a.join().unwrap();
         }
     }
 

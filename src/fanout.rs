@@ -9,6 +9,11 @@
 //! tokens are per device, so they are kept inline in the membership record and matched while walking the
 //! user's (short) list, instead of being interned in a table that would share nothing.
 //!
+//! Channel memberships can also change while a connection is open (`join`, `leave`: the admin API's runtime
+//! subscriptions). A connection pays for a link only while it uses one: the first membership takes the inline
+//! slot, only a second allocates, and leaving gives the allocation back, so an idle connection that never
+//! changes subscription costs exactly what it did before.
+//!
 //! The caller must `remove` a key before the slab frees it, so a reused key never inherits memberships.
 
 use compact_str::CompactString;
@@ -73,6 +78,10 @@ impl<V> NameTable<V> {
 
     fn value(&self, id: NameId) -> &V {
         &self.entries[id as usize].1
+    }
+
+    fn name(&self, id: NameId) -> &str {
+        &self.entries[id as usize].0
     }
 
     fn value_mut(&mut self, id: NameId) -> &mut V {
@@ -147,12 +156,67 @@ impl Member {
             .chain(self.more.iter_mut().flat_map(|more| more.iter_mut()))
     }
 
+    /// Memberships held: the inline one and the spilled ones.
+    fn link_count(&self) -> usize {
+        usize::from(self.first.channel != NIL) + self.more.as_ref().map_or(0, |more| more.len())
+    }
+
+    fn has_channel(&self, channel: NameId) -> bool {
+        self.first.channel == channel
+            || self
+                .more
+                .as_ref()
+                .is_some_and(|more| more.iter().any(|l| l.channel == channel))
+    }
+
+    /// Adds a membership: the inline slot when it is free, else the spilled list (allocated on first use).
+    fn push_link(&mut self, link: ChannelLink) {
+        if self.first.channel == NIL {
+            self.first = link;
+        } else {
+            self.more.get_or_insert_with(Box::default).push(link);
+        }
+    }
+
+    /// Takes the membership of `channel` out of the record, if it has one. A spilled link moves into a freed
+    /// inline slot, and an emptied spill list is freed: leaving gives back what joining allocated.
+    fn take_link(&mut self, channel: NameId) -> Option<ChannelLink> {
+        let taken = if self.first.channel == channel {
+            let link = self.first;
+            self.first = self
+                .more
+                .as_mut()
+                .and_then(|more| more.pop())
+                .unwrap_or(Self::NO_CHANNEL);
+            link
+        } else {
+            let more = self.more.as_mut()?;
+            let at = more.iter().position(|l| l.channel == channel)?;
+            more.swap_remove(at)
+        };
+        if self.more.as_ref().is_some_and(|more| more.is_empty()) {
+            self.more = None;
+        }
+        Some(taken)
+    }
+
     fn into_links(self) -> impl Iterator<Item = ChannelLink> {
         let first = (self.first.channel != NIL).then_some(self.first);
         first
             .into_iter()
             .chain(self.more.into_iter().flat_map(|more| *more))
     }
+}
+
+/// What [`Fanout::join`] did to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The connection is now a member of the channel.
+    Added,
+    /// It already was: nothing changed (a subscription is idempotent).
+    Already,
+    /// It holds `max_channels` memberships already: nothing changed.
+    AtLimit,
 }
 
 /// Sizes of the index, for metrics.
@@ -286,25 +350,82 @@ impl Fanout {
         }
 
         for link in member.into_links() {
-            let list = self.channels.value_mut(link.channel);
-            let removed = list.swap_remove(link.pos as usize);
-            debug_assert_eq!(removed, key);
-            if let Some(&moved) = list.get(link.pos as usize) {
-                // The last member moved into our slot: fix its remembered position.
-                let moved_member = &mut self.members[moved as usize];
-                if let Some(l) = moved_member.links_mut().find(|l| l.channel == link.channel) {
-                    l.pos = link.pos;
-                }
-            }
-            if list.is_empty() {
-                self.channels.remove(link.channel);
+            self.unlink(key, link);
+        }
+    }
+
+    /// Takes `key` out of the member vector of `link`'s channel (its record no longer holds the link).
+    fn unlink(&mut self, key: ConnKey, link: ChannelLink) {
+        let list = self.channels.value_mut(link.channel);
+        let removed = list.swap_remove(link.pos as usize);
+        debug_assert_eq!(removed, key);
+        if let Some(&moved) = list.get(link.pos as usize) {
+            // The last member moved into our slot: fix its remembered position.
+            let moved_member = &mut self.members[moved as usize];
+            if let Some(l) = moved_member.links_mut().find(|l| l.channel == link.channel) {
+                l.pos = link.pos;
             }
         }
+        if list.is_empty() {
+            self.channels.remove(link.channel);
+        }
+    }
+
+    /// Subscribes indexed connection `key` to `channel`, unless it is a member already or holds
+    /// `max_channels` memberships (the same bound a token's channels have, `auth.max_channels`).
+    pub fn join(&mut self, key: ConnKey, channel: &str, max_channels: usize) -> Joined {
+        let Some(member) = self.members.get(key as usize).filter(|m| m.user != NIL) else {
+            debug_assert!(false, "join of connection {key}, which is not indexed");
+            return Joined::Already;
+        };
+        if self
+            .channels
+            .find(channel)
+            .is_some_and(|id| member.has_channel(id))
+        {
+            return Joined::Already;
+        }
+        if member.link_count() >= max_channels {
+            return Joined::AtLimit;
+        }
+        let id = self.channels.get_or_insert_with(channel, Vec::new);
+        let list = self.channels.value_mut(id);
+        list.push(key);
+        let link = ChannelLink {
+            channel: id,
+            pos: (list.len() - 1) as u32,
+        };
+        self.members[key as usize].push_link(link);
+        Joined::Added
+    }
+
+    /// Unsubscribes indexed connection `key` from `channel`; false when it was not a member.
+    pub fn leave(&mut self, key: ConnKey, channel: &str) -> bool {
+        let Some(id) = self.channels.find(channel) else {
+            return false;
+        };
+        let Some(link) = self
+            .members
+            .get_mut(key as usize)
+            .filter(|m| m.user != NIL)
+            .and_then(|m| m.take_link(id))
+        else {
+            return false;
+        };
+        self.unlink(key, link);
+        true
+    }
+
+    /// The user and client token connection `key` is indexed under; `None` when it is not indexed.
+    pub fn identity(&self, key: ConnKey) -> Option<(&str, Option<&str>)> {
+        let member = self.members.get(key as usize).filter(|m| m.user != NIL)?;
+        let client = (!member.client.is_empty()).then_some(member.client.as_str());
+        Some((self.users.name(member.user), client))
     }
 
     /// How connection `key` is indexed (user, client token, channels), for a successor process to index it the
     /// same way (the live upgrade); `None` if it is not indexed.
-    pub fn identity(&self, key: ConnKey) -> Option<(&str, Option<&str>, Vec<&str>)> {
+    pub fn membership(&self, key: ConnKey) -> Option<(&str, Option<&str>, Vec<&str>)> {
         let member = self.members.get(key as usize)?;
         if member.user == NIL {
             return None;
@@ -404,18 +525,25 @@ mod tests {
     }
 
     #[test]
-    fn identity_gives_back_what_was_indexed() {
+    fn membership_gives_back_what_was_indexed_and_joined() {
         let mut f = Fanout::new();
         f.add(3, "alice", Some("phone"), &ch(&["news", "sport", "tech"]));
         f.add(4, "bob", None, &[]);
         assert_eq!(
-            f.identity(3),
+            f.membership(3),
             Some(("alice", Some("phone"), vec!["news", "sport", "tech"]))
         );
-        assert_eq!(f.identity(4), Some(("bob", None, vec![])));
-        assert_eq!(f.identity(5), None);
+        assert_eq!(f.membership(4), Some(("bob", None, vec![])));
+        assert_eq!(f.membership(5), None);
+        // Channels joined and left at run time are what a successor must index too.
+        assert_eq!(f.join(4, "late", 16), Joined::Added);
+        assert!(f.leave(3, "sport"));
+        let (_, _, mut channels) = f.membership(3).unwrap();
+        channels.sort();
+        assert_eq!(channels, ["news", "tech"]);
+        assert_eq!(f.membership(4), Some(("bob", None, vec!["late"])));
         f.remove(3);
-        assert_eq!(f.identity(3), None);
+        assert_eq!(f.membership(3), None);
     }
 
     #[test]
@@ -571,6 +699,148 @@ mod tests {
         f.add(0, &long, Some(&"c".repeat(60)), &[]);
         assert_eq!(user(&f, &long), vec![0]);
         assert_eq!(user_client(&f, &long, &"c".repeat(60)), vec![0]);
+    }
+
+    #[test]
+    fn join_and_leave_change_only_that_connections_membership() {
+        let mut f = Fanout::new();
+        f.add(0, "alice", None, &[]);
+        f.add(1, "bob", None, &ch(&["news"]));
+        assert_eq!(f.join(0, "news", 32), Joined::Added);
+        assert_eq!(channel(&f, "news"), vec![0, 1]);
+        assert_eq!(f.join(0, "news", 32), Joined::Already, "idempotent");
+        assert_eq!(channel(&f, "news"), vec![0, 1]);
+        assert!(f.leave(1, "news"));
+        assert!(!f.leave(1, "news"), "idempotent");
+        assert!(!f.leave(1, "never"));
+        assert_eq!(channel(&f, "news"), vec![0]);
+        assert!(f.leave(0, "news"));
+        assert_eq!(f.sizes().channels, 0, "an emptied channel is forgotten");
+    }
+
+    #[test]
+    fn join_stops_at_max_channels_counting_the_tokens_channels() {
+        let mut f = Fanout::new();
+        f.add(0, "a", None, &ch(&["t1", "t2"]));
+        assert_eq!(f.join(0, "r1", 3), Joined::Added);
+        assert_eq!(f.join(0, "r2", 3), Joined::AtLimit);
+        assert_eq!(
+            f.join(0, "t1", 3),
+            Joined::Already,
+            "a member is not at the limit"
+        );
+        assert!(f.leave(0, "t1"));
+        assert_eq!(f.join(0, "r2", 3), Joined::Added);
+        assert_eq!(channel(&f, "r2"), vec![0]);
+        assert_eq!(f.join(0, "x", 0), Joined::AtLimit);
+    }
+
+    #[test]
+    fn a_link_is_paid_only_while_used() {
+        let mut f = Fanout::new();
+        f.add(0, "a", None, &[]);
+        f.add(1, "b", None, &[]);
+        let spilled = |f: &Fanout, k: usize| f.members[k].more.is_some();
+        assert_eq!(f.join(0, "c1", 8), Joined::Added);
+        assert!(
+            !spilled(&f, 0),
+            "the first membership takes the inline slot"
+        );
+        assert_eq!(f.join(0, "c2", 8), Joined::Added);
+        assert!(spilled(&f, 0), "only a second one allocates");
+        assert!(f.leave(0, "c1"));
+        assert!(
+            !spilled(&f, 0),
+            "the spilled link moved inline and the list was freed"
+        );
+        assert_eq!(channel(&f, "c2"), vec![0]);
+        assert!(
+            !spilled(&f, 1),
+            "a connection that never changed pays nothing"
+        );
+        assert!(f.leave(0, "c2"));
+        assert_eq!(f.members[0].first.channel, NIL);
+    }
+
+    #[test]
+    fn leaving_fixes_the_position_of_the_member_moved_into_the_gap() {
+        let mut f = Fanout::new();
+        for k in 0..4 {
+            f.add(k, "u", None, &[]);
+            assert_eq!(f.join(k, "c", 8), Joined::Added);
+        }
+        assert!(f.leave(0, "c")); // 3 moves into position 0
+        f.remove(3); // must find its moved position
+        assert_eq!(channel(&f, "c"), vec![1, 2]);
+        for k in 0..3 {
+            f.remove(k);
+        }
+        assert_eq!(f.sizes(), FanoutSizes::default());
+    }
+
+    #[test]
+    fn identity_names_the_user_and_client_of_an_indexed_key() {
+        let mut f = Fanout::new();
+        f.add(3, "alice", Some("phone"), &[]);
+        f.add(4, "bob", None, &[]);
+        assert_eq!(f.identity(3), Some(("alice", Some("phone"))));
+        assert_eq!(f.identity(4), Some(("bob", None)));
+        assert_eq!(f.identity(5), None);
+        f.remove(3);
+        assert_eq!(f.identity(3), None);
+    }
+
+    #[test]
+    fn random_add_remove_join_leave_matches_a_naive_model() {
+        let mut f = Fanout::new();
+        let mut model: Vec<Option<(String, Vec<String>)>> = vec![None; 32];
+        let mut seed = 0x2545_f491_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const MAX: usize = 3;
+        for _ in 0..5_000 {
+            let k = (next() % 32) as usize;
+            let c = format!("ch{}", next() % 5);
+            match (&mut model[k], next() % 4) {
+                (None, _) => {
+                    let u = format!("user{}", next() % 4);
+                    f.add(k as u32, &u, None, &[]);
+                    model[k] = Some((u, Vec::new()));
+                }
+                (Some(_), 0) => {
+                    f.remove(k as u32);
+                    model[k] = None;
+                }
+                (Some((_, chans)), 1 | 2) => {
+                    let expect = if chans.contains(&c) {
+                        Joined::Already
+                    } else if chans.len() >= MAX {
+                        Joined::AtLimit
+                    } else {
+                        chans.push(c.clone());
+                        Joined::Added
+                    };
+                    assert_eq!(f.join(k as u32, &c, MAX), expect);
+                }
+                (Some((_, chans)), _) => {
+                    let was = chans.contains(&c);
+                    chans.retain(|x| *x != c);
+                    assert_eq!(f.leave(k as u32, &c), was);
+                }
+            }
+            for n in 0..5 {
+                let c = format!("ch{n}");
+                let expect: Vec<ConnKey> = (0..32)
+                    .filter(|&i| model[i].as_ref().is_some_and(|m| m.1.contains(&c)))
+                    .map(|i| i as ConnKey)
+                    .collect();
+                assert_eq!(channel(&f, &c), expect);
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! stream keeps it, and handed to every reactor through `dispatch`, the one way to reach them. Protocol logic is
 //! sans-IO: `proto` (HTTP helpers, the opening handshake, the frame codec), `auth`, `outbox`, `fanout` and
 //! `timer` never touch a socket or a clock. Several nodes form a cluster over Redis pub/sub (`cluster`).
-//! Clients that reconnect recover what they missed from per-stream history (`history`).
+//! Clients that reconnect recover what they missed from per-stream history (`history`). Connection events go to
+//! the backend's webhook from a bounded queue and a thread of their own (`events`).
 #![deny(missing_docs)]
 
 pub mod accept;
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod dispatch;
+pub mod events;
 pub mod fanout;
 pub mod handoff;
 pub mod history;

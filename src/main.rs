@@ -83,6 +83,8 @@ fn run() -> anyhow::Result<()> {
         Cmd::CheckConfig => {
             // The key files too: a bad PEM or JWKS file fails here, naming the key and the file.
             densepush::auth::load_static_keys(&config.auth)?;
+            // The events webhook's CA file too, when one is named.
+            densepush::events::Events::check(&config.events)?;
             // The certificate pair too: present, parsable, matching, not expired.
             if config.tls.listen.is_some() {
                 densepush::tls::Tls::load(&config.tls)

@@ -8,12 +8,29 @@
 //! cluster bridge for other nodes' publishes and for every cluster-stamped one. It does not decide whether a
 //! publish is allowed (draining, overload, the cluster link: `admin`), assign cluster offsets (`cluster`),
 //! build encodings (`message`) or pick recipients (the reactors' fanout indexes).
+//!
+//! A batch publish takes the same path: each item's payload is framed once and every one of its targets gets a
+//! [`Message`] sharing those bytes (a message is addressed to one stream, so its envelope and its place in
+//! history are per target); the kept ones are stored, and the whole batch goes to each reactor as one command,
+//! applied in the body's order.
 
 use crate::dispatch::Reactors;
 use crate::history::{Backfill, History};
 use crate::message::envelope::Stamp;
 use crate::message::{Message, Target};
+use crate::proto::frame;
 use std::sync::Arc;
+
+/// One message of a batch publish: a payload and every target it goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    /// Recipients, in the order given; at least one.
+    pub targets: Vec<Target>,
+    /// Binary (true) or text frame.
+    pub binary: bool,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
 
 /// History and the reactors, as one handle for whoever publishes.
 #[derive(Debug, Clone)]
@@ -42,6 +59,30 @@ impl Publisher {
     /// a stream without shared history. Returns the message as every reactor received it.
     pub fn publish(&self, target: Target, binary: bool, payload: &[u8]) -> Arc<Message> {
         self.deliver(Message::new(target, binary, payload), None)
+    }
+
+    /// Publishes a batch: each item framed once, one message per target sharing that frame, in the items'
+    /// order and each item's targets' order; messages of streams that keep history are stored. Every reactor
+    /// gets the batch as one command. Returns the messages as the reactors received them (with their places in
+    /// history, for the answer).
+    pub fn publish_batch(&self, items: Vec<BatchItem>) -> Arc<[Arc<Message>]> {
+        let count = items.iter().map(|item| item.targets.len()).sum();
+        let mut messages = Vec::with_capacity(count);
+        for item in items {
+            let bare = frame::encode_message(!item.binary, &item.payload);
+            messages.extend(
+                item.targets
+                    .into_iter()
+                    .map(|target| Message::sharing(target, item.binary, bare.clone())),
+            );
+        }
+        let dispatch = |batch: &Arc<[Arc<Message>]>| self.reactors.publish_batch(batch.clone());
+        if messages.iter().any(|m| self.history.keeps(m.target())) {
+            return self.history.append_batch(messages, dispatch);
+        }
+        let batch: Arc<[Arc<Message>]> = messages.into_iter().map(Arc::new).collect();
+        dispatch(&batch);
+        batch
     }
 
     /// Publishes a message whose epoch and offset the cluster assigned (`stamp`), after storing `backfill`:
@@ -167,6 +208,78 @@ mod tests {
                 "each stored message once, in sequence order"
             );
         }
+    }
+
+    /// The batches a mailbox received, in order.
+    fn batches(mailbox: &Mailbox) -> Vec<Arc<[Arc<Message>]>> {
+        let mut commands = Vec::new();
+        mailbox.take_all(&mut commands);
+        mailbox.applied(commands.len());
+        commands
+            .into_iter()
+            .map(|c| match c {
+                Command::PublishBatch { messages, next: 0 } => messages,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_frames_each_item_once_for_all_its_targets_and_stores_the_kept_ones() {
+        let (publisher, mailboxes, _polls) = publisher(2);
+        let items = vec![
+            BatchItem {
+                targets: vec![
+                    Target::User("a".into()),
+                    Target::Channel("n".into()),
+                    Target::User("b".into()),
+                ],
+                binary: false,
+                payload: b"one".to_vec(),
+            },
+            BatchItem {
+                targets: vec![Target::User("a".into())],
+                binary: true,
+                payload: vec![2],
+            },
+        ];
+        let sent = publisher.publish_batch(items);
+        assert_eq!(sent.len(), 4);
+        let bare = sent[0].frame(Encoding::Bare);
+        for m in &sent[1..3] {
+            assert_eq!(
+                m.frame(Encoding::Bare).as_ptr(),
+                bare.as_ptr(),
+                "framed once"
+            );
+        }
+        assert_eq!(sent[3].payload(), [2]);
+        // user streams keep history here, channels do not.
+        let offsets: Vec<Option<u64>> = sent.iter().map(|m| m.stamp().map(|s| s.offset)).collect();
+        assert_eq!(offsets, [Some(1), None, Some(1), Some(2)]);
+        let seqs: Vec<u64> = sent.iter().map(|m| m.seq()).collect();
+        assert_eq!(seqs, [1, 0, 2, 3]);
+        for mailbox in &mailboxes {
+            let got = batches(mailbox);
+            assert_eq!(got.len(), 1, "one command per reactor");
+            assert!(Arc::ptr_eq(&got[0], &sent));
+        }
+        let page = publisher.history().read("user:a", 0, 10).unwrap();
+        assert_eq!(page.entries.len(), 2);
+        assert!(Arc::ptr_eq(&page.entries[0].item, &sent[0]));
+    }
+
+    #[test]
+    fn a_batch_without_kept_streams_takes_no_place_in_history() {
+        let (publisher, mailboxes, _polls) = publisher(1);
+        let sent = publisher.publish_batch(vec![BatchItem {
+            targets: vec![Target::All, Target::Channel("x".into())],
+            binary: false,
+            payload: b"x".to_vec(),
+        }]);
+        assert!(sent.iter().all(|m| m.seq() == 0 && m.stamp().is_none()));
+        assert_eq!(publisher.history().last_seq(), 0);
+        assert!(Arc::ptr_eq(&batches(&mailboxes[0])[0], &sent));
     }
 
     #[test]

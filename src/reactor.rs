@@ -13,8 +13,9 @@ use crate::auth::{Authenticator, Identity};
 use crate::budget::Budget;
 use crate::conn::transport::{self, Plain, Transport};
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
-use crate::dispatch::{Command, Mailbox};
-use crate::fanout::Fanout;
+use crate::dispatch::{Command, Mailbox, Subscribed, Subscription};
+use crate::events;
+use crate::fanout::{Fanout, Joined};
 use crate::handoff::{self, channel::MAX_FDS, Order, Part};
 use crate::history::{self, History};
 use crate::message::{envelope, Encoding, Message, Target};
@@ -77,6 +78,10 @@ pub struct Settings {
     pub budget: Arc<Budget>,
     /// The TLS configuration, when `[tls]` is on.
     pub tls: Option<Arc<Tls>>,
+    /// Channels a connection may be in (`auth.max_channels`), for runtime subscriptions as for tokens.
+    pub max_channels: usize,
+    /// Where connection events go, when `events.webhook_url` is set.
+    pub events: Option<Arc<events::Events>>,
 }
 
 /// One reactor and everything it owns.
@@ -324,6 +329,7 @@ impl Reactor {
     /// Removes the connection everywhere and closes its socket (dropping the stream also drops its epoll
     /// registration, since no other descriptor refers to it).
     fn remove(&mut self, key: u32, ending: Ending) {
+        self.disconnect_event(key);
         self.fanout.remove(key);
         let mut conn = self.conns.remove(key as usize);
         let cx = Ctx {
@@ -684,7 +690,7 @@ impl Reactor {
                 },
             };
             conn.machine.snapshot(&mut records, &mut frames);
-            match self.fanout.identity(key) {
+            match self.fanout.membership(key) {
                 Some((user, client, channels)) => {
                     records.bool(true);
                     records.str(user);
@@ -744,6 +750,9 @@ impl Reactor {
                     .map(|_| r.str("channel").map(str::to_owned))
                     .collect::<Result<Vec<String>, _>>()?;
                 self.fanout.add(key, &user, client.as_deref(), &channels);
+                if let Some(events) = &self.settings.events {
+                    events.adopted(&user, self.fanout.user_count(&user) == 1);
+                }
             }
             if r.bool("tls present")? {
                 let session = tls::Session::restore(&mut r)?;
@@ -881,6 +890,10 @@ impl Reactor {
             identity.client.as_deref(),
             &identity.channels,
         );
+        if let Some(events) = &self.settings.events {
+            let first = self.fanout.user_count(&identity.user) == 1;
+            events.connected(&identity.user, identity.client.as_deref(), first);
+        }
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         self.metrics.connections_open.fetch_add(1, Relaxed);
         ReactorMetrics::inc(&self.metrics.handshakes_accepted);
@@ -1072,6 +1085,14 @@ impl Reactor {
                 }
                 closed
             }
+            Command::PublishBatch { messages, next } => self.publish_batch(messages, next),
+            Command::Subscribe { change, reply } => {
+                let counts = self.subscribe(&change);
+                if let Some(reply) = reply {
+                    let _ = reply.send(counts);
+                }
+                counts.changed
+            }
             Command::Presence { user, reply } => {
                 let _ = reply.send(self.fanout.user_count(&user));
                 1
@@ -1136,6 +1157,115 @@ impl Reactor {
         self.recipients = recipients;
         ReactorMetrics::add(&self.metrics.frames_delivered, delivered);
         count
+    }
+
+    /// Sends a batch's messages in order, from `next`, until about a turn's worth of sends is done; the rest
+    /// goes back to the front of the backlog, so a batch that reaches huge channels shares the loop with socket
+    /// reads and timers like a burst of single publishes. A batch weighs one pending command per message: the
+    /// caller counts the command applied, this counts the other messages it applied. Returns the sends done.
+    fn publish_batch(&mut self, messages: Arc<[Arc<Message>]>, next: usize) -> usize {
+        let mut spent = 0;
+        for (at, message) in messages.iter().enumerate().skip(next) {
+            if spent >= SENDS_PER_TURN {
+                // At least one message was applied: the first iteration never stops here.
+                self.mailbox.applied(at - next - 1);
+                self.backlog
+                    .push_front(Command::PublishBatch { messages, next: at });
+                return spent;
+            }
+            let seq = message.seq();
+            if seq != 0 {
+                debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
+                self.applied_seq = seq;
+            }
+            spent += self.publish(message).max(1);
+        }
+        self.mailbox.applied(messages.len() - next - 1);
+        spent
+    }
+
+    /// Applies a runtime subscription change to the target's open connections in this reactor; a connection
+    /// that joins with a position gets what it missed in the channel first (see [`Reactor::replay_join`]).
+    fn subscribe(&mut self, change: &Subscription) -> Subscribed {
+        self.collect(&change.target);
+        let keys = std::mem::take(&mut self.recipients);
+        let mut counts = Subscribed::default();
+        for &key in &keys {
+            if !self
+                .conns
+                .get(key as usize)
+                .is_some_and(|c| c.machine.is_open())
+            {
+                continue;
+            }
+            if !change.join {
+                counts.changed += usize::from(self.fanout.leave(key, &change.channel));
+                continue;
+            }
+            match self
+                .fanout
+                .join(key, &change.channel, self.settings.max_channels)
+            {
+                Joined::Added => {
+                    counts.changed += 1;
+                    if let Some(position) = &change.since {
+                        self.replay_join(key, position);
+                    }
+                }
+                Joined::AtLimit => counts.at_limit += 1,
+                Joined::Already => {}
+            }
+        }
+        self.recipients = keys;
+        counts
+    }
+
+    /// Sends a connection that just joined a channel what history holds after `position`, up to the last stored
+    /// message this reactor applied; later ones are behind this command in the mailbox and arrive live, so the
+    /// switch has no gap and no duplicate, as at an upgrade with `since`. Each message goes in the
+    /// connection's encoding; the `resync` notice that replaces a position history cannot serve goes only to
+    /// connections that receive envelopes (a bare client could not tell it from a message). Returns false if
+    /// the connection is gone.
+    fn replay_join(&mut self, key: u32, position: &envelope::Position) -> bool {
+        let mut missed = Vec::new();
+        // Channel streams carry no client tags: every member may read all of them.
+        let resync =
+            self.settings
+                .history
+                .recover_join(position, None, self.applied_seq, &mut missed);
+        let envelopes = self.conns[key as usize].machine.wants_envelopes();
+        let encoding = match envelopes {
+            false => Encoding::Bare,
+            true => Encoding::Envelope,
+        };
+        let frames = missed.iter().map(|m| m.frame(encoding));
+        for frame in frames.chain(resync.as_ref().filter(|_| envelopes)) {
+            if !self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The hook where an upgraded connection leaves: its disconnect event, while the index still knows who it
+    /// was, saying whether it was the user's last connection on this reactor (`events` turns that into the
+    /// user's offline event when no other reactor holds one). A connection that never upgraded was never
+    /// announced, so it is not in the index and gets none.
+    fn disconnect_event(&self, key: u32) {
+        let Some(events) = &self.settings.events else {
+            return;
+        };
+        let Some((user, client)) = self.fanout.identity(key) else {
+            return;
+        };
+        // RFC 6455 §7.1.5: a connection closed without a close frame reports 1006.
+        let code = self
+            .conns
+            .get(key as usize)
+            .and_then(|c| c.machine.close_code())
+            .unwrap_or(1006);
+        let last = self.fanout.user_count(user) == 1;
+        events.disconnected(user, client, code, last);
     }
 
     fn begin_shutdown(&mut self, timeout: Duration) {

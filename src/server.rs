@@ -13,6 +13,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::conn::Rules;
 use crate::dispatch::{Mailbox, Reactors};
+use crate::events::Events;
 use crate::handoff::{
     self,
     give::{Giver, Outcome, UpgradeState},
@@ -57,6 +58,8 @@ pub struct Running {
     cluster: Option<Arc<Cluster>>,
     /// Shared with the admin server: set when draining starts.
     draining: Arc<AtomicBool>,
+    /// The connection events sender, when `events.webhook_url` is set.
+    events: Option<Arc<Events>>,
     /// What a live upgrade hands over from here.
     successor: Successor,
 }
@@ -99,6 +102,8 @@ impl Running {
     pub fn upgrade(&self) {
         let s = &self.successor;
         Giver {
+            events: self.events.clone(),
+            finish_within: self.shutdown_timeout,
             exe: s.exe.clone(),
             args: s.args.clone(),
             facts: s.facts.clone(),
@@ -110,10 +115,14 @@ impl Running {
         .upgrade();
     }
 
-    /// Waits for every reactor to finish.
+    /// Waits for every reactor to finish, then gives the events sender a last chance to send the disconnect
+    /// events of the drain (within `server.shutdown_timeout_ms` again, one attempt per request).
     pub fn join(self) {
         for handle in self.threads {
             let _ = handle.join();
+        }
+        if let Some(events) = &self.events {
+            events.finish(self.shutdown_timeout);
         }
     }
 }
@@ -139,7 +148,8 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         }
     };
     // Every reactor gets a clone of these settings, and with it the same shared open-connection counter.
-    let settings = reactor_settings(config, history.clone(), tls.clone());
+    let events = Events::start(&config.events, &config.cluster.node_id)?;
+    let settings = reactor_settings(config, history.clone(), tls.clone(), events.clone());
 
     // One listener per reactor and scheme: the first settles the port (it may be 0); the others share it
     // through SO_REUSEPORT, and the kernel spreads incoming connections over them. A successor receives the
@@ -231,7 +241,11 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         limits: http::Limits {
             max_head_bytes: config.admin.max_request_head_bytes,
             max_headers: config.admin.max_request_headers,
-            max_body_bytes: config.admin.max_publish_bytes,
+            // The larger of the two: each route's own limit is checked once its head is in (`Api::admit`).
+            max_body_bytes: config
+                .admin
+                .max_publish_bytes
+                .max(config.admin.max_batch_bytes),
         },
         max_connections: config.admin.max_connections,
         timeouts: Timeouts {
@@ -249,10 +263,15 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
             ApiSettings {
                 api_key: config.admin.api_key.clone(),
                 draining: draining.clone(),
+                max_publish_bytes: config.admin.max_publish_bytes,
+                max_batch_bytes: config.admin.max_batch_bytes,
+                max_batch_targets: config.admin.max_batch_targets,
+                max_id_bytes: config.auth.max_id_bytes,
             },
             cluster,
         )
         .with_tls(tls.clone())
+        .with_events(events.clone())
         .with_upgrade(upgrade.clone())
     };
     let mut admin = if taker.is_none() {
@@ -333,6 +352,7 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
             history,
             state: upgrade,
         },
+        events,
     })
 }
 
@@ -363,7 +383,12 @@ fn history_settings(config: &Config) -> history::Settings {
     }
 }
 
-fn reactor_settings(config: &Config, history: Arc<History>, tls: Option<Arc<Tls>>) -> Settings {
+fn reactor_settings(
+    config: &Config,
+    history: Arc<History>,
+    tls: Option<Arc<Tls>>,
+    events: Option<Arc<Events>>,
+) -> Settings {
     let ws = &config.websocket;
     let tick_ms = ws.timer_tick_ms.max(1);
     // Round up: a deadline never fires early.
@@ -396,6 +421,8 @@ fn reactor_settings(config: &Config, history: Arc<History>, tls: Option<Arc<Tls>
         history,
         budget: Arc::new(Budget::new(ws.max_buffered_bytes_total)),
         tls,
+        max_channels: config.auth.max_channels,
+        events,
     }
 }
 

@@ -8,6 +8,8 @@
 //! - broadcast: `b:{seq}:{ts_ns}:`
 //! - unicast:   `u:{user}:{seq}:{ts_ns}:` (`seq` counts messages to that user, from 0)
 //! - churn:     `c:{seq}:{ts_ns}:` (published to all while connections come and go)
+//! - batch:     `k:{round}:{ts_ns}:` (one message per `POST /publish/batch` naming `--batch-targets` users; each
+//!   round reaches every user once, so every connection sees rounds 0, 1, 2, ... in order)
 //!
 //! `ts_ns` is CLOCK_MONOTONIC at publish time; the monotonic clock is one system-wide clock on Linux, so a
 //! worker process can subtract it from its own reading.
@@ -25,6 +27,8 @@ pub enum Stream {
     Unicast,
     /// `POST /publish/all` during the churn phase.
     Churn,
+    /// `POST /publish/batch` to every user, round after round, during the batch phase.
+    Batch,
 }
 
 impl Stream {
@@ -34,6 +38,7 @@ impl Stream {
             Stream::Broadcast => b'b',
             Stream::Unicast => b'u',
             Stream::Churn => b'c',
+            Stream::Batch => b'k',
         }
     }
 
@@ -43,6 +48,7 @@ impl Stream {
             Stream::Broadcast => "broadcast",
             Stream::Unicast => "unicast",
             Stream::Churn => "churn",
+            Stream::Batch => "batch",
         }
     }
 }
@@ -91,6 +97,7 @@ pub fn parse(payload: &[u8]) -> Result<Payload<'_>, PayloadError> {
         Some(b'b') => Stream::Broadcast,
         Some(b'u') => Stream::Unicast,
         Some(b'c') => Stream::Churn,
+        Some(b'k') => Stream::Batch,
         _ => return Err(PayloadError::UnknownTag),
     };
     let mut fields = payload.split(|&b| b == b':');
@@ -257,6 +264,18 @@ mod tests {
         let parsed = parse(&bytes).unwrap();
         assert_eq!(parsed.user, Some("u42"));
         assert_eq!((parsed.seq, parsed.ts_ns), (3, 9));
+    }
+
+    #[test]
+    fn batch_payload_carries_its_round() {
+        let bytes = encode(Stream::Batch, None, 4, 77, 0);
+        assert_eq!(bytes, b"k:4:77:");
+        let p = parse(&bytes).unwrap();
+        assert_eq!(
+            (p.stream, p.user, p.seq, p.ts_ns),
+            (Stream::Batch, None, 4, 77)
+        );
+        assert_eq!(Stream::Batch.name(), "batch");
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum Phase {
     Broadcast,
     /// Concurrent publishers to random users; publishes/s, latency, per-user check.
     Unicast,
+    /// Batch publishes naming `--batch-targets` users each, every user once per round; targets delivered/s
+    /// against the unicast phase's single publishes.
+    Batch,
     /// Close and reopen connections while publishing to all; memory after.
     Churn,
 }
@@ -88,11 +91,12 @@ pub struct RunArgs {
     /// Channels: connection i joins ch{i % K} (0 = none).
     #[arg(long, default_value_t = 16)]
     pub channels: u64,
-    /// Phases to run (always in the order connect, idle, broadcast, unicast, churn; all but connect need it).
+    /// Phases to run (always in the order connect, idle, broadcast, unicast, batch, churn; all but connect need
+    /// it).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "connect,idle,broadcast,unicast,churn"
+        default_value = "connect,idle,broadcast,unicast,batch,churn"
     )]
     pub phases: Vec<Phase>,
 
@@ -129,6 +133,14 @@ pub struct RunArgs {
     /// Messages published to random users in the unicast phase, over all publishers.
     #[arg(long, default_value_t = 10_000)]
     pub unicast_messages: u64,
+
+    /// Rounds of the batch phase: each reaches every user once, through batches of `--batch-targets` users,
+    /// sent by `--publishers` concurrent publishers.
+    #[arg(long, default_value_t = 10)]
+    pub batch_rounds: u64,
+    /// User targets per batch publish (one message per batch, framed once for all of them).
+    #[arg(long, default_value_t = 1000)]
+    pub batch_targets: u64,
 
     /// Seconds of churn.
     #[arg(long, default_value_t = 10.0)]
@@ -197,6 +209,9 @@ impl RunArgs {
         if self.publishers == 0 {
             return Err("--publishers must be at least 1".into());
         }
+        if self.batch_targets == 0 {
+            return Err("--batch-targets must be at least 1".into());
+        }
         if !self.path.starts_with('/') {
             return Err("--path must start with '/'".into());
         }
@@ -217,7 +232,7 @@ mod tests {
     #[test]
     fn defaults_run_every_phase_against_loopback() {
         let args = parse(&[]);
-        assert_eq!(args.phases.len(), 5);
+        assert_eq!(args.phases.len(), 6);
         assert!(args.validate().is_ok());
     }
 

@@ -14,8 +14,8 @@ use crate::proto::{
 };
 use crate::publisher::{self, PayloadSpec};
 use crate::report::{
-    BroadcastSection, ChurnSection, ConnectSection, Delivery, HealthSection, MemorySample,
-    MemorySection, Report, RunConfig, ServerMetrics, UnicastSection, REPORT_VERSION,
+    BatchSection, BroadcastSection, ChurnSection, ConnectSection, Delivery, HealthSection,
+    MemorySample, MemorySection, Report, RunConfig, ServerMetrics, UnicastSection, REPORT_VERSION,
 };
 use crate::session::MAX_VIOLATIONS;
 use crate::stats::{self, Latency};
@@ -214,6 +214,14 @@ impl Run<'_> {
                     }
                 }
                 Phase::Unicast => report.unicast = Some(self.unicast()?),
+                Phase::Batch => {
+                    let mut section = self.batch()?;
+                    let unicast = report.unicast.as_ref().map(|u| u.targets_delivered_per_sec);
+                    section.vs_unicast = unicast
+                        .filter(|u| *u > 0.0)
+                        .map(|u| section.targets_delivered_per_sec / u);
+                    report.batch = Some(section);
+                }
                 Phase::Churn => {
                     report.churn = Some(self.churn()?);
                     if let Some(m) = &mut report.memory {
@@ -443,6 +451,53 @@ impl Run<'_> {
             publish_failures: t.failures.clone(),
             publishes_per_sec: stats::per_sec(t.accepted, t.last_ns.saturating_sub(t.first_ns)),
             publish_latency: t.latency.summary(),
+            server_cpu_ns: cpu,
+            generator_cpu_ns: diff(gen0, self.generator_cpu_ns()),
+            cpu_ns_per_delivery: cpu.and_then(|c| per(c, delivery.received)),
+            targets_delivered_per_sec: delivery.deliveries_per_sec / cpu_user as f64,
+            delivery,
+        })
+    }
+
+    fn batch(&mut self) -> anyhow::Result<BatchSection> {
+        let deadline = self.phase_deadline(self.args.phase_timeout_secs);
+        let cpu0 = self.cpu_ns();
+        let gen0 = self.generator_cpu_ns();
+        let users = self.args.conns.div_ceil(self.args.conns_per_user);
+        let published = publisher::batch(
+            self.args.admin,
+            self.args.publishers,
+            self.args.batch_rounds,
+            users,
+            self.args.batch_targets,
+            self.spec(),
+            deadline,
+        );
+        let rounds = published.rounds;
+        let mut delivery = self.await_delivery(
+            "batch",
+            Stream::Batch,
+            |_| Expectation::All(rounds),
+            published.totals.first_ns,
+            deadline,
+        )?;
+        // Round 0 of each connection is nothing special.
+        delivery.first_message_latency = None;
+        let cpu = diff(cpu0, self.cpu_ns());
+        let t = &published.totals;
+        Ok(BatchSection {
+            publishers: published.publishers,
+            targets_per_batch: self.args.batch_targets,
+            rounds,
+            batches: t.accepted,
+            targets: published.targets,
+            retried: published.retried,
+            publish_failures: t.failures.clone(),
+            batches_per_sec: stats::per_sec(t.accepted, t.last_ns.saturating_sub(t.first_ns)),
+            batch_latency: t.latency.summary(),
+            targets_delivered_per_sec: delivery.deliveries_per_sec
+                / self.args.conns_per_user as f64,
+            vs_unicast: None,
             server_cpu_ns: cpu,
             generator_cpu_ns: diff(gen0, self.generator_cpu_ns()),
             cpu_ns_per_delivery: cpu.and_then(|c| per(c, delivery.received)),

@@ -1,5 +1,6 @@
-//! Publishing through the admin API: a paced series to `/publish/all` (broadcast and churn streams) and P
-//! concurrent unicast publishers, each with its own keep-alive connection and thread.
+//! Publishing through the admin API: a paced series to `/publish/all` (broadcast and churn streams), P
+//! concurrent unicast publishers and P concurrent batch publishers, each with its own keep-alive connection and
+//! thread.
 //!
 //! It owns what is published and the count of what the server accepted (202), which is what the workers are
 //! then told to expect. A message counts as sent only once accepted, so a refused publish is never "lost".
@@ -247,4 +248,142 @@ fn unicast_publisher(
         .map(|(k, n)| (p + k as u64 * publishers, n))
         .collect();
     (out, pairs)
+}
+
+/// Result of the batch phase's publishing.
+#[derive(Debug, Default)]
+pub struct BatchPublished {
+    /// Totals over all publishers; `accepted` counts batches, `latency` is per batch.
+    pub totals: Published,
+    /// User targets in accepted batches.
+    pub targets: u64,
+    /// Rounds every user received (the rounds each publisher finished, at least).
+    pub rounds: u64,
+    /// Batches answered 503 (reactors behind) and sent again.
+    pub retried: u64,
+    /// Publishers that ran.
+    pub publishers: usize,
+}
+
+/// Publishes `rounds` rounds of `Stream::Batch`: in each, every user `0..users` is named once, `per_batch` users
+/// per `POST /publish/batch` holding one message (framed once by the server for all of them). Publisher `p` of
+/// `publishers` owns the batches `p, p + P, …` of each round, so each user's messages come from one connection,
+/// in round order. A batch refused with 503 (reactors behind) is sent again after a short pause.
+pub fn batch(
+    admin: SocketAddr,
+    publishers: usize,
+    rounds: u64,
+    users: u64,
+    per_batch: u64,
+    spec: PayloadSpec,
+    deadline: Instant,
+) -> BatchPublished {
+    let chunks = users.div_ceil(per_batch.max(1));
+    let publishers = publishers.min(chunks.max(1) as usize).max(1);
+    let handles: Vec<_> = (0..publishers as u64)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let mine: Vec<u64> = (p..chunks).step_by(publishers).collect();
+                batch_publisher(admin, &mine, rounds, users, per_batch, spec, deadline)
+            })
+        })
+        .collect();
+    let mut out = BatchPublished {
+        rounds,
+        publishers,
+        ..Default::default()
+    };
+    for handle in handles {
+        let (published, done) = handle.join().expect("batch publisher thread panicked");
+        out.totals.merge(published);
+        out.targets += done.targets;
+        out.retried += done.retried;
+        out.rounds = out.rounds.min(done.rounds);
+    }
+    out
+}
+
+/// What one batch publisher got done besides its totals.
+#[derive(Debug, Default)]
+struct BatchDone {
+    targets: u64,
+    rounds: u64,
+    retried: u64,
+}
+
+/// One batch publisher over its chunks of users.
+fn batch_publisher(
+    admin: SocketAddr,
+    chunks: &[u64],
+    rounds: u64,
+    users: u64,
+    per_batch: u64,
+    spec: PayloadSpec,
+    deadline: Instant,
+) -> (Published, BatchDone) {
+    let mut client = AdminClient::new(admin);
+    let mut out = Published::default();
+    let mut done = BatchDone::default();
+    // The targets of each chunk, built once: `"user/u1","user/u2",…`.
+    let targets: Vec<(u64, String)> = chunks
+        .iter()
+        .map(|&c| {
+            let first = c * per_batch;
+            let end = (first + per_batch).min(users);
+            let list: Vec<String> = (first..end).map(|u| format!("\"user/u{u}\"")).collect();
+            (end - first, list.join(","))
+        })
+        .collect();
+    for round in 0..rounds {
+        for (count, list) in &targets {
+            let ts = monotonic_ns();
+            let payload = checker::encode(Stream::Batch, None, round, ts, spec.bytes);
+            let data = if spec.binary {
+                use base64::Engine as _;
+                format!(
+                    "\"data_base64\":\"{}\"",
+                    base64::engine::general_purpose::STANDARD.encode(&payload)
+                )
+            } else {
+                // Our payloads are ASCII letters, digits, ':' and '.': nothing to escape in a JSON string.
+                format!("\"data\":\"{}\"", String::from_utf8_lossy(&payload))
+            };
+            let body = format!("{{\"messages\":[{{\"targets\":[{list}],{data}}}]}}");
+            loop {
+                if Instant::now() >= deadline {
+                    done.rounds = round;
+                    return (out, done);
+                }
+                match client.post("/publish/batch", body.as_bytes(), false) {
+                    Ok(resp) if resp.status == 202 => {
+                        let now = monotonic_ns();
+                        out.latency.record_between(ts, now);
+                        out.accepted += 1;
+                        if out.first_ns == 0 {
+                            out.first_ns = ts;
+                        }
+                        out.last_ns = now;
+                        done.targets += count;
+                        break;
+                    }
+                    Ok(resp) if resp.status == 503 => {
+                        done.retried += 1;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Ok(resp) => {
+                        stats::count(&mut out.failures, &format!("http_{}", resp.status), 1);
+                        done.rounds = round;
+                        return (out, done);
+                    }
+                    Err(_) => {
+                        stats::count(&mut out.failures, "io", 1);
+                        done.rounds = round;
+                        return (out, done);
+                    }
+                }
+            }
+        }
+    }
+    done.rounds = rounds;
+    (out, done)
 }

@@ -38,6 +38,8 @@ pub struct Report {
     pub broadcast: Option<BroadcastSection>,
     /// Unicast phase, or null.
     pub unicast: Option<UnicastSection>,
+    /// Batch phase, or null.
+    pub batch: Option<BatchSection>,
     /// Churn phase, or null.
     pub churn: Option<ChurnSection>,
     /// Connection health over the whole run, from the workers.
@@ -101,6 +103,11 @@ pub struct Headline {
     pub unicast_publish_p99_us: Option<u64>,
     /// Unicast publish-to-receive p99 (`unicast.delivery.latency.p99_us`).
     pub unicast_delivery_p99_us: Option<u64>,
+    /// User targets delivered per second through batch publishes (`batch.targets_delivered_per_sec`).
+    pub batch_targets_delivered_per_sec: Option<f64>,
+    /// The same figure for single publishes in the unicast phase of this run
+    /// (`unicast.targets_delivered_per_sec`).
+    pub unicast_targets_delivered_per_sec: Option<f64>,
     /// Server CPU per broadcast delivery (`broadcast.cpu_ns_per_delivery`).
     pub cpu_ns_per_delivery: Option<f64>,
     /// Messages lost, summed over broadcast, unicast and churn.
@@ -262,6 +269,45 @@ pub struct UnicastSection {
     pub generator_cpu_ns: Option<u64>,
     /// Server CPU per delivery received, ns.
     pub cpu_ns_per_delivery: Option<f64>,
+    /// User targets delivered per second: each publish names one user, so its deliveries divided by
+    /// `--conns-per-user`, first publish to last delivery (compare `batch.targets_delivered_per_sec`).
+    pub targets_delivered_per_sec: f64,
+}
+
+/// Batch phase: `POST /publish/batch`, one message naming `targets_per_batch` users per request.
+#[derive(Debug, Default, Serialize)]
+pub struct BatchSection {
+    /// Concurrent publishers.
+    pub publishers: usize,
+    /// User targets per batch (`--batch-targets`; the last batch of a round may name fewer).
+    pub targets_per_batch: u64,
+    /// Rounds every user received.
+    pub rounds: u64,
+    /// Batches accepted (202).
+    pub batches: u64,
+    /// User targets in accepted batches.
+    pub targets: u64,
+    /// Batches answered 503 (reactors behind) and sent again.
+    pub retried: u64,
+    /// Batches refused or failed otherwise, by reason.
+    pub publish_failures: Reasons,
+    /// Accepted batches per second over the publishing time.
+    pub batches_per_sec: f64,
+    /// Batch request round trip, write to 202.
+    pub batch_latency: Option<Percentiles>,
+    /// User targets delivered per second: deliveries divided by `--conns-per-user`, first publish to last
+    /// delivery.
+    pub targets_delivered_per_sec: f64,
+    /// `targets_delivered_per_sec` over the unicast phase's, when both ran.
+    pub vs_unicast: Option<f64>,
+    /// What the connections received.
+    pub delivery: Delivery,
+    /// Server CPU over the phase, ns.
+    pub server_cpu_ns: Option<u64>,
+    /// Generator CPU over the phase, ns (see `connect.generator_cpu_ns`).
+    pub generator_cpu_ns: Option<u64>,
+    /// Server CPU per delivery received, ns.
+    pub cpu_ns_per_delivery: Option<f64>,
 }
 
 /// Churn phase.
@@ -356,7 +402,12 @@ impl Report {
             h.unicast_publishes_per_sec = Some(u.publishes_per_sec);
             h.unicast_publish_p99_us = u.publish_latency.map(|l| l.p99_us);
             h.unicast_delivery_p99_us = u.delivery.latency.map(|l| l.p99_us);
+            h.unicast_targets_delivered_per_sec = Some(u.targets_delivered_per_sec);
             deliveries.push(&u.delivery);
+        }
+        if let Some(b) = &self.batch {
+            h.batch_targets_delivered_per_sec = Some(b.targets_delivered_per_sec);
+            deliveries.push(&b.delivery);
         }
         if let Some(c) = &self.churn {
             deliveries.push(&c.delivery);
@@ -460,6 +511,24 @@ impl Report {
                     rate(v),
                     us(h.unicast_publish_p99_us),
                     us(h.unicast_delivery_p99_us)
+                )
+            }),
+        );
+        line(
+            &mut s,
+            "batch targets delivered/s",
+            h.batch_targets_delivered_per_sec.map_or_else(na, |v| {
+                let b = self.batch.as_ref().expect("headline implies section");
+                let versus = h
+                    .unicast_targets_delivered_per_sec
+                    .map_or_else(String::new, |u| {
+                        format!("; single publishes: {} = x{:.1}", rate(u), v / u.max(1e-9))
+                    });
+                format!(
+                    "{}  ({} users per batch, {} rounds{versus})",
+                    rate(v),
+                    b.targets_per_batch,
+                    b.rounds
                 )
             }),
         );
@@ -595,6 +664,30 @@ impl Report {
             }
             if !u.publish_failures.is_empty() {
                 line(s, "publish failures", reasons(&u.publish_failures));
+            }
+        }
+        if let Some(b) = &self.batch {
+            let _ = writeln!(
+                s,
+                "\nbatch ({} publishers, {} batches of up to {} users, {} rounds)",
+                b.publishers, b.batches, b.targets_per_batch, b.rounds
+            );
+            line(s, "targets delivered/s", rate(b.targets_delivered_per_sec));
+            if let Some(v) = b.vs_unicast {
+                line(s, "vs single publishes", format!("x{v:.1}"));
+            }
+            line(s, "batches/s", rate(b.batches_per_sec));
+            line(s, "batch latency", pct(b.batch_latency));
+            delivery(s, &b.delivery);
+            cpu_lines(s, b.server_cpu_ns, b.generator_cpu_ns);
+            if let Some(v) = b.cpu_ns_per_delivery {
+                line(s, "server CPU per delivery", format!("{v:.0} ns"));
+            }
+            if b.retried > 0 {
+                line(s, "retried after 503", b.retried.to_string());
+            }
+            if !b.publish_failures.is_empty() {
+                line(s, "publish failures", reasons(&b.publish_failures));
             }
         }
         if let Some(c) = &self.churn {

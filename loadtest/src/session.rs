@@ -91,7 +91,7 @@ impl StreamTally {
 #[derive(Debug, Default)]
 pub struct Tally {
     /// Broadcast, unicast and churn, indexed by `stream_index`.
-    pub streams: [StreamTally; 3],
+    pub streams: [StreamTally; 4],
     /// Data frames that are not one of our payloads.
     pub malformed: u64,
     /// Pings received while open (each answered).
@@ -110,6 +110,7 @@ pub fn stream_index(stream: Stream) -> usize {
         Stream::Broadcast => 0,
         Stream::Unicast => 1,
         Stream::Churn => 2,
+        Stream::Batch => 3,
     }
 }
 
@@ -136,6 +137,7 @@ pub struct Session {
     broadcast: SeqTracker,
     unicast: SeqTracker,
     churn: Option<SeqTracker>,
+    batch: SeqTracker,
 }
 
 impl Session {
@@ -154,6 +156,7 @@ impl Session {
             broadcast: SeqTracker::new(),
             unicast: SeqTracker::new(),
             churn: None,
+            batch: SeqTracker::new(),
         }
     }
 
@@ -199,6 +202,7 @@ impl Session {
             Stream::Broadcast => Some(&self.broadcast),
             Stream::Unicast => Some(&self.unicast),
             Stream::Churn => self.churn.as_ref(),
+            Stream::Batch => Some(&self.batch),
         }
     }
 
@@ -371,6 +375,7 @@ impl Session {
         let tracker = match msg.stream {
             Stream::Broadcast => &mut self.broadcast,
             Stream::Unicast => &mut self.unicast,
+            Stream::Batch => &mut self.batch,
             Stream::Churn => match &mut self.churn {
                 Some(t) => t,
                 None => {

@@ -1,18 +1,23 @@
 //! The admin API's handlers: a parsed request in, a [`Reply`] out.
 //!
-//! It owns what each route does — the key check (also callable on a head alone, before its body is read),
-//! publishing, kicks, presence, history, health, metrics and the dashboard — and talks to the node through the
+//! It owns what each route does — the key check and the body limits (also callable on a head alone, before its
+//! body is read), publishing (single and batch), kicks, runtime subscriptions, presence, history, health, metrics
+//! and the dashboard — and talks to the node through the
 //! publish path (`publish`, which also holds the reactors and history) and the cluster to do it. It does not own
 //! sockets, buffers or connection limits (`server`, `conn`), request framing (`http`), the route table (`route`),
 //! or how a message is framed, stored and delivered (`publish`).
 
-use super::http::{Method, Request};
+use super::batch;
+use super::http::{Head, Method, Request};
 use super::route::{self, Route, RouteError};
 use super::stats;
 use crate::cluster::Cluster;
-use crate::message::{self, Target};
+use crate::dispatch::Subscription;
+use crate::events::Events;
+use crate::message::envelope::Position;
+use crate::message::{self, Message, Target};
 use crate::metrics::{self, AdminMetrics, ReactorMetrics, TargetKind};
-use crate::publish::Publisher;
+use crate::publish::{BatchItem, Publisher};
 use base64::Engine as _;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -43,6 +48,14 @@ pub struct ApiSettings {
     /// Set when the server starts draining (SIGTERM): health checks answer 503 so load balancers stop
     /// sending clients, and publishes answer 503 instead of a 202 for connections that are closing.
     pub draining: Arc<AtomicBool>,
+    /// `admin.max_publish_bytes`: the body of every route but the batch, and each batch message's payload.
+    pub max_publish_bytes: usize,
+    /// `admin.max_batch_bytes`: the body of `POST /publish/batch`.
+    pub max_batch_bytes: usize,
+    /// `admin.max_batch_targets`: targets in one batch.
+    pub max_batch_targets: usize,
+    /// `auth.max_id_bytes`: the longest channel name a subscription may add (as in a token).
+    pub max_id_bytes: usize,
 }
 
 /// A response before it is written.
@@ -87,6 +100,8 @@ pub struct Api {
     tls: Option<Arc<crate::tls::Tls>>,
     /// Live-upgrade counters and the last outcome (`/metrics`, `/healthz`).
     upgrade: Option<Arc<crate::handoff::give::UpgradeState>>,
+    /// The connection events sender, when `events.webhook_url` is set (its counters are on `/metrics`).
+    events: Option<Arc<Events>>,
 }
 
 impl Api {
@@ -106,7 +121,14 @@ impl Api {
             cluster,
             tls: None,
             upgrade: None,
+            events: None,
         }
+    }
+
+    /// Reports the connection events counters too.
+    pub fn with_events(mut self, events: Option<Arc<Events>>) -> Api {
+        self.events = events;
+        self
     }
 
     /// Reports the TLS counters too.
@@ -164,6 +186,24 @@ impl Api {
         Err(reply)
     }
 
+    /// What the listener checks when a request head is complete, before any of its body is read: the key,
+    /// then the route's body limit (`admin.max_batch_bytes` for a batch, `admin.max_publish_bytes` for every
+    /// other route), so an oversized body is refused with 413 without being buffered. `Err` holds the answer.
+    pub fn admit(&self, head: &Head) -> Result<(), Reply> {
+        self.check_key(head.method, &head.path, head.authorization.as_deref())?;
+        let limit = match route::route(head.method, &head.path) {
+            Ok(Route::PublishBatch) => self.settings.max_batch_bytes,
+            _ => self.settings.max_publish_bytes,
+        };
+        if head.body_len > limit {
+            return Err(Reply::error(
+                413,
+                super::http::HttpError::BodyTooLarge.message(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Answers one request.
     pub fn handle(&self, request: &Request) -> Reply {
         let authorization = request.authorization.as_deref();
@@ -194,6 +234,15 @@ impl Api {
                 self.publish(Target::Channel(channel), TargetKind::Channel, request)
             }
             Route::PublishAll => self.publish(Target::All, TargetKind::All, request),
+            Route::PublishBatch => self.publish_batch(request),
+            Route::SubscribeUser { user, channel } => {
+                self.subscribe(Target::User(user), channel, request)
+            }
+            Route::SubscribeUserClient {
+                user,
+                client,
+                channel,
+            } => self.subscribe(Target::UserClient(user, client), channel, request),
             Route::KickUser { user } => self.kick(Target::User(user), request),
             Route::KickUserClient { user, client } => {
                 self.kick(Target::UserClient(user, client), request)
@@ -247,6 +296,9 @@ impl Api {
         if let Some(upgrade) = &self.upgrade {
             upgrade.render_metrics(&mut text);
         }
+        if let Some(events) = &self.events {
+            events.render_metrics(&mut text);
+        }
         text
     }
 
@@ -287,20 +339,8 @@ impl Api {
                 "body is not valid UTF-8; send binary with Content-Type: application/octet-stream",
             );
         }
-        if self.settings.draining.load(Relaxed) {
-            return Reply::error(
-                503,
-                "shutting down: connections are closing; publish through another node",
-            );
-        }
-        // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
-        if self.publisher.reactors().overloaded() {
-            let mut reply = Reply::error(
-                503,
-                "overloaded: reactors are behind on earlier publishes; retry later",
-            );
-            reply.headers.push(("Retry-After", "1".to_string()));
-            return reply;
+        if let Err(refusal) = self.refuse_while_busy() {
+            return refusal;
         }
         // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
         let history = self.publisher.history();
@@ -342,6 +382,229 @@ impl Api {
             answer["offset"] = offset.into();
         }
         Reply::json(202, answer)
+    }
+
+    /// The 503 for a publish while the node drains or its reactors are behind, if either is so.
+    fn refuse_while_busy(&self) -> Result<(), Reply> {
+        if self.settings.draining.load(Relaxed) {
+            return Err(Reply::error(
+                503,
+                "shutting down: connections are closing; publish through another node",
+            ));
+        }
+        // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
+        if self.publisher.reactors().overloaded() {
+            let mut reply = Reply::error(
+                503,
+                "overloaded: reactors are behind on earlier publishes; retry later",
+            );
+            reply.headers.push(("Retry-After", "1".to_string()));
+            return Err(reply);
+        }
+        Ok(())
+    }
+
+    /// `POST /publish/batch`: the whole body is checked first (400/413 with nothing published), then each
+    /// message is framed once for all its targets and the batch goes to every reactor as one command. In a
+    /// cluster, messages to streams that keep history get their offsets from Redis one by one (in one round
+    /// trip) and reach every node through the bus like single stamped publishes; the others travel as one bus
+    /// message.
+    fn publish_batch(&self, request: &Request) -> Reply {
+        let limits = batch::Limits {
+            max_targets: self.settings.max_batch_targets,
+            max_payload_bytes: self.settings.max_publish_bytes,
+        };
+        let items = match batch::parse(&request.body, &limits) {
+            Ok(items) => items,
+            Err(e) => {
+                let mut answer = serde_json::json!({ "error": e.to_string() });
+                if let Some(index) = e.index() {
+                    answer["index"] = index.into();
+                }
+                return Reply::json(e.status(), answer);
+            }
+        };
+        if let Err(refusal) = self.refuse_while_busy() {
+            return refusal;
+        }
+        let messages = items.len();
+        let targets: usize = items.iter().map(|item| item.targets.len()).sum();
+        let mut kinds = [0u64; metrics::TARGET_LABELS.len()];
+        for target in items.iter().flat_map(|item| &item.targets) {
+            kinds[target_kind(target) as usize] += 1;
+        }
+        let positions = match &self.cluster {
+            None => {
+                let counts: Vec<usize> = items.iter().map(|item| item.targets.len()).collect();
+                let sent = self.publisher.publish_batch(items);
+                positions_of(&sent, &counts)
+            }
+            Some(cluster) => match self.publish_batch_in_cluster(cluster, items) {
+                Ok(positions) => positions,
+                Err(reply) => return reply,
+            },
+        };
+        // Counted once the batch is accepted, like single publishes (not after a 503, even one that came once
+        // part of a cluster batch went out).
+        for (counter, n) in self.metrics.published.iter().zip(kinds) {
+            counter.fetch_add(n, Relaxed);
+        }
+        self.metrics.batches.fetch_add(1, Relaxed);
+        let mut answer = serde_json::json!({ "messages": messages, "targets": targets });
+        if self.cluster.is_some() {
+            answer["cluster"] = true.into();
+        }
+        if !positions.is_empty() {
+            answer["positions"] = positions.into();
+        }
+        Reply::json(202, answer)
+    }
+
+    /// The cluster half of a batch: the messages of streams without shared history go out as one bus message
+    /// and to this node's reactors; the others through the publish script, which gives them their offsets and
+    /// delivers them to every node, this one included. The answer's `positions` come from Redis.
+    fn publish_batch_in_cluster(
+        &self,
+        cluster: &Cluster,
+        items: Vec<BatchItem>,
+    ) -> Result<Vec<serde_json::Value>, Reply> {
+        let history = self.publisher.history();
+        let mut stamped: Vec<(usize, usize, &Target, bool, &[u8])> = Vec::new();
+        let mut unstamped: Vec<BatchItem> = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let mut other = Vec::new();
+            for (j, target) in item.targets.iter().enumerate() {
+                if history.keeps(target) {
+                    stamped.push((index, j, target, item.binary, item.payload.as_slice()));
+                } else {
+                    other.push(target.clone());
+                }
+            }
+            if !other.is_empty() {
+                unstamped.push(BatchItem {
+                    targets: other,
+                    binary: item.binary,
+                    payload: item.payload.clone(),
+                });
+            }
+        }
+        if !unstamped.is_empty() {
+            // Redis first: a 202 promises the other nodes got it too.
+            if let Err(e) = cluster.publish_batch(&unstamped) {
+                return Err(Reply::error(503, &e.to_string()));
+            }
+            self.publisher.publish_batch(unstamped);
+        }
+        if stamped.is_empty() {
+            return Ok(Vec::new());
+        }
+        let calls: Vec<(&Target, bool, &[u8])> = stamped
+            .iter()
+            .map(|&(_, _, target, binary, payload)| (target, binary, payload))
+            .collect();
+        let limits = history.settings().limits;
+        match cluster.publish_stamped_many(&calls, &limits, &history.fresh_epoch()) {
+            Ok(assigned) => Ok(stamped
+                .iter()
+                .zip(assigned)
+                .map(|(&(index, j, target, _, _), (epoch, offset))| {
+                    position(index, j, &message::stream_of(target).0, &epoch, offset)
+                })
+                .collect()),
+            // The messages without shared history went out already; those with it may have, in part.
+            Err(e) => Err(Reply::error(
+                503,
+                &format!(
+                    "{e} (messages to streams without history were published; those to streams with \
+                     history may have been in part)"
+                ),
+            )),
+        }
+    }
+
+    /// `PUT|DELETE /subscriptions/user/{user}[/client/{client}]/channel/{channel}[?since=[EPOCH:]OFFSET]`.
+    fn subscribe(&self, target: Target, channel: String, request: &Request) -> Reply {
+        // The same rule as a token's channel names: they end up in the fanout index and in logs.
+        if channel.len() > self.settings.max_id_bytes || channel.chars().any(char::is_control) {
+            return Reply::error(
+                400,
+                &format!(
+                    "channel name must be at most auth.max_id_bytes ({}) bytes without control characters",
+                    self.settings.max_id_bytes
+                ),
+            );
+        }
+        let join = request.method == Method::Put;
+        let since = match crate::proto::http::query_param(&request.query, "since") {
+            None => None,
+            Some(_) if !join => return Reply::error(400, "since is for PUT (subscribing) only"),
+            Some(text) => match self.join_position(&channel, &text) {
+                Ok(position) => Some(position),
+                Err(why) => return Reply::error(400, why),
+            },
+        };
+        if self.publisher.reactors().overloaded() {
+            let mut reply = Reply::error(
+                503,
+                "overloaded: reactors are behind on earlier commands; retry later",
+            );
+            reply.headers.push(("Retry-After", "1".to_string()));
+            return reply;
+        }
+        let change = Subscription {
+            target,
+            channel,
+            join,
+            since,
+        };
+        if let Some(cluster) = &self.cluster {
+            if let Err(e) = cluster.subscribe(&change) {
+                return Reply::error(503, &e.to_string());
+            }
+        }
+        self.metrics.subscriptions[usize::from(!join)].fetch_add(1, Relaxed);
+        match self.publisher.reactors().subscribe(change, true) {
+            Some(counts) => {
+                let mut answer = serde_json::json!({ "connections": counts.changed });
+                if join {
+                    answer["at_limit"] = counts.at_limit.into();
+                }
+                // In a cluster the counts are this node's; the others apply the change on their own.
+                if self.cluster.is_some() {
+                    answer["cluster"] = true.into();
+                }
+                Reply::json(200, answer)
+            }
+            None => Reply::error(503, "a reactor did not answer in time"),
+        }
+    }
+
+    /// A subscription's `since`: `OFFSET` (in the channel stream's current epoch) or `EPOCH:OFFSET` (a
+    /// different epoch gets a `resync`, as at a reconnection).
+    fn join_position(&self, channel: &str, since: &str) -> Result<Position, &'static str> {
+        let history = self.publisher.history();
+        if !history.settings().channel {
+            return Err("since needs history for channels ([history] channel = true)");
+        }
+        let stream = format!("channel:{channel}");
+        let (epoch, offset) = match since.rsplit_once(':') {
+            Some((epoch, offset)) => (epoch.to_owned(), offset),
+            None => (
+                history
+                    .epoch(&stream)
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+                since,
+            ),
+        };
+        let offset = offset
+            .parse::<u64>()
+            .map_err(|_| "since must be OFFSET or EPOCH:OFFSET, OFFSET a non-negative integer")?;
+        Ok(Position {
+            stream,
+            epoch,
+            offset,
+        })
     }
 
     /// `GET /history/{stream}?since=&limit=` and `DELETE /history/{stream}`.
@@ -499,6 +762,51 @@ fn upgrade_json(state: &crate::handoff::give::UpgradeState) -> serde_json::Value
             "total_ms": total_ms, "started_ms": started_ms,
         }),
     }
+}
+
+/// The metrics kind of a publish target.
+fn target_kind(target: &Target) -> TargetKind {
+    match target {
+        Target::User(_) => TargetKind::User,
+        Target::UserClient(..) => TargetKind::UserClient,
+        Target::Channel(_) => TargetKind::Channel,
+        Target::All => TargetKind::All,
+    }
+}
+
+/// One stored message's place, for a batch answer: message `index`, its target `target` (both indexes into the
+/// body), its stream, epoch and offset.
+fn position(
+    index: usize,
+    target: usize,
+    stream: &str,
+    epoch: &str,
+    offset: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "message": index,
+        "target": target,
+        "stream": stream,
+        "epoch": epoch,
+        "offset": offset,
+    })
+}
+
+/// The places history gave a batch's stored messages, by message and target index: `sent` holds one message
+/// per target, in the body's order, and message `i` of the body had `counts[i]` targets.
+fn positions_of(sent: &[std::sync::Arc<Message>], counts: &[usize]) -> Vec<serde_json::Value> {
+    let indexes = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(index, &count)| (0..count).map(move |target| (index, target)));
+    sent.iter()
+        .zip(indexes)
+        .filter_map(|(message, (index, target))| {
+            let stamp = message.stamp()?;
+            let stream = message::stream_of(message.target()).0;
+            Some(position(index, target, &stream, stamp.epoch, stamp.offset))
+        })
+        .collect()
 }
 
 /// Compares secrets in time that depends only on their lengths, so response timing does not reveal a prefix.

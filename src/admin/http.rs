@@ -57,6 +57,8 @@ pub enum Method {
     Post,
     /// `DELETE`
     Delete,
+    /// `PUT`
+    Put,
     /// `HEAD`
     Head,
     /// Any other syntactically valid method; the router answers it with 405.
@@ -69,6 +71,7 @@ impl Method {
             "GET" => Method::Get,
             "POST" => Method::Post,
             "DELETE" => Method::Delete,
+            "PUT" => Method::Put,
             "HEAD" => Method::Head,
             _ => Method::Other,
         }
@@ -623,7 +626,8 @@ mod tests {
         assert_eq!(method_of("GET"), Method::Get);
         assert_eq!(method_of("DELETE"), Method::Delete);
         assert_eq!(method_of("HEAD"), Method::Head);
-        assert_eq!(method_of("PUT"), Method::Other);
+        assert_eq!(method_of("PUT"), Method::Put);
+        assert_eq!(method_of("PATCH"), Method::Other);
         assert_eq!(method_of("get"), Method::Other);
     }
 

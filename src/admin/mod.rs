@@ -1,12 +1,13 @@
 //! The admin API: HTTP/1.1 on its own listener and thread, keep-alive and pipelining.
 //!
-//! It owns the admin sockets and what each request does: publishes go through the one publish path
-//! (`publish`), kicks and presence through the reactors' handle (`dispatch`). It does not touch client
+//! It owns the admin sockets and what each request does: publishes (single and batch) go through the one publish
+//! path (`publish`), kicks, presence and runtime subscriptions through the reactors' handle (`dispatch`). It does not touch client
 //! connections; presence and kicks are answered by the reactors that own them. Request framing, the
-//! per-connection state with its bounds and timeouts, and routing are sans-IO (`http`, `buffer`, `conn`,
-//! `route`); `server` is the I/O around them.
+//! per-connection state with its bounds and timeouts, routing and the batch body are sans-IO (`http`, `buffer`,
+//! `conn`, `route`, `batch`); `server` is the I/O around them.
 
 pub mod api;
+pub mod batch;
 pub mod buffer;
 pub mod conn;
 pub mod http;

@@ -1,13 +1,14 @@
 //! The admin API's route table: maps a method and raw request path to a [`Route`] with its
 //! percent-decoded path parameters.
 //!
-//! Owns: the list of admin endpoints, the allowed methods of each (for 405 + `Allow`), and path-segment
-//! decoding. Does not own: HTTP framing (`admin::http`), authentication, query strings, request bodies,
+//! Owns: the list of admin endpoints, the allowed methods of each (for 405 + `Allow`), path-segment
+//! decoding, and the target syntax a batch publish shares with the single publish routes ([`publish_target`]). Does not own: HTTP framing (`admin::http`), authentication, query strings, request bodies,
 //! or validating user/client/channel names beyond "non-empty UTF-8".
 
 use percent_encoding::percent_decode_str;
 
 use super::http::Method;
+use crate::message::Target;
 
 /// An admin endpoint with its path parameters, percent-decoded, non-empty UTF-8.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,17 @@ pub enum Route {
     PublishChannel { channel: String },
     /// `POST /publish/all`
     PublishAll,
+    /// `POST /publish/batch`
+    PublishBatch,
+    /// `PUT|DELETE /subscriptions/user/{user}/channel/{channel}` (the handler tells subscribing from
+    /// unsubscribing by the method)
+    SubscribeUser { user: String, channel: String },
+    /// `PUT|DELETE /subscriptions/user/{user}/client/{client}/channel/{channel}`
+    SubscribeUserClient {
+        user: String,
+        client: String,
+        channel: String,
+    },
     /// `DELETE /connections/user/{user}`
     KickUser { user: String },
     /// `DELETE /connections/user/{user}/client/{client}`
@@ -77,14 +89,15 @@ enum Seg {
 use Seg::{Lit, Param};
 
 /// Most parameters any route captures.
-const MAX_PARAMS: usize = 2;
+const MAX_PARAMS: usize = 3;
 /// Most segments any route has; longer paths cannot match.
-const MAX_SEGMENTS: usize = 5;
+const MAX_SEGMENTS: usize = 7;
 
 const GET: &[Method] = &[Method::Get, Method::Head];
 const POST: &[Method] = &[Method::Post];
 const DELETE: &[Method] = &[Method::Delete];
 const GET_DELETE: &[Method] = &[Method::Get, Method::Head, Method::Delete];
+const PUT_DELETE: &[Method] = &[Method::Put, Method::Delete];
 
 struct Entry {
     pattern: &'static [Seg],
@@ -100,19 +113,19 @@ static ROUTES: &[Entry] = &[
         pattern: &[Lit("publish"), Lit("user"), Param],
         methods: POST,
         allow: "POST",
-        build: |[user, _]| Route::PublishUser { user },
+        build: |[user, _, _]| Route::PublishUser { user },
     },
     Entry {
         pattern: &[Lit("publish"), Lit("user"), Param, Lit("client"), Param],
         methods: POST,
         allow: "POST",
-        build: |[user, client]| Route::PublishUserClient { user, client },
+        build: |[user, client, _]| Route::PublishUserClient { user, client },
     },
     Entry {
         pattern: &[Lit("publish"), Lit("channel"), Param],
         methods: POST,
         allow: "POST",
-        build: |[channel, _]| Route::PublishChannel { channel },
+        build: |[channel, _, _]| Route::PublishChannel { channel },
     },
     Entry {
         pattern: &[Lit("publish"), Lit("all")],
@@ -121,28 +134,64 @@ static ROUTES: &[Entry] = &[
         build: |_| Route::PublishAll,
     },
     Entry {
+        pattern: &[Lit("publish"), Lit("batch")],
+        methods: POST,
+        allow: "POST",
+        build: |_| Route::PublishBatch,
+    },
+    Entry {
+        pattern: &[
+            Lit("subscriptions"),
+            Lit("user"),
+            Param,
+            Lit("channel"),
+            Param,
+        ],
+        methods: PUT_DELETE,
+        allow: "PUT, DELETE",
+        build: |[user, channel, _]| Route::SubscribeUser { user, channel },
+    },
+    Entry {
+        pattern: &[
+            Lit("subscriptions"),
+            Lit("user"),
+            Param,
+            Lit("client"),
+            Param,
+            Lit("channel"),
+            Param,
+        ],
+        methods: PUT_DELETE,
+        allow: "PUT, DELETE",
+        build: |[user, client, channel]| Route::SubscribeUserClient {
+            user,
+            client,
+            channel,
+        },
+    },
+    Entry {
         pattern: &[Lit("connections"), Lit("user"), Param],
         methods: DELETE,
         allow: "DELETE",
-        build: |[user, _]| Route::KickUser { user },
+        build: |[user, _, _]| Route::KickUser { user },
     },
     Entry {
         pattern: &[Lit("connections"), Lit("user"), Param, Lit("client"), Param],
         methods: DELETE,
         allow: "DELETE",
-        build: |[user, client]| Route::KickUserClient { user, client },
+        build: |[user, client, _]| Route::KickUserClient { user, client },
     },
     Entry {
         pattern: &[Lit("presence"), Lit("user"), Param],
         methods: GET,
         allow: "GET, HEAD",
-        build: |[user, _]| Route::Presence { user },
+        build: |[user, _, _]| Route::Presence { user },
     },
     Entry {
         pattern: &[Lit("history"), Param],
         methods: GET_DELETE,
         allow: "GET, HEAD, DELETE",
-        build: |[stream, _]| Route::History { stream },
+        build: |[stream, _, _]| Route::History { stream },
     },
     Entry {
         pattern: &[Lit("healthz")],
@@ -217,6 +266,22 @@ pub fn route(method: Method, path: &str) -> Result<Route, RouteError> {
         return Ok((entry.build)(params));
     }
     Err(RouteError::NotFound)
+}
+
+/// A batch publish target, `user/{user}`, `user/{user}/client/{client}`, `channel/{channel}` or `all`: the path of
+/// the single publish route after `/publish/`, with the same percent-decoding, so one spelling reaches the same
+/// connections either way. `Err` says why it is not one.
+pub fn publish_target(raw: &str) -> Result<Target, &'static str> {
+    match route(Method::Post, &format!("/publish/{raw}")) {
+        Ok(Route::PublishUser { user }) => Ok(Target::User(user)),
+        Ok(Route::PublishUserClient { user, client }) => Ok(Target::UserClient(user, client)),
+        Ok(Route::PublishChannel { channel }) => Ok(Target::Channel(channel)),
+        Ok(Route::PublishAll) => Ok(Target::All),
+        Err(RouteError::BadSegment(why)) => Err(why),
+        Ok(_) | Err(_) => Err(
+            "not a target: use user/{user}, user/{user}/client/{client}, channel/{channel} or all",
+        ),
+    }
 }
 
 /// Returns the raw parameter segments if `segments` has the shape of `pattern`.
@@ -319,6 +384,24 @@ mod tests {
                 Method::Get,
                 "/presence/user/u1",
                 Route::Presence { user: s("u1") },
+            ),
+            (Method::Post, "/publish/batch", Route::PublishBatch),
+            (
+                Method::Put,
+                "/subscriptions/user/u1/channel/news",
+                Route::SubscribeUser {
+                    user: s("u1"),
+                    channel: s("news"),
+                },
+            ),
+            (
+                Method::Delete,
+                "/subscriptions/user/u1/client/c1/channel/a%2Fb",
+                Route::SubscribeUserClient {
+                    user: s("u1"),
+                    client: s("c1"),
+                    channel: s("a/b"),
+                },
             ),
             (Method::Get, "/healthz", Route::Healthz),
             (Method::Get, "/metrics", Route::Metrics),
@@ -490,6 +573,48 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    #[test]
+    fn wrong_method_on_subscriptions_is_405_allowing_put_and_delete() {
+        for path in [
+            "/subscriptions/user/u/channel/c",
+            "/subscriptions/user/u/client/k/channel/c",
+        ] {
+            assert_eq!(
+                route(Method::Post, path),
+                Err(RouteError::MethodNotAllowed {
+                    allow: "PUT, DELETE"
+                }),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            route(Method::Put, "/subscriptions/user/u/channel"),
+            Err(RouteError::NotFound)
+        );
+    }
+
+    #[test]
+    fn batch_targets_use_the_publish_routes_syntax() {
+        assert_eq!(publish_target("user/42"), Ok(Target::User(s("42"))));
+        assert_eq!(
+            publish_target("user/4%2F2/client/phone"),
+            Ok(Target::UserClient(s("4/2"), s("phone")))
+        );
+        assert_eq!(
+            publish_target("channel/news"),
+            Ok(Target::Channel(s("news")))
+        );
+        assert_eq!(publish_target("all"), Ok(Target::All));
+        for bad in ["batch", "", "user", "user/", "/user/1", "users/1", "all/x"] {
+            assert!(publish_target(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(publish_target("user//client/c"), Err("empty path segment"));
+        assert_eq!(
+            publish_target("channel/%zz"),
+            Err("invalid percent-encoding in path segment")
+        );
     }
 
     #[test]

@@ -315,10 +315,10 @@ impl AdminServer {
         let alive = loop {
             let now = Instant::now();
             let mut moved = false;
-            // The key is checked as soon as a head is complete, before its body is read.
-            while let Some(event) = conn.poll_request(&settings.limits, now, |head| {
-                api.check_key(head.method, &head.path, head.authorization.as_deref())
-            }) {
+            // The key and the route's body limit are checked as soon as a head is complete, before its body
+            // is read.
+            while let Some(event) = conn.poll_request(&settings.limits, now, |head| api.admit(head))
+            {
                 answer(api, conn, event);
                 moved = true;
             }

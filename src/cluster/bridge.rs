@@ -221,6 +221,16 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
             cluster.local.reactors().kick(target, code, &reason, false);
             cluster.metrics.received.fetch_add(1, Relaxed);
         }
+        Body::Subscribe(change) => {
+            // Like a kick: nobody waits for this node's count, the origin answers with its own.
+            cluster.local.reactors().subscribe(change, false);
+            cluster.metrics.received.fetch_add(1, Relaxed);
+        }
+        Body::Batch(items) => {
+            // Framed once per item for every connection on this node, like a local batch.
+            cluster.local.publish_batch(items);
+            cluster.metrics.received.fetch_add(1, Relaxed);
+        }
         Body::PresenceQuery { request, user } => {
             let _ = queries.send(Query {
                 origin: message.origin,

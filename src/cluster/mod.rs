@@ -211,31 +211,64 @@ impl Cluster {
         limits: &crate::history::store::Limits,
         candidate_epoch: &str,
     ) -> Result<(String, u64), ClusterError> {
-        let (stream, _, client) = stream_of(target);
-        let [epoch_key, offset_key, log_key] =
-            history::keys(&self.settings.channel_prefix, &stream);
-        let head = wire::encode_stamped_head(self.node_id(), target, binary);
-        let result = self.with_publisher(|conn| {
-            redis::cmd("EVAL")
-                .arg(history::PUBLISH_SCRIPT)
-                .arg(3)
-                .arg(&epoch_key)
-                .arg(&offset_key)
-                .arg(&log_key)
-                .arg(&self.names.bus)
-                .arg(&head)
-                .arg(payload)
-                .arg(candidate_epoch)
-                .arg(limits.size)
-                .arg(limits.ttl_ms.max(1))
-                .arg(client.unwrap_or(""))
-                .arg(if binary { "1" } else { "0" })
-                .query::<(String, u64)>(conn)
-        });
+        let script = self.stamp_script(target, binary, payload, limits, candidate_epoch);
+        let result = self.with_publisher(|conn| script.query::<(String, u64)>(conn));
         if result.is_ok() {
             self.metrics.published.fetch_add(1, Relaxed);
         }
         result
+    }
+
+    /// [`Cluster::publish_stamped`] for several messages at once (a batch's messages to streams that keep
+    /// history), in one round trip: the scripts run in order, so each stream's offsets follow the batch's order.
+    /// `Ok` carries each one's epoch and offset; an `Err` may come after Redis ran some of them.
+    pub fn publish_stamped_many(
+        &self,
+        messages: &[(&Target, bool, &[u8])],
+        limits: &crate::history::store::Limits,
+        candidate_epoch: &str,
+    ) -> Result<Vec<(String, u64)>, ClusterError> {
+        let mut pipe = redis::pipe();
+        for &(target, binary, payload) in messages {
+            pipe.add_command(self.stamp_script(target, binary, payload, limits, candidate_epoch));
+        }
+        let result = self.with_publisher(|conn| pipe.query::<Vec<(String, u64)>>(conn));
+        if result.is_ok() {
+            self.metrics
+                .published
+                .fetch_add(messages.len() as u64, Relaxed);
+        }
+        result
+    }
+
+    /// The publish script's call for one message ([`history::PUBLISH_SCRIPT`]).
+    fn stamp_script(
+        &self,
+        target: &Target,
+        binary: bool,
+        payload: &[u8],
+        limits: &crate::history::store::Limits,
+        candidate_epoch: &str,
+    ) -> redis::Cmd {
+        let (stream, _, client) = stream_of(target);
+        let [epoch_key, offset_key, log_key] =
+            history::keys(&self.settings.channel_prefix, &stream);
+        let head = wire::encode_stamped_head(self.node_id(), target, binary);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(history::PUBLISH_SCRIPT)
+            .arg(3)
+            .arg(&epoch_key)
+            .arg(&offset_key)
+            .arg(&log_key)
+            .arg(&self.names.bus)
+            .arg(&head)
+            .arg(payload)
+            .arg(candidate_epoch)
+            .arg(limits.size)
+            .arg(limits.ttl_ms.max(1))
+            .arg(client.unwrap_or(""))
+            .arg(if binary { "1" } else { "0" });
+        cmd
     }
 
     /// Reads offsets `from..=to` of a stream's shared log, if the stream is still in `epoch`, on the subscriber's
@@ -294,6 +327,21 @@ impl Cluster {
             },
         );
         self.send_to_bus(&bytes)
+    }
+
+    /// Sends a subscription change to the other nodes; the caller applies it to its own connections after
+    /// `Ok`, as with a kick.
+    pub fn subscribe(&self, change: &crate::dispatch::Subscription) -> Result<(), ClusterError> {
+        self.send_to_bus(&wire::encode(
+            self.node_id(),
+            &Body::Subscribe(change.clone()),
+        ))
+    }
+
+    /// Sends a batch (of messages to streams without shared history) to the other nodes as one message; the
+    /// caller publishes it to its own reactors after `Ok`.
+    pub fn publish_batch(&self, items: &[crate::publish::BatchItem]) -> Result<(), ClusterError> {
+        self.send_to_bus(&wire::encode_batch(self.node_id(), items))
     }
 
     fn send_to_bus(&self, bytes: &[u8]) -> Result<(), ClusterError> {

@@ -12,11 +12,18 @@
 //! - presence answer: `request id (u64) | connections (u64)`;
 //! - stamped publish (a message of a stream that keeps history): `target | flags (u8) | epoch length (u8) |
 //!   epoch | offset (ASCII decimal) | '\n' | payload (the rest)`. Redis builds the part after the flags in the
-//!   publish script (`cluster::history`), where the epoch and offset are assigned, hence the text offset.
+//!   publish script (`cluster::history`), where the epoch and offset are assigned, hence the text offset;
+//! - subscription change: `target (a user or a user's client token) | channel (str) | join (u8, 1 or 0) |
+//!   since (u8: 0 none, 1 followed by epoch (str) | offset (u64))`, applied like a kick;
+//! - batch publish (the messages of a batch whose streams keep no history): `count (u32)`, then per message
+//!   `flags (u8) | payload (u32 length, bytes) | target count (u32) | targets`.
 //!
 //! A target is `tag (u8: 0 user, 1 user+client, 2 channel, 3 all)` followed by its strings.
 
+use crate::dispatch::Subscription;
+use crate::message::envelope::Position;
 use crate::message::Target;
+use crate::publish::BatchItem;
 
 /// Layout version; a node drops messages of another version instead of misreading them.
 pub const VERSION: u8 = 1;
@@ -26,6 +33,8 @@ const KIND_KICK: u8 = 1;
 const KIND_PRESENCE_QUERY: u8 = 2;
 const KIND_PRESENCE_ANSWER: u8 = 3;
 const KIND_STAMPED: u8 = 4;
+const KIND_SUBSCRIBE: u8 = 5;
+const KIND_BATCH: u8 = 6;
 
 const TAG_USER: u8 = 0;
 const TAG_USER_CLIENT: u8 = 1;
@@ -75,6 +84,10 @@ pub enum Body {
         /// The message payload, unframed.
         payload: Vec<u8>,
     },
+    /// Subscribe a user's (or client token's) connections to a channel, or unsubscribe them.
+    Subscribe(Subscription),
+    /// Deliver a batch's messages, in order.
+    Batch(Vec<BatchItem>),
     /// One node's answer to a presence query.
     PresenceAnswer {
         /// The query's request id.
@@ -166,6 +179,22 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
             out.extend_from_slice(&code.to_be_bytes());
             put_str(&mut out, reason);
         }
+        Body::Subscribe(change) => {
+            out.push(KIND_SUBSCRIBE);
+            put_str(&mut out, origin);
+            put_target(&mut out, &change.target);
+            put_str(&mut out, &change.channel);
+            out.push(u8::from(change.join));
+            match &change.since {
+                None => out.push(0),
+                Some(position) => {
+                    out.push(1);
+                    put_str(&mut out, &position.epoch);
+                    out.extend_from_slice(&position.offset.to_be_bytes());
+                }
+            }
+        }
+        Body::Batch(items) => out = encode_batch(origin, items),
         Body::PresenceQuery { request, user } => {
             out.push(KIND_PRESENCE_QUERY);
             put_str(&mut out, origin);
@@ -180,6 +209,27 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
             put_str(&mut out, origin);
             out.extend_from_slice(&request.to_be_bytes());
             out.extend_from_slice(&connections.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// A batch message, encoded from borrowed items (what `encode(origin, &Body::Batch(items))` gives, without
+/// first copying the payloads into a [`Body`]).
+pub fn encode_batch(origin: &str, items: &[BatchItem]) -> Vec<u8> {
+    let size: usize = items.iter().map(|i| i.payload.len() + 64).sum();
+    let mut out = Vec::with_capacity(64 + origin.len() + size);
+    out.push(VERSION);
+    out.push(KIND_BATCH);
+    put_str(&mut out, origin);
+    out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+    for item in items {
+        out.push(if item.binary { FLAG_BINARY } else { 0 });
+        out.extend_from_slice(&(item.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&item.payload);
+        out.extend_from_slice(&(item.targets.len() as u32).to_be_bytes());
+        for target in &item.targets {
+            put_target(&mut out, target);
         }
     }
     out
@@ -264,6 +314,53 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
                 code,
                 reason,
             }
+        }
+        KIND_SUBSCRIBE => {
+            let target = r.target()?;
+            if matches!(target, Target::Channel(_) | Target::All) {
+                return Err(WireError::Target(target_tag(&target)));
+            }
+            let channel = r.string("channel")?;
+            let join = r.u8()? != 0;
+            let since = match r.u8()? {
+                0 => None,
+                _ => Some(Position {
+                    stream: format!("channel:{channel}"),
+                    epoch: r.string("epoch")?,
+                    offset: u64::from_be_bytes(r.array()?),
+                }),
+            };
+            Body::Subscribe(Subscription {
+                target,
+                channel,
+                join,
+                since,
+            })
+        }
+        KIND_BATCH => {
+            let count = u32::from_be_bytes(r.array()?) as usize;
+            // Each message takes at least 9 bytes: a count larger than what is left is a lie, not an
+            // allocation to make.
+            let mut items = Vec::with_capacity(count.min(r.rest.len() / 9));
+            for _ in 0..count {
+                let binary = r.u8()? & FLAG_BINARY != 0;
+                let len = u32::from_be_bytes(r.array()?) as usize;
+                let payload = r.take(len)?.to_vec();
+                if !binary && std::str::from_utf8(&payload).is_err() {
+                    return Err(WireError::Utf8("text payload"));
+                }
+                let targets_len = u32::from_be_bytes(r.array()?) as usize;
+                let mut targets = Vec::with_capacity(targets_len.min(r.rest.len()));
+                for _ in 0..targets_len {
+                    targets.push(r.target()?);
+                }
+                items.push(BatchItem {
+                    targets,
+                    binary,
+                    payload,
+                });
+            }
+            Body::Batch(items)
         }
         KIND_PRESENCE_QUERY => {
             let request = u64::from_be_bytes(r.array()?);
@@ -451,6 +548,82 @@ mod tests {
     }
 
     #[test]
+    fn subscription_changes_round_trip() {
+        round_trip(Body::Subscribe(Subscription {
+            target: Target::UserClient("u".into(), "phone".into()),
+            channel: "news".into(),
+            join: true,
+            since: Some(Position {
+                stream: "channel:news".into(),
+                epoch: "Ab3xYz12".into(),
+                offset: 17,
+            }),
+        }));
+        round_trip(Body::Subscribe(Subscription {
+            target: Target::User("u".into()),
+            channel: "a:b".into(),
+            join: false,
+            since: None,
+        }));
+    }
+
+    #[test]
+    fn a_subscription_change_for_a_channel_or_everyone_is_rejected() {
+        for target in [Target::Channel("c".into()), Target::All] {
+            let tag = target_tag(&target);
+            let bytes = encode(
+                "n",
+                &Body::Subscribe(Subscription {
+                    target,
+                    channel: "x".into(),
+                    join: true,
+                    since: None,
+                }),
+            );
+            assert_eq!(decode(&bytes), Err(WireError::Target(tag)));
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_with_every_target_kind() {
+        round_trip(Body::Batch(vec![
+            BatchItem {
+                targets: vec![
+                    Target::User("42".into()),
+                    Target::UserClient("42".into(), "phone".into()),
+                    Target::Channel("news".into()),
+                    Target::All,
+                ],
+                binary: false,
+                payload: b"hello".to_vec(),
+            },
+            BatchItem {
+                targets: vec![Target::User("43".into())],
+                binary: true,
+                payload: vec![0, 0xff],
+            },
+        ]));
+        round_trip(Body::Batch(Vec::new()));
+    }
+
+    #[test]
+    fn a_batch_with_a_text_payload_that_is_not_utf8_or_a_lying_count_is_rejected() {
+        let bad = encode(
+            "n",
+            &Body::Batch(vec![BatchItem {
+                targets: vec![Target::All],
+                binary: false,
+                payload: vec![0xff],
+            }]),
+        );
+        assert_eq!(decode(&bad), Err(WireError::Utf8("text payload")));
+        let mut lying = encode("n", &Body::Batch(Vec::new()));
+        let at = lying.len() - 4;
+        lying[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode(&lying), Err(WireError::Truncated));
+    }
+
+    #[test]
     fn presence_query_and_answer_round_trip() {
         round_trip(Body::PresenceQuery {
             request: u64::MAX,
@@ -533,7 +706,7 @@ mod tests {
     #[test]
     fn kick_with_a_code_no_kick_may_carry_is_rejected() {
         use crate::proto::frame::KickCloseError;
-        for code in [1005, 1006, 1001, 3000, 5000, 0] {
+        for code in [1005, 1006, 1001, 2999, 5000, 0] {
             let bytes = encode(
                 "n",
                 &Body::Kick {
@@ -611,6 +784,16 @@ mod tests {
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decode_of_a_batch_or_subscription_prefix_never_panics(
+            kind in prop_oneof![Just(KIND_SUBSCRIBE), Just(KIND_BATCH)],
+            rest in proptest::collection::vec(any::<u8>(), 0..96),
+        ) {
+            let mut bytes = vec![VERSION, kind, 0, 0, 0, 1, b'n'];
+            bytes.extend_from_slice(&rest);
             let _ = decode(&bytes);
         }
 

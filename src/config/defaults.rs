@@ -90,6 +90,11 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
 pub const DEFAULT_ADMIN_API_KEY: &str = "";
 /// Bytes in the largest message body the admin API accepts for publishing.
 pub const DEFAULT_MAX_PUBLISH_BYTES: usize = 1_048_576;
+/// Bytes in the largest `POST /publish/batch` body (its JSON, before base64 payloads are decoded). As large as
+/// one publish by default, so the admin listener's worst-case memory (a body per connection) stays the same.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1_048_576;
+/// Targets one `POST /publish/batch` may name, summed over its messages.
+pub const DEFAULT_MAX_BATCH_TARGETS: usize = 10_000;
 /// Bytes in the largest admin HTTP request head (request line plus headers).
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 8_192;
 /// Headers in the largest admin HTTP request.
@@ -149,6 +154,25 @@ pub const DEFAULT_TLS_LISTEN: &str = "";
 pub const DEFAULT_TLS_CERT_FILE: &str = "";
 /// PEM file with the private key (ECDSA P-256/P-384, RSA, or Ed25519; PKCS#8, SEC1 or PKCS#1).
 pub const DEFAULT_TLS_KEY_FILE: &str = "";
+
+/// URL connection events are POSTed to (`http://` or `https://`); empty turns events off.
+pub const DEFAULT_EVENTS_WEBHOOK_URL: &str = "";
+/// `Authorization` header value sent with every events request (e.g. `Bearer <token>`); empty sends none.
+pub const DEFAULT_EVENTS_AUTHORIZATION: &str = "";
+/// Milliseconds an event waits at most before the request carrying it starts (a full batch goes at once).
+pub const DEFAULT_EVENTS_BATCH_MS: u64 = 1_000;
+/// Events per request at most.
+pub const DEFAULT_EVENTS_MAX_BATCH: usize = 1_000;
+/// Events waiting to be sent at most; past it new events are dropped and counted
+/// (`densepush_events_dropped_total{reason="queue_full"}`). About 64 bytes each while queued.
+pub const DEFAULT_EVENTS_QUEUE_SIZE: usize = 65_536;
+/// Milliseconds one events request may take, connection and TLS handshake included.
+pub const DEFAULT_EVENTS_TIMEOUT_MS: u64 = 5_000;
+/// Times a failed events request is retried (after a jittered, doubling delay) before its events are dropped
+/// and counted.
+pub const DEFAULT_EVENTS_MAX_RETRIES: u32 = 3;
+/// PEM file of the CA certificates to trust for an `https` webhook; empty means the bundled Mozilla roots.
+pub const DEFAULT_EVENTS_CA_FILE: &str = "";
 
 /// Prefix of the environment variables that override settings: `DENSEPUSH_<SECTION>_<KEY>`.
 pub const ENV_PREFIX: &str = "DENSEPUSH_";
@@ -233,8 +257,18 @@ mod tests {
         assert_eq!(c.admin.max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
         assert_eq!(c.admin.header_timeout_ms, DEFAULT_ADMIN_HEADER_TIMEOUT_MS);
         assert_eq!(c.admin.idle_timeout_ms, DEFAULT_ADMIN_IDLE_TIMEOUT_MS);
+        assert_eq!(c.admin.max_batch_bytes, DEFAULT_MAX_BATCH_BYTES);
+        assert_eq!(c.admin.max_batch_targets, DEFAULT_MAX_BATCH_TARGETS);
         assert!(!c.auth.allow_insecure);
         assert_eq!(c.log.level, log::LevelFilter::Info);
+        assert_eq!(c.events.webhook_url, None);
+        assert_eq!(c.events.authorization, None);
+        assert_eq!(c.events.batch_ms, DEFAULT_EVENTS_BATCH_MS);
+        assert_eq!(c.events.max_batch, DEFAULT_EVENTS_MAX_BATCH);
+        assert_eq!(c.events.queue_size, DEFAULT_EVENTS_QUEUE_SIZE);
+        assert_eq!(c.events.timeout_ms, DEFAULT_EVENTS_TIMEOUT_MS);
+        assert_eq!(c.events.max_retries, DEFAULT_EVENTS_MAX_RETRIES);
+        assert_eq!(c.events.ca_file, None);
     }
 
     #[test]

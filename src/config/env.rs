@@ -148,7 +148,7 @@ mod tests {
     fn schema_lists_every_section() {
         assert_eq!(
             join_keys(&schema()),
-            "admin, auth, cluster, diagnostics, history, log, server, tls, websocket"
+            "admin, auth, cluster, diagnostics, events, history, log, server, tls, websocket"
         );
     }
 

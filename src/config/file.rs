@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub diagnostics: DiagnosticsSection,
     /// `[tls]`
     pub tls: TlsSection,
+    /// `[events]`
+    pub events: EventsSection,
 }
 
 /// `[server]` as written. Field docs are on the `DEFAULT_*` constants.
@@ -210,6 +212,8 @@ pub struct AdminSection {
     pub listen: String,
     pub api_key: String,
     pub max_publish_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_batch_targets: usize,
     pub max_request_head_bytes: usize,
     pub max_request_headers: usize,
     pub max_connections: usize,
@@ -223,6 +227,8 @@ impl Default for AdminSection {
             listen: DEFAULT_ADMIN_LISTEN.to_owned(),
             api_key: DEFAULT_ADMIN_API_KEY.to_owned(),
             max_publish_bytes: DEFAULT_MAX_PUBLISH_BYTES,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_batch_targets: DEFAULT_MAX_BATCH_TARGETS,
             max_request_head_bytes: DEFAULT_MAX_REQUEST_HEAD_BYTES,
             max_request_headers: DEFAULT_MAX_REQUEST_HEADERS,
             max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
@@ -238,6 +244,8 @@ impl fmt::Debug for AdminSection {
             .field("listen", &self.listen)
             .field("api_key", &Redacted(self.api_key.len()))
             .field("max_publish_bytes", &self.max_publish_bytes)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_batch_targets", &self.max_batch_targets)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
             .field("max_connections", &self.max_connections)
@@ -373,5 +381,51 @@ impl Default for TlsSection {
             cert_file: DEFAULT_TLS_CERT_FILE.to_owned(),
             key_file: DEFAULT_TLS_KEY_FILE.to_owned(),
         }
+    }
+}
+
+/// `[events]` as written. Field docs are on the `DEFAULT_EVENTS_*` constants.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [events] table")]
+#[allow(missing_docs)]
+pub struct EventsSection {
+    pub webhook_url: String,
+    pub authorization: String,
+    pub batch_ms: u64,
+    pub max_batch: usize,
+    pub queue_size: usize,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub ca_file: String,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            webhook_url: DEFAULT_EVENTS_WEBHOOK_URL.to_owned(),
+            authorization: DEFAULT_EVENTS_AUTHORIZATION.to_owned(),
+            batch_ms: DEFAULT_EVENTS_BATCH_MS,
+            max_batch: DEFAULT_EVENTS_MAX_BATCH,
+            queue_size: DEFAULT_EVENTS_QUEUE_SIZE,
+            timeout_ms: DEFAULT_EVENTS_TIMEOUT_MS,
+            max_retries: DEFAULT_EVENTS_MAX_RETRIES,
+            ca_file: DEFAULT_EVENTS_CA_FILE.to_owned(),
+        }
+    }
+}
+
+// Hand-written so the webhook's credentials (in its URL or its Authorization header) never reach a log line.
+impl fmt::Debug for EventsSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventsSection")
+            .field("webhook_url", &redact_url(&self.webhook_url))
+            .field("authorization", &Redacted(self.authorization.len()))
+            .field("batch_ms", &self.batch_ms)
+            .field("max_batch", &self.max_batch)
+            .field("queue_size", &self.queue_size)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_retries", &self.max_retries)
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }

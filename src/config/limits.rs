@@ -49,6 +49,10 @@ pub const MAX_ID_BYTES: RangeInclusive<usize> = 1..=1024;
 pub const MAX_CHANNELS: RangeInclusive<usize> = 0..=4096;
 /// Bytes in a published message body: at most 64 MiB.
 pub const MAX_PUBLISH_BYTES: RangeInclusive<usize> = 1..=64 << 20;
+/// Bytes in a batch publish body: at most 256 MiB.
+pub const MAX_BATCH_BYTES: RangeInclusive<usize> = 1024..=256 << 20;
+/// Targets in one batch publish.
+pub const MAX_BATCH_TARGETS: RangeInclusive<usize> = 1..=1_000_000;
 /// Bytes in an admin request head.
 pub const MAX_REQUEST_HEAD_BYTES: RangeInclusive<usize> = 1024..=1 << 20;
 /// Headers in an admin request.
@@ -74,3 +78,13 @@ pub const HISTORY_SIZE: RangeInclusive<usize> = 1..=1_000_000;
 pub const HISTORY_TTL_SECS: RangeInclusive<u64> = 1..=2_592_000;
 /// Bytes of history: at least a page, at most 1 TiB.
 pub const HISTORY_MAX_BYTES: RangeInclusive<usize> = 4096..=1 << 40;
+/// Milliseconds an event may wait for its request: at most a minute.
+pub const EVENTS_BATCH_MS: RangeInclusive<u64> = 1..=60_000;
+/// Events per request.
+pub const EVENTS_MAX_BATCH: RangeInclusive<usize> = 1..=100_000;
+/// Events queued at most (about 64 bytes each, allocated when the queue is made).
+pub const EVENTS_QUEUE_SIZE: RangeInclusive<usize> = 1..=16_777_216;
+/// Milliseconds one events request may take.
+pub const EVENTS_TIMEOUT_MS: RangeInclusive<u64> = 100..=60_000;
+/// Retries of a failed events request.
+pub const EVENTS_MAX_RETRIES: RangeInclusive<u32> = 0..=100;

@@ -35,8 +35,8 @@ mod validate;
 pub use defaults::*;
 pub use error::ConfigError;
 pub use file::{
-    AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
-    JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
+    AdminSection, AuthSection, ClusterSection, DiagnosticsSection, EventsSection, FileConfig,
+    HistorySection, JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
 };
 
 use env::{apply_env_overrides, blame_env, process_env};
@@ -126,6 +126,47 @@ pub struct Config {
     pub diagnostics: DiagnosticsSection,
     /// `[tls]`
     pub tls: TlsConfig,
+    /// `[events]`
+    pub events: EventsConfig,
+}
+
+/// `[events]`, checked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EventsConfig {
+    /// Where events are POSTed (`http://` or `https://`); `None` turns events off.
+    pub webhook_url: Option<String>,
+    /// The `Authorization` header value of every request; visible ASCII and spaces only.
+    pub authorization: Option<String>,
+    /// Milliseconds an event waits at most before its request starts.
+    pub batch_ms: u64,
+    /// Events per request at most.
+    pub max_batch: usize,
+    /// Events queued at most; past it new events are dropped and counted.
+    pub queue_size: usize,
+    /// Milliseconds one request may take.
+    pub timeout_ms: u64,
+    /// Retries of a failed request before its events are dropped and counted.
+    pub max_retries: u32,
+    /// CA certificates for an `https` webhook; `None` for the bundled Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for EventsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventsConfig")
+            .field("webhook_url", &self.webhook_url.as_deref().map(redact_url))
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|a| Redacted(a.len())),
+            )
+            .field("batch_ms", &self.batch_ms)
+            .field("max_batch", &self.max_batch)
+            .field("queue_size", &self.queue_size)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_retries", &self.max_retries)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// `[tls]`, checked: both files are named whenever the listener is on (their contents are checked by
@@ -280,6 +321,10 @@ pub struct AdminConfig {
     pub api_key: Option<String>,
     /// Bytes in the largest publishable message body; at most `websocket.max_outbox_bytes`.
     pub max_publish_bytes: usize,
+    /// Bytes in the largest batch publish body.
+    pub max_batch_bytes: usize,
+    /// Targets one batch publish may name.
+    pub max_batch_targets: usize,
     /// Bytes in the largest admin request head.
     pub max_request_head_bytes: usize,
     /// Headers in the largest admin request.
@@ -298,6 +343,8 @@ impl fmt::Debug for AdminConfig {
             .field("listen", &self.listen)
             .field("api_key", &self.api_key.as_ref().map(|k| Redacted(k.len())))
             .field("max_publish_bytes", &self.max_publish_bytes)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_batch_targets", &self.max_batch_targets)
             .field("max_request_head_bytes", &self.max_request_head_bytes)
             .field("max_request_headers", &self.max_request_headers)
             .field("max_connections", &self.max_connections)

@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use super::error::invalid;
 use super::exposure;
 use super::file::{
-    AdminSection, AuthSection, ClusterSection, DiagnosticsSection, FileConfig, HistorySection,
-    JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
+    AdminSection, AuthSection, ClusterSection, DiagnosticsSection, EventsSection, FileConfig,
+    HistorySection, JwtSecretEntry, LogSection, ServerSection, TlsSection, WebSocketSection,
 };
 use super::{
     limits, redact_url, AdminConfig, AuthConfig, AuthMode, ClusterConfig, Config, ConfigError,
-    HistoryConfig, JwtSecret, LogConfig, ServerConfig, TlsConfig, WebSocketConfig,
+    EventsConfig, HistoryConfig, JwtSecret, LogConfig, ServerConfig, TlsConfig, WebSocketConfig,
 };
 
 impl FileConfig {
@@ -38,6 +38,7 @@ impl FileConfig {
             history,
             diagnostics,
             tls,
+            events,
         } = self;
         // The order is part of the behaviour: admin is checked against the checked server and websocket
         // sections, and the first error is the one reported.
@@ -59,6 +60,7 @@ impl FileConfig {
             history: validate_history(history)?,
             diagnostics: validate_diagnostics(diagnostics),
             tls: validate_tls(tls, &listeners)?,
+            events: validate_events(events)?,
         };
         // Last: every value is well-formed by now, and the refusals pair settings of several sections.
         exposure::check(&config)?;
@@ -360,15 +362,24 @@ fn jwt_secrets(entries: &[JwtSecretEntry]) -> Result<Vec<JwtSecret>, ConfigError
 
 /// `auth.jwks_url`: an absolute `http` or `https` URL with a host (as the HTTP client will parse it).
 fn check_jwks_url(url: &str) -> Result<String, ConfigError> {
+    check_http_url(
+        "auth.jwks_url",
+        url,
+        "https://idp.example.com/.well-known/jwks.json",
+    )
+}
+
+/// An absolute `http` or `https` URL with a host (as the HTTP client will parse it); `example` shows one.
+fn check_http_url(key: &'static str, url: &str, example: &str) -> Result<String, ConfigError> {
     let uri = url.parse::<ureq::http::Uri>();
     let ok = uri.as_ref().is_ok_and(|u| {
         matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
     });
     if !ok {
         return Err(invalid(
-            "auth.jwks_url",
+            key,
             format!(
-                "(`{}`) must be an http:// or https:// URL, e.g. https://idp.example.com/.well-known/jwks.json",
+                "(`{}`) must be an http:// or https:// URL, e.g. {example}",
                 redact_url(url)
             ),
         ));
@@ -417,6 +428,16 @@ fn validate_admin(
         listen: admin_listen,
         api_key,
         max_publish_bytes,
+        max_batch_bytes: check_range(
+            "admin.max_batch_bytes",
+            admin.max_batch_bytes,
+            limits::MAX_BATCH_BYTES,
+        )?,
+        max_batch_targets: check_range(
+            "admin.max_batch_targets",
+            admin.max_batch_targets,
+            limits::MAX_BATCH_TARGETS,
+        )?,
         max_request_head_bytes: check_range(
             "admin.max_request_head_bytes",
             admin.max_request_head_bytes,
@@ -595,6 +616,62 @@ fn validate_tls(tls: TlsSection, listeners: &Listeners) -> Result<TlsConfig, Con
 struct Listeners {
     server: Option<SocketAddr>,
     admin: SocketAddr,
+}
+
+/// `[events]`: the webhook URL (empty turns events off), a header value that can be sent as it is, and the
+/// sizes and times with their ranges.
+fn validate_events(events: EventsSection) -> Result<EventsConfig, ConfigError> {
+    let webhook_url = match events.webhook_url.trim() {
+        "" => None,
+        url => Some(check_http_url(
+            "events.webhook_url",
+            url,
+            "https://backend.example.com/densepush/events",
+        )?),
+    };
+    let authorization = match events.authorization.as_str() {
+        "" => None,
+        // RFC 9110 §5.5: a field value is visible characters, spaces and tabs; a CR or LF would end the header
+        // and let the value inject others.
+        value if value.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic()) => {
+            Some(value.to_owned())
+        }
+        _ => {
+            return Err(invalid(
+                "events.authorization",
+                "must be visible ASCII, spaces and tabs (an HTTP header value), e.g. \"Bearer <token>\"",
+            ))
+        }
+    };
+    Ok(EventsConfig {
+        webhook_url,
+        authorization,
+        batch_ms: check_range("events.batch_ms", events.batch_ms, limits::EVENTS_BATCH_MS)?,
+        max_batch: check_range(
+            "events.max_batch",
+            events.max_batch,
+            limits::EVENTS_MAX_BATCH,
+        )?,
+        queue_size: check_range(
+            "events.queue_size",
+            events.queue_size,
+            limits::EVENTS_QUEUE_SIZE,
+        )?,
+        timeout_ms: check_range(
+            "events.timeout_ms",
+            events.timeout_ms,
+            limits::EVENTS_TIMEOUT_MS,
+        )?,
+        max_retries: check_range(
+            "events.max_retries",
+            events.max_retries,
+            limits::EVENTS_MAX_RETRIES,
+        )?,
+        ca_file: match events.ca_file.trim() {
+            "" => None,
+            path => Some(PathBuf::from(path)),
+        },
+    })
 }
 
 /// `[diagnostics]`: flags only, so nothing to check; kept as a step so every section has one.
@@ -913,6 +990,19 @@ mod tests {
                 "[admin]\nmax_request_headers = 2",
                 "admin.max_request_headers",
             ),
+            ("[admin]\nmax_batch_bytes = 10", "admin.max_batch_bytes"),
+            ("[admin]\nmax_batch_targets = 0", "admin.max_batch_targets"),
+            ("[events]\nwebhook_url = \"ftp://x/\"", "events.webhook_url"),
+            ("[events]\nwebhook_url = \"http://\"", "events.webhook_url"),
+            (
+                "[events]\nauthorization = \"Bearer a\\r\\nX-Evil: 1\"",
+                "events.authorization",
+            ),
+            ("[events]\nbatch_ms = 0", "events.batch_ms"),
+            ("[events]\nmax_batch = 0", "events.max_batch"),
+            ("[events]\nqueue_size = 0", "events.queue_size"),
+            ("[events]\ntimeout_ms = 50", "events.timeout_ms"),
+            ("[events]\nmax_retries = 101", "events.max_retries"),
             ("[admin]\nmax_connections = 0", "admin.max_connections"),
             ("[admin]\nmax_connections = 65537", "admin.max_connections"),
             ("[admin]\nheader_timeout_ms = 99", "admin.header_timeout_ms"),
@@ -1123,6 +1213,20 @@ mod tests {
             .unwrap();
         assert!(c.auth.secret.is_empty());
         assert!(!c.uses_dev_secret());
+    }
+
+    #[test]
+    fn events_settings_are_read() {
+        let e = parse(
+            "[events]\nwebhook_url = \"https://h.example/ev\"\nauthorization = \"Bearer t0k\"\nmax_batch = 10",
+        )
+        .unwrap()
+        .events;
+        assert_eq!(e.webhook_url.as_deref(), Some("https://h.example/ev"));
+        assert_eq!(e.authorization.as_deref(), Some("Bearer t0k"));
+        assert_eq!(e.max_batch, 10);
+        let text = format!("{e:?}");
+        assert!(!text.contains("t0k"), "{text}");
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub struct Machine {
     /// Stamp of the connection's one live timer entry.
     timer_stamp: u32,
     state: State,
+    /// The code of the first close frame exchanged (ours, or the client's), for the disconnect event; 0 while
+    /// none was. It fills bytes that were padding, so the record does not grow.
+    close_code: u16,
     buffers: Buffers,
 }
 
@@ -179,6 +182,7 @@ impl Machine {
         let mut machine = Machine {
             timer_stamp: 0,
             state: State::new(),
+            close_code: 0,
             buffers: Buffers::default(),
         };
         machine.state.set(Flag::Tls, tls);
@@ -214,6 +218,13 @@ impl Machine {
     /// Whether the client opted into envelopes.
     pub fn wants_envelopes(&self) -> bool {
         self.state.has(Flag::Recover)
+    }
+
+    /// The code the connection's close handshake began with (the first close frame, ours or the client's;
+    /// 1005 for a client close without a code, RFC 6455 §7.4.1); `None` when it ends without one (EOF, a reset,
+    /// a silent client), which RFC 6455 §7.1.5 reports as 1006.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.close_code != 0).then_some(self.close_code)
     }
 
     /// Whether the connection was upgraded at some point (so it counts among open connections).
@@ -552,6 +563,10 @@ impl Machine {
             Close::Shutdown => (Some(1001), SHUTTING_DOWN, Phase::Closing),
             Close::Refuse(_) => unreachable!("handled above"),
         };
+        if self.close_code == 0 {
+            // The first close decides the code; the other side's echo does not change it.
+            self.close_code = code.unwrap_or(1005);
+        }
         self.state.set_phase(next);
         self.arm(cx, cx.rules.close_timeout_ticks);
         if was_open {
@@ -607,6 +622,7 @@ impl Machine {
     pub fn snapshot(&self, w: &mut Writer, frames: &mut FrameTable) {
         w.u8(self.state.phase() as u8);
         w.u8(self.state.flags());
+        w.u16(self.close_code);
         let spill = self.buffers.get();
         w.bytes_field(spill.map_or(&[][..], |s| &s.head));
         let mut decoder = Writer::new();
@@ -651,6 +667,7 @@ impl Machine {
         let mut state = State::new();
         state.set_phase(phase);
         state.set_flags(r.u8("flags")?);
+        let close_code = r.u16("close code")?;
         let head = r.bytes_field("head")?.to_vec();
         let decoder = match r.bool("decoder present")? {
             true => Some(Decoder::restore(r)?),
@@ -673,6 +690,7 @@ impl Machine {
         let mut machine = Machine {
             timer_stamp: 0,
             state,
+            close_code,
             buffers: Buffers::default(),
         };
         if machine.buffers.install(Some(spill), cx.budget) {
@@ -1058,6 +1076,29 @@ mod tests {
     }
 
     #[test]
+    fn the_first_close_decides_the_close_code() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        assert_eq!(m.close_code(), None);
+        let kick = Close::Kick {
+            code: 4002,
+            reason: "",
+        };
+        let _ = rig.with(|cx, w| m.close(cx, w, kick));
+        let mut echo = client_frame(0x8, &close_payload(1000, ""));
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut echo));
+        assert_eq!(
+            m.close_code(),
+            Some(4002),
+            "the client's echo does not change it"
+        );
+        let mut m = rig.open(false);
+        let mut empty = client_frame(0x8, b"");
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut empty));
+        assert_eq!(m.close_code(), Some(1005), "a close without a code");
+    }
+
+    #[test]
     fn an_empty_client_close_is_answered_empty() {
         let mut rig = Rig::new();
         let mut m = rig.open(false);
@@ -1405,7 +1446,8 @@ mod tests {
         let m = old.open(false);
         let mut w = Writer::new();
         m.snapshot(&mut w, &mut FrameTable::default());
-        assert!(w.len() <= 16, "{} bytes", w.len());
+        // Phase, flags, close code, and empty fields: the descriptor is most of what an idle connection costs to move.
+        assert!(w.len() <= 20, "{} bytes", w.len());
         let mut new = Rig::new();
         let bytes = w.take();
         let moved = new

@@ -141,6 +141,10 @@ pub enum Outcome {
 
 /// Everything the predecessor needs to hand over.
 pub struct Giver {
+    /// The connection events sender, flushed before this process exits.
+    pub events: Option<Arc<crate::events::Events>>,
+    /// How long that flush may take (`server.shutdown_timeout_ms`).
+    pub finish_within: Duration,
     /// The binary to start: this server's path as it was at start (replace the file, then upgrade).
     pub exe: PathBuf,
     /// The arguments this server was started with.
@@ -195,6 +199,11 @@ impl Giver {
                 // The successor serves from here on. Exit without closing anything gracefully: the sockets are
                 // its too, and a close frame or a shutdown from here would reach its clients.
                 log::info!("upgrade: the new process {} serves; exiting", child.id());
+                // Events queued here are this process's to send (the successor announces only what happens
+                // from now on): one attempt each, within the shutdown timeout, as at a drain.
+                if let Some(events) = &self.events {
+                    events.finish(self.finish_within);
+                }
                 std::process::exit(0);
             }
             Err(Failure(reason, detail)) => {

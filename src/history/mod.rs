@@ -209,7 +209,8 @@ impl History {
 
     /// Whether messages published to `target` are stored.
     pub fn keeps(&self, target: &Target) -> bool {
-        self.settings.enabled(stream_of(target).1)
+        // Called per target of a batch: the kind alone, no stream name built.
+        self.settings.enabled(target.kind())
     }
 
     /// Stores a message of a stream that keeps history ([`History::keeps`]): it gets the stream's next offset
@@ -276,6 +277,45 @@ impl History {
         appended.item
     }
 
+    /// Stores the messages of a batch publish whose streams keep history (each gets its stream's next offset and
+    /// the next sequence number, in the batch's order) and hands the whole batch, stored and unstored messages
+    /// alike, to `deliver` before the lock is released: a batch is one command per reactor, so its stored
+    /// messages reach every mailbox in sequence order, as single publishes do.
+    pub fn append_batch(
+        &self,
+        messages: Vec<Message>,
+        deliver: impl FnOnce(&Arc<[Arc<Message>]>),
+    ) -> Arc<[Arc<Message>]> {
+        let now = self.now_ms();
+        let mut store = self.lock();
+        let batch: Arc<[Arc<Message>]> = messages
+            .into_iter()
+            .map(|message| {
+                let (stream, kind, client) = stream_of(message.target());
+                if !self.settings.enabled(kind) {
+                    return Arc::new(message);
+                }
+                let client = client.map(str::to_owned);
+                store
+                    .append(&stream, client.as_deref(), now, |slot| {
+                        placed(message, slot)
+                    })
+                    .item
+            })
+            .collect();
+        deliver(&batch);
+        batch
+    }
+
+    /// The current epoch of a stream, when history holds it: what a position given as a bare offset (a
+    /// subscription's `since`) is read against.
+    pub fn epoch(&self, stream: &str) -> Option<Arc<str>> {
+        let now = self.now_ms();
+        self.lock()
+            .read(stream, u64::MAX, 0, now)
+            .map(|page| page.epoch)
+    }
+
     /// The sequence number of the last message stored so far. Messages are stored and handed to every mailbox
     /// under one lock, so once this returns, every message up to it is in every reactor's mailbox: a reactor
     /// that applies its mailbox up to it has delivered everything a client can have seen anywhere.
@@ -331,6 +371,31 @@ impl History {
                     &envelope::encode_resync(&position.stream, &epoch, offset),
                 ));
             }
+        }
+    }
+
+    /// What a connection that joins a channel at `position` missed, among the messages with a sequence up to
+    /// `applied_seq`, appended to `out` as messages (the caller sends each in the connection's encoding); or,
+    /// when history cannot serve the position, the `resync` notice to send instead. The messages after
+    /// `applied_seq` are still in the caller's mailbox and reach the connection live, as at an upgrade.
+    pub fn recover_join(
+        &self,
+        position: &Position,
+        client: Option<&str>,
+        applied_seq: u64,
+        out: &mut Vec<Arc<Message>>,
+    ) -> Option<Bytes> {
+        if !kind_of(&position.stream).is_some_and(|k| self.settings.enabled(k)) {
+            return None;
+        }
+        let now = self.now_ms();
+        let recovery = self.lock().recover(position, client, applied_seq, now, out);
+        match recovery {
+            Recovery::Resync { epoch, offset } => Some(frame::encode_message(
+                true,
+                &envelope::encode_resync(&position.stream, &epoch, offset),
+            )),
+            Recovery::Replayed(_) => None,
         }
     }
 
@@ -451,6 +516,81 @@ mod tests {
         assert!(r.may_read("channel:news"));
         assert!(!r.may_read("channel:sport"));
         assert!(r.may_read("all"));
+    }
+
+    fn kept_channels() -> Arc<History> {
+        History::new(Settings {
+            user: false,
+            channel: true,
+            all: false,
+            limits: Limits {
+                size: 100,
+                ttl_ms: 3_600_000,
+                max_bytes: 1 << 20,
+            },
+        })
+    }
+
+    #[test]
+    fn a_batch_stores_its_kept_messages_in_order_and_delivers_all_of_it_at_once() {
+        let history = kept_channels();
+        let messages = vec![
+            Message::new(Target::Channel("n".into()), false, b"1"),
+            Message::new(Target::User("u".into()), false, b"2"),
+            Message::new(Target::Channel("n".into()), false, b"3"),
+        ];
+        let mut delivered = None;
+        let batch = history.append_batch(messages, |b| delivered = Some(b.clone()));
+        assert!(Arc::ptr_eq(&batch, &delivered.unwrap()));
+        let places: Vec<(u64, Option<u64>)> = batch
+            .iter()
+            .map(|m| (m.seq(), m.stamp().map(|s| s.offset)))
+            .collect();
+        assert_eq!(places, [(1, Some(1)), (0, None), (2, Some(2))]);
+        assert_eq!(history.read("channel:n", 0, 10).unwrap().entries.len(), 2);
+        assert!(history.read("user:u", 0, 10).is_none());
+    }
+
+    #[test]
+    fn a_join_replays_what_follows_its_position_up_to_what_the_reactor_applied() {
+        let history = kept_channels();
+        let sent: Vec<Arc<Message>> = (1..=4)
+            .map(|i| {
+                let m = Message::new(Target::Channel("n".into()), false, i.to_string().as_bytes());
+                history.append(m, |_| {})
+            })
+            .collect();
+        let epoch = history.epoch("channel:n").unwrap();
+        let at = |offset| Position {
+            stream: "channel:n".into(),
+            epoch: epoch.to_string(),
+            offset,
+        };
+        let mut out = Vec::new();
+        assert_eq!(
+            history.recover_join(&at(1), None, sent[2].seq(), &mut out),
+            None
+        );
+        let payloads: Vec<&[u8]> = out.iter().map(|m| m.payload()).collect();
+        assert_eq!(payloads, [b"2", b"3"], "offset 4 is still in the mailbox");
+        out.clear();
+        let resync = history.recover_join(&at(9), None, sent[3].seq(), &mut out);
+        assert!(out.is_empty());
+        let resync: serde_json::Value =
+            serde_json::from_slice(envelope::frame_payload(&resync.unwrap())).unwrap();
+        assert_eq!(resync["type"], "resync");
+        assert_eq!(resync["o"], 4);
+        let other = Position {
+            stream: "user:u".into(),
+            epoch: String::new(),
+            offset: 0,
+        };
+        assert_eq!(
+            history.recover_join(&other, None, 9, &mut out),
+            None,
+            "kind without history"
+        );
+        assert!(history.epoch("channel:none").is_none());
     }
 
     #[test]

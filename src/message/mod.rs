@@ -29,6 +29,15 @@ pub enum Target {
 }
 
 impl Target {
+    /// The kind of stream it publishes to (what [`stream_of`] says, without building the stream's name).
+    pub fn kind(&self) -> Kind {
+        match self {
+            Target::User(_) | Target::UserClient(..) => Kind::User,
+            Target::Channel(_) => Kind::Channel,
+            Target::All => Kind::All,
+        }
+    }
+
     /// The target in the same stream for a message tagged with `client`, or with no tag: how a message read back
     /// from the shared log (`history::Backfill`) is addressed. Only `user` streams carry client tags.
     pub fn with_client(&self, client: Option<&str>) -> Target {
@@ -124,6 +133,26 @@ impl Message {
         }
     }
 
+    /// A message for `target` whose bare frame is `bare`, already built for another target of the same batch
+    /// item: the payload is framed once however many targets it has, and every target's message shares
+    /// those bytes. Only the envelope, which names the stream, is built per target (lazily, as with
+    /// [`Message::new`]).
+    pub fn sharing(target: Target, binary: bool, bare: Bytes) -> Message {
+        // RFC 6455 §5.2: opcode 0x1 text, 0x2 binary, in the low bits of the first byte.
+        debug_assert_eq!(
+            bare.first().map(|b| b & 0x0f),
+            Some(if binary { 2 } else { 1 })
+        );
+        Message {
+            target,
+            binary,
+            place: None,
+            seq: 0,
+            bare,
+            envelope: OnceLock::new(),
+        }
+    }
+
     /// The same message with its place in its stream (`epoch`, `offset`: from `history`, or from the cluster)
     /// and its publish sequence number (`history`; 0 for a message no reactor receives live in sequence: a
     /// backfilled one, or one whose stream this node keeps no history for). Its envelope is built now: a
@@ -205,6 +234,18 @@ mod tests {
     }
 
     #[test]
+    fn a_targets_kind_is_its_streams() {
+        for t in [
+            Target::User("u".into()),
+            Target::UserClient("u".into(), "c".into()),
+            Target::Channel("n".into()),
+            Target::All,
+        ] {
+            assert_eq!(t.kind(), stream_of(&t).1);
+        }
+    }
+
+    #[test]
     fn stream_kinds_need_a_name() {
         assert_eq!(kind_of("user:1"), Some(Kind::User));
         assert_eq!(kind_of("channel:x"), Some(Kind::Channel));
@@ -241,6 +282,18 @@ mod tests {
             Target::Channel("n".into())
         );
         assert_eq!(Target::All.with_client(None), Target::All);
+    }
+
+    #[test]
+    fn messages_sharing_a_frame_share_its_bytes_and_keep_their_own_stream() {
+        let first = Message::new(Target::User("42".into()), false, b"hi");
+        let bare = first.frame(Encoding::Bare).clone();
+        let second = Message::sharing(Target::Channel("n".into()), false, bare.clone());
+        assert_eq!(second.frame(Encoding::Bare).as_ptr(), bare.as_ptr());
+        assert_eq!(second.payload(), b"hi");
+        let expected =
+            frame::encode_message(true, &envelope::encode("channel:n", None, true, b"hi"));
+        assert_eq!(second.frame(Encoding::Envelope), &expected);
     }
 
     #[test]

@@ -153,10 +153,14 @@ impl ReactorMetrics {
 /// Numbers of the admin side.
 #[derive(Debug, Default)]
 pub struct AdminMetrics {
-    /// Counter: messages accepted for publishing, by [`TargetKind`].
+    /// Counter: messages accepted for publishing, by [`TargetKind`] (a batch message counts once per target).
     pub published: [AtomicU64; TARGET_LABELS.len()],
     /// Counter: kick requests.
     pub kicks: AtomicU64,
+    /// Counter: batch publishes accepted (their targets are counted in `published`).
+    pub batches: AtomicU64,
+    /// Counter: subscription change requests: subscribe (0) and unsubscribe (1).
+    pub subscriptions: [AtomicU64; 2],
     /// Counter: admin requests answered, by status class (2xx, 4xx, 5xx).
     pub requests_2xx: AtomicU64,
     /// See `requests_2xx`.
@@ -364,6 +368,19 @@ pub fn render(
         "densepush_kick_requests_total",
         "Admin kick requests.",
         admin.kicks.load(Relaxed),
+    );
+    out.counter(
+        "densepush_batch_publishes_total",
+        "Batch publishes accepted (each target is also counted in densepush_messages_published_total).",
+        admin.batches.load(Relaxed),
+    );
+    out.family(
+        "densepush_subscription_requests_total",
+        "Runtime subscription requests, by operation.",
+        MetricType::Counter,
+        "op",
+        [("subscribe", 0), ("unsubscribe", 1)]
+            .map(|(op, i)| (op, admin.subscriptions[i].load(Relaxed))),
     );
     if let Some(keys) = &admin.keys {
         keys.render(&mut out, unix_now_ms());

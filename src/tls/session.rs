@@ -219,7 +219,19 @@ impl Session {
         send: &mut Vec<u8>,
     ) -> Result<Received, Failure> {
         let result = match self {
-            Session::Handshaking(_) => self.receive_handshake(input, plain, send),
+            // rustls parses what hostile peers send; should it ever panic on some input, that peer's
+            // connection fails instead of the reactor thread with every connection on it.
+            Session::Handshaking(_) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.receive_handshake(input, plain, send)
+                }))
+                .unwrap_or_else(|_| {
+                    log::error!(
+                        "tls: the handshake code panicked on a peer's input; that connection fails"
+                    );
+                    Err(Failure::Handshake("internal_error"))
+                })
+            }
             Session::Established(e) => e.receive(input, plain, send).map(|peer_closed| Received {
                 completed: None,
                 peer_closed,
@@ -285,9 +297,11 @@ impl Session {
                 Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
                 Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => Step::PeerClosed,
                 // Early data is never enabled (`max_early_data_size` is 0), so this is a protocol error.
-                Ok(ConnectionState::ReadEarlyData(_)) => Step::Failed("early_data"),
-                Ok(_) => Step::Failed("unsupported state"),
-                Err(e) => Step::Failed(rustls_label(&e)),
+                Ok(ConnectionState::ReadEarlyData(_)) => {
+                    Step::Failed("early_data", Some(alert::UNEXPECTED_MESSAGE))
+                }
+                Ok(_) => Step::Failed("unsupported state", Some(alert::INTERNAL_ERROR)),
+                Err(e) => Step::Failed(rustls_label(&e), fallback_alert(&e)),
             };
             hs.inbuf.drain(..discard);
             match step {
@@ -298,11 +312,26 @@ impl Session {
                     received.peer_closed = true;
                     break false;
                 }
-                Step::Failed(label) => {
-                    // rustls queued a fatal alert: the next call hands it over before reporting the error.
-                    let UnbufferedStatus { state, .. } = hs.conn.process_tls_records(&mut []);
+                Step::Failed(label, fallback) => {
+                    // rustls queued a fatal alert for most errors: the next call hands it over before
+                    // reporting the error. It gets the unread bytes, never an empty slice: rustls remembers how
+                    // far into the buffer a handshake message split over records reaches, and indexes the slice
+                    // it is given by that (an empty one panicked on a fuzzed input with such a message, then a
+                    // bad record).
+                    let UnbufferedStatus { state, .. } = hs.conn.process_tls_records(&mut hs.inbuf);
+                    let before = send.len();
                     if let Ok(ConnectionState::EncodeTlsData(mut data)) = state {
                         encode_into(send, |out| data.encode(out));
+                    }
+                    // Some errors (a handshake message over rustls's size limit, records interleaved with a
+                    // split handshake message) end it without one. Until the server's hello the peer reads
+                    // plaintext records, so the alert is ours to send; after it, it would need the handshake
+                    // keys, and the connection just closes.
+                    if let Some(description) = fallback.filter(|_| send.len() == before) {
+                        if hs.conn.protocol_version().is_none() {
+                            // A fatal alert as a plaintext record (legacy version 3.3, level 2 = fatal).
+                            send.extend_from_slice(&[content::ALERT, 3, 3, 0, 2, 2, description]);
+                        }
                     }
                     return Err(Failure::Handshake(label));
                 }
@@ -444,7 +473,8 @@ enum Step {
     NeedInput,
     Done,
     PeerClosed,
-    Failed(&'static str),
+    /// A metric label, and the alert to send if rustls sends none.
+    Failed(&'static str, Option<u8>),
 }
 
 impl Established {
@@ -617,6 +647,17 @@ fn looks_like_plain_http(input: &[u8]) -> bool {
 }
 
 /// A short label for a rustls error (never the peer's bytes).
+/// The alert for a handshake error rustls may return without queuing one; none for an alert from the peer.
+fn fallback_alert(error: &rustls::Error) -> Option<u8> {
+    use rustls::Error as E;
+    match error {
+        E::AlertReceived(_) => None,
+        E::InvalidMessage(_) => Some(alert::DECODE_ERROR),
+        E::PeerMisbehaved(_) => Some(alert::UNEXPECTED_MESSAGE),
+        _ => Some(alert::INTERNAL_ERROR),
+    }
+}
+
 fn rustls_label(error: &rustls::Error) -> &'static str {
     use rustls::Error as E;
     match error {
@@ -1062,6 +1103,30 @@ mod tests {
             result,
             Failure::Handshake(_) | Failure::HandshakeTooLarge
         ));
+    }
+
+    #[test]
+    fn a_handshake_message_split_over_records_then_a_bad_record_fails_with_an_alert() {
+        // Found by arbitrary_handshake_bytes_never_panic: a 4-byte record starting a 64 KiB handshake
+        // message, then a record of content type 0. rustls panicked when asked for its alert with an empty
+        // buffer; the session now fails the handshake like any other bad input.
+        let p = pair();
+        let mut s = p.tls.session().unwrap();
+        let mut input = vec![22, 3, 0, 0, 4, 0, 1, 0, 0];
+        input.resize(86, 0);
+        let mut send = Vec::new();
+        let e = s
+            .receive(&mut input, &mut Vec::new(), &mut send)
+            .unwrap_err();
+        assert!(
+            matches!(e, Failure::Handshake(label) if label != "internal_error"),
+            "{e:?}"
+        );
+        assert_eq!(
+            send,
+            [21, 3, 3, 0, 2, 2, 50],
+            "a plaintext decode_error alert"
+        );
     }
 
     #[test]
