@@ -5,11 +5,15 @@
 //! connection in that order; the waker is rung only when a queue goes from empty to non-empty, so a burst of
 //! publishes costs one wake-up, not one per message. A batch publish is one command per reactor, however many
 //! messages it holds, but it weighs one per message against [`MAX_PENDING_COMMANDS`], as that many single
-//! publishes would, so batches cannot queue more work than the bound allows. Questions (kick,
-//! presence, subscription changes) go to every reactor and the answers are summed here, within
-//! [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a message
-//! (`message`, `history`, the reactors' fanout indexes).
+//! publishes would, so batches cannot queue more work than the bound allows. A message waiting in mailboxes is
+//! memory held like any queued frame: each mailbox holds a budget reference on its frames (`SharedFrame`, so
+//! the frames count once in `websocket.max_buffered_bytes_total` however many mailboxes and outboxes hold
+//! them) until its reactor has delivered it, and the bytes a mailbox holds are bounded like its length (see
+//! [`Reactors::overloaded`]). Questions (kick, presence, subscription changes) go to every reactor and the
+//! answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a
+//! message (`message`, `history`, the reactors' fanout indexes).
 
+use crate::budget::Budget;
 use crate::message::envelope::Position;
 use crate::message::{Message, Target};
 use mio::Waker;
@@ -26,6 +30,12 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// keeping up, and queuing more would only grow memory and latency without bound. A batch counts one per
 /// message (per target: each is a message to one stream).
 pub const MAX_PENDING_COMMANDS: usize = 4_096;
+
+/// Share of the buffer budget (`websocket.max_buffered_bytes_total`) that the messages waiting in one
+/// reactor's mailbox may hold before publishes are refused with 503: one divided by this. Every publish goes to
+/// every mailbox in order, so the messages waiting anywhere are those waiting in the longest mailbox: this
+/// bounds their memory (64 MiB with the defaults; without it, 4,096 publishes of 1 MiB could wait).
+pub const MAILBOX_BUDGET_SHARE: usize = 4;
 
 /// Work for a reactor.
 #[derive(Debug)]
@@ -45,13 +55,11 @@ pub enum Command {
     },
     /// Deliver these messages in order (a batch publish: each item framed once, one message per target sharing
     /// those bytes).
+    /// The reactor delivers them as that many publishes in a row (each over as many turns as it needs, so a
+    /// batch that reaches huge channels cannot starve socket reads and timers).
     PublishBatch {
         /// The messages, in the order of the batch's body; shared by every reactor.
         messages: Arc<[Arc<Message>]>,
-        /// The first message not applied yet. A reactor that reaches its turn's send budget part-way through a
-        /// large batch puts the rest back at the front of its backlog, so one batch cannot starve socket reads
-        /// and timers.
-        next: usize,
     },
     /// Subscribe the target's connections to a channel, or unsubscribe them; reply with what changed.
     Subscribe {
@@ -116,6 +124,8 @@ pub struct Mailbox {
     /// Commands sent and not yet applied by the reactor (queued here or in its backlog), a batch's messages
     /// counted one by one.
     pending: AtomicUsize,
+    /// What the publishes sent and not yet delivered by the reactor cost the budget (`Message::mailbox_charge`).
+    pending_bytes: AtomicUsize,
 }
 
 impl Mailbox {
@@ -125,7 +135,39 @@ impl Mailbox {
             queue: Mutex::new(Vec::new()),
             waker,
             pending: AtomicUsize::new(0),
+            pending_bytes: AtomicUsize::new(0),
         })
+    }
+
+    /// Bytes of the publishes sent and not yet delivered (their frames, as the budget counts them).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Sends a publish: the mailbox holds a budget reference on its frames until the reactor has delivered it
+    /// ([`Mailbox::delivered`]). The frames are charged whatever the budget says: the message is already in
+    /// memory, and admission is decided before it is made ([`Reactors::overloaded`]).
+    pub fn send_publish(&self, message: Arc<Message>, budget: &Budget) {
+        self.hold(&message, budget);
+        self.send(Command::Publish(message));
+    }
+
+    /// Charges a message about to be sent to this mailbox, until [`Mailbox::delivered`].
+    fn hold(&self, message: &Message, budget: &Budget) {
+        for frame in message.mailbox_frames() {
+            frame.force_hold(budget);
+        }
+        self.pending_bytes
+            .fetch_add(message.mailbox_charge(), Ordering::Relaxed);
+    }
+
+    /// The reactor has delivered `message` to every recipient: its frames leave the mailbox.
+    pub fn delivered(&self, message: &Message, budget: &Budget) {
+        for frame in message.mailbox_frames() {
+            frame.release(budget);
+        }
+        self.pending_bytes
+            .fetch_sub(message.mailbox_charge(), Ordering::Relaxed);
     }
 
     /// Commands sent and not yet applied.
@@ -173,13 +215,16 @@ impl Mailbox {
 #[derive(Debug, Clone)]
 pub struct Reactors {
     mailboxes: Arc<[Arc<Mailbox>]>,
+    /// The buffer budget the messages waiting in mailboxes are charged to.
+    budget: Arc<Budget>,
 }
 
 impl Reactors {
-    /// The reactors behind these mailboxes.
-    pub fn new(mailboxes: Vec<Arc<Mailbox>>) -> Reactors {
+    /// The reactors behind these mailboxes, charging waiting messages to `budget`.
+    pub fn new(mailboxes: Vec<Arc<Mailbox>>, budget: Arc<Budget>) -> Reactors {
         Reactors {
             mailboxes: mailboxes.into(),
+            budget,
         }
     }
 
@@ -193,17 +238,26 @@ impl Reactors {
         self.mailboxes.is_empty()
     }
 
-    /// True when some reactor has [`MAX_PENDING_COMMANDS`] or more pending: publishes should be refused (503)
-    /// until it catches up, rather than queued without bound.
+    /// True when some reactor has [`MAX_PENDING_COMMANDS`] or more pending, or publishes waiting for it that
+    /// hold a [`MAILBOX_BUDGET_SHARE`]th of the buffer budget: publishes should be refused (503) until it
+    /// catches up, rather than queued without bound.
     pub fn overloaded(&self) -> bool {
+        let max_bytes = self.budget.limit() / MAILBOX_BUDGET_SHARE;
         self.mailboxes
             .iter()
-            .any(|m| m.pending() >= MAX_PENDING_COMMANDS)
+            .any(|m| m.pending() >= MAX_PENDING_COMMANDS || m.pending_bytes() >= max_bytes)
+    }
+
+    /// The buffer budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// Hands a message to every reactor.
     pub fn publish(&self, message: Arc<Message>) {
-        self.send_all(|| Command::Publish(message.clone()));
+        for mailbox in self.mailboxes.iter() {
+            mailbox.send_publish(message.clone(), &self.budget);
+        }
     }
 
     /// Hands a batch of messages to every reactor as one command, weighing one pending command per message;
@@ -213,9 +267,12 @@ impl Reactors {
             return;
         }
         for mailbox in self.mailboxes.iter() {
+            // Each message is held by the mailbox until delivered, as a single publish is.
+            for message in messages.iter() {
+                mailbox.hold(message, &self.budget);
+            }
             let batch = Command::PublishBatch {
                 messages: messages.clone(),
-                next: 0,
             };
             mailbox.send_weighing(batch, messages.len());
         }
@@ -343,13 +400,36 @@ mod tests {
             .iter()
             .map(|p| Mailbox::new(Waker::new(p.registry(), Token(0)).unwrap()))
             .collect();
-        (Reactors::new(mailboxes.clone()), mailboxes, polls)
+        (
+            Reactors::new(mailboxes.clone(), Arc::new(Budget::new(1 << 30))),
+            mailboxes,
+            polls,
+        )
     }
 
-    fn taken(mailbox: &Mailbox) -> Vec<Command> {
+    /// Takes and applies a mailbox's commands as a reactor would (a publish is delivered at once).
+    fn taken(mailbox: &Mailbox, budget: &Budget) -> Vec<Command> {
         let mut out = Vec::new();
         mailbox.take_all(&mut out);
-        mailbox.applied(out.len());
+        let weight = out
+            .iter()
+            .map(|c| match c {
+                Command::PublishBatch { messages } => messages.len(),
+                _ => 1,
+            })
+            .sum();
+        mailbox.applied(weight);
+        for command in &out {
+            match command {
+                Command::Publish(message) => mailbox.delivered(message, budget),
+                Command::PublishBatch { messages } => {
+                    for message in messages.iter() {
+                        mailbox.delivered(message, budget);
+                    }
+                }
+                _ => {}
+            }
+        }
         out
     }
 
@@ -360,7 +440,7 @@ mod tests {
         reactors.publish(message.clone());
         for mailbox in &mailboxes {
             assert_eq!(mailbox.pending(), 1);
-            match taken(mailbox).as_slice() {
+            match taken(mailbox, reactors.budget()).as_slice() {
                 [Command::Publish(m)] => assert!(Arc::ptr_eq(m, &message)),
                 other => panic!("{other:?}"),
             }
@@ -376,7 +456,7 @@ mod tests {
             .enumerate()
             .map(|(i, mailbox)| {
                 std::thread::spawn(move || loop {
-                    for command in taken(&mailbox) {
+                    for command in taken(&mailbox, &Budget::new(0)) {
                         if let Command::Presence { reply, .. } = command {
                             let _ = reply.send(i + 1);
                             return;
@@ -398,7 +478,7 @@ mod tests {
         let answerer = {
             let mailbox = mailboxes[0].clone();
             std::thread::spawn(move || loop {
-                for command in taken(&mailbox) {
+                for command in taken(&mailbox, &Budget::new(0)) {
                     if let Command::Presence { reply, .. } = command {
                         let _ = reply.send(5);
                         return;
@@ -420,7 +500,7 @@ mod tests {
             reactors.kick(Target::User("u".into()), 4000, "bye", false),
             Some(0)
         );
-        match taken(&mailboxes[0]).as_slice() {
+        match taken(&mailboxes[0], reactors.budget()).as_slice() {
             [Command::Kick {
                 reply: None,
                 code: 4000,
@@ -442,10 +522,7 @@ mod tests {
             let mut commands = Vec::new();
             mailbox.take_all(&mut commands);
             match commands.as_slice() {
-                [Command::PublishBatch {
-                    messages: m,
-                    next: 0,
-                }] => {
+                [Command::PublishBatch { messages: m }] => {
                     assert!(Arc::ptr_eq(m, &messages))
                 }
                 other => panic!("{other:?}"),
@@ -480,8 +557,9 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(i, mailbox)| {
+                let budget = Budget::new(usize::MAX);
                 std::thread::spawn(move || loop {
-                    for command in taken(&mailbox) {
+                    for command in taken(&mailbox, &budget) {
                         if let Command::Subscribe {
                             reply: Some(reply), ..
                         } = command
@@ -525,7 +603,35 @@ mod tests {
             });
         }
         assert!(reactors.overloaded());
-        taken(&mailboxes[1]);
+        taken(&mailboxes[1], reactors.budget());
+        assert!(!reactors.overloaded());
+    }
+
+    #[test]
+    fn waiting_messages_are_charged_once_to_the_budget_and_bound_the_mailboxes_in_bytes() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let budget = reactors.budget().clone();
+        let payload = vec![b'x'; 1 << 20];
+        let message = Arc::new(Message::new(Target::All, false, &payload));
+        let charge = message.mailbox_charge();
+        reactors.publish(message.clone());
+        assert_eq!(budget.used(), charge, "two mailboxes, one charge");
+        assert_eq!(mailboxes[0].pending_bytes(), charge);
+        // Before this bound, 4,096 messages of 1 MiB (4 GiB, plus their envelopes) could wait; now publishes are
+        // refused once one mailbox holds a quarter of the budget (256 MiB here), long before the count bound.
+        let mut sent = 1;
+        while !reactors.overloaded() {
+            reactors.publish(Arc::new(Message::new(Target::All, false, &payload)));
+            sent += 1;
+        }
+        assert!(sent < MAX_PENDING_COMMANDS / 8, "{sent} messages of 1 MiB");
+        assert!(budget.used() >= budget.limit() / MAILBOX_BUDGET_SHARE);
+        // One reactor delivers: the frames are still held by the other mailbox, still charged once.
+        taken(&mailboxes[0], &budget);
+        assert_eq!(budget.used(), sent * charge);
+        assert!(reactors.overloaded(), "the other reactor is still behind");
+        taken(&mailboxes[1], &budget);
+        assert_eq!(budget.used(), 0);
         assert!(!reactors.overloaded());
     }
 }

@@ -28,6 +28,7 @@ pub mod proto;
 pub mod publish;
 pub mod reactor;
 pub mod server;
+pub mod shared_frame;
 pub mod snapshot;
 pub mod systemd;
 pub mod timer;

@@ -19,6 +19,7 @@ use crate::history::{Backfill, History};
 use crate::message::envelope::Stamp;
 use crate::message::{Message, Target};
 use crate::proto::frame;
+use crate::shared_frame::SharedFrame;
 use std::sync::Arc;
 
 /// One message of a batch publish: a payload and every target it goes to.
@@ -69,7 +70,7 @@ impl Publisher {
         let count = items.iter().map(|item| item.targets.len()).sum();
         let mut messages = Vec::with_capacity(count);
         for item in items {
-            let bare = frame::encode_message(!item.binary, &item.payload);
+            let bare = SharedFrame::new(frame::encode_message(!item.binary, &item.payload));
             messages.extend(
                 item.targets
                     .into_iter()
@@ -155,7 +156,10 @@ mod tests {
                 max_bytes: 1 << 30,
             },
         });
-        let reactors = Reactors::new(mailboxes.clone());
+        let reactors = Reactors::new(
+            mailboxes.clone(),
+            Arc::new(crate::budget::Budget::new(usize::MAX)),
+        );
         (Publisher::new(history, reactors), mailboxes, polls)
     }
 
@@ -218,7 +222,7 @@ mod tests {
         commands
             .into_iter()
             .map(|c| match c {
-                Command::PublishBatch { messages, next: 0 } => messages,
+                Command::PublishBatch { messages } => messages,
                 other => panic!("{other:?}"),
             })
             .collect()
@@ -368,7 +372,7 @@ mod tests {
             .iter()
             .map(|f| {
                 let json: serde_json::Value =
-                    serde_json::from_slice(envelope::frame_payload(f)).unwrap();
+                    serde_json::from_slice(envelope::frame_payload(f.bytes())).unwrap();
                 json["o"].as_u64().unwrap()
             })
             .collect();
@@ -378,7 +382,7 @@ mod tests {
             .history()
             .recover(&since, reader("u"), live.seq(), &mut out);
         assert_eq!(out.len(), 2);
-        assert_eq!(&out[1], live.frame(Encoding::Envelope));
+        assert!(out[1].ptr_eq(live.shared(Encoding::Envelope)));
     }
 
     #[test]

@@ -22,11 +22,11 @@ use crate::message::{envelope, Encoding, Message, Target};
 use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::proto::http;
+use crate::shared_frame::SharedFrame;
 use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
 use crate::tls::table::{Sessions, Slot};
 use crate::tls::{self, Tls, TlsWire};
-use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -45,8 +45,12 @@ const TLS_LISTENER: Token = Token(usize::MAX - 2);
 pub const MAX_KEY: u32 = u32::MAX - 3;
 
 /// Sends (or closes) a turn of the loop applies from the command backlog before it polls sockets again: about
-/// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst.
+/// 10-100 ms of writes here, so pongs and new connections are served between the parts of a long burst. A
+/// single publish with more recipients than this is delivered over several turns (see [`Delivery`]).
 const SENDS_PER_TURN: usize = 8_192;
+
+/// Bytes a connection's socket is read and discarded at most before it is closed (see `discard_unread`).
+const DISCARD_BEFORE_CLOSE_BYTES: usize = 64 << 10;
 
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
@@ -84,6 +88,19 @@ pub struct Settings {
     pub events: Option<Arc<events::Events>>,
 }
 
+/// A publish being delivered: its recipients are written to over as many turns of the loop as they need, so
+/// one publish to a million connections does not keep sockets and timers waiting for a million writes.
+struct Delivery {
+    message: Arc<Message>,
+    /// Slab keys collected when the publish was taken; those from `next` on are still to be sent to.
+    recipients: Vec<u32>,
+    next: usize,
+    /// The reactor's `next_generation` when the recipients were collected: a key now held by a connection
+    /// accepted since is skipped (it did not exist when the message was applied, and may recover it from
+    /// history instead).
+    generation: u32,
+}
+
 /// One reactor and everything it owns.
 pub struct Reactor {
     poll: Poll,
@@ -113,11 +130,13 @@ pub struct Reactor {
     pending_reads: Vec<(u32, u32)>,
     /// Commands taken from the mailbox and not yet applied (a turn applies a bounded amount).
     backlog: VecDeque<Command>,
+    /// The publish being delivered, when its recipients did not all fit in one turn.
+    delivery: Option<Delivery>,
     /// Sequence number of the last stored message this reactor delivered (see `history`): replays stop there,
     /// later ones are still in the mailbox and arrive live.
     applied_seq: u64,
     /// Reusable list of replay frames.
-    replay: Vec<Bytes>,
+    replay: Vec<SharedFrame>,
     started: Instant,
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
@@ -174,6 +193,7 @@ impl Reactor {
             recipients: Vec::new(),
             pending_reads: Vec::new(),
             backlog: VecDeque::new(),
+            delivery: None,
             applied_seq: 0,
             replay: Vec::new(),
             started: Instant::now(),
@@ -234,7 +254,7 @@ impl Reactor {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.pending_reads.is_empty() || !self.backlog.is_empty() {
+        if !self.pending_reads.is_empty() || !self.backlog.is_empty() || self.delivery.is_some() {
             return Duration::ZERO;
         }
         let tick_ns = self.settings.tick.as_nanos().max(1);
@@ -262,9 +282,12 @@ impl Reactor {
                 "shutdown timeout: closing {} connections that did not finish closing",
                 self.conns.len()
             );
+            // Each gets the last chance a close deadline gives its close frame, then goes.
             let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
             for key in keys {
-                self.remove(key as u32, Ending::Done);
+                if self.drive(key as u32, |m, cx, t| m.close_deadline(cx, t)) {
+                    self.remove(key as u32, Ending::Done);
+                }
             }
             return true;
         }
@@ -332,6 +355,9 @@ impl Reactor {
         self.disconnect_event(key);
         self.fanout.remove(key);
         let mut conn = self.conns.remove(key as usize);
+        if ending == Ending::Done && conn.machine.was_upgraded() {
+            discard_unread(&conn.stream);
+        }
         let cx = Ctx {
             key,
             rules: &self.settings.rules,
@@ -991,7 +1017,7 @@ impl Reactor {
                 let generation = self.conns[entry.key as usize].generation;
                 self.on_readable(entry.key, generation);
                 if self.live(entry.key, generation) {
-                    self.drive(entry.key, |m, cx, _| m.pong_deadline(cx));
+                    self.drive(entry.key, |m, cx, t| m.pong_deadline(cx, t));
                 }
             }
         }
@@ -1011,16 +1037,25 @@ impl Reactor {
     // ---- commands from other threads -------------------------------------------------------------------
 
     /// Applies commands in order until the stored message with sequence `seq` has been delivered (every
-    /// stored message up to `seq` is in the mailbox when this is called; see `History::last_seq`).
+    /// stored message up to `seq` is in the mailbox when this is called; see `History::last_seq`). A publish
+    /// being delivered is finished first, whatever its sequence.
     fn apply_until(&mut self, seq: u64) {
         self.take_mailbox();
         let mut applied = 0;
-        while self.applied_seq < seq {
+        loop {
+            if self.delivery.is_some() {
+                self.deliver_some(usize::MAX);
+                applied += 1;
+            }
+            if self.applied_seq >= seq {
+                break;
+            }
             let Some(command) = self.backlog.pop_front() else {
                 break;
             };
-            self.handle_command(command);
-            applied += 1;
+            if self.take_command(command).is_some() {
+                applied += 1;
+            }
         }
         self.mailbox.applied(applied);
     }
@@ -1033,23 +1068,37 @@ impl Reactor {
     }
 
     /// Applies backlog commands in order until about `budget` sends are done. Bounding a turn keeps a burst of
-    /// publishes from starving socket reads (pongs) and timers: the rest waits for the next turn, which polls
-    /// without sleeping.
+    /// publishes — or one publish to very many connections — from starving socket reads (pongs) and timers:
+    /// the rest waits for the next turn, which polls without sleeping.
     fn apply_backlog(&mut self, budget: usize) {
         let mut spent = 0;
         let mut applied = 0;
-        while spent < budget {
+        loop {
+            if self.delivery.is_some() {
+                spent += self.deliver_some(budget - spent).max(1);
+                if self.delivery.is_some() {
+                    ReactorMetrics::inc(&self.metrics.fanout_yields);
+                    break;
+                }
+                applied += 1;
+            }
+            if spent >= budget {
+                break;
+            }
             let Some(command) = self.backlog.pop_front() else {
                 break;
             };
-            spent += self.handle_command(command).max(1);
-            applied += 1;
+            if let Some(cost) = self.take_command(command) {
+                spent += cost.max(1);
+                applied += 1;
+            }
         }
         self.mailbox.applied(applied);
     }
 
-    /// Applies one command; returns how many connections it wrote to or closed.
-    fn handle_command(&mut self, command: Command) -> usize {
+    /// Applies one command, or starts delivering it if it is a publish (`None`: counted as applied when its
+    /// delivery ends). Returns how many connections it wrote to or closed.
+    fn take_command(&mut self, command: Command) -> Option<usize> {
         match command {
             Command::Publish(message) => {
                 let seq = message.seq();
@@ -1057,7 +1106,14 @@ impl Reactor {
                     debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
                     self.applied_seq = seq;
                 }
-                self.publish(&message)
+                self.collect(message.target());
+                self.delivery = Some(Delivery {
+                    message,
+                    recipients: std::mem::take(&mut self.recipients),
+                    next: 0,
+                    generation: self.next_generation,
+                });
+                None
             }
             Command::Kick {
                 target,
@@ -1083,27 +1139,35 @@ impl Reactor {
                 if let Some(reply) = reply {
                     let _ = reply.send(closed);
                 }
-                closed
+                Some(closed)
             }
-            Command::PublishBatch { messages, next } => self.publish_batch(messages, next),
+            Command::PublishBatch { messages } => {
+                // Its messages become publishes at the front of the backlog, in order: each is then delivered
+                // (over several turns if it must) and counted applied when its delivery ends, which makes up the
+                // batch's weight of one pending command per message.
+                for message in messages.iter().rev() {
+                    self.backlog.push_front(Command::Publish(message.clone()));
+                }
+                None
+            }
             Command::Subscribe { change, reply } => {
                 let counts = self.subscribe(&change);
                 if let Some(reply) = reply {
                     let _ = reply.send(counts);
                 }
-                counts.changed
+                Some(counts.changed)
             }
             Command::Presence { user, reply } => {
                 let _ = reply.send(self.fanout.user_count(&user));
-                1
+                Some(1)
             }
             Command::Freeze(freeze) => {
                 self.freeze = Some((freeze, Instant::now() + handoff::TLS_HANDSHAKE_GRACE));
-                1
+                Some(1)
             }
             Command::Shutdown { timeout } => {
                 self.begin_shutdown(timeout);
-                self.conns.len()
+                Some(self.conns.len())
             }
         }
     }
@@ -1127,61 +1191,50 @@ impl Reactor {
         }
     }
 
-    /// Sends a published message to its recipients, each in the encoding it asked for; returns how many
-    /// there were.
-    fn publish(&mut self, message: &Message) -> usize {
-        self.collect(message.target());
-        let recipients = std::mem::take(&mut self.recipients);
+    /// Sends the publish being delivered to up to `limit` more of its recipients, each in the encoding it asked
+    /// for; when the last one is done the delivery ends and the message leaves the mailbox. Returns how many
+    /// recipients it went through.
+    fn deliver_some(&mut self, limit: usize) -> usize {
+        let Some(mut delivery) = self.delivery.take() else {
+            return 0;
+        };
+        let start = delivery.next;
+        let end = delivery.recipients.len().min(start.saturating_add(limit));
         let mut delivered = 0u64;
-        // Each encoding is looked up (or built, the first time any reactor needs it) once per publish here, not
+        // Each encoding is looked up (or built, the first time any reactor needs it) once per call here, not
         // once per recipient of a broadcast.
-        let mut frames: [Option<&Bytes>; Encoding::COUNT] = [None; Encoding::COUNT];
-        for &key in &recipients {
+        let mut frames: [Option<&SharedFrame>; Encoding::COUNT] = [None; Encoding::COUNT];
+        for &key in &delivery.recipients[start..end] {
             // Closing connections already have their close frame queued: nothing may follow it.
             let Some(conn) = self.conns.get(key as usize) else {
                 continue;
             };
-            if !conn.machine.is_open() {
+            if !conn.machine.is_open() || newer(conn.generation, delivery.generation) {
                 continue;
             }
             let encoding = match conn.machine.wants_envelopes() {
                 false => Encoding::Bare,
                 true => Encoding::Envelope,
             };
-            let bytes = *frames[encoding as usize].get_or_insert_with(|| message.frame(encoding));
-            if self.drive(key, |m, cx, t| m.send(cx, t, bytes)) {
+            let frame =
+                *frames[encoding as usize].get_or_insert_with(|| delivery.message.shared(encoding));
+            if self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
                 delivered += 1;
             }
         }
-        let count = recipients.len();
-        self.recipients = recipients;
         ReactorMetrics::add(&self.metrics.frames_delivered, delivered);
-        count
-    }
-
-    /// Sends a batch's messages in order, from `next`, until about a turn's worth of sends is done; the rest
-    /// goes back to the front of the backlog, so a batch that reaches huge channels shares the loop with socket
-    /// reads and timers like a burst of single publishes. A batch weighs one pending command per message: the
-    /// caller counts the command applied, this counts the other messages it applied. Returns the sends done.
-    fn publish_batch(&mut self, messages: Arc<[Arc<Message>]>, next: usize) -> usize {
-        let mut spent = 0;
-        for (at, message) in messages.iter().enumerate().skip(next) {
-            if spent >= SENDS_PER_TURN {
-                // At least one message was applied: the first iteration never stops here.
-                self.mailbox.applied(at - next - 1);
-                self.backlog
-                    .push_front(Command::PublishBatch { messages, next: at });
-                return spent;
+        delivery.next = end;
+        if end < delivery.recipients.len() {
+            self.delivery = Some(delivery);
+        } else {
+            self.mailbox
+                .delivered(&delivery.message, &self.settings.budget);
+            delivery.recipients.clear();
+            if self.recipients.capacity() < delivery.recipients.capacity() {
+                self.recipients = delivery.recipients;
             }
-            let seq = message.seq();
-            if seq != 0 {
-                debug_assert!(seq > self.applied_seq, "stored publishes arrive in order");
-                self.applied_seq = seq;
-            }
-            spent += self.publish(message).max(1);
         }
-        self.mailbox.applied(messages.len() - next - 1);
-        spent
+        end - start
     }
 
     /// Applies a runtime subscription change to the target's open connections in this reactor; a connection
@@ -1238,7 +1291,7 @@ impl Reactor {
             false => Encoding::Bare,
             true => Encoding::Envelope,
         };
-        let frames = missed.iter().map(|m| m.frame(encoding));
+        let frames = missed.iter().map(|m| m.shared(encoding));
         for frame in frames.chain(resync.as_ref().filter(|_| envelopes)) {
             if !self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
                 return false;
@@ -1329,6 +1382,28 @@ fn settle_tls(slot: &mut Slot, settings: &Settings) {
     slot.charged = now;
 }
 
+/// Whether a connection of `generation` was accepted after the one of generation `than` (generations count
+/// accepts, wrapping).
+fn newer(generation: u32, than: u32) -> bool {
+    (generation.wrapping_sub(than) as i32) > 0
+}
+
+/// Reads and discards what a client sent that nobody read, before its socket is closed: Linux answers the
+/// close of a socket holding unread data with a reset (RFC 2525 §2.17) that throws away what is still queued
+/// for the client — our close frame among it. Bounded: a client that keeps sending gets its reset.
+fn discard_unread(stream: &std::net::TcpStream) {
+    let mut sink = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < DISCARD_BEFORE_CLOSE_BYTES {
+        match (&*stream).read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
 fn make_token(key: u32, generation: u32) -> Token {
     Token(((generation as usize) << 32) | key as usize)
 }
@@ -1349,5 +1424,49 @@ mod tests {
         for reserved in [LISTENER, WAKER, TLS_LISTENER] {
             assert_ne!(make_token(MAX_KEY, u32::MAX), reserved);
         }
+    }
+
+    #[test]
+    fn unread_bytes_are_discarded_before_a_close_up_to_the_bound() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        // A little: all of it is read, so the close is a FIN.
+        client.write_all(&[1u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        discard_unread(&server);
+        assert_eq!(
+            (&server).read(&mut [0u8; 16]).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        // More than the bound: the rest is left (the close will reset), the reactor does not spin on it.
+        let flood = vec![2u8; 4 * DISCARD_BEFORE_CLOSE_BYTES];
+        client.write_all(&flood).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        discard_unread(&server);
+        let mut left = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = (&server).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            left += n;
+        }
+        assert!(
+            left >= flood.len() - DISCARD_BEFORE_CLOSE_BYTES - 4096,
+            "{left} bytes left of {}",
+            flood.len()
+        );
+    }
+
+    #[test]
+    fn generations_compare_across_the_wrap() {
+        assert!(newer(5, 4));
+        assert!(!newer(4, 4));
+        assert!(!newer(3, 4));
+        assert!(newer(2, u32::MAX - 1), "accepted after the counter wrapped");
+        assert!(!newer(u32::MAX, 2));
     }
 }

@@ -214,7 +214,7 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         built.push(reactor);
     }
 
-    let reactors = Reactors::new(mailboxes);
+    let reactors = Reactors::new(mailboxes, settings.budget.clone());
     let publisher = Publisher::new(history.clone(), reactors.clone());
     let admin_listener = match taker.as_mut() {
         None => {

@@ -7,7 +7,7 @@
 //! the struct they describe), so a state's format lives with the state. Integers are little-endian; lengths are
 //! `u32`. Nothing here allocates per field beyond the output buffer.
 
-use bytes::Bytes;
+use crate::shared_frame::SharedFrame;
 use std::collections::HashMap;
 
 /// Why a snapshot could not be read.
@@ -194,16 +194,17 @@ impl<'a> Reader<'a> {
 pub struct FrameTable {
     ids: HashMap<(usize, usize), u32>,
     /// Frames numbered but not yet sent: `(id, bytes)`.
-    fresh: Vec<(u32, Bytes)>,
-    /// Receiver side: frames by id.
-    known: Vec<Bytes>,
+    fresh: Vec<(u32, SharedFrame)>,
+    /// Receiver side: frames by id, each one `SharedFrame` however many queues name it, so the budget counts it
+    /// once in the successor as it did here.
+    known: Vec<SharedFrame>,
 }
 
 impl FrameTable {
     /// The id of `frame`, numbering it (and keeping it to send) if it is new. Two queues holding the same bytes
     /// at the same position share an id.
-    pub fn id(&mut self, frame: &Bytes) -> u32 {
-        let key = (frame.as_ptr() as usize, frame.len());
+    pub fn id(&mut self, frame: &SharedFrame) -> u32 {
+        let key = (frame.bytes().as_ptr() as usize, frame.len());
         if let Some(&id) = self.ids.get(&key) {
             return id;
         }
@@ -219,7 +220,7 @@ impl FrameTable {
         w.u32(self.fresh.len() as u32);
         for (id, frame) in self.fresh.drain(..) {
             w.u32(id);
-            w.bytes_field(&frame);
+            w.bytes_field(frame.bytes());
         }
     }
 
@@ -231,14 +232,14 @@ impl FrameTable {
             if id != self.known.len() {
                 return Err(SnapshotError::Invalid("frame id"));
             }
-            self.known
-                .push(Bytes::copy_from_slice(r.bytes_field("frame")?));
+            let bytes = bytes::Bytes::copy_from_slice(r.bytes_field("frame")?);
+            self.known.push(SharedFrame::new(bytes));
         }
         Ok(())
     }
 
     /// Receiver: the frame with `id`.
-    pub fn frame(&self, id: u32) -> Result<Bytes, SnapshotError> {
+    pub fn frame(&self, id: u32) -> Result<SharedFrame, SnapshotError> {
         self.known
             .get(id as usize)
             .cloned()
@@ -297,8 +298,8 @@ mod tests {
 
     #[test]
     fn a_frame_shared_by_many_queues_is_sent_once_and_shared_again() {
-        let shared = Bytes::from(vec![9u8; 4096]);
-        let other = Bytes::from_static(b"other");
+        let shared = SharedFrame::new(bytes::Bytes::from(vec![9u8; 4096]));
+        let other = SharedFrame::from_static(b"other");
         let mut sender = FrameTable::default();
         let ids: Vec<u32> = [&shared, &shared, &other, &shared]
             .iter()
@@ -318,9 +319,9 @@ mod tests {
         receiver.read_fresh(&mut Reader::new(&bytes)).unwrap();
         let a = receiver.frame(0).unwrap();
         let b = receiver.frame(0).unwrap();
-        assert_eq!(a, shared);
-        assert_eq!(a.as_ptr(), b.as_ptr(), "rebuilt once, shared");
-        assert_eq!(receiver.frame(1).unwrap(), other);
+        assert_eq!(a.bytes(), shared.bytes());
+        assert!(a.ptr_eq(&b), "rebuilt once, shared");
+        assert_eq!(receiver.frame(1).unwrap().bytes(), other.bytes());
         assert!(receiver.frame(2).is_err());
     }
 }

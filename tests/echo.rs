@@ -95,3 +95,40 @@ fn nothing_is_echoed_by_default() {
     server.publish("/publish/user/quiet", "only this");
     assert_eq!(recv(&mut ws), Message::text("only this"));
 }
+
+#[test]
+fn a_message_waiting_for_its_last_fragment_is_charged_to_the_buffer_budget_and_refused_past_it() {
+    let server = Server::start(&[
+        ("diagnostics.echo", "true"),
+        ("websocket.max_inbound_message_bytes", "300000"),
+        ("websocket.max_buffered_bytes_total", "131072"),
+        ("websocket.max_outbox_bytes", "65536"),
+        ("admin.max_publish_bytes", "4096"),
+    ]);
+    let mut stream = server.raw_upgrade("user=frag");
+    // A first fragment of 60 KB: the message waits in the connection's buffers for the rest.
+    let mut first = Vec::new();
+    write_frame(&mut first, 0x2, &[7u8; 60_000]).unwrap();
+    first[0] &= 0x7f;
+    stream.write_all(&first).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            server.metric("densepush_buffered_bytes", &[]) >= 60_000
+        }),
+        "the message being assembled is not counted: {}",
+        server.metric("densepush_buffered_bytes", &[])
+    );
+    // Two more fragments of 60 KB would pass the 128 KiB budget: refused with 1013.
+    for _ in 0..2 {
+        let mut more = Vec::new();
+        write_frame(&mut more, 0x0, &[7u8; 60_000]).unwrap();
+        more[0] &= 0x7f;
+        let _ = stream.write_all(&more);
+    }
+    let (_, opcode, payload) = read_frame(&mut stream).unwrap().expect("a close frame");
+    assert_eq!(opcode, 0x8);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1013);
+    assert!(wait_until(Duration::from_secs(2), || {
+        server.metric("densepush_buffered_bytes", &[]) == 0
+    }));
+}

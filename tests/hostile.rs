@@ -668,6 +668,8 @@ fn partial_frames_past_the_buffer_budget_are_closed_with_1013_and_normal_clients
 fn outboxes_past_the_buffer_budget_are_closed_as_slow_consumers_before_their_own_limit() {
     let _heavy = heavy();
     // Eight stuck readers, each allowed 128 KiB, share a 128 KiB budget: without it they would hold 1 MiB.
+    // Each gets messages of its own: the budget counts each distinct frame once, so readers of the same
+    // broadcasts would share their frames and never fill it (see tests/slow_readers.rs).
     let server = Server::start(&[
         ("websocket.max_buffered_bytes_total", "131072"),
         ("websocket.max_outbox_bytes", "131072"),
@@ -684,8 +686,17 @@ fn outboxes_past_the_buffer_budget_are_closed_as_slow_consumers_before_their_own
     let mut admin = server.admin();
     let mut peak = 0;
     for i in 0..2_000 {
-        let response = admin.request("POST", "/publish/all", numbered(i).as_bytes(), &[]);
-        assert_eq!(response.status, 202);
+        let path = format!("/publish/user/s{}", i % 8);
+        loop {
+            let response = admin.request("POST", &path, numbered(i).as_bytes(), &[]);
+            // A reactor a quarter of this small budget behind refuses publishes for a moment.
+            if response.status == 503 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            assert_eq!(response.status, 202);
+            break;
+        }
         {
             let text = server.metrics_text();
             peak = peak.max(metric_in(&text, "densepush_buffered_bytes", &[]));
@@ -699,8 +710,12 @@ fn outboxes_past_the_buffer_budget_are_closed_as_slow_consumers_before_their_own
         server.metric("densepush_slow_consumer_closes_total", &[]),
         8
     );
-    // Forced tails and close frames may pass the budget by a little, never by a whole outbox.
-    assert!(peak <= 131_072 + 8 * 4096, "peak budget use {peak}");
+    // Forced tails, close frames and messages waiting in the mailbox (a quarter of the budget at most) may
+    // pass the budget by a little, never by a whole outbox.
+    assert!(
+        peak <= 131_072 + 8 * 4096 + 32_768,
+        "peak budget use {peak}"
+    );
     assert!(
         peak > 65_536,
         "the outboxes never filled the budget (peak {peak})"

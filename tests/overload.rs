@@ -77,3 +77,34 @@ fn publishes_past_the_reactor_backlog_get_503_and_accepted_ones_all_arrive_in_or
         0
     );
 }
+
+#[test]
+fn one_publish_to_more_connections_than_a_turn_sends_pauses_for_sockets_and_still_reaches_everyone()
+{
+    // One reactor applies about 8,192 sends per turn of its loop; a publish to more connections than that
+    // used to be applied whole, without a read or a timer in between. Now it is delivered over several turns.
+    let server = Server::start(&[("server.reactors", "1"), ("log.level", "info")]);
+    let count = 9_000;
+    let mut clients: Vec<_> = (0..count)
+        .map(|i| server.raw_upgrade(&format!("user=u{i}")))
+        .collect();
+    server.publish("/publish/all", "to everyone");
+    assert!(common::wait_until(Duration::from_secs(20), || {
+        server.metric("densepush_frames_delivered_total", &[]) == count as u64
+    }));
+    assert!(server.metric("densepush_fanout_yields_total", &[]) >= 1);
+    for (i, client) in clients.iter_mut().enumerate() {
+        let (_, opcode, payload) = read_frame(client).unwrap().expect("a frame");
+        assert_eq!(
+            (opcode, payload.as_slice()),
+            (0x1, &b"to everyone"[..]),
+            "client {i}"
+        );
+    }
+    // A publish that fits in one turn does not pause.
+    let yields = server.metric("densepush_fanout_yields_total", &[]);
+    server.publish("/publish/user/u1", "one");
+    let (_, _, payload) = read_frame(&mut clients[1]).unwrap().expect("a frame");
+    assert_eq!(payload, b"one");
+    assert_eq!(server.metric("densepush_fanout_yields_total", &[]), yields);
+}

@@ -10,6 +10,7 @@
 //! - churn:     `c:{seq}:{ts_ns}:` (published to all while connections come and go)
 //! - batch:     `k:{round}:{ts_ns}:` (one message per `POST /publish/batch` naming `--batch-targets` users; each
 //!   round reaches every user once, so every connection sees rounds 0, 1, 2, ... in order)
+//! - slow:      `s:{seq}:{ts_ns}:` (published to all while the slow readers do not read)
 //!
 //! `ts_ns` is CLOCK_MONOTONIC at publish time; the monotonic clock is one system-wide clock on Linux, so a
 //! worker process can subtract it from its own reading.
@@ -29,6 +30,8 @@ pub enum Stream {
     Churn,
     /// `POST /publish/batch` to every user, round after round, during the batch phase.
     Batch,
+    /// `POST /publish/all` during the slow-reader phase.
+    Slow,
 }
 
 impl Stream {
@@ -39,6 +42,7 @@ impl Stream {
             Stream::Unicast => b'u',
             Stream::Churn => b'c',
             Stream::Batch => b'k',
+            Stream::Slow => b's',
         }
     }
 
@@ -49,6 +53,7 @@ impl Stream {
             Stream::Unicast => "unicast",
             Stream::Churn => "churn",
             Stream::Batch => "batch",
+            Stream::Slow => "slow",
         }
     }
 }
@@ -98,6 +103,7 @@ pub fn parse(payload: &[u8]) -> Result<Payload<'_>, PayloadError> {
         Some(b'u') => Stream::Unicast,
         Some(b'c') => Stream::Churn,
         Some(b'k') => Stream::Batch,
+        Some(b's') => Stream::Slow,
         _ => return Err(PayloadError::UnknownTag),
     };
     let mut fields = payload.split(|&b| b == b':');

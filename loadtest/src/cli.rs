@@ -25,6 +25,9 @@ pub enum Phase {
     Batch,
     /// Close and reopen connections while publishing to all; memory after.
     Churn,
+    /// A fraction of the connections (slow mobile sockets) stop reading while broadcasts go out, then read
+    /// again: how many got a close frame, a bare end, or stayed open lossless; server memory and budget.
+    Slow,
 }
 
 #[derive(Debug, Parser)]
@@ -91,8 +94,9 @@ pub struct RunArgs {
     /// Channels: connection i joins ch{i % K} (0 = none).
     #[arg(long, default_value_t = 16)]
     pub channels: u64,
-    /// Phases to run (always in the order connect, idle, broadcast, unicast, batch, churn; all but connect need
-    /// it).
+    /// Phases to run (always in the order connect, idle, broadcast, unicast, batch, churn, slow; all but connect
+    /// need it). `slow` is not in the default list: its sockets are set up at connect, which changes the other
+    /// phases' figures.
     #[arg(
         long,
         value_delimiter = ',',
@@ -152,6 +156,27 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub churn_publish_interval_ms: u64,
 
+    /// Fraction of the connections that are slow readers in the slow phase (one in round(1/F), from
+    /// connection 0).
+    #[arg(long, default_value_t = 0.1)]
+    pub slow_fraction: f64,
+    /// SO_RCVBUF of a slow reader's socket, set before connect, bytes.
+    #[arg(long, default_value_t = 8192)]
+    pub slow_receive_buffer: usize,
+    /// TCP_MAXSEG of a slow reader's socket, set before connect, bytes (a mobile network's 1460).
+    #[arg(long, default_value_t = 1460)]
+    pub slow_mss: u32,
+    /// Messages published to /publish/all while the slow readers do not read.
+    #[arg(long, default_value_t = 200)]
+    pub slow_messages: u64,
+    /// Bytes in each of those payloads.
+    #[arg(long, default_value_t = 4096)]
+    pub slow_payload_bytes: usize,
+    /// Milliseconds the slow readers stay paused after every other connection received those messages (past
+    /// the server's websocket.close_timeout_ms, 3 s by default, a reader it closed has been given up on).
+    #[arg(long, default_value_t = 5000)]
+    pub slow_pause_ms: u64,
+
     /// Seconds each phase may take at most (connect, each delivery wait, churn settling).
     #[arg(long, default_value_t = 60)]
     pub phase_timeout_secs: u64,
@@ -196,6 +221,9 @@ impl RunArgs {
         }
         if self.rate < 0.0 || !self.rate.is_finite() {
             return Err("--rate must be a non-negative number".into());
+        }
+        if !(self.slow_fraction > 0.0 && self.slow_fraction <= 1.0) {
+            return Err("--slow-fraction must be above 0 and at most 1".into());
         }
         if !(0.0..=1.0).contains(&self.churn_fraction) {
             return Err("--churn-fraction must be between 0 and 1".into());
@@ -253,6 +281,17 @@ mod tests {
         assert_eq!(parse(&["--conns-per-user", "5"]).conns_per_user, 5);
         let mut argv = vec!["x", "--conns-per-user", "3"];
         assert!(Cli::try_parse_from(argv.drain(..)).is_err());
+    }
+
+    #[test]
+    fn the_slow_phase_runs_last_and_only_when_asked() {
+        assert!(!parse(&[]).has(Phase::Slow));
+        let args = parse(&["--phases", "slow,connect"]);
+        assert!(args.validate().is_ok());
+        assert!(Phase::Slow > Phase::Churn);
+        assert!(parse(&["--phases", "connect,slow", "--slow-fraction", "0"])
+            .validate()
+            .is_err());
     }
 
     #[test]

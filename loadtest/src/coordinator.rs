@@ -1,5 +1,5 @@
-//! The coordinator: plans the workers, runs the phases in order (connect, idle, broadcast, unicast, churn),
-//! samples the server around each, and turns the workers' answers into the report.
+//! The coordinator: plans the workers, runs the phases in order (connect, idle, broadcast, unicast, churn,
+//! slow), samples the server around each, and turns the workers' answers into the report.
 //!
 //! It owns the run's timeline and every cross-worker sum. It does not touch client sockets (workers do) or
 //! format output (`report` does). Every wait is bounded by the phase timeout and the global `--max-seconds`.
@@ -10,12 +10,14 @@ use crate::cli::{Phase, RunArgs};
 use crate::procfs;
 use crate::progress::Progress;
 use crate::proto::{
-    ChurnResult, Command, ConnectResult, DeliveryResult, Event, Expectation, Health, WorkerInit,
+    ChurnResult, Command, ConnectResult, DeliveryResult, Event, Expectation, Health, SlowResult,
+    SlowSockets, WorkerInit,
 };
 use crate::publisher::{self, PayloadSpec};
 use crate::report::{
     BatchSection, BroadcastSection, ChurnSection, ConnectSection, Delivery, HealthSection,
-    MemorySample, MemorySection, Report, RunConfig, ServerMetrics, UnicastSection, REPORT_VERSION,
+    MemorySample, MemorySection, Report, RunConfig, ServerMetrics, SlowSection, UnicastSection,
+    REPORT_VERSION,
 };
 use crate::session::MAX_VIOLATIONS;
 use crate::stats::{self, Latency};
@@ -112,6 +114,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             tls: args.tls.then_some(crate::proto::TlsMode {
                 resume: args.tls_resume,
             }),
+            slow: args.has(Phase::Slow).then(|| slow_sockets(args)),
         })
         .collect();
 
@@ -228,6 +231,7 @@ impl Run<'_> {
                         m.after_churn = self.sample();
                     }
                 }
+                Phase::Slow => report.slow = Some(self.slow()?),
             }
             // Memory is sampled after connect, or after the idle hold when that phase runs.
             let memory_point = if phases.contains(&Phase::Idle) {
@@ -576,6 +580,138 @@ impl Run<'_> {
         Ok(section)
     }
 
+    /// The slow readers stop reading while `--slow-messages` broadcasts of `--slow-payload-bytes` go out, stay
+    /// away `--slow-pause-ms` after the other connections have them all, then read again. A sampler thread
+    /// records the server's memory and buffer budget meanwhile.
+    fn slow(&mut self) -> anyhow::Result<SlowSection> {
+        let args = self.args;
+        let pause = Duration::from_millis(args.slow_pause_ms);
+        let deadline = self.phase_deadline(args.phase_timeout_secs) + pause;
+        self.workers.send_all(&Command::Pause)?;
+        let paused: Vec<u64> = self.workers.collect(
+            deadline,
+            |e| match e {
+                Event::Paused { slow } => Some(slow),
+                _ => None,
+            },
+            |_| {},
+        )?;
+        let counters = [
+            "densepush_slow_consumer_closes_total",
+            "densepush_budget_closes_total",
+            "densepush_close_frames_written_total",
+            "densepush_close_frames_given_up_total",
+        ];
+        let before = self.metrics();
+        let rss_before = args
+            .server_pid
+            .and_then(|pid| procfs::process_memory(pid).ok().map(|m| m.rss_bytes));
+        let sampler = Sampler::start(args.admin, args.server_pid);
+        let never = AtomicBool::new(false);
+        let published = publisher::publish_all(
+            &mut self.admin,
+            Stream::Slow,
+            Some(args.slow_messages),
+            Duration::ZERO,
+            PayloadSpec {
+                bytes: args.slow_payload_bytes,
+                binary: args.binary,
+            },
+            &never,
+            deadline,
+        );
+        // The other connections read on: they get everything.
+        let healthy = self.await_delivery_of(
+            "slow (healthy readers)",
+            Stream::Slow,
+            |_| Expectation::All(published.accepted),
+            published.first_ns,
+            deadline,
+            true,
+        )?;
+        // The slow readers stay away a while: past the close deadline of any the server closed.
+        self.progress
+            .phase("slow (paused)", self.args.conns, self.open);
+        let resume_at = (Instant::now() + pause).min(deadline);
+        while Instant::now() < resume_at {
+            std::thread::sleep(Duration::from_millis(100));
+            self.progress.update(None);
+        }
+        self.progress.clear();
+        let at_resume = self.metrics();
+        let peaks = sampler.stop();
+        self.workers.send_all(&Command::Resume {
+            messages: published.accepted,
+            timeout_ms: self.timeout_ms(deadline + Duration::from_secs(30)),
+        })?;
+        self.progress
+            .phase("slow (reading again)", self.args.conns, self.open);
+        let progress = &mut self.progress;
+        let results: Vec<SlowResult> = self.workers.collect(
+            deadline + Duration::from_secs(35),
+            |e| match e {
+                Event::Resumed(r) => Some(r),
+                _ => None,
+            },
+            |e| progress.update(e),
+        )?;
+        self.progress.clear();
+        // What is left once the readers drained (or went).
+        std::thread::sleep(Duration::from_secs(1));
+        let after = self.metrics();
+        let mut section = SlowSection {
+            slow_readers: paused.iter().sum(),
+            receive_buffer: args.slow_receive_buffer,
+            mss: args.slow_mss,
+            messages: published.accepted,
+            payload_bytes: args.slow_payload_bytes,
+            publish_failures: published.failures,
+            pause_ms: args.slow_pause_ms,
+            healthy,
+            server_rss_before: rss_before,
+            server_rss_peak: peaks.rss,
+            buffered_bytes_peak: peaks.buffered,
+            outbox_bytes_peak: peaks.outbox,
+            kernel_tcp_mem_bytes_peak: peaks.tcp_mem,
+            ..Default::default()
+        };
+        let get = |m: &Option<BTreeMap<String, f64>>, name: &str| {
+            m.as_ref().and_then(|m| m.get(name)).map(|v| *v as u64)
+        };
+        section.buffered_bytes_limit = get(&after, "densepush_buffered_bytes_limit");
+        section.buffered_bytes_after = get(&after, "densepush_buffered_bytes");
+        section.outbox_bytes_after = get(&after, "densepush_outbox_bytes");
+        section.buffered_bytes_at_resume = get(&at_resume, "densepush_buffered_bytes");
+        let delta = |name: &str| diff(get(&before, name), get(&after, name));
+        section.slow_consumer_closes = delta(counters[0]);
+        section.budget_closes = delta(counters[1]);
+        section.close_frames_written = delta(counters[2]);
+        section.close_frames_given_up = delta(counters[3]);
+        for r in results {
+            section.lossless += r.lossless;
+            section.incomplete += r.incomplete;
+            section.messages_before_end += r.messages_before_end;
+            section.duplicated += r.duplicated;
+            section.reordered += r.reordered;
+            stats::merge_reasons(&mut section.closed_with_frame, &r.closed_with_frame);
+            stats::merge_reasons(&mut section.ended_without_frame, &r.ended_without_frame);
+            stats::merge_reasons(
+                &mut section.others_closed_with_frame,
+                &r.others_closed_with_frame,
+            );
+            stats::merge_reasons(
+                &mut section.others_ended_without_frame,
+                &r.others_ended_without_frame,
+            );
+            for v in r.violations {
+                if section.violations.len() < MAX_VIOLATIONS {
+                    section.violations.push(v);
+                }
+            }
+        }
+        Ok(section)
+    }
+
     /// Tells each worker what to expect on `stream` and merges their answers.
     fn await_delivery(
         &mut self,
@@ -585,6 +721,19 @@ impl Run<'_> {
         first_publish_ns: u64,
         deadline: Instant,
     ) -> anyhow::Result<Delivery> {
+        self.await_delivery_of(label, stream, expect, first_publish_ns, deadline, false)
+    }
+
+    /// [`Run::await_delivery`], leaving the slow readers out with `skip_slow`.
+    fn await_delivery_of(
+        &mut self,
+        label: &'static str,
+        stream: Stream,
+        expect: impl Fn(Share) -> Expectation,
+        first_publish_ns: u64,
+        deadline: Instant,
+        skip_slow: bool,
+    ) -> anyhow::Result<Delivery> {
         let timeout_ms = self.timeout_ms(deadline);
         for (id, &share) in self.shares.clone().iter().enumerate() {
             self.workers.send(
@@ -593,6 +742,7 @@ impl Run<'_> {
                     stream,
                     expect: expect(share),
                     timeout_ms,
+                    skip_slow,
                 },
             )?;
         }
@@ -710,6 +860,73 @@ fn memory_section(before: MemorySample, after: MemorySample, held_secs: f64) -> 
         idle_server_cpu_ns_per_sec: None,
         after_broadcast: None,
         after_churn: None,
+    }
+}
+
+/// The highest samples seen during the slow-reader phase.
+#[derive(Debug, Default)]
+struct Peaks {
+    rss: Option<u64>,
+    buffered: Option<u64>,
+    outbox: Option<u64>,
+    tcp_mem: Option<u64>,
+}
+
+/// A thread that samples the server's RSS, buffer budget and logical backlog, and the kernel's TCP memory,
+/// every 50 ms until stopped, keeping the peaks.
+struct Sampler {
+    stop: std::sync::Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Peaks>,
+}
+
+impl Sampler {
+    fn start(admin: std::net::SocketAddr, server_pid: Option<u32>) -> Sampler {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut client = AdminClient::new(admin);
+            let mut peaks = Peaks::default();
+            let max = |slot: &mut Option<u64>, v: Option<u64>| {
+                if let Some(v) = v {
+                    *slot = Some(slot.map_or(v, |s| s.max(v)));
+                }
+            };
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(resp) = client.get("/metrics") {
+                    let m = parse_metrics(&String::from_utf8_lossy(&resp.body));
+                    let get = |name: &str| m.get(name).map(|v| *v as u64);
+                    max(&mut peaks.buffered, get("densepush_buffered_bytes"));
+                    max(&mut peaks.outbox, get("densepush_outbox_bytes"));
+                }
+                if let Some(pid) = server_pid {
+                    max(
+                        &mut peaks.rss,
+                        procfs::process_memory(pid).ok().map(|m| m.rss_bytes),
+                    );
+                }
+                max(
+                    &mut peaks.tcp_mem,
+                    procfs::kernel_memory().ok().map(|k| k.tcp_mem_bytes),
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peaks
+        });
+        Sampler { stop, thread }
+    }
+
+    fn stop(self) -> Peaks {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Which connections are slow readers, from the options.
+fn slow_sockets(args: &RunArgs) -> SlowSockets {
+    SlowSockets {
+        every: (1.0 / args.slow_fraction).round().max(1.0) as u64,
+        receive_buffer: args.slow_receive_buffer,
+        mss: args.slow_mss,
     }
 }
 

@@ -8,6 +8,7 @@
 //! `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect`, so the kernel picks a port unique for the full
 //! 4-tuple instead of reserving one per bind.
 
+use crate::proto::SlowSockets;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -16,13 +17,23 @@ use std::os::fd::AsRawFd;
 /// `IP_BIND_ADDRESS_NO_PORT` from linux/in.h (libc does not export it for every target).
 const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
 
-/// Starts a non-blocking connect to `server`, from `source` when given (port chosen at connect time).
-pub fn connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<mio::net::TcpStream> {
+/// Starts a non-blocking connect to `server`, from `source` when given (port chosen at connect time). With
+/// `slow`, the socket is a slow mobile reader's: a small receive buffer and segment size, set before connect
+/// so the window and MSS it advertises are small from the start.
+pub fn connect(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    slow: Option<&SlowSockets>,
+) -> io::Result<mio::net::TcpStream> {
     let socket = Socket::new(
         Domain::for_address(server),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
+    if let Some(slow) = slow {
+        socket.set_recv_buffer_size(slow.receive_buffer)?;
+        socket.set_mss(slow.mss)?;
+    }
     // Pushes are small; Nagle would delay the pongs and close frames we send.
     socket.set_nodelay(true)?;
     if let Some(ip) = source {
@@ -89,7 +100,7 @@ mod tests {
     fn connects_from_a_second_loopback_address() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = listener.local_addr().unwrap();
-        let _stream = connect(server, Some("127.0.0.2".parse().unwrap())).unwrap();
+        let _stream = connect(server, Some("127.0.0.2".parse().unwrap()), None).unwrap();
         let (_, peer) = listener.accept().unwrap();
         assert_eq!(peer.ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
     }

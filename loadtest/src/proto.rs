@@ -37,6 +37,29 @@ pub struct WorkerInit {
     /// Connect over TLS (`--tls`), and offer session tickets (`--tls-resume`).
     #[serde(default)]
     pub tls: Option<TlsMode>,
+    /// Which connections are slow readers and how their sockets are set up (the slow-reader phase).
+    #[serde(default)]
+    pub slow: Option<SlowSockets>,
+}
+
+/// Slow readers: connection `i` is one when `i % every == 0`; its socket gets a small receive buffer and a
+/// mobile network's segment size before connect, so the server's writes to it block soon once it stops
+/// reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowSockets {
+    /// One connection in `every` is a slow reader.
+    pub every: u64,
+    /// `SO_RCVBUF`, bytes.
+    pub receive_buffer: usize,
+    /// `TCP_MAXSEG`, bytes.
+    pub mss: u32,
+}
+
+impl SlowSockets {
+    /// Whether connection `index` is a slow reader.
+    pub fn is_slow(&self, index: u64) -> bool {
+        index % self.every.max(1) == 0
+    }
 }
 
 /// How the workers use TLS.
@@ -85,6 +108,19 @@ pub enum Command {
         stream: Stream,
         /// What complete means.
         expect: Expectation,
+        /// Milliseconds to wait at most.
+        timeout_ms: u64,
+        /// Leave the slow readers out (they are paused).
+        #[serde(default)]
+        skip_slow: bool,
+    },
+    /// The slow readers stop reading; answered by `Paused`.
+    Pause,
+    /// The slow readers read again; answered by `Resumed` once each has the `messages` of the slow stream or
+    /// has ended, or at `timeout_ms`.
+    Resume {
+        /// Messages published on the slow stream.
+        messages: u64,
         /// Milliseconds to wait at most.
         timeout_ms: u64,
     },
@@ -185,6 +221,34 @@ pub struct ChurnResult {
     pub handshake_us: LatencyData,
 }
 
+/// What the slow readers found when they read again, on one worker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SlowResult {
+    /// Slow readers that were paused.
+    pub paused: u64,
+    /// Still open with every message of the slow stream, in order.
+    pub lossless: u64,
+    /// Still open, but missing messages when the wait ended.
+    pub incomplete: u64,
+    /// Ended with a close frame from the server, by close code (after a gap-free prefix of the stream:
+    /// gaps show as violations).
+    pub closed_with_frame: Reasons,
+    /// Ended without a close frame (EOF or reset): what a browser reports as 1006.
+    pub ended_without_frame: Reasons,
+    /// Messages the closed ones received before their end, summed.
+    pub messages_before_end: u64,
+    /// The other (not slow) connections the server closed meanwhile with a close frame, by code.
+    pub others_closed_with_frame: Reasons,
+    /// The other connections that ended meanwhile without a close frame, by how.
+    pub others_ended_without_frame: Reasons,
+    /// Slow-stream messages received twice or after a later one (by any slow reader).
+    pub duplicated: u64,
+    /// See `duplicated`.
+    pub reordered: u64,
+    /// The first few violations on the slow stream (a `gap` is a message missing before a later one).
+    pub violations: Vec<Violation>,
+}
+
 /// Connection health over the worker's life.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Health {
@@ -228,6 +292,13 @@ pub enum Event {
     Delivered(DeliveryResult),
     /// Answer to `Churn`.
     Churned(ChurnResult),
+    /// Answer to `Pause`: how many slow readers stopped reading.
+    Paused {
+        /// Slow readers paused.
+        slow: u64,
+    },
+    /// Answer to `Resume`.
+    Resumed(SlowResult),
     /// Answer to `Shutdown`.
     Bye(Health),
     /// The worker cannot go on.
@@ -250,6 +321,7 @@ mod tests {
                 counts: vec![1, 2],
             },
             timeout_ms: 5,
+            skip_slow: false,
         };
         let line = serde_json::to_string(&cmd).unwrap();
         assert!(!line.contains('\n'));

@@ -42,6 +42,8 @@ pub struct Report {
     pub batch: Option<BatchSection>,
     /// Churn phase, or null.
     pub churn: Option<ChurnSection>,
+    /// Slow-reader phase, or null.
+    pub slow: Option<SlowSection>,
     /// Connection health over the whole run, from the workers.
     pub health: HealthSection,
     /// Server counters from /metrics at the end of the run (totals over reactors), or null if unreadable.
@@ -337,6 +339,91 @@ pub struct ChurnSection {
     pub generator_cpu_ns: Option<u64>,
 }
 
+/// Slow-reader phase: `slow_readers` connections (small `SO_RCVBUF` and `TCP_MAXSEG`, set before connect) stop
+/// reading while `messages` broadcasts of `payload_bytes` go out, stay paused `pause_ms` after the last one, then
+/// read again. Each slow reader ends up lossless (open, every message), closed with a close frame (after a
+/// gap-free prefix), or ended without one (a bare FIN or a reset: 1006 in a browser).
+#[derive(Debug, Default, Serialize)]
+pub struct SlowSection {
+    /// Slow readers paused.
+    pub slow_readers: u64,
+    /// Their SO_RCVBUF, bytes.
+    pub receive_buffer: usize,
+    /// Their TCP_MAXSEG, bytes.
+    pub mss: u32,
+    /// Broadcasts accepted while they were paused.
+    pub messages: u64,
+    /// Bytes per payload.
+    pub payload_bytes: usize,
+    /// Publishes refused or failed, by reason.
+    pub publish_failures: Reasons,
+    /// Milliseconds they stayed paused after the other connections had every message.
+    pub pause_ms: u64,
+    /// What the other connections received meanwhile (every message, in order).
+    pub healthy: Delivery,
+    /// Slow readers still open with every message, in order.
+    pub lossless: u64,
+    /// Slow readers still open but missing messages at the end of the wait.
+    pub incomplete: u64,
+    /// Slow readers that ended with a close frame, by code.
+    pub closed_with_frame: Reasons,
+    /// Slow readers that ended without a close frame, by how (`eof`, `reset`).
+    pub ended_without_frame: Reasons,
+    /// Messages the ended ones received before their end, summed.
+    pub messages_before_end: u64,
+    /// The other connections the server closed meanwhile with a close frame, by code (a loaded host's
+    /// healthy readers can fall `max_outbox_bytes` behind too).
+    pub others_closed_with_frame: Reasons,
+    /// The other connections that ended meanwhile without a close frame, by how.
+    pub others_ended_without_frame: Reasons,
+    /// Slow-stream messages duplicated, over the slow readers.
+    pub duplicated: u64,
+    /// Slow-stream messages reordered, over the slow readers.
+    pub reordered: u64,
+    /// The first few slow-stream violations (`gap`: a message missing before a later one).
+    pub violations: Vec<Violation>,
+    /// Server VmRSS when they paused.
+    pub server_rss_before: Option<u64>,
+    /// Highest server VmRSS seen while they were paused (sampled every 50 ms, as the three below).
+    pub server_rss_peak: Option<u64>,
+    /// Highest densepush_buffered_bytes (the buffer budget's use: real bytes) seen while they were paused.
+    pub buffered_bytes_peak: Option<u64>,
+    /// densepush_buffered_bytes_limit.
+    pub buffered_bytes_limit: Option<u64>,
+    /// densepush_buffered_bytes just before they read again.
+    pub buffered_bytes_at_resume: Option<u64>,
+    /// Highest densepush_outbox_bytes seen (the logical backlog: a frame queued for N counts N times).
+    pub outbox_bytes_peak: Option<u64>,
+    /// Highest /proc/net/sockstat TCP mem seen, bytes (whole namespace, both ends of every connection).
+    pub kernel_tcp_mem_bytes_peak: Option<u64>,
+    /// densepush_buffered_bytes one second after they drained or went.
+    pub buffered_bytes_after: Option<u64>,
+    /// densepush_outbox_bytes at the same time.
+    pub outbox_bytes_after: Option<u64>,
+    /// Growth of densepush_slow_consumer_closes_total over the phase.
+    pub slow_consumer_closes: Option<u64>,
+    /// Growth of densepush_budget_closes_total.
+    pub budget_closes: Option<u64>,
+    /// Growth of densepush_close_frames_written_total.
+    pub close_frames_written: Option<u64>,
+    /// Growth of densepush_close_frames_given_up_total.
+    pub close_frames_given_up: Option<u64>,
+}
+
+impl SlowSection {
+    /// Every slow reader was told or served: none ended without a close frame, none is missing messages, no
+    /// gap, duplicate or reorder; the other connections got everything.
+    pub fn ok(&self) -> bool {
+        self.ended_without_frame.is_empty()
+            && self.others_ended_without_frame.is_empty()
+            && self.incomplete == 0
+            && self.duplicated + self.reordered == 0
+            && self.violations.is_empty()
+            && self.healthy.complete
+            && self.healthy.lost + self.healthy.duplicated + self.healthy.reordered == 0
+    }
+}
+
 /// Connection health.
 #[derive(Debug, Default, Serialize)]
 pub struct HealthSection {
@@ -429,11 +516,13 @@ impl Report {
             .churn
             .as_ref()
             .is_none_or(|c| c.failures.is_empty() && c.reopened == c.closed);
+        let slow = self.slow.as_ref().is_none_or(SlowSection::ok);
         self.ok = self.aborted.is_none()
             && connected
             && complete
             && clean
             && churned
+            && slow
             && self.health.protocol_errors.is_empty();
     }
 
@@ -710,6 +799,120 @@ impl Report {
             delivery(s, &c.delivery);
             cpu_lines(s, c.server_cpu_ns, c.generator_cpu_ns);
         }
+        if let Some(w) = &self.slow {
+            let _ = writeln!(
+                s,
+                "\nslow readers ({} of them, SO_RCVBUF {} B, MSS {} B; {} x {} B published while paused, then {} ms more)",
+                w.slow_readers, w.receive_buffer, w.mss, w.messages, w.payload_bytes, w.pause_ms
+            );
+            let ended_with = w.closed_with_frame.values().sum::<u64>();
+            let ended_without = w.ended_without_frame.values().sum::<u64>();
+            line(
+                s,
+                "lossless / close frame / bare end",
+                format!(
+                    "{} / {} / {}{}",
+                    w.lossless,
+                    ended_with,
+                    ended_without,
+                    if w.incomplete > 0 {
+                        format!("  ({} INCOMPLETE)", w.incomplete)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            if !w.closed_with_frame.is_empty() {
+                line(s, "close codes", reasons(&w.closed_with_frame));
+            }
+            if !w.ended_without_frame.is_empty() {
+                line(s, "ended without a frame", reasons(&w.ended_without_frame));
+            }
+            if !w.others_closed_with_frame.is_empty() {
+                line(
+                    s,
+                    "other connections closed",
+                    reasons(&w.others_closed_with_frame),
+                );
+            }
+            if !w.others_ended_without_frame.is_empty() {
+                line(
+                    s,
+                    "others ended without a frame",
+                    reasons(&w.others_ended_without_frame),
+                );
+            }
+            if ended_with + ended_without > 0 {
+                line(
+                    s,
+                    "messages before the end",
+                    format!(
+                        "{:.1} per ended reader",
+                        w.messages_before_end as f64 / (ended_with + ended_without) as f64
+                    ),
+                );
+            }
+            line(
+                s,
+                "server VmRSS paused / peak",
+                match (w.server_rss_before, w.server_rss_peak) {
+                    (Some(a), Some(b)) => format!(
+                        "{} / {} (+{})",
+                        bytes(a),
+                        bytes(b),
+                        bytes(b.saturating_sub(a))
+                    ),
+                    _ => "n/a".into(),
+                },
+            );
+            line(
+                s,
+                "budget peak / limit / after",
+                format!(
+                    "{} / {} / {}",
+                    w.buffered_bytes_peak.map_or_else(|| "n/a".into(), bytes),
+                    w.buffered_bytes_limit.map_or_else(|| "n/a".into(), bytes),
+                    opt(w.buffered_bytes_after)
+                ),
+            );
+            line(
+                s,
+                "logical backlog peak",
+                w.outbox_bytes_peak.map_or_else(|| "n/a".into(), bytes),
+            );
+            line(
+                s,
+                "kernel TCP mem peak",
+                w.kernel_tcp_mem_bytes_peak
+                    .map_or_else(|| "n/a".into(), bytes),
+            );
+            line(
+                s,
+                "slow-consumer / budget closes",
+                format!("{} / {}", opt(w.slow_consumer_closes), opt(w.budget_closes)),
+            );
+            line(
+                s,
+                "close frames written / given up",
+                format!(
+                    "{} / {}",
+                    opt(w.close_frames_written),
+                    opt(w.close_frames_given_up)
+                ),
+            );
+            for v in &w.violations {
+                line(
+                    s,
+                    "violation",
+                    format!(
+                        "conn {} {} {}: seq {} expected {}",
+                        v.conn, v.stream, v.kind, v.seq, v.expected
+                    ),
+                );
+            }
+            let _ = writeln!(s, "  healthy readers meanwhile:");
+            delivery(s, &w.healthy);
+        }
         let h = &self.health;
         let _ = writeln!(s, "\nhealth");
         line(
@@ -919,6 +1122,32 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_reader_that_ended_without_a_close_frame_fails_the_run() {
+        let mut r = report();
+        r.slow = Some(SlowSection {
+            slow_readers: 2,
+            lossless: 1,
+            healthy: clean_delivery(),
+            ..Default::default()
+        });
+        r.slow
+            .as_mut()
+            .unwrap()
+            .closed_with_frame
+            .insert("1008".into(), 1);
+        r.finish();
+        assert!(r.ok, "lossless or told why");
+        r.slow
+            .as_mut()
+            .unwrap()
+            .ended_without_frame
+            .insert("eof".into(), 1);
+        r.finish();
+        assert!(!r.ok);
+        assert!(r.summary().contains("lossless / close frame / bare end"));
+    }
+
+    #[test]
     fn missing_connections_fail_the_run() {
         let mut r = report();
         r.connect.as_mut().unwrap().open = 9;
@@ -959,6 +1188,7 @@ mod tests {
             "broadcast",
             "unicast",
             "churn",
+            "slow",
             "health",
             "server_metrics",
             "elapsed_secs",

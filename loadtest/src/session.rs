@@ -90,8 +90,8 @@ impl StreamTally {
 /// Everything one worker's connections report into.
 #[derive(Debug, Default)]
 pub struct Tally {
-    /// Broadcast, unicast and churn, indexed by `stream_index`.
-    pub streams: [StreamTally; 4],
+    /// Broadcast, unicast, churn, batch and slow, indexed by `stream_index`.
+    pub streams: [StreamTally; 5],
     /// Data frames that are not one of our payloads.
     pub malformed: u64,
     /// Pings received while open (each answered).
@@ -111,6 +111,7 @@ pub fn stream_index(stream: Stream) -> usize {
         Stream::Unicast => 1,
         Stream::Churn => 2,
         Stream::Batch => 3,
+        Stream::Slow => 4,
     }
 }
 
@@ -127,6 +128,12 @@ pub struct Session {
     pub started_ns: u64,
     /// Closed by the churn phase, to be reopened when done.
     pub churn_victim: bool,
+    /// A slow reader (its socket has a small receive buffer and MSS).
+    pub slow_reader: bool,
+    /// Not read while set (the slow-reader phase pauses slow readers).
+    pub paused: bool,
+    /// The code of the close frame the server started, once one arrived (`Some(None)`: no code).
+    pub server_close: Option<Option<u16>>,
     nonce: [u8; 16],
     /// Bytes read but not yet parsed (partial head or frame); empty, with no heap, when idle.
     inbuf: Vec<u8>,
@@ -138,6 +145,7 @@ pub struct Session {
     unicast: SeqTracker,
     churn: Option<SeqTracker>,
     batch: SeqTracker,
+    slow: SeqTracker,
 }
 
 impl Session {
@@ -149,6 +157,9 @@ impl Session {
             phase: Phase::Connecting,
             started_ns,
             churn_victim: false,
+            slow_reader: false,
+            paused: false,
+            server_close: None,
             nonce,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
@@ -157,6 +168,7 @@ impl Session {
             unicast: SeqTracker::new(),
             churn: None,
             batch: SeqTracker::new(),
+            slow: SeqTracker::new(),
         }
     }
 
@@ -203,6 +215,7 @@ impl Session {
             Stream::Unicast => Some(&self.unicast),
             Stream::Churn => self.churn.as_ref(),
             Stream::Batch => Some(&self.batch),
+            Stream::Slow => Some(&self.slow),
         }
     }
 
@@ -310,6 +323,7 @@ impl Session {
                 if self.phase == Phase::Open {
                     // The server started the close: echo its code (§5.5.1) and wait for it to close TCP.
                     let code = ws::close_code(frame.payload);
+                    self.server_close = Some(code);
                     stats::count(
                         &mut tally.server_closes,
                         &code.map_or_else(|| "none".to_string(), |c| c.to_string()),
@@ -376,6 +390,7 @@ impl Session {
             Stream::Broadcast => &mut self.broadcast,
             Stream::Unicast => &mut self.unicast,
             Stream::Batch => &mut self.batch,
+            Stream::Slow => &mut self.slow,
             Stream::Churn => match &mut self.churn {
                 Some(t) => t,
                 None => {

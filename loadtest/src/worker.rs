@@ -7,8 +7,8 @@
 use crate::checker::Stream;
 use crate::dial;
 use crate::proto::{
-    ChurnResult, Command, ConnectResult, DeliveryResult, Event, Expectation, Health, Violation,
-    WorkerInit,
+    ChurnResult, Command, ConnectResult, DeliveryResult, Event, Expectation, Health, SlowResult,
+    Violation, WorkerInit,
 };
 use crate::rng::Rng;
 use crate::session::{self, Feed, Phase, Session, Tally, CLOSE_NORMAL};
@@ -67,6 +67,12 @@ struct ConnectOp {
 struct AwaitOp {
     stream: Stream,
     expect: Expectation,
+    deadline_ns: u64,
+    skip_slow: bool,
+}
+
+struct ResumeOp {
+    messages: u64,
     deadline_ns: u64,
 }
 
@@ -147,6 +153,9 @@ struct Worker {
     awaiting: Option<AwaitOp>,
     churn: Option<ChurnOp>,
     shutdown: Option<ShutdownOp>,
+    resume: Option<ResumeOp>,
+    /// From `Pause` to the answer to `Resume`: how the slow readers that ended meanwhile ended.
+    slow: Option<SlowResult>,
     rng: Rng,
     scratch: Vec<u8>,
     born_ns: u64,
@@ -195,6 +204,8 @@ impl Worker {
             awaiting: None,
             churn: None,
             shutdown: None,
+            resume: None,
+            slow: None,
             scratch: vec![0; 64 * 1024],
             born_ns: monotonic_ns(),
             last_tick_ns: 0,
@@ -246,6 +257,7 @@ impl Worker {
     fn poll_timeout(&self) -> std::time::Duration {
         let busy = self.connect.is_some()
             || self.awaiting.is_some()
+            || self.resume.is_some()
             || self.churn.is_some()
             || self.shutdown.is_some()
             || !self.to_start.is_empty()
@@ -279,10 +291,49 @@ impl Worker {
                 stream,
                 expect,
                 timeout_ms,
+                skip_slow,
             } => {
                 self.awaiting = Some(AwaitOp {
                     stream,
                     expect,
+                    deadline_ns: now + timeout_ms * 1_000_000,
+                    skip_slow,
+                });
+            }
+            Command::Pause => {
+                let mut paused = 0;
+                for (_, conn) in self.conns.iter_mut() {
+                    if conn.session.slow_reader && conn.session.phase == Phase::Open {
+                        conn.session.paused = true;
+                        paused += 1;
+                    }
+                }
+                self.slow = Some(SlowResult {
+                    paused,
+                    ..Default::default()
+                });
+                self.emit(&Event::Paused { slow: paused })?;
+            }
+            Command::Resume {
+                messages,
+                timeout_ms,
+            } => {
+                let keys: Vec<u32> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.session.paused)
+                    .map(|(k, _)| k as u32)
+                    .collect();
+                for key in keys {
+                    self.conns[key as usize].session.paused = false;
+                    // Edge-triggered: what arrived while paused is read now, not on the next event.
+                    self.flush(key);
+                    if self.conns.contains(key as usize) {
+                        self.read(key, now);
+                    }
+                }
+                self.resume = Some(ResumeOp {
+                    messages,
                     deadline_ns: now + timeout_ms * 1_000_000,
                 });
             }
@@ -343,7 +394,10 @@ impl Worker {
         }
         self.last_tick_ns = now;
         if now.saturating_sub(self.last_progress_ns) >= PROGRESS_NS
-            && (self.connect.is_some() || self.churn.is_some() || self.awaiting.is_some())
+            && (self.connect.is_some()
+                || self.churn.is_some()
+                || self.awaiting.is_some()
+                || self.resume.is_some())
         {
             self.last_progress_ns = now;
             let progress = Event::Progress {
@@ -355,6 +409,7 @@ impl Worker {
         }
         self.finish_connect(now)?;
         self.finish_await(now)?;
+        self.finish_resume(now)?;
         self.finish_churn(now)?;
         self.finish_shutdown(now)
     }
@@ -387,13 +442,13 @@ impl Worker {
         let Some(op) = &self.awaiting else {
             return Ok(());
         };
-        let (stream, deadline) = (op.stream, op.deadline_ns);
-        let check = self.check_delivery(stream, &op.expect, false);
+        let (stream, deadline, skip_slow) = (op.stream, op.deadline_ns, op.skip_slow);
+        let check = self.check_delivery(stream, &op.expect, skip_slow, false);
         if check.lost > 0 && now < deadline {
             return Ok(());
         }
         let op = self.awaiting.take().expect("checked above");
-        let check = self.check_delivery(stream, &op.expect, true);
+        let check = self.check_delivery(stream, &op.expect, skip_slow, true);
         let st = std::mem::take(&mut self.tally.streams[session::stream_index(stream)]);
         let mut violations = st.violations;
         violations.extend(check.violations);
@@ -415,6 +470,75 @@ impl Worker {
             violations,
         };
         self.emit(&Event::Delivered(result))
+    }
+
+    /// Answers `Resume` once every slow reader has the whole slow stream or has ended (or at the deadline).
+    fn finish_resume(&mut self, now: u64) -> anyhow::Result<()> {
+        let Some(op) = &self.resume else {
+            return Ok(());
+        };
+        let messages = op.messages;
+        let waiting = self.conns.iter().any(|(_, c)| {
+            let s = &c.session;
+            s.slow_reader
+                && s.phase == Phase::Open
+                && s.tracker(Stream::Slow)
+                    .is_some_and(|t| t.lost(messages) > 0)
+        });
+        if waiting && now < op.deadline_ns {
+            return Ok(());
+        }
+        self.resume = None;
+        let mut result = self.slow.take().unwrap_or_default();
+        for (_, conn) in self.conns.iter() {
+            let s = &conn.session;
+            if !s.slow_reader {
+                if let Some(code) = s.server_close {
+                    stats::count(&mut result.others_closed_with_frame, &close_label(code), 1);
+                }
+                continue;
+            }
+            let received = s.tracker(Stream::Slow).map_or(0, |t| t.received());
+            match (s.server_close, s.phase) {
+                (Some(code), _) => {
+                    stats::count(&mut result.closed_with_frame, &close_label(code), 1);
+                    result.messages_before_end += received;
+                }
+                (None, Phase::Open) => {
+                    let complete = s
+                        .tracker(Stream::Slow)
+                        .is_some_and(|t| t.lost(messages) == 0);
+                    if complete {
+                        result.lossless += 1;
+                    } else {
+                        result.incomplete += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let st = std::mem::take(&mut self.tally.streams[session::stream_index(Stream::Slow)]);
+        result.duplicated = st.duplicated;
+        result.reordered = st.reordered;
+        result.violations = st.violations;
+        self.emit(&Event::Resumed(result))
+    }
+
+    /// A connection ended without a close frame while the slow-reader phase watches: counted by `reason`.
+    fn slow_ended_without_frame(&mut self, key: u32, reason: &str) {
+        let session = &self.conns[key as usize].session;
+        let Some(result) = self.slow.as_mut() else {
+            return;
+        };
+        if session.server_close.is_some() {
+            return;
+        }
+        if session.slow_reader {
+            stats::count(&mut result.ended_without_frame, reason, 1);
+            result.messages_before_end += session.tracker(Stream::Slow).map_or(0, |t| t.received());
+        } else {
+            stats::count(&mut result.others_ended_without_frame, reason, 1);
+        }
     }
 
     fn finish_churn(&mut self, now: u64) -> anyhow::Result<()> {
@@ -473,12 +597,19 @@ impl Worker {
         Ok(true)
     }
 
-    /// Lost messages now, over the open connections, per the expectation.
-    fn check_delivery(&self, stream: Stream, expect: &Expectation, final_check: bool) -> Check {
+    /// Lost messages now, over the open connections (but the slow readers with `skip_slow`), per the
+    /// expectation.
+    fn check_delivery(
+        &self,
+        stream: Stream,
+        expect: &Expectation,
+        skip_slow: bool,
+        final_check: bool,
+    ) -> Check {
         let mut check = Check::default();
         for (_, conn) in self.conns.iter() {
             let s = &conn.session;
-            if !matches!(s.phase, Phase::Open) {
+            if !matches!(s.phase, Phase::Open) || (skip_slow && s.slow_reader) {
                 continue;
             }
             let total = match expect {
@@ -550,7 +681,8 @@ impl Worker {
         if self.attempts.first_start_ns == 0 {
             self.attempts.first_start_ns = now;
         }
-        let mut stream = match dial::connect(init.server, source) {
+        let slow = init.slow.filter(|s| s.is_slow(index));
+        let mut stream = match dial::connect(init.server, source, slow.as_ref()) {
             Ok(stream) => stream,
             Err(e) => {
                 stats::count(&mut self.attempts.failures, &dial::reason(&e), 1);
@@ -585,11 +717,13 @@ impl Worker {
             }
             None => None,
         };
+        let mut session = Session::new(index, user, self.rng.nonce(), now);
+        session.slow_reader = slow.is_some();
         entry.insert(Conn {
             stream,
             generation,
             tls,
-            session: Session::new(index, user, self.rng.nonce(), now),
+            session,
         });
         self.by_index[(index - self.init.first_conn) as usize] = key;
         self.inflight += 1;
@@ -634,6 +768,17 @@ impl Worker {
     /// Removes a connection everywhere and closes its socket.
     fn remove(&mut self, key: u32) {
         let conn = self.conns.remove(key as usize);
+        if let (Some(result), Some(code)) = (self.slow.as_mut(), conn.session.server_close) {
+            if conn.session.slow_reader {
+                stats::count(&mut result.closed_with_frame, &close_label(code), 1);
+                result.messages_before_end += conn
+                    .session
+                    .tracker(Stream::Slow)
+                    .map_or(0, |t| t.received());
+            } else {
+                stats::count(&mut result.others_closed_with_frame, &close_label(code), 1);
+            }
+        }
         match conn.session.phase {
             Phase::Connecting | Phase::Handshaking => self.inflight -= 1,
             _ => self.open -= 1,
@@ -732,7 +877,7 @@ impl Worker {
             }
         }
         self.flush(key);
-        if self.is_live(key, generation) {
+        if self.is_live(key, generation) && !self.conns[key as usize].session.paused {
             self.read(key, now);
         }
     }
@@ -934,6 +1079,7 @@ impl Worker {
             // The server closed without a close frame.
             Phase::Open => {
                 stats::count(&mut self.abrupt, "eof", 1);
+                self.slow_ended_without_frame(key, "eof");
                 self.remove(key);
             }
             // Expected: the server closes TCP after the close handshake (RFC 6455 §7.1.1).
@@ -947,11 +1093,17 @@ impl Worker {
             Phase::Connecting | Phase::Handshaking => self.fail_attempt(key, &reason),
             Phase::Open => {
                 stats::count(&mut self.abrupt, &reason, 1);
+                self.slow_ended_without_frame(key, &reason);
                 self.remove(key);
             }
             Phase::Closing | Phase::Closed => self.remove(key),
         }
     }
+}
+
+/// A close code as a report key (`none` for a close frame without one).
+fn close_label(code: Option<u16>) -> String {
+    code.map_or_else(|| "none".to_string(), |c| c.to_string())
 }
 
 #[derive(Default)]

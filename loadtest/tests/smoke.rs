@@ -66,14 +66,20 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        // Pings every second, so the generator's pong answers are exercised within the run.
+        Server::start_with("[websocket]\nping_interval_ms = 1000\npong_timeout_ms = 900\n[admin]\n")
+    }
+
+    /// A server whose config has `sections` (ending in an `[admin]` header the listen address goes under).
+    fn start_with(sections: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
-        // Pings every second, so the generator's pong answers are exercised within the run.
         std::fs::write(
             &config,
-            "[server]\nlisten = \"127.0.0.1:0\"\nreactors = 2\nshutdown_timeout_ms = 3000\n\
-             [websocket]\nping_interval_ms = 1000\npong_timeout_ms = 900\n\
-             [auth]\nmode = \"none\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nreactors = 2\nshutdown_timeout_ms = 3000\n\
+                 [auth]\nmode = \"none\"\n[log]\nlevel = \"warn\"\n{sections}listen = \"127.0.0.1:0\"\n"
+            ),
         )
         .unwrap();
         let mut cmd = Command::new(server_binary());
@@ -358,4 +364,67 @@ fn five_hundred_connections_get_every_message_exactly_once_in_order() {
         status.success(),
         "densepush exited with {status} after SIGTERM"
     );
+}
+
+#[test]
+fn slow_readers_that_lag_past_the_outbox_limit_are_told_with_1008_and_the_others_lose_nothing() {
+    // 64 KiB of lag allowed, a 500 ms close deadline, and readers that stay away 1.5 s: every slow reader
+    // lags past the limit and reads only after the server gave up on it, yet each finds its 1008.
+    let server = Server::start_with(
+        "[websocket]\nmax_outbox_bytes = 65536\nclose_timeout_ms = 500\ntimer_tick_ms = 10\n\
+         [admin]\nmax_publish_bytes = 65536\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_densepush-loadtest"))
+        .args(["--server", &server.client, "--admin", &server.admin])
+        .args(["--server-pid", &server.pid().to_string()])
+        .args(["--conns", &CONNS.to_string(), "--workers", "2"])
+        .args(["--phases", "connect,slow", "--slow-fraction", "0.1"])
+        .args(["--slow-messages", "100", "--slow-pause-ms", "1500"])
+        .args([
+            "--max-seconds",
+            "90",
+            "--phase-timeout-secs",
+            "30",
+            "--json",
+            "--quiet",
+        ])
+        .output()
+        .expect("running densepush-loadtest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not the JSON report ({e}); status {:?}; stderr:\n{stderr}",
+            out.status
+        )
+    });
+    assert!(
+        out.status.success(),
+        "generator failed ({:?}):\n{stderr}",
+        out.status
+    );
+    let slow = &report["slow"];
+    has_keys(
+        &report,
+        "slow",
+        &[
+            "slow_readers",
+            "lossless",
+            "closed_with_frame",
+            "ended_without_frame",
+            "buffered_bytes_peak",
+            "outbox_bytes_peak",
+            "server_rss_peak",
+            "close_frames_written",
+            "close_frames_given_up",
+            "healthy",
+        ],
+    );
+    assert_eq!(u(slow, "slow_readers"), CONNS / 10);
+    assert_eq!(u(slow, "closed_with_frame.1008"), CONNS / 10, "{slow}");
+    assert_eq!(slow["ended_without_frame"], serde_json::json!({}), "{slow}");
+    assert_eq!(u(slow, "close_frames_written"), CONNS / 10);
+    assert_eq!(u(slow, "close_frames_given_up"), 0);
+    assert_eq!(u(slow, "healthy.conns_checked"), CONNS - CONNS / 10);
+    assert_eq!(u(slow, "healthy.lost"), 0);
+    assert_eq!(server.stop().code(), Some(0));
 }

@@ -27,19 +27,23 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_PING_INTERVAL_MS: u64 = 30_000;
 /// Milliseconds to wait for the pong that answers a ping before closing the connection.
 pub const DEFAULT_PONG_TIMEOUT_MS: u64 = 10_000;
-/// Milliseconds to wait for the client's close frame and the final flush after the server closes.
+/// Milliseconds to wait for the client's close frame and the final flush after the server closes (a drain's
+/// queued messages, a close frame the socket could not take yet); then the connection goes.
 pub const DEFAULT_CLOSE_TIMEOUT_MS: u64 = 3_000;
 /// Bytes in the largest message a client may send (after reassembling fragments).
 pub const DEFAULT_MAX_INBOUND_MESSAGE_BYTES: usize = 65_536;
-/// Bytes queued but unsent on one connection before it is closed as a slow consumer.
+/// Bytes queued but unsent on one connection before it is closed as a slow consumer: how far one reader may
+/// lag, counted per connection (logical: a frame shared with other connections counts whole here).
 pub const DEFAULT_MAX_OUTBOX_BYTES: usize = 1_048_576;
 /// Bytes in the largest accepted upgrade request head (request line plus headers).
 pub const DEFAULT_MAX_HANDSHAKE_BYTES: usize = 8_192;
 /// Headers in the largest accepted upgrade request.
 pub const DEFAULT_MAX_HANDSHAKE_HEADERS: usize = 32;
-/// Bytes all connections together may hold in heap buffers (partial request heads, partial inbound frames,
-/// unsent outbound bytes); past it new buffering is refused. 256 MiB: 256 slow consumers at the default
-/// `max_outbox_bytes`, or 32,768 partial request heads of the default `max_handshake_bytes`.
+/// Bytes the server really holds in buffers (partial request heads and inbound frames, echo messages, TLS
+/// buffers, queued frames — each distinct frame once, however many outboxes and mailboxes hold it — plus one
+/// 8-byte slot per queued reference); past it new buffering is refused. 256 MiB: 32,768 partial request heads
+/// of the default `max_handshake_bytes`, or 256 slow readers each 1 MiB behind on frames of their own (readers
+/// of the same broadcasts share theirs).
 pub const DEFAULT_MAX_BUFFERED_BYTES_TOTAL: usize = 256 << 20;
 /// Milliseconds per tick of the timing wheel; every timeout is rounded up to whole ticks.
 pub const DEFAULT_TIMER_TICK_MS: u64 = 100;

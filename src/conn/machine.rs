@@ -15,10 +15,18 @@
 //! Every close goes through [`Machine::close`], whatever its reason: the reason decides the counter, the close
 //! frame (RFC 6455 §5.5.1, §7.4) and whether the server then waits for the client's close (`Closing`) or
 //! closes TCP once its last bytes are out (`Flushing`, RFC 6455 §7.1.1: the server closes TCP first).
+//!
+//! A close frame the server sends must arrive, even on a full socket (a slow reader): the connection keeps only
+//! the rest of a partly written frame, drops the rest of its queue at once (a drain at shutdown flushes it
+//! first, within the close deadline), queues the close frame behind that remainder and, if the socket cannot
+//! take them, grows the socket's kernel send buffer by their size (up to [`CLOSE_ROOM_BYTES`]) so they are
+//! handed over at once and the connection holds no payload while it waits for the client's close. Bytes in the
+//! kernel survive the close of the socket, so a client that reads again later still gets the close frame. Each
+//! server close frame ends counted as written or, when the deadline passes first, given up.
 
 use super::echo::Echo;
-use super::outbox::Outbox;
-use super::spill::{Buffers, Spill, SPILL_BYTES};
+use super::outbox::{Flush, Outbox, ENTRY_BYTES};
+use super::spill::{Buffers, Spill};
 use super::state::{Flag, Phase, State, Timer};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
@@ -26,6 +34,7 @@ use crate::metrics::{ReactorMetrics, RejectKind};
 use crate::proto::frame::Decoder;
 use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::Reject;
+use crate::shared_frame::SharedFrame;
 use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
 use bytes::Bytes;
@@ -37,6 +46,12 @@ pub const BUDGET_EXHAUSTED: &str = "server busy: buffer budget exhausted";
 pub const SLOW_CONSUMER: &str = "slow consumer: outbox limit exceeded";
 /// Close reason at shutdown (code 1001).
 pub const SHUTTING_DOWN: &str = "server shutting down";
+
+/// The most unsent bytes (a started frame's tail and the close frame behind it) a closing connection hands to
+/// the kernel at once by growing its socket's send buffer ([`Transport::make_room`]). A larger remainder waits
+/// for the client to read, until the close deadline. This bounds the kernel memory a closing slow reader can
+/// add; a slow reader of 4 KiB messages needs about 4 KiB.
+pub const CLOSE_ROOM_BYTES: usize = 64 << 10;
 
 /// The connection rules that come from the configuration, shared by every connection of a reactor.
 #[derive(Debug, Clone)]
@@ -152,6 +167,32 @@ pub enum Head<'a> {
     Joined(Vec<u8>),
 }
 
+/// A frame to transmit: one shared with other connections (a published message, charged once however many
+/// queues hold it), or one of the connection's own (a pong, a ping, a close frame, an HTTP answer), which
+/// becomes a shared frame of one holder only if it has to be queued.
+#[derive(Debug)]
+enum Out<'a> {
+    Shared(&'a SharedFrame),
+    Own(Bytes),
+}
+
+impl Out<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Out::Shared(frame) => frame.bytes(),
+            Out::Own(bytes) => bytes,
+        }
+    }
+
+    /// The frame as queues hold it.
+    fn to_shared(&self) -> SharedFrame {
+        match self {
+            Out::Shared(frame) => (*frame).clone(),
+            Out::Own(bytes) => SharedFrame::new(bytes.clone()),
+        }
+    }
+}
+
 /// What happened to a frame handed to the transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sent {
@@ -169,10 +210,20 @@ pub struct Machine {
     /// Stamp of the connection's one live timer entry.
     timer_stamp: u32,
     state: State,
-    /// The code of the first close frame exchanged (ours, or the client's), for the disconnect event; 0 while
-    /// none was. It fills bytes that were padding, so the record does not grow.
-    close_code: u16,
+    /// Two meanings that never overlap in time, in bytes that would be padding (the record stays 16 bytes):
+    /// while open, the client's acknowledged bytes at the last pong deadline that found it behind
+    /// (`Flag::Marked`), in KiB, wrapping: whether it has been reading its backlog since ([`acked_mark`]); once
+    /// closing, the code of the first close frame exchanged (ours, or the client's), for the disconnect event.
+    /// The pong deadline is armed only while open, and the close code is written only when leaving `Open`.
+    mark: u16,
     buffers: Buffers,
+}
+
+/// Acknowledged bytes as the machine remembers them: KiB, wrapping at 64 MiB. A client that reads less than
+/// 1 KiB in a pong timeout counts as not reading; one that read a multiple of exactly 64 MiB in one is the
+/// only other miss.
+fn acked_mark(acked: u64) -> u16 {
+    (acked >> 10) as u16
 }
 
 impl Machine {
@@ -182,7 +233,7 @@ impl Machine {
         let mut machine = Machine {
             timer_stamp: 0,
             state: State::new(),
-            close_code: 0,
+            mark: 0,
             buffers: Buffers::default(),
         };
         machine.state.set(Flag::Tls, tls);
@@ -224,7 +275,8 @@ impl Machine {
     /// 1005 for a client close without a code, RFC 6455 §7.4.1); `None` when it ends without one (EOF, a reset,
     /// a silent client), which RFC 6455 §7.1.5 reports as 1006.
     pub fn close_code(&self) -> Option<u16> {
-        (self.close_code != 0).then_some(self.close_code)
+        let closing = matches!(self.phase(), Phase::Closing | Phase::Flushing);
+        (closing && self.mark != 0).then_some(self.mark)
     }
 
     /// Whether the connection was upgraded at some point (so it counts among open connections).
@@ -289,7 +341,7 @@ impl Machine {
             }
             Head::Joined(head) => self.buffers.spill_mut().0.head = head,
         }
-        self.buffers.settle(cx.budget);
+        self.settle(cx);
         Next::Continue
     }
 
@@ -311,7 +363,7 @@ impl Machine {
         if let Some(spill) = self.buffers.get_mut() {
             spill.head = Vec::new();
         }
-        match self.deliver(cx, t, &Bytes::from(response), true) {
+        match self.deliver(cx, t, Out::Own(Bytes::from(response)), true) {
             Next::Continue => {
                 self.release_if_idle(cx);
                 Next::Continue
@@ -333,12 +385,12 @@ impl Machine {
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
-        frame: &Bytes,
+        frame: &SharedFrame,
     ) -> Next {
         if !self.is_open() {
             return Next::Continue;
         }
-        self.deliver(cx, t, frame, true)
+        self.deliver(cx, t, Out::Shared(frame), true)
     }
 
     /// Decodes client frames: answers pings, echoes data in echo mode, and closes on a close frame or a
@@ -394,8 +446,13 @@ impl Machine {
             Some(echo) => {
                 let (frames, partial) = echo.suspend();
                 if !partial.is_empty() {
-                    let (spill, fresh) = self.buffers.spill_mut();
-                    spill.echo = partial;
+                    // The unfinished message waits in the spill, charged like any buffer: the charge of the one it
+                    // replaces (taken out by `Echo::resume`) goes back first.
+                    self.settle(cx);
+                    let Some(fresh) = self.buffers.try_grow(cx.budget, partial.capacity()) else {
+                        return self.close(cx, t, Close::Budget);
+                    };
+                    self.buffers.spill_mut().0.echo = partial;
                     if fresh {
                         cx.metrics.buffers_live.fetch_add(1, Relaxed);
                     }
@@ -404,12 +461,12 @@ impl Machine {
             }
             None => Vec::new(),
         };
-        for answer in pongs.iter().chain(&echoes) {
+        for answer in pongs.into_iter().chain(echoes) {
             // Once our close frame is out, nothing else may follow it (RFC 6455 §5.5.1), pongs included.
             if !self.is_open() {
                 break;
             }
-            if let Next::Remove(ending) = self.deliver(cx, t, answer, true) {
+            if let Next::Remove(ending) = self.deliver(cx, t, Out::Own(answer), true) {
                 return Next::Remove(ending);
             }
         }
@@ -453,9 +510,11 @@ impl Machine {
             Timer::Ping => {
                 self.state.set(Flag::PingSent, true);
                 self.state.set(Flag::Heard, false);
+                self.state.set(Flag::Drained, false);
+                self.state.set(Flag::Marked, false);
                 self.arm(cx, cx.rules.pong_timeout_ticks);
                 ReactorMetrics::inc(&cx.metrics.pings_sent);
-                Expired::Next(self.deliver(cx, t, &Bytes::from_static(&PING_FRAME), true))
+                Expired::Next(self.deliver(cx, t, Out::Own(Bytes::from_static(&PING_FRAME)), true))
             }
             Timer::Pong if self.state.has(Flag::Heard) => {
                 self.back_to_pinging(cx);
@@ -463,13 +522,21 @@ impl Machine {
             }
             Timer::Pong => Expired::Silent,
             // The client did not finish the close handshake, or did not read our last bytes, in time.
-            Timer::Close => Expired::Next(Next::Remove(Ending::Done)),
+            Timer::Close => Expired::Next(self.close_deadline(cx, t)),
         }
     }
 
     /// After [`Expired::Silent`] and a last read: a connection that still sent nothing since the ping is dead
     /// (no close frame would arrive); one that did goes back to the ping rhythm.
-    pub fn pong_deadline(&mut self, cx: &mut Ctx<'_>) -> Next {
+    ///
+    /// Unless our ping may still wait behind bytes the client has not read (queued here, or held by the kernel):
+    /// then the client may not have seen it, and its silence says only that it is behind on reading, which
+    /// `max_outbox_bytes` judges. The check is repeated one pong timeout later as long as it keeps reading
+    /// (queued bytes went out, or its TCP acknowledged more since the last check; the first check only takes
+    /// that reading, so the kernel is asked only about clients found silent, not at every ping); one that read
+    /// nothing between two checks is closed as a slow consumer, with a close frame that tells it why (and
+    /// arrives if it ever reads again), not dropped as silent.
+    pub fn pong_deadline<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         if self.state.timer() != Timer::Pong {
             return Next::Continue; // the read changed its phase (it closed)
         }
@@ -477,6 +544,29 @@ impl Machine {
             self.back_to_pinging(cx);
             return Next::Continue;
         }
+        let kernel = t.progress();
+        let behind = self.buffers.queued_bytes() > 0
+            || t.holds_unsent()
+            || kernel.is_some_and(|p| p.holding);
+        if behind {
+            let now = kernel.map(|p| acked_mark(p.acked));
+            let marked = self.state.has(Flag::Marked);
+            let reading =
+                self.state.has(Flag::Drained) || !marked || now.is_some_and(|now| now != self.mark);
+            if reading {
+                self.state.set(Flag::Drained, false);
+                self.state.set(Flag::Marked, true);
+                self.mark = now.unwrap_or(self.mark);
+                self.arm(cx, cx.rules.pong_timeout_ticks);
+                return Next::Continue;
+            }
+            log::debug!(
+                "connection {}: read nothing of its backlog for a pong timeout: slow consumer",
+                cx.key
+            );
+            return self.close(cx, t, Close::SlowConsumer);
+        }
+        log::debug!("connection {}: no pong: closed", cx.key);
         ReactorMetrics::inc(&cx.metrics.pong_timeouts);
         Next::Remove(Ending::Done)
     }
@@ -498,8 +588,13 @@ impl Machine {
 
     // ---- closing -------------------------------------------------------------------------------------------
 
-    /// Starts closing the connection for `why`: the one close path. Open connections get a close frame behind
-    /// what is already queued; a handshaking one gets its HTTP refusal, or is dropped if it never upgraded.
+    /// Starts closing the connection for `why`: the one close path. Open connections get a close frame; a
+    /// handshaking one gets its HTTP refusal, or is dropped if it never upgraded.
+    ///
+    /// What was queued and has not started going out is dropped at once, except at a drain (`Shutdown`),
+    /// which sends it first: the close frame goes behind at most the rest of one partly written frame. When the
+    /// socket cannot take those last bytes, its send buffer is grown to take them (up to
+    /// [`CLOSE_ROOM_BYTES`]), so the frame arrives even if the client reads only after the server gave up.
     pub fn close<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
@@ -551,21 +646,26 @@ impl Machine {
             }
             Close::SlowConsumer => {
                 ReactorMetrics::inc(&metrics.slow_consumer_closes);
-                // Keep only what must finish (a partly written frame): accepted messages are not dropped
-                // silently, the connection goes and says why.
-                if let Some(spill) = self.buffers.get_mut() {
-                    spill.outbox.drop_unstarted();
-                }
-                self.buffers.settle(cx.budget);
                 (Some(1008), SLOW_CONSUMER, Phase::Closing)
             }
             Close::Kick { code, reason } => (Some(code), reason, Phase::Closing),
             Close::Shutdown => (Some(1001), SHUTTING_DOWN, Phase::Closing),
             Close::Refuse(_) => unreachable!("handled above"),
         };
-        if self.close_code == 0 {
-            // The first close decides the code; the other side's echo does not change it.
-            self.close_code = code.unwrap_or(1005);
+        if was_open {
+            // The first close decides the code; the other side's echo (which finds us `Closing`) does not
+            // change it. From here on `mark` is the close code, no longer an acknowledgement mark.
+            self.mark = code.unwrap_or(1005);
+        }
+        // A drain delivers what was accepted before saying goodbye (within the close deadline); every other
+        // close keeps only what must finish (a partly written frame) and frees the rest now: the connection is
+        // ending and says why, accepted messages are not dropped silently.
+        let drain = matches!(why, Close::Shutdown);
+        if was_open && !drain {
+            if let Some(spill) = self.buffers.get_mut() {
+                spill.outbox.drop_unstarted(cx.budget);
+            }
+            self.settle(cx);
         }
         self.state.set_phase(next);
         self.arm(cx, cx.rules.close_timeout_ticks);
@@ -575,13 +675,56 @@ impl Machine {
                 None => Bytes::from_static(&EMPTY_CLOSE_FRAME),
             };
             // Unbounded: a close frame (at most 127 bytes) must go out whatever the outbox holds.
-            if let Next::Remove(ending) = self.deliver(cx, t, &frame, false) {
-                return Next::Remove(ending);
+            let server = !matches!(why, Close::Peer(_));
+            if let Sent::Failed = self.transmit(cx, t, Out::Own(frame), false) {
+                if server {
+                    ReactorMetrics::inc(&metrics.close_frames_given_up);
+                }
+                return Next::Remove(self.ending(Ending::Abrupt));
+            }
+            if server {
+                self.state.set(Flag::CloseUnsent, true);
+                if !drain {
+                    self.make_room(t);
+                }
             }
         }
-        match next {
-            Phase::Flushing => self.flush(cx, t),
-            _ => Next::Continue,
+        self.flush(cx, t)
+    }
+
+    /// The close deadline passed (`websocket.close_timeout_ms` after the close began, or the end of a drain):
+    /// the connection goes. A close frame still unsent gets a last chance — what has not started going out is
+    /// dropped and the socket's buffer grown for the rest — and is counted written or given up.
+    pub fn close_deadline<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
+        if self.state.has(Flag::CloseUnsent) {
+            if let Some(spill) = self.buffers.get_mut() {
+                spill.outbox.drop_unstarted_but_last(cx.budget);
+            }
+            self.settle(cx);
+            if self.make_room(t) {
+                let _ = self.flush(cx, t);
+            }
+            self.give_up_close(cx);
+        }
+        Next::Remove(Ending::Done)
+    }
+
+    /// Grows the socket's send buffer so the connection's last bytes (what is queued and what the transport
+    /// holds) go out now, if they are at most [`CLOSE_ROOM_BYTES`]; true if they fit or there was nothing left.
+    /// The caller flushes.
+    fn make_room<T: Transport + ?Sized>(&mut self, t: &mut T) -> bool {
+        let queued = self.buffers.queued_bytes();
+        if queued == 0 && !t.holds_unsent() {
+            return true;
+        }
+        queued <= CLOSE_ROOM_BYTES && t.make_room(queued)
+    }
+
+    /// Counts a server close frame that never reached the socket (the connection is going).
+    fn give_up_close(&mut self, cx: &Ctx<'_>) {
+        if self.state.has(Flag::CloseUnsent) {
+            self.state.set(Flag::CloseUnsent, false);
+            ReactorMetrics::inc(&cx.metrics.close_frames_given_up);
         }
     }
 
@@ -600,15 +743,17 @@ impl Machine {
         self.arm(cx, cx.rules.close_timeout_ticks);
         // Unbounded: a refusal is a short answer that must go out even when the buffer budget is what refused
         // (a bounded send over budget would answer an HTTP client with a WebSocket close frame).
-        match self.deliver(cx, t, &Bytes::from(reject.response()), false) {
+        match self.deliver(cx, t, Out::Own(Bytes::from(reject.response())), false) {
             Next::Continue => self.flush(cx, t),
             gone => gone,
         }
     }
 
-    /// Frees the connection's buffers (it is being removed) and gives their budget back.
+    /// Frees the connection's buffers (it is being removed) and gives their budget back. A close frame still
+    /// unsent is counted as given up.
     pub fn teardown(&mut self, cx: &Ctx<'_>) {
-        if self.buffers.free(cx.budget) {
+        self.give_up_close(cx);
+        if self.buffers.free(cx.budget, &cx.metrics.outbox_bytes) {
             cx.metrics.buffers_live.fetch_sub(1, Relaxed);
         }
     }
@@ -622,7 +767,9 @@ impl Machine {
     pub fn snapshot(&self, w: &mut Writer, frames: &mut FrameTable) {
         w.u8(self.state.phase() as u8);
         w.u8(self.state.flags());
-        w.u16(self.close_code);
+        // Whatever `mark` means in this phase (an acknowledgement mark, or the close code), it means the same
+        // in the successor, which restores the phase with it.
+        w.u16(self.mark);
         let spill = self.buffers.get();
         w.bytes_field(spill.map_or(&[][..], |s| &s.head));
         let mut decoder = Writer::new();
@@ -633,17 +780,19 @@ impl Machine {
         }
         match spill {
             Some(s) => {
-                let (queued, head_started) = s.outbox.queued();
+                let (queued, head_written) = s.outbox.queued();
                 let ids: Vec<u32> = queued.map(|f| frames.id(f)).collect();
-                w.bool(head_started);
                 w.u32(ids.len() as u32);
+                if !ids.is_empty() {
+                    // Only the head can be partly written (at most a frame's length: it fits).
+                    w.u32(head_written as u32);
+                }
                 for id in ids {
                     w.u32(id);
                 }
                 w.bytes_field(&s.echo);
             }
             None => {
-                w.bool(false);
                 w.u32(0);
                 w.bytes_field(&[]);
             }
@@ -667,33 +816,46 @@ impl Machine {
         let mut state = State::new();
         state.set_phase(phase);
         state.set_flags(r.u8("flags")?);
-        let close_code = r.u16("close code")?;
+        let mark = r.u16("mark")?;
         let head = r.bytes_field("head")?.to_vec();
         let decoder = match r.bool("decoder present")? {
             true => Some(Decoder::restore(r)?),
             false => None,
         };
-        let head_started = r.bool("outbox head started")?;
         let count = r.u32("outbox length")?;
+        let head_written = match count {
+            0 => 0,
+            _ => r.u32("outbox head written")? as usize,
+        };
         let mut queued = Vec::with_capacity(count.min(1 << 16) as usize);
         for _ in 0..count {
             queued.push(frames.frame(r.u32("outbox frame")?)?);
+        }
+        if queued
+            .first()
+            .is_some_and(|head| head_written >= head.len())
+        {
+            return Err(SnapshotError::Invalid("outbox head written"));
         }
         let echo = r.bytes_field("echo")?.to_vec();
         let spill = Spill {
             head,
             decoder: decoder.unwrap_or_default(),
-            outbox: Outbox::from_queued(queued, head_started),
+            outbox: Outbox::from_queued(queued, head_written, cx.budget),
             charged: 0,
+            counted: 0,
             echo,
         };
         let mut machine = Machine {
             timer_stamp: 0,
             state,
-            close_code,
+            mark,
             buffers: Buffers::default(),
         };
-        if machine.buffers.install(Some(spill), cx.budget) {
+        if machine
+            .buffers
+            .install(Some(spill), cx.budget, &cx.metrics.outbox_bytes)
+        {
             cx.metrics.buffers_live.fetch_add(1, Relaxed);
         }
         let rules = cx.rules;
@@ -715,7 +877,7 @@ impl Machine {
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
-        frame: &Bytes,
+        frame: Out<'_>,
         bounded: bool,
     ) -> Next {
         match self.transmit(cx, t, frame, bounded) {
@@ -725,73 +887,80 @@ impl Machine {
         }
     }
 
-    /// Writes `frame` straight through when nothing is queued (the common, allocation-free case), else queues
-    /// it behind the queue. `bounded`: a frame that would take the queue over `max_outbox_bytes`, or the server
-    /// over its buffer budget, is refused, unless the queue is empty: one message is always accepted whole so a
-    /// limit below the largest message cannot starve a healthy client. The unwritten tail of a partly written
-    /// frame must be kept for the byte stream to stay well-formed, so it is queued even when the budget is
-    /// exhausted, and `Overflow` then says the connection must go. Unbounded frames (close frames, HTTP
-    /// refusals, at most a few hundred bytes) are always queued.
+    /// Writes `frame` straight through when nothing is queued (the common case: no allocation, no reference,
+    /// no charge), else queues it behind the queue. `bounded`: a frame that would take the queue over
+    /// `max_outbox_bytes`, or that the buffer budget cannot take, is refused, unless the queue is empty: one
+    /// message is always accepted whole so a limit below the largest message cannot starve a healthy client.
+    /// The budget is charged for real bytes: a frame once however many queues hold it, plus one slot per
+    /// queue. The unwritten tail of a partly written frame must be kept for the byte stream to stay
+    /// well-formed, so it is queued even when the budget is exhausted, and `Overflow` then says the connection
+    /// must go. Unbounded frames (close frames, HTTP refusals, at most a few hundred bytes) are always queued.
     fn transmit<T: Transport + ?Sized>(
         &mut self,
         cx: &mut Ctx<'_>,
         t: &mut T,
-        frame: &Bytes,
+        frame: Out<'_>,
         bounded: bool,
     ) -> Sent {
         if self.buffers.queued_bytes() == 0 && !t.holds_unsent() {
-            let done = match write_some(t, frame) {
+            let bytes = frame.bytes();
+            let done = match write_some(t, bytes) {
                 Ok(done) => done,
                 Err(_) => return Sent::Failed,
             };
             ReactorMetrics::add(&cx.metrics.bytes_written, done as u64);
-            if done == frame.len() {
+            if done == bytes.len() {
                 return Sent::Ok;
             }
-            let need = frame.len() - done
-                + if self.buffers.is_allocated() {
-                    0
-                } else {
-                    SPILL_BYTES
-                };
-            let within_budget = if bounded {
-                cx.budget.try_reserve(need)
-            } else {
-                cx.budget.force_reserve(need);
-                true
-            };
-            let (spill, fresh) = self.buffers.spill_mut();
-            if within_budget {
-                spill.charged += need;
-            }
-            spill.outbox.push_partial(frame.clone(), done);
+            let fresh = !self.buffers.is_allocated();
+            let slot_fits = self.buffers.try_grow(cx.budget, ENTRY_BYTES).is_some();
+            let (spill, _) = self.buffers.spill_mut();
+            let frame_fits = spill.outbox.force_push(&frame.to_shared(), done, cx.budget);
             if fresh {
                 cx.metrics.buffers_live.fetch_add(1, Relaxed);
             }
-            // An unreserved tail is charged here, by force.
-            self.buffers.settle(cx.budget);
-            return if within_budget {
+            // A slot the budget did not reserve is charged here, by force.
+            self.settle(cx);
+            return if !bounded || (slot_fits && frame_fits) {
                 Sent::Ok
             } else {
                 Sent::Overflow
             };
         }
-        let (_, fresh) = self.buffers.spill_mut();
+        let fresh = !self.buffers.is_allocated();
+        if bounded {
+            if self.buffers.queued_bytes() + frame.bytes().len() > cx.rules.max_outbox_bytes {
+                return Sent::Overflow;
+            }
+            if self.buffers.try_grow(cx.budget, ENTRY_BYTES).is_none() {
+                return Sent::Overflow;
+            }
+            let queued = self
+                .buffers
+                .spill_mut()
+                .0
+                .outbox
+                .try_push(&frame.to_shared(), cx.budget);
+            if fresh {
+                cx.metrics.buffers_live.fetch_add(1, Relaxed);
+            }
+            self.settle(cx);
+            return if queued { Sent::Ok } else { Sent::Overflow };
+        }
+        self.buffers
+            .spill_mut()
+            .0
+            .outbox
+            .force_push(&frame.to_shared(), 0, cx.budget);
         if fresh {
             cx.metrics.buffers_live.fetch_add(1, Relaxed);
         }
-        if bounded
-            && (self.buffers.queued_bytes() + frame.len() > cx.rules.max_outbox_bytes
-                || !self.buffers.try_charge(cx.budget, frame.len()))
-        {
-            return Sent::Overflow;
-        }
-        self.buffers.spill_mut().0.outbox.push(frame.clone());
-        self.buffers.settle(cx.budget);
+        self.settle(cx);
         Sent::Ok
     }
 
     /// Writes what is queued; a flushing connection is removed once drained, an idle one frees its buffers.
+    /// Once everything is out, a server close frame that was waiting counts as written.
     fn flush<T: Transport + ?Sized>(&mut self, cx: &mut Ctx<'_>, t: &mut T) -> Next {
         if t.holds_unsent() {
             match t.flush_held() {
@@ -802,17 +971,26 @@ impl Machine {
         }
         if let Some(spill) = self.buffers.get_mut() {
             let before = spill.outbox.queued_bytes();
-            let result = spill.outbox.write_to(t);
-            ReactorMetrics::add(
-                &cx.metrics.bytes_written,
-                (before - spill.outbox.queued_bytes()) as u64,
-            );
-            self.buffers.settle(cx.budget);
+            let result = spill.outbox.write_to(t, cx.budget);
+            let written = before - spill.outbox.queued_bytes();
+            ReactorMetrics::add(&cx.metrics.bytes_written, written as u64);
+            if written > 0 {
+                self.state.set(Flag::Drained, true);
+            }
+            self.settle(cx);
             match result {
-                Ok(super::outbox::Flush::Drained) => {}
-                Ok(super::outbox::Flush::Blocked) => return Next::Continue,
+                Ok(Flush::Drained) => {}
+                Ok(Flush::Blocked) => return Next::Continue,
                 Err(_) => return Next::Remove(self.ending(Ending::Abrupt)),
             }
+        }
+        // A transport that seals (TLS) may still hold the tail of the last record it sealed.
+        if t.holds_unsent() {
+            return Next::Continue;
+        }
+        if self.state.has(Flag::CloseUnsent) {
+            self.state.set(Flag::CloseUnsent, false);
+            ReactorMetrics::inc(&cx.metrics.close_frames_written);
         }
         if self.phase() == Phase::Flushing {
             return Next::Remove(Ending::Done);
@@ -821,9 +999,17 @@ impl Machine {
         Next::Continue
     }
 
+    /// Brings the buffers' budget charge and the backlog gauge up to date.
+    fn settle(&mut self, cx: &Ctx<'_>) {
+        self.buffers.settle(cx.budget, &cx.metrics.outbox_bytes);
+    }
+
     /// Frees the spill if it holds nothing, else brings its budget charge up to date.
     fn release_if_idle(&mut self, cx: &Ctx<'_>) {
-        if self.buffers.release_if_idle(cx.budget) {
+        if self
+            .buffers
+            .release_if_idle(cx.budget, &cx.metrics.outbox_bytes)
+        {
             cx.metrics.buffers_live.fetch_sub(1, Relaxed);
         }
     }
@@ -839,8 +1025,14 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
+    use super::super::spill::SPILL_BYTES;
     use super::super::transport::testing::MemWire;
     use super::*;
+
+    /// A data frame as the reactor hands it to `send`.
+    fn msg(text: bool, payload: &[u8]) -> SharedFrame {
+        SharedFrame::new(frame::encode_message(text, payload))
+    }
 
     const KEY: u32 = 7;
 
@@ -1028,7 +1220,7 @@ mod tests {
         let _ = rig.advance(&mut m, 300);
         assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
         assert_eq!(
-            rig.with(|cx, _| m.pong_deadline(cx)),
+            rig.with(|cx, w| m.pong_deadline(cx, w)),
             Next::Remove(Ending::Done)
         );
         assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 1);
@@ -1042,7 +1234,7 @@ mod tests {
         assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
         let mut pong = client_frame(0xA, b"");
         let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut pong));
-        assert_eq!(rig.with(|cx, _| m.pong_deadline(cx)), Next::Continue);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
         assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
         assert_eq!(
             rig.advance(&mut m, 600),
@@ -1122,7 +1314,7 @@ mod tests {
         assert_eq!(m.phase(), Phase::Closing);
         assert_eq!(rig.frames(), vec![(0x8, close_payload(4000, "go"))]);
         // Nothing may follow our close frame: pushes and pongs are dropped.
-        let push = frame::encode_message(true, b"late");
+        let push = msg(true, b"late");
         assert_eq!(rig.with(|cx, w| m.send(cx, w, &push)), Next::Continue);
         let mut ping = client_frame(0x9, b"");
         let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut ping));
@@ -1180,11 +1372,11 @@ mod tests {
         let mut rig = Rig::new();
         let mut m = rig.open(false);
         rig.wire.window = 10;
-        let big = frame::encode_message(false, &[7u8; 3000]);
+        let big = msg(false, &[7u8; 3000]);
         assert_eq!(rig.with(|cx, w| m.send(cx, w, &big)), Next::Continue);
         assert!(m.holds_buffers());
         // Queued behind the started frame until the limit (4 KiB) is passed.
-        let small = frame::encode_message(false, &[1u8; 1000]);
+        let small = msg(false, &[1u8; 1000]);
         assert_eq!(rig.with(|cx, w| m.send(cx, w, &small)), Next::Continue);
         assert_eq!(rig.with(|cx, w| m.send(cx, w, &small)), Next::Continue);
         assert_eq!(m.phase(), Phase::Closing);
@@ -1205,10 +1397,12 @@ mod tests {
         let mut rig = Rig::new();
         let mut m = rig.open(false);
         rig.wire.window = 0;
-        let huge = frame::encode_message(false, &[1u8; 10_000]);
+        let huge = msg(false, &[1u8; 10_000]);
         assert_eq!(rig.with(|cx, w| m.send(cx, w, &huge)), Next::Continue);
         assert!(m.is_open());
         assert_eq!(m.queued_bytes(), huge.len());
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.budget.used(), 0);
     }
 
     #[test]
@@ -1332,7 +1526,7 @@ mod tests {
         let mut m = rig.open(false);
         assert_eq!(m.handle_broken(), Next::Remove(Ending::Abrupt));
         rig.wire.broken = true;
-        let push = frame::encode_message(true, b"x");
+        let push = msg(true, b"x");
         assert_eq!(
             rig.with(|cx, w| m.send(cx, w, &push)),
             Next::Remove(Ending::Abrupt)
@@ -1354,7 +1548,7 @@ mod tests {
         let mut m = rig.open(true);
         rig.wire.window = 3;
         for body in [&b"replay-1"[..], b"replay-2", b"live-3"] {
-            let frame = frame::encode_message(true, body);
+            let frame = msg(true, body);
             assert_eq!(rig.with(|cx, w| m.send(cx, w, &frame)), Next::Continue);
         }
         rig.wire.window = usize::MAX;
@@ -1376,8 +1570,8 @@ mod tests {
         let mut m = old.open(true);
         // Two frames queued behind a blocked socket, the first partly written; a ping half received.
         old.wire.window = 3;
-        let first = frame::encode_message(true, b"first message");
-        let second = frame::encode_message(false, &[1, 2, 3]);
+        let first = SharedFrame::new(frame::encode_message(true, b"first message"));
+        let second = SharedFrame::new(frame::encode_message(false, &[1, 2, 3]));
         assert_eq!(old.with(|cx, w| m.send(cx, w, &first)), Next::Continue);
         assert_eq!(old.with(|cx, w| m.send(cx, w, &second)), Next::Continue);
         let mut ping = client_frame(0x9, b"hey");
@@ -1446,7 +1640,7 @@ mod tests {
         let m = old.open(false);
         let mut w = Writer::new();
         m.snapshot(&mut w, &mut FrameTable::default());
-        // Phase, flags, close code, and empty fields: the descriptor is most of what an idle connection costs to move.
+        // Phase, flags, mark (or close code), and empty fields: the descriptor is most of what an idle connection costs to move.
         assert!(w.len() <= 20, "{} bytes", w.len());
         let mut new = Rig::new();
         let bytes = w.take();
@@ -1478,5 +1672,353 @@ mod tests {
         );
         assert_eq!(rig.frames(), vec![(0x1, b"hello".to_vec())]);
         assert!(!m.holds_buffers());
+    }
+
+    // ---- closes that meet a full socket, and the budget of real bytes ---------------------------------
+
+    /// An open connection whose socket took the first 10 bytes of a 3,000-byte message and then filled up,
+    /// with `queued` more messages of 1,000 bytes queued behind it.
+    fn stalled(rig: &mut Rig, queued: usize) -> Machine {
+        let mut m = rig.open(false);
+        rig.wire.window = 10;
+        let big = msg(false, &[7u8; 3000]);
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &big)), Next::Continue);
+        for _ in 0..queued {
+            let small = msg(false, &[1u8; 1000]);
+            assert_eq!(rig.with(|cx, w| m.send(cx, w, &small)), Next::Continue);
+        }
+        m
+    }
+
+    #[test]
+    fn a_close_on_a_full_socket_grows_its_send_buffer_so_the_frame_goes_out_at_once() {
+        let mut rig = Rig::new();
+        let mut m = stalled(&mut rig, 1);
+        rig.wire.room = 1 << 20;
+        let kick = Close::Kick {
+            code: 4001,
+            reason: "bye",
+        };
+        assert_eq!(rig.with(|cx, w| m.close(cx, w, kick)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        // Room was asked for the started frame's tail and the close frame only: the queued message was dropped.
+        let close = close_payload(4001, "bye");
+        assert_eq!(rig.wire.room_asked, (4 + 3000 - 10) + (2 + close.len()));
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 1);
+        // Waiting for the client's close, it holds nothing.
+        assert!(!m.holds_buffers());
+        assert_eq!(rig.budget.used(), 0);
+        assert_eq!(rig.metrics.outbox_bytes.load(Relaxed), 0);
+        assert_eq!(
+            rig.frames(),
+            vec![(0x2, vec![7u8; 3000]), (0x8, close.clone())]
+        );
+        let mut answer = client_frame(0x8, &close);
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut answer)),
+            Next::Remove(Ending::Done)
+        );
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.metrics.close_frames_given_up.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_slow_consumer_gets_its_1008_at_once_when_the_socket_can_grow() {
+        let mut rig = Rig::new();
+        rig.wire.room = 1 << 20;
+        // 3,000 + 1,000 fit under the 4 KiB limit; the next 1,000 pass it.
+        let mut m = stalled(&mut rig, 2);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 1);
+        assert!(!m.holds_buffers());
+        assert_eq!(rig.budget.used(), 0);
+        assert_eq!(
+            rig.frames(),
+            vec![
+                (0x2, vec![7u8; 3000]),
+                (0x8, close_payload(1008, SLOW_CONSUMER))
+            ]
+        );
+        // The client never answers: the deadline ends it; nothing was given up.
+        assert_eq!(
+            rig.advance(&mut m, 30),
+            vec![Expired::Next(Next::Remove(Ending::Done))]
+        );
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.metrics.close_frames_given_up.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_remainder_over_close_room_bytes_waits_and_is_given_up_at_the_deadline() {
+        let mut rig = Rig::new();
+        rig.rules.max_outbox_bytes = 1 << 20;
+        rig.wire.room = usize::MAX;
+        let mut m = rig.open(false);
+        rig.wire.window = 10;
+        let huge = msg(false, &vec![3u8; CLOSE_ROOM_BYTES + 1000]);
+        assert_eq!(rig.with(|cx, w| m.send(cx, w, &huge)), Next::Continue);
+        assert_eq!(
+            rig.with(|cx, w| m.close(cx, w, Close::Protocol(ProtocolError::UnmaskedFrame))),
+            Next::Continue
+        );
+        assert_eq!(rig.wire.room_asked, 0, "no room asked past the bound");
+        assert!(m.holds_buffers());
+        assert_eq!(
+            rig.advance(&mut m, 30),
+            vec![Expired::Next(Next::Remove(Ending::Done))]
+        );
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.metrics.close_frames_given_up.load(Relaxed), 1);
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 0);
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_drain_sends_what_was_queued_before_its_1001() {
+        let mut rig = Rig::new();
+        let mut m = stalled(&mut rig, 1);
+        assert_eq!(
+            rig.with(|cx, w| m.close(cx, w, Close::Shutdown)),
+            Next::Continue
+        );
+        assert!(
+            m.holds_buffers(),
+            "the queue is kept for the client to read"
+        );
+        rig.wire.window = usize::MAX;
+        assert_eq!(rig.with(|cx, w| m.handle_writable(cx, w)), Next::Continue);
+        assert_eq!(
+            rig.frames(),
+            vec![
+                (0x2, vec![7u8; 3000]),
+                (0x2, vec![1u8; 1000]),
+                (0x8, close_payload(1001, SHUTTING_DOWN))
+            ]
+        );
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 1);
+        assert!(!m.holds_buffers());
+        rig.with(|cx, _| m.teardown(cx));
+    }
+
+    #[test]
+    fn a_drain_the_client_does_not_read_in_time_still_gets_its_1001_at_the_deadline() {
+        let mut rig = Rig::new();
+        let mut m = stalled(&mut rig, 1);
+        let _ = rig.with(|cx, w| m.close(cx, w, Close::Shutdown));
+        rig.wire.room = 1 << 20;
+        assert_eq!(
+            rig.advance(&mut m, 30),
+            vec![Expired::Next(Next::Remove(Ending::Done))]
+        );
+        // The message that had not started was dropped; the started one and the close frame went out.
+        assert_eq!(
+            rig.frames(),
+            vec![
+                (0x2, vec![7u8; 3000]),
+                (0x8, close_payload(1001, SHUTTING_DOWN))
+            ]
+        );
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 1);
+        assert_eq!(rig.metrics.close_frames_given_up.load(Relaxed), 0);
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_close_frame_still_queued_when_the_socket_breaks_is_given_up() {
+        let mut rig = Rig::new();
+        let mut m = stalled(&mut rig, 0);
+        let _ = rig.with(|cx, w| m.close(cx, w, Close::SlowConsumer));
+        assert_eq!(m.handle_broken(), Next::Remove(Ending::Abrupt));
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.metrics.close_frames_given_up.load(Relaxed), 1);
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 0);
+        assert_eq!(rig.metrics.outbox_bytes.load(Relaxed), 0);
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn the_echo_of_a_clients_close_is_not_counted_as_a_server_close() {
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        let mut close = client_frame(0x8, b"");
+        let _ = rig.with(|cx, w| m.handle_frames(cx, w, &mut close));
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 0);
+        assert_eq!(rig.metrics.close_frames_given_up.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_frame_queued_by_many_connections_is_charged_once_and_the_backlog_gauge_counts_each() {
+        let mut rig = Rig::new();
+        let frames: Vec<SharedFrame> = (0..4).map(|i| msg(false, &[i; 1000])).collect();
+        let mut machines: Vec<Machine> = (0..100).map(|_| rig.open(false)).collect();
+        rig.wire.window = 0;
+        for m in &mut machines {
+            for f in &frames {
+                assert_eq!(rig.with(|cx, w| m.send(cx, w, f)), Next::Continue);
+            }
+        }
+        let distinct: usize = frames.iter().map(SharedFrame::charge).sum();
+        let used = rig.budget.used();
+        let per_connection = (used - distinct) / 100;
+        assert!(
+            per_connection <= SPILL_BYTES + 8 * ENTRY_BYTES,
+            "{per_connection} B per connection beyond the frames"
+        );
+        assert_eq!(
+            rig.metrics.outbox_bytes.load(Relaxed),
+            100 * frames.iter().map(SharedFrame::len).sum::<usize>() as u64
+        );
+        for m in &mut machines {
+            rig.with(|cx, _| m.teardown(cx));
+        }
+        assert_eq!(rig.budget.used(), 0);
+        assert_eq!(rig.metrics.outbox_bytes.load(Relaxed), 0);
+        assert!(frames.iter().all(|f| f.queues() == 0));
+    }
+
+    #[test]
+    fn a_budget_that_cannot_take_a_new_frame_closes_the_reader_but_not_for_a_frame_already_held() {
+        let mut rig = Rig::new();
+        let shared = msg(false, &[5u8; 1000]);
+        let mut a = rig.open(false);
+        let mut b = rig.open(false);
+        rig.wire.window = 0;
+        // Room for both spills, a frame, and slots: not for a second distinct frame.
+        rig.budget = Budget::new(2 * SPILL_BYTES + shared.charge() + 200);
+        assert_eq!(rig.with(|cx, w| a.send(cx, w, &shared)), Next::Continue);
+        assert_eq!(rig.with(|cx, w| b.send(cx, w, &shared)), Next::Continue);
+        assert!(
+            a.is_open() && b.is_open(),
+            "the shared frame is charged once"
+        );
+        let other = msg(false, &[6u8; 1000]);
+        assert_eq!(rig.with(|cx, w| b.send(cx, w, &other)), Next::Continue);
+        assert_eq!(
+            b.phase(),
+            Phase::Closing,
+            "a new distinct frame is over budget"
+        );
+        assert!(a.is_open());
+        rig.with(|cx, _| a.teardown(cx));
+        rig.with(|cx, _| b.teardown(cx));
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn an_echo_message_waiting_for_its_last_fragment_is_charged_and_refused_with_1013_past_the_budget(
+    ) {
+        let mut rig = Rig::new();
+        rig.rules.echo = true;
+        let mut m = rig.open(false);
+        let mut first = client_frame(0x1, &[b'a'; 100]);
+        first[0] &= 0x7f;
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut first)),
+            Next::Continue
+        );
+        assert!(
+            rig.budget.used() >= SPILL_BYTES + 100,
+            "{}",
+            rig.budget.used()
+        );
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.budget.used(), 0);
+
+        let mut m = rig.open(false);
+        rig.budget = Budget::new(SPILL_BYTES + 50);
+        let mut first = client_frame(0x1, &[b'a'; 100]);
+        first[0] &= 0x7f;
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut first)),
+            Next::Remove(Ending::Done)
+        );
+        let frames = rig.frames();
+        assert_eq!(&frames[0].1[..2], &1013u16.to_be_bytes());
+        rig.with(|cx, _| m.teardown(cx));
+        assert_eq!(rig.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_ping_stuck_behind_a_backlog_is_no_silence_while_the_client_reads_and_1008_once_it_stops() {
+        let mut rig = Rig::new();
+        let mut m = stalled(&mut rig, 1);
+        rig.wire.room = 1 << 20;
+        // The ping goes behind the backlog; the client has not seen it at the pong deadline.
+        assert_eq!(
+            rig.advance(&mut m, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        // It reads a little meanwhile: the check is repeated later, the connection stays.
+        rig.wire.window = 100;
+        assert_eq!(rig.with(|cx, w| m.handle_writable(cx, w)), Next::Continue);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert!(m.is_open());
+        // Then it reads nothing for a whole pong timeout: a slow consumer, told why, not dropped as silent.
+        assert_eq!(rig.advance(&mut m, 500), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
+        assert_eq!(rig.metrics.close_frames_written.load(Relaxed), 1);
+        let frames = rig.frames();
+        assert_eq!(
+            frames.last(),
+            Some(&(0x8, close_payload(1008, SLOW_CONSUMER)))
+        );
+        rig.with(|cx, _| m.teardown(cx));
+    }
+
+    #[test]
+    fn a_ping_held_by_the_kernel_behind_data_the_client_keeps_acknowledging_is_no_silence() {
+        use super::super::transport::TcpProgress;
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        // Everything went to the kernel, which still holds it: the ping is behind it there.
+        let kernel = |acked| {
+            Some(TcpProgress {
+                acked,
+                holding: true,
+            })
+        };
+        rig.wire.tcp = kernel(0);
+        let _ = rig.advance(&mut m, 300);
+        assert!(!m.holds_buffers());
+        // The first deadline only takes a reading of what the client acknowledged.
+        rig.wire.tcp = kernel(50_000);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        // It acknowledged more by the next one: it is reading, the check moves on.
+        rig.wire.tcp = kernel(90_000);
+        assert_eq!(rig.advance(&mut m, 500), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert!(m.is_open());
+        // It stops acknowledging: a slow consumer, told why.
+        assert_eq!(rig.advance(&mut m, 600), vec![Expired::Silent]);
+        assert_eq!(rig.with(|cx, w| m.pong_deadline(cx, w)), Next::Continue);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(rig.metrics.slow_consumer_closes.load(Relaxed), 1);
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 0);
+        rig.with(|cx, _| m.teardown(cx));
+    }
+
+    #[test]
+    fn a_silent_client_with_nothing_but_the_ping_in_flight_still_times_out() {
+        use super::super::transport::TcpProgress;
+        let mut rig = Rig::new();
+        let mut m = rig.open(false);
+        rig.wire.tcp = Some(TcpProgress {
+            acked: 0,
+            holding: false,
+        });
+        let _ = rig.advance(&mut m, 300);
+        assert_eq!(rig.advance(&mut m, 400), vec![Expired::Silent]);
+        assert_eq!(
+            rig.with(|cx, w| m.pong_deadline(cx, w)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(rig.metrics.pong_timeouts.load(Relaxed), 1);
     }
 }

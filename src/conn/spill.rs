@@ -2,12 +2,16 @@
 //!
 //! It owns the buffers a connection holds only while busy — a partial request head, a partial inbound frame,
 //! unsent outbound frames, an echo message being assembled — behind one pointer that is null while the
-//! connection is idle, and the bookkeeping that keeps `Budget` equal to what those buffers hold. It does not
-//! decide when to buffer or what to do when the budget refuses; the connection's machine does.
+//! connection is idle, and the bookkeeping that keeps `Budget` equal to what those buffers hold: the spill
+//! charges its own bytes (the box, the head, the echo message, the outbox's slots); queued frames are charged
+//! by themselves, once however many outboxes hold them (`shared_frame`). It also keeps the reactor's gauge of
+//! unsent bytes (the logical backlog, where a shared frame counts once per connection). It does not decide
+//! when to buffer or what to do when the budget refuses; the connection's machine does.
 
 use super::outbox::Outbox;
 use crate::budget::Budget;
 use crate::proto::frame::Decoder;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Heap state of a busy connection. Boxed so an idle connection pays one null pointer for all of it.
 #[derive(Debug, Default)]
@@ -18,8 +22,11 @@ pub struct Spill {
     pub decoder: Decoder,
     /// Unsent outbound frames.
     pub outbox: Outbox,
-    /// Bytes this spill holds against the server-wide buffer budget; given back when it is freed.
+    /// Bytes this spill holds against the server-wide buffer budget for itself (not its queued frames); given
+    /// back when it is freed.
     pub charged: usize,
+    /// Unsent bytes this spill has added to the reactor's backlog gauge.
+    pub counted: usize,
     /// `[diagnostics] echo` only: the client's data message assembled so far, waiting for its last fragment.
     pub echo: Vec<u8>,
 }
@@ -35,11 +42,10 @@ impl Spill {
             && self.echo.is_empty()
     }
 
-    /// Heap bytes this spill holds: the box, the head's allocation and the queued frames. Queued frames are
-    /// counted whole per connection even when shared (`Bytes`): what bounds memory per slow reader is how much
-    /// each one keeps alive, and a shared frame outlives the publish only through such queues.
+    /// Heap bytes this spill holds itself: the box, the head's and the echo message's allocations and the
+    /// outbox's slots. The frames the outbox references are charged by themselves (`SharedFrame`).
     fn footprint(&self) -> usize {
-        SPILL_BYTES + self.head.capacity() + self.outbox.footprint()
+        SPILL_BYTES + self.head.capacity() + self.echo.capacity() + self.outbox.footprint()
     }
 }
 
@@ -65,12 +71,12 @@ impl Buffers {
 
     /// A spill moved from another process (`machine::Machine::restore`), charged whole to the budget by force:
     /// its bytes are held already. `None` gives no spill. Returns whether one was installed.
-    pub fn install(&mut self, spill: Option<Spill>, budget: &Budget) -> bool {
+    pub fn install(&mut self, spill: Option<Spill>, budget: &Budget, backlog: &AtomicU64) -> bool {
         debug_assert!(self.0.is_none());
         match spill {
             Some(spill) if !spill.is_idle() => {
                 self.0 = Some(Box::new(spill));
-                self.settle(budget);
+                self.settle(budget, backlog);
                 true
             }
             _ => false,
@@ -101,8 +107,8 @@ impl Buffers {
         Some(fresh)
     }
 
-    /// Reserves `bytes` for a frame queued behind others; false (nothing reserved) when the budget is used up.
-    /// The spill must exist.
+    /// Reserves `bytes` for the spill's own growth (an outbox slot); false (nothing reserved) when the budget is
+    /// used up. The spill must exist.
     pub fn try_charge(&mut self, budget: &Budget, bytes: usize) -> bool {
         let spill = self.0.as_mut().expect("charging implies a spill");
         if !budget.try_reserve(bytes) {
@@ -112,9 +118,10 @@ impl Buffers {
         true
     }
 
-    /// Brings the spill's charge in line with what it really holds: gives back what was freed, and charges
-    /// (forcibly: the bytes are already held) what a growth cost beyond its reservation.
-    pub fn settle(&mut self, budget: &Budget) {
+    /// Brings the spill's charge in line with what it really holds — gives back what was freed, and charges
+    /// (forcibly: the bytes are already held) what a growth cost beyond its reservation — and the backlog
+    /// gauge in line with its unsent bytes.
+    pub fn settle(&mut self, budget: &Budget, backlog: &AtomicU64) {
         let Some(spill) = self.0.as_mut() else {
             return;
         };
@@ -125,23 +132,32 @@ impl Buffers {
             budget.release(spill.charged - actual);
         }
         spill.charged = actual;
+        let queued = spill.outbox.queued_bytes();
+        if queued > spill.counted {
+            backlog.fetch_add((queued - spill.counted) as u64, Relaxed);
+        } else if queued < spill.counted {
+            backlog.fetch_sub((spill.counted - queued) as u64, Relaxed);
+        }
+        spill.counted = queued;
     }
 
     /// Frees the spill when it holds nothing, else settles its charge; returns true if it was freed now.
-    pub fn release_if_idle(&mut self, budget: &Budget) -> bool {
+    pub fn release_if_idle(&mut self, budget: &Budget, backlog: &AtomicU64) -> bool {
         if self.0.as_ref().is_some_and(|s| s.is_idle()) {
-            return self.free(budget);
+            return self.free(budget, backlog);
         }
-        self.settle(budget);
+        self.settle(budget, backlog);
         false
     }
 
-    /// Frees the spill whatever it holds (the connection is going away) and gives its charge back; returns
-    /// true if there was one.
-    pub fn free(&mut self, budget: &Budget) -> bool {
+    /// Frees the spill whatever it holds (the connection is going away): gives its charge and every queued
+    /// frame's reference back; returns true if there was one.
+    pub fn free(&mut self, budget: &Budget, backlog: &AtomicU64) -> bool {
         match self.0.take() {
-            Some(spill) => {
+            Some(mut spill) => {
+                spill.outbox.clear(budget);
                 budget.release(spill.charged);
+                backlog.fetch_sub(spill.counted as u64, Relaxed);
                 true
             }
             None => false,
@@ -156,6 +172,7 @@ mod tests {
     #[test]
     fn try_grow_reserves_the_spill_and_the_bytes_or_nothing() {
         let budget = Budget::new(SPILL_BYTES + 100);
+        let gauge = AtomicU64::new(0);
         let mut buffers = Buffers::default();
         assert_eq!(buffers.try_grow(&budget, 200), None);
         assert!(!buffers.is_allocated());
@@ -163,24 +180,28 @@ mod tests {
         assert_eq!(buffers.try_grow(&budget, 100), Some(true));
         assert_eq!(budget.used(), SPILL_BYTES + 100);
         // Nothing was buffered after all: settling gives the unused reservation back.
-        buffers.settle(&budget);
+        buffers.settle(&budget, &gauge);
         assert_eq!(budget.used(), SPILL_BYTES);
-        assert!(buffers.release_if_idle(&budget));
+        assert!(buffers.release_if_idle(&budget, &gauge));
         assert_eq!(budget.used(), 0);
     }
 
     #[test]
     fn settle_charges_growth_beyond_the_reservation_and_free_returns_all() {
         let budget = Budget::new(usize::MAX);
+        let gauge = AtomicU64::new(0);
         let mut buffers = Buffers::default();
         buffers.try_grow(&budget, 0);
         let (spill, _) = buffers.spill_mut();
         spill.head.reserve_exact(1000);
         spill.head.extend_from_slice(&[1; 1000]);
-        buffers.settle(&budget);
+        buffers.settle(&budget, &gauge);
         assert!(budget.used() >= SPILL_BYTES + 1000);
-        assert!(!buffers.release_if_idle(&budget), "a head is not idle");
-        assert!(buffers.free(&budget));
+        assert!(
+            !buffers.release_if_idle(&budget, &gauge),
+            "a head is not idle"
+        );
+        assert!(buffers.free(&budget, &gauge));
         assert_eq!(budget.used(), 0);
     }
 
@@ -193,5 +214,49 @@ mod tests {
         assert_eq!(budget.used(), SPILL_BYTES);
         assert!(buffers.try_charge(&budget, 10));
         assert_eq!(budget.used(), SPILL_BYTES + 10);
+    }
+
+    #[test]
+    fn an_echo_message_being_assembled_is_charged() {
+        let budget = Budget::new(usize::MAX);
+        let gauge = AtomicU64::new(0);
+        let mut buffers = Buffers::default();
+        buffers.try_grow(&budget, 5000);
+        buffers.spill_mut().0.echo = vec![0u8; 5000];
+        buffers.settle(&budget, &gauge);
+        assert!(budget.used() >= SPILL_BYTES + 5000, "{}", budget.used());
+        assert!(
+            !buffers.release_if_idle(&budget, &gauge),
+            "an echo message is not idle"
+        );
+        assert!(buffers.free(&budget, &gauge));
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn the_backlog_gauge_follows_unsent_bytes_and_a_shared_frame_is_charged_once() {
+        use crate::shared_frame::SharedFrame;
+        let budget = Budget::new(usize::MAX);
+        let gauge = AtomicU64::new(0);
+        let frame = SharedFrame::new(bytes::Bytes::from(vec![1u8; 1000]));
+        let mut a = Buffers::default();
+        let mut b = Buffers::default();
+        for buffers in [&mut a, &mut b] {
+            buffers.try_grow(&budget, 0);
+            assert!(buffers.spill_mut().0.outbox.try_push(&frame, &budget));
+            buffers.settle(&budget, &gauge);
+        }
+        assert_eq!(
+            gauge.load(Relaxed),
+            2000,
+            "the logical backlog counts the frame per connection"
+        );
+        let spills = budget.used() - frame.charge();
+        assert!(
+            spills < 2 * (SPILL_BYTES + 64),
+            "the frame itself is charged once ({spills})"
+        );
+        assert!(a.free(&budget, &gauge) && b.free(&budget, &gauge));
+        assert_eq!((gauge.load(Relaxed), budget.used()), (0, 0));
     }
 }

@@ -47,6 +47,13 @@ pub enum Flag {
     /// The connection came in on the TLS listener: its transport is its TLS session (kept by the reactor).
     /// The machine's rules do not depend on it; it lives here because these bits are already paid for.
     Tls = 16,
+    /// A close frame the server started (not the echo of the client's) is queued or held by the transport and
+    /// not yet handed whole to the socket: when the connection goes it counts as given up.
+    CloseUnsent = 32,
+    /// Queued bytes went to the socket since the last ping: a client behind on reading is still reading.
+    Drained = 64,
+    /// The machine's acknowledgement mark was taken at a pong deadline of the current ping (not before).
+    Marked = 128,
 }
 
 /// Phase and flags in two bytes.

@@ -20,8 +20,8 @@ use crate::message::envelope::{self, Position, Stamp};
 use crate::message::{kind_of, stream_of, Encoding, Kind, Message, Target};
 use crate::proto::frame;
 use crate::proto::http;
+use crate::shared_frame::SharedFrame;
 use crate::snapshot::{self, SnapshotError, Writer};
-use bytes::Bytes;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use store::{Limits, Recovery, Slot, Store, Stored, REASON_LABELS};
@@ -347,7 +347,7 @@ impl History {
         positions: &[Position],
         reader: Reader<'_>,
         applied_seq: u64,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<SharedFrame>,
     ) {
         let now = self.now_ms();
         let mut store = self.lock();
@@ -363,13 +363,13 @@ impl History {
             out.extend(
                 missed
                     .drain(..)
-                    .map(|message| message.frame(Encoding::Envelope).clone()),
+                    .map(|message| message.shared(Encoding::Envelope).clone()),
             );
             if let Recovery::Resync { epoch, offset } = recovery {
-                out.push(frame::encode_message(
+                out.push(SharedFrame::new(frame::encode_message(
                     true,
                     &envelope::encode_resync(&position.stream, &epoch, offset),
-                ));
+                )));
             }
         }
     }
@@ -384,17 +384,17 @@ impl History {
         client: Option<&str>,
         applied_seq: u64,
         out: &mut Vec<Arc<Message>>,
-    ) -> Option<Bytes> {
+    ) -> Option<SharedFrame> {
         if !kind_of(&position.stream).is_some_and(|k| self.settings.enabled(k)) {
             return None;
         }
         let now = self.now_ms();
         let recovery = self.lock().recover(position, client, applied_seq, now, out);
         match recovery {
-            Recovery::Resync { epoch, offset } => Some(frame::encode_message(
+            Recovery::Resync { epoch, offset } => Some(SharedFrame::new(frame::encode_message(
                 true,
                 &envelope::encode_resync(&position.stream, &epoch, offset),
-            )),
+            ))),
             Recovery::Replayed(_) => None,
         }
     }
@@ -567,17 +567,16 @@ mod tests {
             offset,
         };
         let mut out = Vec::new();
-        assert_eq!(
-            history.recover_join(&at(1), None, sent[2].seq(), &mut out),
-            None
-        );
+        assert!(history
+            .recover_join(&at(1), None, sent[2].seq(), &mut out)
+            .is_none());
         let payloads: Vec<&[u8]> = out.iter().map(|m| m.payload()).collect();
         assert_eq!(payloads, [b"2", b"3"], "offset 4 is still in the mailbox");
         out.clear();
         let resync = history.recover_join(&at(9), None, sent[3].seq(), &mut out);
         assert!(out.is_empty());
         let resync: serde_json::Value =
-            serde_json::from_slice(envelope::frame_payload(&resync.unwrap())).unwrap();
+            serde_json::from_slice(envelope::frame_payload(resync.unwrap().bytes())).unwrap();
         assert_eq!(resync["type"], "resync");
         assert_eq!(resync["o"], 4);
         let other = Position {
@@ -585,9 +584,8 @@ mod tests {
             epoch: String::new(),
             offset: 0,
         };
-        assert_eq!(
-            history.recover_join(&other, None, 9, &mut out),
-            None,
+        assert!(
+            history.recover_join(&other, None, 9, &mut out).is_none(),
             "kind without history"
         );
         assert!(history.epoch("channel:none").is_none());
@@ -615,7 +613,7 @@ mod tests {
         }
     }
 
-    fn replay(h: &History, stream: &str, epoch: &str, after: u64, seq: u64) -> Vec<Bytes> {
+    fn replay(h: &History, stream: &str, epoch: &str, after: u64, seq: u64) -> Vec<bytes::Bytes> {
         let channels = vec!["news".to_string()];
         let reader = Reader {
             user: "42",
@@ -629,7 +627,7 @@ mod tests {
         };
         let mut out = Vec::new();
         h.recover(&[position], reader, seq, &mut out);
-        out
+        out.iter().map(|f| f.bytes().clone()).collect()
     }
 
     #[test]

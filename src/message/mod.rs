@@ -4,13 +4,15 @@
 //! `all`), the client-facing wire formats (`envelope`: envelopes, `resync` notices, `since` positions) and
 //! [`Message`]: the payload framed once as a bare WebSocket frame when it is made, plus every other encoding
 //! built lazily the first time some recipient needs it and then shared by every reactor and every recipient
-//! (`Bytes` are reference-counted). Encodings added later (compressed, Server-Sent Events) are one more
+//! (each encoding is a [`SharedFrame`]: reference-counted, and charged to the buffer budget once while any
+//! queue holds it). Encodings added later (compressed, Server-Sent Events) are one more
 //! [`Encoding`] variant and one more lazily built slot here. It does not store (`history`), route (`dispatch`,
 //! the reactors' fanout indexes) or send anything.
 
 pub mod envelope;
 
 use crate::proto::frame;
+use crate::shared_frame::SharedFrame;
 use bytes::Bytes;
 use envelope::Stamp;
 use std::sync::{Arc, OnceLock};
@@ -115,8 +117,8 @@ pub struct Message {
     /// Publish sequence number when stored and delivered live (`history`), else 0.
     seq: u64,
     /// The bare frame, built at once: most recipients take it, and the payload is read from it.
-    bare: Bytes,
-    envelope: OnceLock<Bytes>,
+    bare: SharedFrame,
+    envelope: OnceLock<SharedFrame>,
 }
 
 impl Message {
@@ -128,7 +130,7 @@ impl Message {
             binary,
             place: None,
             seq: 0,
-            bare: frame::encode_message(!binary, payload),
+            bare: SharedFrame::new(frame::encode_message(!binary, payload)),
             envelope: OnceLock::new(),
         }
     }
@@ -137,10 +139,10 @@ impl Message {
     /// item: the payload is framed once however many targets it has, and every target's message shares
     /// those bytes. Only the envelope, which names the stream, is built per target (lazily, as with
     /// [`Message::new`]).
-    pub fn sharing(target: Target, binary: bool, bare: Bytes) -> Message {
+    pub fn sharing(target: Target, binary: bool, bare: SharedFrame) -> Message {
         // RFC 6455 §5.2: opcode 0x1 text, 0x2 binary, in the low bits of the first byte.
         debug_assert_eq!(
-            bare.first().map(|b| b & 0x0f),
+            bare.bytes().first().map(|b| b & 0x0f),
             Some(if binary { 2 } else { 1 })
         );
         Message {
@@ -189,22 +191,40 @@ impl Message {
 
     /// The published payload.
     pub fn payload(&self) -> &[u8] {
-        envelope::frame_payload(&self.bare)
+        envelope::frame_payload(self.bare.bytes())
     }
 
     /// The message in `encoding`, built on first use and shared afterwards.
     pub fn frame(&self, encoding: Encoding) -> &Bytes {
+        self.shared(encoding).bytes()
+    }
+
+    /// The message in `encoding` as queues hold it (built on first use and shared afterwards).
+    pub fn shared(&self, encoding: Encoding) -> &SharedFrame {
         match encoding {
             Encoding::Bare => &self.bare,
             Encoding::Envelope => self.envelope.get_or_init(|| {
                 let (stream, _, _) = stream_of(&self.target);
                 let text = !self.binary;
-                frame::encode_message(
+                SharedFrame::new(frame::encode_message(
                     text,
                     &envelope::encode(&stream, self.stamp(), text, self.payload()),
-                )
+                ))
             }),
         }
+    }
+
+    /// The frames a reactor's mailbox holds a budget reference on while the message waits there: the bare
+    /// frame, and the envelope of a stamped message (built when it was stamped). An envelope built later, by a
+    /// reactor applying the message, is not one of them, so the answer never changes while it is queued.
+    pub fn mailbox_frames(&self) -> impl Iterator<Item = &SharedFrame> {
+        let envelope = self.place.as_ref().and_then(|_| self.envelope.get());
+        std::iter::once(&self.bare).chain(envelope)
+    }
+
+    /// What the message's mailbox frames cost the budget while some queue holds them.
+    pub fn mailbox_charge(&self) -> usize {
+        self.mailbox_frames().map(SharedFrame::charge).sum()
     }
 
     /// Heap bytes the message holds in the encodings built so far and its names, plus its own record. Its
@@ -212,7 +232,7 @@ impl Message {
     pub fn footprint(&self) -> usize {
         std::mem::size_of::<Message>()
             + self.bare.len()
-            + self.envelope.get().map_or(0, Bytes::len)
+            + self.envelope.get().map_or(0, SharedFrame::len)
             + match &self.target {
                 Target::User(a) | Target::Channel(a) => a.len(),
                 Target::UserClient(a, b) => a.len() + b.len(),
@@ -287,8 +307,9 @@ mod tests {
     #[test]
     fn messages_sharing_a_frame_share_its_bytes_and_keep_their_own_stream() {
         let first = Message::new(Target::User("42".into()), false, b"hi");
-        let bare = first.frame(Encoding::Bare).clone();
-        let second = Message::sharing(Target::Channel("n".into()), false, bare.clone());
+        let shared = first.shared(Encoding::Bare).clone();
+        let bare = shared.bytes().clone();
+        let second = Message::sharing(Target::Channel("n".into()), false, shared);
         assert_eq!(second.frame(Encoding::Bare).as_ptr(), bare.as_ptr());
         assert_eq!(second.payload(), b"hi");
         let expected =
@@ -303,6 +324,14 @@ mod tests {
         let a = m.frame(Encoding::Envelope).clone();
         let b = m.frame(Encoding::Envelope).clone();
         assert_eq!(a.as_ptr(), b.as_ptr());
+        assert!(m
+            .shared(Encoding::Envelope)
+            .ptr_eq(m.shared(Encoding::Envelope)));
+        assert_eq!(
+            m.mailbox_frames().count(),
+            1,
+            "an envelope built by a reactor is not a mailbox frame"
+        );
         let expected =
             frame::encode_message(true, &envelope::encode("channel:n", None, true, b"x"));
         assert_eq!(a, expected);
@@ -330,6 +359,11 @@ mod tests {
         };
         assert_eq!(m.stamp(), Some(stamp));
         assert!(m.envelope.get().is_some(), "built when stamped");
+        assert_eq!(
+            m.mailbox_frames().count(),
+            2,
+            "a stamped message waits with its envelope"
+        );
         let expected = frame::encode_message(
             false,
             &envelope::encode("user:42", Some(stamp), false, &[9]),

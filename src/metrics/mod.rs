@@ -89,6 +89,9 @@ pub struct ReactorMetrics {
     pub buffers_live: AtomicU64,
     /// Gauge: publishes, kicks and queries sent to this reactor and not yet applied.
     pub commands_pending: AtomicU64,
+    /// Gauge: unsent bytes queued in this reactor's outboxes, summed over connections: the logical backlog, in
+    /// which a frame queued for N connections counts N times (the buffer budget counts it once).
+    pub outbox_bytes: AtomicU64,
     /// Gauge: distinct users / client tokens / channels in the fanout index.
     pub index_users: AtomicU64,
     /// Gauge: indexed connections that carry a client token.
@@ -113,6 +116,14 @@ pub struct ReactorMetrics {
     pub protocol_error_closes: AtomicU64,
     /// Counter: connections closed with 1013 because the buffer budget refused a partial frame's buffer.
     pub budget_closes: AtomicU64,
+    /// Counter: close frames the server started (kick, drain, protocol error, slow consumer, budget) that were
+    /// handed whole to the socket.
+    pub close_frames_written: AtomicU64,
+    /// Counter: such close frames still unsent when the connection went (close deadline, socket error).
+    pub close_frames_given_up: AtomicU64,
+    /// Counter: publishes whose delivery paused after a turn's worth of sends, to serve sockets and timers
+    /// before the rest of its recipients.
+    pub fanout_yields: AtomicU64,
     /// Counter: connections closed for not answering a ping.
     pub pong_timeouts: AtomicU64,
     /// Counter: connections closed by an admin kick.
@@ -193,7 +204,7 @@ pub fn render(
 ) -> String {
     let mut text = String::with_capacity(4096);
     let mut out = Exposition::new(&mut text);
-    let gauges: [(&str, &str, Field); 7] = [
+    let gauges: [(&str, &str, Field); 8] = [
         (
             "densepush_connections_open",
             "Upgraded WebSocket connections.",
@@ -215,6 +226,11 @@ pub fn render(
             |m| &m.commands_pending,
         ),
         (
+            "densepush_outbox_bytes",
+            "Unsent bytes queued for connections, summed per connection (a frame queued for N counts N times).",
+            |m| &m.outbox_bytes,
+        ),
+        (
             "densepush_index_users",
             "Distinct users in the fanout index.",
             |m| &m.index_users,
@@ -233,7 +249,7 @@ pub fn render(
     for (name, help, get) in gauges {
         per_reactor(&mut out, name, help, MetricType::Gauge, reactors, get);
     }
-    let counters: [(&str, &str, Field); 16] = [
+    let counters: [(&str, &str, Field); 19] = [
         (
             "densepush_tcp_accepted_total",
             "Accepted TCP connections.",
@@ -273,6 +289,21 @@ pub fn render(
             "densepush_budget_closes_total",
             "Connections closed with 1013 when the buffer budget was exhausted.",
             |m| &m.budget_closes,
+        ),
+        (
+            "densepush_close_frames_written_total",
+            "Server-initiated close frames handed whole to the socket.",
+            |m| &m.close_frames_written,
+        ),
+        (
+            "densepush_close_frames_given_up_total",
+            "Server-initiated close frames still unsent when the connection went.",
+            |m| &m.close_frames_given_up,
+        ),
+        (
+            "densepush_fanout_yields_total",
+            "Publishes whose delivery paused to serve sockets and timers before its remaining recipients.",
+            |m| &m.fanout_yields,
         ),
         (
             "densepush_pong_timeouts_total",
@@ -318,7 +349,7 @@ pub fn render(
     if let Some(budget) = &admin.buffer_budget {
         out.gauge(
             "densepush_buffered_bytes",
-            "Bytes held in connection buffers, against max_buffered_bytes_total.",
+            "Bytes really held in buffers (each queued frame once, however many queues hold it), against max_buffered_bytes_total.",
             budget.used() as u64,
         );
         out.gauge(

@@ -9,7 +9,7 @@
 //! rustls connection is dropped: an idle wss connection holds its keys (about a hundred bytes) and no buffer.
 
 use super::record::{self, alert, content, Keys, RecordError, HEADER_LEN, MAX_PLAINTEXT};
-use crate::conn::transport::Transport;
+use crate::conn::transport::{Socket, Transport};
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{HandshakeKind, ServerConfig};
@@ -675,7 +675,7 @@ fn rustls_label(error: &rustls::Error) -> &'static str {
 
 /// The transport of an established TLS connection: seals the machine's plaintext into records and writes
 /// them, holding at most the unsent tail of one record.
-pub struct TlsWire<'a, S: Write> {
+pub struct TlsWire<'a, S: Socket> {
     /// The connection's socket (`&TcpStream` in the reactor).
     pub socket: S,
     /// Its session (writes fail until the handshake is done).
@@ -684,7 +684,7 @@ pub struct TlsWire<'a, S: Write> {
     pub seal: &'a mut Vec<u8>,
 }
 
-impl<S: Write> Write for TlsWire<'_, S> {
+impl<S: Socket> Write for TlsWire<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.write_vectored(&[IoSlice::new(buf)])
     }
@@ -733,9 +733,22 @@ impl<S: Write> Write for TlsWire<'_, S> {
     }
 }
 
-impl<S: Write> Transport for TlsWire<'_, S> {
+impl<S: Socket> Transport for TlsWire<'_, S> {
     fn holds_unsent(&self) -> bool {
         !self.session.unsent().is_empty()
+    }
+
+    fn progress(&self) -> Option<crate::conn::transport::TcpProgress> {
+        self.socket.progress()
+    }
+
+    fn make_room(&mut self, bytes: usize) -> bool {
+        // The plaintext goes out sealed: one record per MAX_PLAINTEXT bytes, each with its header, content
+        // type and tag; behind the held tail of the record sealed last.
+        let records = bytes.div_ceil(MAX_PLAINTEXT).max(1);
+        let wire =
+            bytes + records * (record::MAX_SEALED - MAX_PLAINTEXT) + self.session.unsent().len();
+        self.socket.make_room(wire)
     }
 
     fn flush_held(&mut self) -> io::Result<bool> {
@@ -1154,6 +1167,30 @@ mod tests {
         assert_eq!(taken + rest, message.len());
         assert_eq!(read_client(&mut c, &socket.written), message);
         assert_eq!(s.held_bytes(), 0);
+    }
+
+    #[test]
+    fn making_room_asks_the_socket_for_the_held_tail_and_the_records_to_come() {
+        let p = pair();
+        let (_c, mut s) = established(&p);
+        let mut socket = crate::conn::transport::testing::MemWire::with_window(100);
+        let mut seal = Vec::new();
+        let mut wire = TlsWire {
+            socket: &mut socket,
+            session: &mut s,
+            seal: &mut seal,
+        };
+        let message = vec![1u8; 1000];
+        crate::conn::transport::write_some(&mut wire, &message).unwrap();
+        let held = wire.session.unsent().len();
+        assert!(held > 0);
+        assert!(!wire.make_room(50), "the socket refuses");
+        wire.socket.room = usize::MAX;
+        assert!(wire.make_room(50));
+        assert_eq!(
+            socket.room_asked,
+            2 * (50 + (record::MAX_SEALED - MAX_PLAINTEXT) + held)
+        );
     }
 
     mod fuzz {

@@ -1017,20 +1017,25 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A raw client socket with a tiny receive buffer, set before connect so the advertised window is small from
-/// the start: the server's writes to it block soon (slow-consumer tests).
+/// A raw client socket with a tiny receive buffer and a mobile network's segment size (1460 B), both set
+/// before connect so the advertised window and MSS are small from the start: the server's writes to it block
+/// soon (slow-consumer tests). Without the MSS, loopback's 64 KiB segments let the server's kernel take
+/// megabytes before a write blocks.
 pub fn tiny_window_stream(server: &Server) -> TcpStream {
-    tiny_window_to(server.client_addr)
+    slow_reader_to(server.client_addr, 4096)
 }
 
 /// [`tiny_window_stream`] to the wss:// listener.
 pub fn tiny_window_tls_stream(server: &Server) -> TcpStream {
-    tiny_window_to(server.tls_addr())
+    slow_reader_to(server.tls_addr(), 4096)
 }
 
-fn tiny_window_to(addr: SocketAddr) -> TcpStream {
+/// A raw client socket as a slow mobile reader has: `SO_RCVBUF` of `receive_buffer` bytes and `TCP_MAXSEG`
+/// 1460, set before connect.
+pub fn slow_reader_to(addr: SocketAddr, receive_buffer: usize) -> TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_recv_buffer_size(receive_buffer).unwrap();
+    socket.set_mss(1460).unwrap();
     socket.connect(&addr.into()).unwrap();
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
