@@ -110,6 +110,7 @@ impl Running {
             reactors: self.reactors.clone(),
             admin: s.admin.clone(),
             history: s.history.clone(),
+            cluster: self.cluster.clone(),
             state: s.state.clone(),
         }
         .upgrade();
@@ -147,8 +148,16 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
             taker.history(history_settings(config))?
         }
     };
+    // A successor keeps its predecessor's cluster name when its own is the default (`<hostname>-<pid>`, which
+    // names the process, not the node): the other nodes go on seeing one node, not one leaving and one joining.
+    let mut cluster_config = config.cluster.clone();
+    if let Some(bus) = taker.as_ref().and_then(|t| t.bus()) {
+        if config.cluster.node_id_is_default() {
+            cluster_config.node_id = bus.node_id.clone();
+        }
+    }
     // Every reactor gets a clone of these settings, and with it the same shared open-connection counter.
-    let events = Events::start(&config.events, &config.cluster.node_id)?;
+    let events = Events::start(&config.events, &cluster_config.node_id)?;
     let settings = reactor_settings(config, history.clone(), tls.clone(), events.clone());
 
     // One listener per reactor and scheme: the first settles the port (it may be 0); the others share it
@@ -275,7 +284,24 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         .with_upgrade(upgrade.clone())
     };
     let mut admin = if taker.is_none() {
-        let cluster = Cluster::start(&config.cluster, publisher.clone())?;
+        let cluster = Cluster::start(
+            &cluster_config,
+            config.admin.max_publish_bytes,
+            publisher.clone(),
+            None,
+        )?;
+        if let Some(cluster) = &cluster {
+            // Clients wait in the listeners' backlog until the node knows where it is in the bus, so none is told
+            // it may have missed messages published before it even connected. Redis down: start anyway, and
+            // the first link tells the connections made meanwhile.
+            let wait = Duration::from_millis(config.cluster.command_timeout_ms);
+            if !cluster.wait_until_up(wait) {
+                log::warn!(
+                    "cluster link not up after {} ms; serving clients anyway (they are told to resync when it comes up)",
+                    wait.as_millis()
+                );
+            }
+        }
         cluster_slot = Some(cluster.clone());
         AdminServer::new(
             admin_listener,
@@ -300,6 +326,7 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
             taker.abort(&e.to_string());
             return Err(e.into());
         }
+        let position = taker.bus().and_then(|bus| bus.position);
         let outcome = taker.commit()?;
         if let Outcome::Completed {
             moved, pause_ms, ..
@@ -313,9 +340,15 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
             );
         }
         *upgrade.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
-        // Serving now: the bridge can deliver into the mailboxes. (The admin API of this process reports the
-        // cluster once the bridge is up.)
-        let cluster = Cluster::start(&config.cluster, publisher.clone())?;
+        // Serving now: the bus reader continues from exactly where the predecessor's stopped, delivering into
+        // the mailboxes of the reactors that hold the moved connections. (The admin API of this process reports
+        // the cluster once it is up.)
+        let cluster = Cluster::start(
+            &cluster_config,
+            config.admin.max_publish_bytes,
+            publisher.clone(),
+            position,
+        )?;
         admin.set_cluster(cluster.clone());
         cluster_slot = Some(cluster);
     }

@@ -3,6 +3,8 @@
 //! publishing; and when the new process cannot take over, the old one keeps serving with nothing lost.
 
 mod common;
+#[allow(dead_code)]
+mod cluster_common;
 
 use common::*;
 use std::io::Write;
@@ -432,7 +434,10 @@ fn a_failed_upgrade_rolls_back_and_the_old_process_keeps_serving_every_connectio
 
     // A successor that is accepted, lets the server freeze, takes the history and a few messages, and dies:
     // every part resumes.
-    replace(&binary, &fake_successor(1, &facts, 1, 3));
+    replace(
+        &binary,
+        &fake_successor(densepush::handoff::protocol::VERSION, &facts, 1, 3),
+    );
     let (reason, detail) = rolled_back(&server);
     assert_eq!(reason, "exited", "{detail}");
     check(&server, &mut ws);
@@ -504,4 +509,49 @@ fn systemd_hears_ready_from_the_first_process_and_the_new_main_pid_from_its_succ
     assert_eq!(heard(), format!("MAINPID={new_pid}\nREADY=1"));
     server.publish("/publish/user/dana", "after");
     assert_eq!(recv_text(&mut ws), "after");
+}
+
+/// In a cluster, the bus reader stops for the handoff (so the successor can continue it from the exact entry);
+/// when the upgrade then rolls back, the old process's reader carries on from where it stopped, and the
+/// publishes made meanwhile (they went to the bus) still arrive, in order.
+#[test]
+fn a_rolled_back_upgrade_resumes_the_cluster_bus_where_it_stopped() {
+    assert!(
+        cluster_common::redis_available(),
+        "redis-server is missing; {TOOLS_HINT}"
+    );
+    let redis = cluster_common::Redis::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let binary = binary_copy(dir.path());
+    let server = Server::start_with_env(
+        &[
+            ("server.reactors", "1"),
+            ("cluster.redis_url", &format!("{url:?}")),
+            ("cluster.node_id", "node-a"),
+        ],
+        &[(BINARY_ENV, binary.to_str().unwrap())],
+    );
+    let mut ws = server.connect("user=alice&channels=news");
+    server.publish("/publish/channel/news", "before");
+    assert_eq!(recv_text(&mut ws), "before");
+
+    // Accepted, lets the server freeze (the bus reader stops), takes the history and a few messages, dies.
+    let facts = ["127.0.0.1:0", "", "127.0.0.1:0", "node-a", url.as_str()];
+    replace(
+        &binary,
+        &fake_successor(densepush::handoff::protocol::VERSION, &facts, 1, 3),
+    );
+    let (reason, detail) = rolled_back(&server);
+    assert_eq!(reason, "exited", "{detail}");
+    for i in 0..20 {
+        server.publish("/publish/channel/news", &format!("after {i}"));
+    }
+    for i in 0..20 {
+        assert_eq!(recv_text(&mut ws), format!("after {i}"));
+    }
+    assert_eq!(
+        server.metric("densepush_cluster_missed_closes_total", &[]),
+        0
+    );
 }

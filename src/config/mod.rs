@@ -382,6 +382,15 @@ pub struct ClusterConfig {
     pub node_ttl_ms: u64,
     /// Milliseconds a presence query waits for answers.
     pub presence_timeout_ms: u64,
+    /// Entries the bus stream keeps (`XADD MAXLEN ~`).
+    pub bus_max_len: u64,
+}
+
+impl ClusterConfig {
+    /// Whether `node_id` is the default this process resolved (`cluster.node_id` empty: `<hostname>-<pid>`).
+    pub fn node_id_is_default(&self) -> bool {
+        self.node_id == validate::default_node_id()
+    }
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -396,6 +405,7 @@ impl fmt::Debug for ClusterConfig {
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("node_ttl_ms", &self.node_ttl_ms)
             .field("presence_timeout_ms", &self.presence_timeout_ms)
+            .field("bus_max_len", &self.bus_max_len)
             .finish()
     }
 }

@@ -545,6 +545,11 @@ fn validate_cluster(cluster: ClusterSection) -> Result<ClusterConfig, ConfigErro
             cluster.presence_timeout_ms,
             limits::CLUSTER_PRESENCE_TIMEOUT_MS,
         )?,
+        bus_max_len: check_range(
+            "cluster.bus_max_len",
+            cluster.bus_max_len,
+            limits::CLUSTER_BUS_MAX_LEN,
+        )?,
     })
 }
 
@@ -840,7 +845,7 @@ fn check_cluster_name(
 }
 
 /// `<hostname>-<pid>`: unique per process on a host, and readable in logs.
-fn default_node_id() -> String {
+pub(super) fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -1278,6 +1283,7 @@ mod tests {
                 "cluster.node_ttl_ms",
             ),
             ("presence_timeout_ms = 60000", "cluster.presence_timeout_ms"),
+            ("bus_max_len = 9", "cluster.bus_max_len"),
         ];
         for (body, want) in cases {
             let (key, msg) = invalid_key(&format!("[cluster]\n{body}"));

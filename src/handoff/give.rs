@@ -4,7 +4,7 @@
 //! before anything resumes, so two processes never serve the same sockets.
 
 use super::channel::Channel;
-use super::protocol::{self, kind, Accept, Facts, Hello};
+use super::protocol::{self, kind, Accept, BusHandover, Facts, Hello};
 use super::{Freeze, Order, Part};
 use crate::admin::AdminHandle;
 use crate::dispatch::Reactors;
@@ -157,6 +157,8 @@ pub struct Giver {
     pub admin: AdminHandle,
     /// The history.
     pub history: Arc<History>,
+    /// The cluster link, whose bus position moves to the successor.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The counters.
     pub state: Arc<UpgradeState>,
 }
@@ -225,6 +227,9 @@ impl Giver {
                 {
                     let _ = orders.send(Order::Resume);
                 }
+                if let Some(cluster) = &self.cluster {
+                    cluster.resume_after_hand_over();
+                }
                 crate::systemd::notify_main_pid(std::process::id());
                 self.state.rolled_back(reason, detail, started_ms);
             }
@@ -272,7 +277,9 @@ impl Giver {
             .map_err(|e| Failure("error", e.to_string()))?;
         let freeze_started = Instant::now();
 
-        // 1. The admin thread: once it is ready, no request is answered here any more.
+        // 1. The admin thread: once it is ready, no request is answered here any more. The cluster bus reader
+        // is asked to stop at the same time (in a cluster, the admin thread only appends to the bus, so where the
+        // reader stops is independent of it).
         let (freeze, parts, orders) = freeze_pair();
         run.admin = Some((parts, orders));
         if !self.admin.freeze(freeze) {
@@ -280,6 +287,25 @@ impl Giver {
         }
         let (admin_parts, _) = run.admin.as_ref().expect("set above");
         ready(admin_parts)?;
+
+        // 1b. The bus reader stops between two entries: every entry up to its position is in the mailboxes
+        // (the reactors apply them next, and the connections that move carry what is unsent); the successor
+        // reads on from exactly there, so a cluster publish is neither lost nor delivered twice across the cut.
+        let bus = match &self.cluster {
+            None => None,
+            Some(cluster) => match cluster.hand_over(READY_TIMEOUT) {
+                Some(position) => Some(BusHandover {
+                    node_id: cluster.node_id().to_owned(),
+                    position,
+                }),
+                None => {
+                    return Err(Failure(
+                        "timeout",
+                        "the cluster bus reader did not stop in time".into(),
+                    ))
+                }
+            },
+        };
 
         // 2. The reactors: each stops accepting, applies its mailbox, and says ready.
         let mut freezes = Vec::new();
@@ -303,6 +329,7 @@ impl Giver {
         self.history.snapshot(&mut history);
         let last = applied.iter().copied().max().unwrap_or(0);
         history.u64(last);
+        BusHandover::write(bus.as_ref(), &mut history);
         send(chan, kind::HISTORY, history.bytes(), &[])?;
 
         // 4. Each reactor's listeners and connections, in reactor order.

@@ -5,18 +5,20 @@
 //!
 //! 1. S → P `HELLO` {version, pid, facts}. P answers `REFUSE` {reason} (S exits) or `ACCEPT` {P's pid, when the
 //!    upgrade started, the upgrade counters so far}.
-//! 2. P freezes, then sends `HISTORY` {history snapshot, the last stored sequence applied};
+//! 2. P freezes (the admin thread, the cluster bus reader between two entries, the reactors), then sends
+//!    `HISTORY` {history snapshot, the last stored sequence applied, the cluster node id and bus position};
 //! 3. per reactor, in order: `LISTENERS` (ws://, wss:// listening sockets attached), `BATCH`×n (connection
 //!    records, their sockets attached), `REACTOR_DONE` {moved, stayed};
 //! 4. `ADMIN` (the admin listener attached), `ADMIN_BATCH`×n (admin connections), `DONE` {totals}.
 //! 5. S registers everything and answers `COMMITTED`; P answers `GO` and exits; S starts serving only on `GO`.
 //!    Either side may send `ABORT` {reason} instead; P rolls back only after S is gone.
 
+use crate::cluster::bus::BusPosition;
 use crate::config::Config;
 use crate::snapshot::{Reader, SnapshotError, Writer};
 
 /// The protocol version; a successor speaking another one is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The environment variable naming the successor's end of the channel.
 pub const FD_ENV: &str = "DENSEPUSH_HANDOFF_FD";
@@ -61,11 +63,12 @@ impl Facts {
             tls_listen: addr(config.tls.listen),
             admin_listen: config.admin.listen.to_string(),
             reactors: config.server.reactors as u32,
-            node_id: config
-                .cluster
-                .redis_url
-                .as_ref()
-                .map_or(String::new(), |_| config.cluster.node_id.clone()),
+            // A default id (`<hostname>-<pid>`) names the process, not the node: it is written empty, and a
+            // successor with the default too keeps its predecessor's id (`server::start`).
+            node_id: match &config.cluster.redis_url {
+                Some(_) if !config.cluster.node_id_is_default() => config.cluster.node_id.clone(),
+                _ => String::new(),
+            },
             redis_url: config.cluster.redis_url.clone().unwrap_or_default(),
         }
     }
@@ -85,6 +88,7 @@ impl Facts {
         let refusal = checks.into_iter().find_map(|(key, ours, theirs)| {
             (ours != theirs).then(|| {
                 let show = |v: &str| match (key, v) {
+                    ("cluster.node_id", "") => "the default, <hostname>-<pid>".to_string(),
                     (_, "") => "off".to_string(),
                     ("cluster.redis_url", v) => crate::config::redact_url(v),
                     (_, v) => v.to_string(),
@@ -216,6 +220,48 @@ impl Accept {
     }
 }
 
+/// The cluster's part of `HISTORY` (after the history and the applied sequence): the node id and where the
+/// predecessor's bus reader stopped, so the successor continues the bus exactly there under the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusHandover {
+    /// The predecessor's `cluster.node_id` (resolved).
+    pub node_id: String,
+    /// Where its reader stopped; `None` if it had never linked (the successor starts at the end of the bus,
+    /// as a fresh node would).
+    pub position: Option<BusPosition>,
+}
+
+impl BusHandover {
+    /// Writes `bus` (`None`: the predecessor has no cluster).
+    pub fn write(bus: Option<&BusHandover>, w: &mut Writer) {
+        w.bool(bus.is_some());
+        if let Some(bus) = bus {
+            w.str(&bus.node_id);
+            w.bool(bus.position.is_some());
+            if let Some(p) = bus.position {
+                w.u64(p.epoch);
+                w.u64(p.applied);
+            }
+        }
+    }
+
+    /// Reads what [`BusHandover::write`] wrote.
+    pub fn read(r: &mut Reader<'_>) -> Result<Option<BusHandover>, SnapshotError> {
+        if !r.bool("cluster present")? {
+            return Ok(None);
+        }
+        let node_id = r.str("cluster node id")?.to_owned();
+        let position = match r.bool("bus position present")? {
+            false => None,
+            true => Some(BusPosition {
+                epoch: r.u64("bus epoch")?,
+                applied: r.u64("bus entry")?,
+            }),
+        };
+        Ok(Some(BusHandover { node_id, position }))
+    }
+}
+
 /// Two counts: connections moved, and connections that stayed behind (TLS handshakes still running).
 pub fn encode_counts(moved: u64, stayed: u64) -> Vec<u8> {
     let mut w = Writer::new();
@@ -288,6 +334,25 @@ mod tests {
     }
 
     #[test]
+    fn a_default_cluster_node_id_is_no_fact_and_an_explicit_one_is() {
+        let config = |extra: &str| {
+            let toml = format!("[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n{extra}");
+            Facts::of(&Config::from_toml_str(&toml, &[]).unwrap())
+        };
+        // `<hostname>-<pid>` differs in every process: were it a fact, no clustered node with the default id
+        // could ever upgrade.
+        let default = config("");
+        assert_eq!(default.node_id, "");
+        assert_eq!(config("node_id = \"web-1\"\n").node_id, "web-1");
+        let reason = default.refuse(&config("node_id = \"web-1\"\n")).unwrap();
+        assert!(
+            reason.starts_with("cluster.node_id cannot change"),
+            "{reason}"
+        );
+        assert!(reason.contains("the default"), "{reason}");
+    }
+
+    #[test]
     fn a_redis_password_is_not_shown() {
         let mut a = facts();
         a.redis_url = "redis://:secret@10.0.0.5:6379".into();
@@ -307,5 +372,31 @@ mod tests {
         };
         assert_eq!(Accept::decode(&accept.encode()), Ok(accept));
         assert_eq!(decode_counts(&encode_counts(5, 2)), Ok((5, 2)));
+    }
+
+    #[test]
+    fn the_bus_handover_round_trips_with_and_without_a_position() {
+        let cases = [
+            None,
+            Some(BusHandover {
+                node_id: "web-1-4242".into(),
+                position: None,
+            }),
+            Some(BusHandover {
+                node_id: "node-a".into(),
+                position: Some(BusPosition {
+                    epoch: 1_767_225_600_000,
+                    applied: 1042,
+                }),
+            }),
+        ];
+        for bus in cases {
+            let mut w = Writer::new();
+            BusHandover::write(bus.as_ref(), &mut w);
+            let bytes = w.take();
+            let mut r = Reader::new(&bytes);
+            assert_eq!(BusHandover::read(&mut r), Ok(bus));
+        }
+        assert!(BusHandover::read(&mut Reader::new(&[1, 5, 0, 0, 0])).is_err());
     }
 }

@@ -4,7 +4,7 @@
 
 use super::channel::Channel;
 use super::give::Outcome;
-use super::protocol::{self, kind, Accept, Facts, Hello};
+use super::protocol::{self, kind, Accept, BusHandover, Facts, Hello};
 use crate::config::Config;
 use crate::history::{self, History};
 use crate::snapshot::{Reader, SnapshotError};
@@ -44,6 +44,7 @@ pub struct Taker {
     accept: Accept,
     started: Instant,
     moved: u64,
+    bus: Option<BusHandover>,
 }
 
 impl Taker {
@@ -68,6 +69,7 @@ impl Taker {
             accept,
             started: Instant::now(),
             moved: 0,
+            bus: None,
         })
     }
 
@@ -86,7 +88,13 @@ impl Taker {
         let mut r = Reader::new(&payload);
         let (history, stored) = History::restore(settings, &mut r)?;
         let applied = r.u64("applied sequence")?;
+        self.bus = BusHandover::read(&mut r)?;
         Ok((history, applied.max(stored)))
+    }
+
+    /// The predecessor's node id and bus position, read with the history (`None`: it had no cluster).
+    pub fn bus(&self) -> Option<&BusHandover> {
+        self.bus.as_ref()
     }
 
     /// The next listeners: a reactor's ws:// and wss:// ones (`kind::LISTENERS`), or the admin one
