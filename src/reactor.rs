@@ -19,6 +19,7 @@ use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase,
 use crate::dispatch::{Adoption, Command, Mailbox, Reactors, Subscribed, Subscription};
 use crate::events;
 use crate::fanout::{Fanout, Joined};
+use crate::handoff::{self, channel::MAX_FDS, Order, Part};
 use crate::history::{self, History};
 use crate::message::missed::{Missed, Told, MISSED_CLOSE_CODE, MISSED_CLOSE_REASON};
 use crate::message::{envelope, Encoding, Message, Target};
@@ -26,6 +27,7 @@ use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
 use crate::proto::http;
 use crate::shared_frame::SharedFrame;
+use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
 use crate::tls::table::{Sessions, Slot};
 use crate::tls::{self, Tls, TlsWire};
@@ -35,7 +37,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,6 +165,11 @@ pub struct Reactor {
     trimmed: (Instant, u64),
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
+    /// A live upgrade asked this reactor to freeze: it stops accepting at once and freezes once TLS
+    /// handshakes in flight are done or the grace deadline passes (see `handoff`).
+    freeze: Option<(handoff::Freeze, Instant)>,
+    /// Frames received while adopting connections from a predecessor (emptied once adopting is done).
+    adopting: FrameTable,
 }
 
 impl Reactor {
@@ -221,6 +228,8 @@ impl Reactor {
             trimmed: (Instant::now(), 0),
             next_generation: 0,
             shutdown_deadline: None,
+            freeze: None,
+            adopting: FrameTable::default(),
         })
     }
 
@@ -274,6 +283,9 @@ impl Reactor {
             }
             self.apply_backlog(SENDS_PER_TURN);
             self.run_timers();
+            if self.freeze_is_due() {
+                self.freeze_now();
+            }
             if self.finished() {
                 return;
             }
@@ -410,6 +422,10 @@ impl Reactor {
     // ---- accepting -------------------------------------------------------------------------------------
 
     fn accept_all(&mut self, tls: bool) {
+        if self.freeze.is_some() {
+            // New clients wait in the kernel's backlog: the listener moves to the successor with them in it.
+            return;
+        }
         let (slot, acceptor) = match tls {
             false => (&mut self.listener, &mut self.acceptor),
             true => (&mut self.tls_listener, &mut self.tls_acceptor),
@@ -672,6 +688,304 @@ impl Reactor {
         slot.charged = 0;
     }
 
+    // ---- the live upgrade: freezing, exporting, adopting ---------------------------------------------------
+
+    /// A freeze was asked and TLS handshakes in flight are done, or their grace is over.
+    fn freeze_is_due(&self) -> bool {
+        match &self.freeze {
+            Some((_, deadline)) => {
+                Instant::now() >= *deadline
+                    || self.sessions.iter().all(|s| s.session.is_established())
+            }
+            None => false,
+        }
+    }
+
+    /// Applies the rest of the mailbox, reports ready, and on the predecessor's order streams listeners and
+    /// connections to the successor; then waits. Returns when the upgrade rolled back (the reactor carries on
+    /// as if nothing happened); when it succeeds the process exits while this waits.
+    fn freeze_now(&mut self) {
+        let Some((freeze, _)) = self.freeze.take() else {
+            return;
+        };
+        // The admin API froze first, so every publish it answered 202 for is in the mailbox: apply them all
+        // (they reach the outboxes, which move).
+        self.take_mailbox();
+        self.apply_backlog(usize::MAX);
+        let ready = Part::Ready {
+            applied_seq: self.applied_seq,
+        };
+        if freeze.parts.send(ready).is_ok() && freeze.orders.recv() == Ok(Order::Export) {
+            self.export(&freeze.parts);
+            // The successor takes over and this process exits while we wait here; an order (or the driver
+            // going away) means the upgrade rolled back.
+            let _ = freeze.orders.recv();
+        }
+        log::info!("upgrade did not complete; serving again");
+        // Edges that came while accepts were held back are gone: look at the backlogs now.
+        self.accept_all(false);
+        self.accept_all(true);
+    }
+
+    /// Streams this reactor's listeners and connections, in batches of at most `MAX_FDS`, to `parts`.
+    fn export(&mut self, parts: &std::sync::mpsc::SyncSender<Part>) {
+        let listeners = vec![
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            self.tls_listener.as_ref().map(|l| l.as_raw_fd()),
+        ];
+        if parts.send(Part::Listeners(listeners)).is_err() {
+            return;
+        }
+        let mut frames = FrameTable::default();
+        let mut records = Writer::new();
+        let mut fds = Vec::new();
+        let (mut moved, mut stayed) = (0u64, 0u64);
+        for (key, conn) in self.conns.iter() {
+            let key = key as u32;
+            let session = match conn.machine.is_tls() {
+                false => None,
+                true => match self.sessions.get(key) {
+                    Some(slot) if slot.session.is_established() => Some(&slot.session),
+                    // Still in its TLS handshake: rustls's state cannot move. It stays, and closes with this
+                    // process; the client reconnects.
+                    _ => {
+                        stayed += 1;
+                        continue;
+                    }
+                },
+            };
+            conn.machine.snapshot(&mut records, &mut frames);
+            match self.fanout.membership(key) {
+                Some((user, client, channels)) => {
+                    records.bool(true);
+                    records.str(user);
+                    records.opt_str(client);
+                    records.u32(channels.len() as u32);
+                    for channel in channels {
+                        records.str(channel);
+                    }
+                }
+                None => records.bool(false),
+            }
+            records.bool(session.is_some());
+            if let Some(session) = session {
+                session.snapshot(&mut records);
+            }
+            fds.push(conn.stream.as_raw_fd());
+            moved += 1;
+            if fds.len() == MAX_FDS && !send_batch(parts, &mut frames, &mut records, &mut fds) {
+                return;
+            }
+        }
+        if !fds.is_empty() && !send_batch(parts, &mut frames, &mut records, &mut fds) {
+            return;
+        }
+        let _ = parts.send(Part::Done { moved, stayed });
+    }
+
+    /// After a live upgrade's connections were adopted reactor by reactor (the predecessor's reactor i into
+    /// reactor i), moves each connection whose user is homed on another reactor there: a predecessor without
+    /// user affinity spread a user's connections over its reactors. Uses the upgrade's own snapshot (state,
+    /// queued frames, identity and runtime channels, TLS keys), in batches per destination. Called before any
+    /// reactor runs; returns how many moved.
+    pub fn rehome_all(reactors: &mut [Reactor]) -> Result<usize, SnapshotError> {
+        let mut moved = 0;
+        for from in 0..reactors.len() {
+            for (to, payload, fds) in reactors[from].export_strays() {
+                // The destination's table of the predecessor's frames is no longer needed (its queues hold
+                // them), and the stray batch numbers its frames afresh.
+                reactors[to].adopting = FrameTable::default();
+                moved += reactors[to].adopt(&payload, fds)?;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Takes out of this reactor, without closing them, the indexed connections whose user is homed on
+    /// another reactor: their snapshots in one batch per destination (as `export` writes them) and their
+    /// sockets. What this reactor counted for them (open connections, TLS sessions and their budget, the
+    /// user's presence here) is given back, since the destination's `adopt` counts them again.
+    fn export_strays(&mut self) -> Vec<(usize, Vec<u8>, Vec<OwnedFd>)> {
+        let strays: Vec<(u32, usize)> = self
+            .conns
+            .iter()
+            .filter_map(|(key, _)| {
+                let (user, _) = self.fanout.identity(key as u32)?;
+                let home = self.reactors.home(user);
+                (home != self.index).then_some((key as u32, home))
+            })
+            .collect();
+        let mut batches: Vec<Option<(FrameTable, Writer, Vec<OwnedFd>)>> =
+            (0..self.reactors.len()).map(|_| None).collect();
+        for (key, home) in strays {
+            let (frames, records, fds) = batches[home]
+                .get_or_insert_with(|| (FrameTable::default(), Writer::new(), Vec::new()));
+            let conn = &self.conns[key as usize];
+            conn.machine.snapshot(records, frames);
+            let (user, client, channels) = self.fanout.membership(key).expect("strays are indexed");
+            records.bool(true);
+            records.str(user);
+            records.opt_str(client);
+            records.u32(channels.len() as u32);
+            for channel in channels {
+                records.str(channel);
+            }
+            let session = self.sessions.get(key).map(|slot| &slot.session);
+            records.bool(session.is_some());
+            if let Some(session) = session {
+                session.snapshot(records);
+            }
+            if let Some(events) = &self.settings.events {
+                events.moving(user, self.fanout.alone(key));
+            }
+            fds.push(self.release(key));
+        }
+        batches
+            .into_iter()
+            .enumerate()
+            .filter_map(|(to, batch)| {
+                let (mut frames, records, fds) = batch?;
+                let mut payload = Writer::new();
+                frames.write_fresh(&mut payload);
+                payload.u32(fds.len() as u32);
+                payload.raw(records.bytes());
+                Some((to, payload.take(), fds))
+            })
+            .collect()
+    }
+
+    /// Removes connection `key` from this reactor without closing its socket, which it returns: out of the
+    /// poll, the index, the slab and the TLS table, its buffers and counts given back.
+    fn release(&mut self, key: u32) -> OwnedFd {
+        self.fanout.remove(key);
+        let mut conn = self.conns.remove(key as usize);
+        let fd = conn.stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            log::warn!("deregister failed: {e}");
+        }
+        let cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        conn.machine.teardown(&cx);
+        if let Some(slot) = self.sessions.remove(key) {
+            let tls = self
+                .settings
+                .tls
+                .as_ref()
+                .expect("TLS connections imply [tls]");
+            self.settings.budget.release(slot.charged);
+            if slot.counted {
+                tls.metrics.sessions.fetch_sub(1, Relaxed);
+            }
+            tls.metrics
+                .bytes
+                .fetch_sub((tls::table::SLOT_BYTES + slot.charged) as u64, Relaxed);
+        }
+        if conn.machine.was_upgraded() {
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            self.metrics.connections_open.fetch_sub(1, Relaxed);
+        } else {
+            self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
+        }
+        OwnedFd::from(conn.stream)
+    }
+
+    /// Connections of a predecessor's reactor (a batch its `export` wrote), registered here as if accepted
+    /// here, with their state, index entries, TLS keys and timers. Called before this reactor runs.
+    pub fn adopt(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<usize, SnapshotError> {
+        let mut r = Reader::new(payload);
+        self.adopting.read_fresh(&mut r)?;
+        let count = r.u32("batch size")? as usize;
+        if count != fds.len() {
+            return Err(SnapshotError::Invalid("batch size"));
+        }
+        for fd in fds {
+            // Already non-blocking: O_NONBLOCK belongs to the open file description, which SCM_RIGHTS shares
+            // with the predecessor's descriptor (one syscall per connection saved, in the pause).
+            let stream = std::net::TcpStream::from(fd);
+            let entry = self.conns.vacant_entry();
+            let key = entry.key() as u32;
+            self.next_generation = self.next_generation.wrapping_add(1);
+            let generation = self.next_generation;
+            let mut cx = Ctx {
+                key,
+                rules: &self.settings.rules,
+                budget: &self.settings.budget,
+                wheel: &mut self.wheel,
+                metrics: &self.metrics,
+            };
+            let machine = Machine::restore(&mut cx, &mut r, &self.adopting)?;
+            if r.bool("identity present")? {
+                let user = r.str("user")?.to_owned();
+                let client = r.opt_str("client")?.map(str::to_owned);
+                let channels = (0..r.u32("channel count")?)
+                    .map(|_| r.str("channel").map(str::to_owned))
+                    .collect::<Result<Vec<String>, _>>()?;
+                self.fanout.add(key, &user, client.as_deref(), &channels);
+                if let Some(events) = &self.settings.events {
+                    events.adopted(&user, self.fanout.alone(key));
+                }
+            }
+            if r.bool("tls present")? {
+                let session = tls::Session::restore(&mut r)?;
+                let tls = self
+                    .settings
+                    .tls
+                    .as_ref()
+                    .ok_or(SnapshotError::Invalid("tls connection without [tls]"))?;
+                let charged = session.held_bytes();
+                self.settings.budget.force_reserve(charged);
+                tls.metrics.sessions.fetch_add(1, Relaxed);
+                tls.metrics
+                    .bytes
+                    .fetch_add((tls::table::SLOT_BYTES + charged) as u64, Relaxed);
+                self.sessions.insert(
+                    key,
+                    Slot {
+                        session,
+                        charged,
+                        counted: true,
+                    },
+                );
+            }
+            let fd = stream.as_raw_fd();
+            self.poll
+                .registry()
+                .register(
+                    &mut SourceFd(&fd),
+                    make_token(key, generation),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(|_| SnapshotError::Invalid("socket registration"))?;
+            if machine.was_upgraded() {
+                self.settings.open_total.fetch_add(1, Relaxed);
+                self.metrics.connections_open.fetch_add(1, Relaxed);
+            } else {
+                self.metrics.connections_handshaking.fetch_add(1, Relaxed);
+            }
+            entry.insert(Conn {
+                stream,
+                generation,
+                machine,
+            });
+        }
+        if !r.is_empty() {
+            return Err(SnapshotError::Invalid("batch trailer"));
+        }
+        Ok(count)
+    }
+
+    /// Adopting is over: the predecessor's frames are referenced by the queues that need them, no longer here;
+    /// `applied_seq` is the last stored sequence the predecessor applied (every reactor applied all of it).
+    pub fn adopted(&mut self, applied_seq: u64) {
+        self.adopting = FrameTable::default();
+        self.applied_seq = applied_seq;
+    }
+
     // ---- the upgrade -------------------------------------------------------------------------------------
 
     /// Bytes of a request head: joined to what earlier reads left, parsed, and decided once complete.
@@ -837,11 +1151,12 @@ impl Reactor {
     }
 
     /// Takes over a connection another reactor admitted for a user homed here (see [`Adoption`]): registers
-    /// it, and finishes its upgrade as [`Reactor::upgrade`] does. No `apply_until` is needed before its replay:
+    /// it, and finishes its upgrade as [`Reactor::upgrade`] does (not to be confused with [`Reactor::adopt`], a
+    /// predecessor's connections in a live upgrade). No `apply_until` is needed before its replay:
     /// every stored message up to `stored_upto` that concerns this reactor was queued ahead of the adoption
     /// and has been applied, and every later one is behind it, so the replay horizon is at least
     /// `stored_upto`. Returns the connections it touched (for the turn's budget).
-    fn adopt(&mut self, adoption: Adoption) -> usize {
+    fn take_over(&mut self, adoption: Adoption) -> usize {
         let Adoption {
             stream,
             tls,
@@ -1157,7 +1472,11 @@ impl Reactor {
                 let _ = reply.send(self.fanout.user_count(&user));
                 Some(1)
             }
-            Command::Adopt(adoption) => Some(self.adopt(*adoption)),
+            Command::Adopt(adoption) => Some(self.take_over(*adoption)),
+            Command::Freeze(freeze) => {
+                self.freeze = Some((freeze, Instant::now() + handoff::TLS_HANDSHAKE_GRACE));
+                Some(1)
+            }
             Command::Shutdown { timeout } => {
                 self.begin_shutdown(timeout);
                 Some(self.conns.len())
@@ -1375,6 +1694,27 @@ impl Reactor {
             self.drive(key as u32, |m, cx, t| m.close(cx, t, Close::Shutdown));
         }
     }
+}
+
+/// Sends one batch: the frames its records name first, then the records; clears the buffers. False if the
+/// receiving end went away (the upgrade is being abandoned).
+fn send_batch(
+    parts: &std::sync::mpsc::SyncSender<Part>,
+    frames: &mut FrameTable,
+    records: &mut Writer,
+    fds: &mut Vec<std::os::fd::RawFd>,
+) -> bool {
+    let mut payload = Writer::new();
+    frames.write_fresh(&mut payload);
+    payload.u32(fds.len() as u32);
+    payload.raw(records.bytes());
+    records.take();
+    parts
+        .send(Part::Batch {
+            payload: payload.take(),
+            fds: std::mem::take(fds),
+        })
+        .is_ok()
 }
 
 /// Brings a TLS session's budget charge and the TLS byte gauge in line with what it holds now.

@@ -170,3 +170,77 @@ fn connections_handed_over_during_a_burst_with_since_miss_nothing_and_double_not
         assert_eq!(v["d"], "end");
     }
 }
+
+/// A live upgrade places every connection on its user's home reactor in the new process. With the same build on
+/// both sides they are there already; `AFFINITY_PREDECESSOR_BINARY` names an older build to start from (one
+/// without user affinity, e.g. main before issue 15), whose reactors hold a user's connections wherever the
+/// kernel put them: the new process moves them home before it runs (`Reactor::rehome_all`).
+#[test]
+fn a_live_upgrade_puts_every_connection_on_its_users_home_reactor() {
+    let dir = tempfile::tempdir().unwrap();
+    let predecessor = std::env::var("AFFINITY_PREDECESSOR_BINARY")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| common::bin().to_owned());
+    let release = dir.path().join("releases/0");
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::copy(&predecessor, release.join("densepush")).unwrap();
+    let binary = dir.path().join("densepush");
+    std::os::unix::fs::symlink(release.join("densepush"), &binary).unwrap();
+    let mut server = Server::start_with_env(
+        &[("server.reactors", REACTORS)],
+        &[(common::BINARY_ENV, binary.to_str().unwrap())],
+    );
+    // Connections of one user until both listeners took some (counted by accepts, which every build has).
+    let accepted =
+        |server: &Server, r: &str| server.metric("densepush_tcp_accepted_total", &[("reactor", r)]);
+    let mut conns: Vec<Ws> = Vec::new();
+    while conns.len() < 8 || accepted(&server, "0") == 0 || accepted(&server, "1") == 0 {
+        assert!(
+            conns.len() < 200,
+            "connections never spread over both listeners"
+        );
+        let i = conns.len();
+        conns.push(server.connect(&format!("user=frank&client=c{i}")));
+    }
+    // The new release is this build.
+    let next = release.with_file_name("1");
+    std::fs::create_dir_all(&next).unwrap();
+    std::fs::copy(common::bin(), next.join("densepush")).unwrap();
+    let link = binary.with_extension("new");
+    std::os::unix::fs::symlink(next.join("densepush"), &link).unwrap();
+    std::fs::rename(&link, &binary).unwrap();
+    server.upgrade();
+
+    let text = server.metrics_text();
+    let open: Vec<u64> = ["0", "1"]
+        .iter()
+        .map(|r| common::metric_in(&text, "densepush_connections_open", &[("reactor", r)]))
+        .collect();
+    assert_eq!(open.iter().sum::<u64>(), conns.len() as u64, "{open:?}");
+    assert!(
+        open.contains(&0),
+        "all of frank's connections on one reactor: {open:?}"
+    );
+    let mut admin = server.admin();
+    for i in 0..100 {
+        let r = admin.request(
+            "POST",
+            "/publish/user/frank",
+            format!("m{i}").as_bytes(),
+            &[],
+        );
+        assert_eq!(r.status, 202);
+    }
+    for ws in &mut conns {
+        for i in 0..100 {
+            assert_eq!(recv_text(ws), format!("m{i}"));
+        }
+    }
+    let presence = server
+        .request("GET", "/presence/user/frank", b"", &[])
+        .json();
+    assert_eq!(presence["connections"], conns.len());
+    let r = server.request("DELETE", "/connections/user/frank/client/c0", b"", &[]);
+    assert_eq!(r.json()["closed"], 1);
+}

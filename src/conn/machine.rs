@@ -25,15 +25,17 @@
 //! server close frame ends counted as written or, when the deadline passes first, given up.
 
 use super::echo::Echo;
-use super::outbox::{Flush, ENTRY_BYTES};
-use super::spill::Buffers;
+use super::outbox::{Flush, Outbox, ENTRY_BYTES};
+use super::spill::{Buffers, Spill};
 use super::state::{Flag, Phase, State, Timer};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
 use crate::metrics::{ReactorMetrics, RejectKind};
+use crate::proto::frame::Decoder;
 use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::Reject;
 use crate::shared_frame::SharedFrame;
+use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
@@ -756,6 +758,117 @@ impl Machine {
         }
     }
 
+    // ---- moving to another process ---------------------------------------------------------------------
+
+    /// Writes what a successor process needs to carry on with this connection (the live upgrade): phase and
+    /// flags, a partial request head, a frame in progress, the queued frames (by reference to `frames`, which
+    /// sends each shared frame once), an echo message in progress. The timer is not written: the successor arms
+    /// the one its phase calls for, afresh.
+    pub fn snapshot(&self, w: &mut Writer, frames: &mut FrameTable) {
+        w.u8(self.state.phase() as u8);
+        w.u8(self.state.flags());
+        // Whatever `mark` means in this phase (an acknowledgement mark, or the close code), it means the same
+        // in the successor, which restores the phase with it.
+        w.u16(self.mark);
+        let spill = self.buffers.get();
+        w.bytes_field(spill.map_or(&[][..], |s| &s.head));
+        let mut decoder = Writer::new();
+        let moved = spill.is_some_and(|s| !s.decoder.is_idle() && s.decoder.snapshot(&mut decoder));
+        w.bool(moved);
+        if moved {
+            w.raw(decoder.bytes());
+        }
+        match spill {
+            Some(s) => {
+                let (queued, head_written) = s.outbox.queued();
+                let ids: Vec<u32> = queued.map(|f| frames.id(f)).collect();
+                w.u32(ids.len() as u32);
+                if !ids.is_empty() {
+                    // Only the head can be partly written (at most a frame's length: it fits).
+                    w.u32(head_written as u32);
+                }
+                for id in ids {
+                    w.u32(id);
+                }
+                w.bytes_field(&s.echo);
+            }
+            None => {
+                w.u32(0);
+                w.bytes_field(&[]);
+            }
+        }
+    }
+
+    /// A connection written by [`Machine::snapshot`], with its buffers charged to the budget and the timer its
+    /// phase calls for armed in `cx`'s wheel.
+    pub fn restore(
+        cx: &mut Ctx<'_>,
+        r: &mut Reader<'_>,
+        frames: &FrameTable,
+    ) -> Result<Machine, SnapshotError> {
+        let phase = match r.u8("phase")? {
+            0 => Phase::Handshaking,
+            1 => Phase::Open,
+            2 => Phase::Closing,
+            3 => Phase::Flushing,
+            _ => return Err(SnapshotError::Invalid("phase")),
+        };
+        let mut state = State::new();
+        state.set_phase(phase);
+        state.set_flags(r.u8("flags")?);
+        let mark = r.u16("mark")?;
+        let head = r.bytes_field("head")?.to_vec();
+        let decoder = match r.bool("decoder present")? {
+            true => Some(Decoder::restore(r)?),
+            false => None,
+        };
+        let count = r.u32("outbox length")?;
+        let head_written = match count {
+            0 => 0,
+            _ => r.u32("outbox head written")? as usize,
+        };
+        let mut queued = Vec::with_capacity(count.min(1 << 16) as usize);
+        for _ in 0..count {
+            queued.push(frames.frame(r.u32("outbox frame")?)?);
+        }
+        if queued
+            .first()
+            .is_some_and(|head| head_written >= head.len())
+        {
+            return Err(SnapshotError::Invalid("outbox head written"));
+        }
+        let echo = r.bytes_field("echo")?.to_vec();
+        let spill = Spill {
+            head,
+            decoder: decoder.unwrap_or_default(),
+            outbox: Outbox::from_queued(queued, head_written, cx.budget),
+            charged: 0,
+            counted: 0,
+            echo,
+        };
+        let mut machine = Machine {
+            timer_stamp: 0,
+            state,
+            mark,
+            buffers: Buffers::default(),
+        };
+        if machine
+            .buffers
+            .install(Some(spill), cx.budget, &cx.metrics.outbox_bytes)
+        {
+            cx.metrics.buffers_live.fetch_add(1, Relaxed);
+        }
+        let rules = cx.rules;
+        let ticks = match machine.state.timer() {
+            Timer::Handshake => rules.handshake_timeout_ticks,
+            Timer::Ping => rules.ping_interval_ticks,
+            Timer::Pong => rules.pong_timeout_ticks,
+            Timer::Close => rules.close_timeout_ticks,
+        };
+        machine.arm(cx, ticks);
+        Ok(machine)
+    }
+
     // ---- writing -------------------------------------------------------------------------------------------
 
     /// Transmits a frame and says what follows: a failed socket removes the connection, an overflow closes it
@@ -1449,6 +1562,93 @@ mod tests {
                 b"live-3".to_vec()
             ]
         );
+    }
+
+    #[test]
+    fn a_busy_connection_moved_to_a_new_process_carries_on_exactly() {
+        let mut old = Rig::new();
+        let mut m = old.open(true);
+        // Two frames queued behind a blocked socket, the first partly written; a ping half received.
+        old.wire.window = 3;
+        let first = SharedFrame::new(frame::encode_message(true, b"first message"));
+        let second = SharedFrame::new(frame::encode_message(false, &[1, 2, 3]));
+        assert_eq!(old.with(|cx, w| m.send(cx, w, &first)), Next::Continue);
+        assert_eq!(old.with(|cx, w| m.send(cx, w, &second)), Next::Continue);
+        let mut ping = client_frame(0x9, b"hey");
+        let mut tail = ping.split_off(4);
+        assert_eq!(
+            old.with(|cx, w| m.handle_frames(cx, w, &mut ping)),
+            Next::Continue
+        );
+        let sent_before = std::mem::take(&mut old.wire.written);
+
+        let mut w = Writer::new();
+        let mut frames = FrameTable::default();
+        m.snapshot(&mut w, &mut frames);
+        let mut table = Writer::new();
+        frames.write_fresh(&mut table);
+
+        // The successor: its own wheel, budget and counters.
+        let mut new = Rig::new();
+        let mut received = FrameTable::default();
+        received
+            .read_fresh(&mut Reader::new(table.bytes()))
+            .unwrap();
+        let bytes = w.take();
+        let mut moved = new
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &received))
+            .unwrap();
+        assert!(moved.is_open() && moved.wants_envelopes() && moved.holds_buffers());
+        assert_eq!(new.metrics.buffers_live.load(Relaxed), 1);
+        assert!(
+            new.budget.used() > 0,
+            "its buffers are charged in the new process"
+        );
+        // The rest of the ping completes it; the queue goes out in order, then the pong.
+        assert_eq!(
+            new.with(|cx, w| moved.handle_frames(cx, w, &mut tail)),
+            Next::Continue
+        );
+        assert_eq!(
+            new.with(|cx, w| moved.handle_writable(cx, w)),
+            Next::Continue
+        );
+        let mut all = sent_before;
+        all.extend_from_slice(&new.wire.written);
+        assert_eq!(
+            parse_server_frames(&all),
+            vec![
+                (0x1, b"first message".to_vec()),
+                (0x2, vec![1, 2, 3]),
+                (0xA, b"hey".to_vec())
+            ]
+        );
+        assert!(!moved.holds_buffers());
+        assert_eq!(new.budget.used(), 0);
+        // The ping timer runs afresh in the new process.
+        new.wire.written.clear();
+        assert_eq!(
+            new.advance(&mut moved, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(new.frames(), vec![(0x9, vec![])]);
+    }
+
+    #[test]
+    fn an_idle_connection_moves_with_a_few_bytes_and_no_buffer() {
+        let mut old = Rig::new();
+        let m = old.open(false);
+        let mut w = Writer::new();
+        m.snapshot(&mut w, &mut FrameTable::default());
+        // Phase, flags, mark (or close code), and empty fields: the descriptor is most of what an idle connection costs to move.
+        assert!(w.len() <= 20, "{} bytes", w.len());
+        let mut new = Rig::new();
+        let bytes = w.take();
+        let moved = new
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &FrameTable::default()))
+            .unwrap();
+        assert!(moved.is_open() && !moved.holds_buffers() && !moved.wants_envelopes());
+        assert_eq!(new.budget.used(), 0);
     }
 
     #[test]

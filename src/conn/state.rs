@@ -96,6 +96,16 @@ impl State {
         }
     }
 
+    /// The flag bits, for a snapshot.
+    pub fn flags(self) -> u8 {
+        self.flags
+    }
+
+    /// Sets every flag bit at once, from a snapshot (unknown bits are dropped).
+    pub fn set_flags(&mut self, flags: u8) {
+        self.flags = flags & 0b1_1111;
+    }
+
     /// What the live timer entry means.
     pub fn timer(self) -> Timer {
         match self.phase {

@@ -5,7 +5,7 @@
 //! not own connections or decide what to send. Memory per connection is the point (issue 15: an idle
 //! connection under 100 bytes, index included):
 //!
-//! - a membership record is 24 bytes of 4-byte fields: the user's id, the links of the user's intrusive doubly
+//! - a membership record is 24 bytes of 4-byte fields: the user's name (an arena offset), the links of the user's intrusive doubly
 //!   linked list of connections, the client token's offset in the reactor's string arena (`arena`) and the first
 //!   channel membership inline;
 //! - user ids and client tokens are strings in that arena (a short one costs 8 bytes, no allocation);
@@ -485,6 +485,15 @@ impl Fanout {
             .is_some_and(|m| m.user != NIL && m.prev == NIL && m.next == NIL)
     }
 
+    /// How connection `key` is indexed (user, client token, channels), for a successor process to index it the
+    /// same way (the live upgrade); `None` if it is not indexed.
+    pub fn membership(&self, key: ConnKey) -> Option<(&str, Option<&str>, Vec<&str>)> {
+        let (user, channels) = self.names_of(key)?;
+        let channels = channels.collect();
+        let client = self.identity(key)?.1;
+        Some((user, client, channels))
+    }
+
     /// Appends the keys of every connection of `user` to `out`.
     pub fn user_conns(&self, user: &str, out: &mut Vec<ConnKey>) {
         self.collect_user(user, None, out);
@@ -592,6 +601,28 @@ mod tests {
         let mut out = Vec::new();
         f.channel_conns(c, &mut out);
         sorted(out)
+    }
+
+    #[test]
+    fn membership_gives_back_what_was_indexed_and_joined() {
+        let mut f = Fanout::new();
+        f.add(3, "alice", Some("phone"), &ch(&["news", "sport", "tech"]));
+        f.add(4, "bob", None, &[]);
+        assert_eq!(
+            f.membership(3),
+            Some(("alice", Some("phone"), vec!["news", "sport", "tech"]))
+        );
+        assert_eq!(f.membership(4), Some(("bob", None, vec![])));
+        assert_eq!(f.membership(5), None);
+        // Channels joined and left at run time are what a successor must index too.
+        assert_eq!(f.join(4, "late", 16), Joined::Added);
+        assert!(f.leave(3, "sport"));
+        let (_, _, mut channels) = f.membership(3).unwrap();
+        channels.sort();
+        assert_eq!(channels, ["news", "tech"]);
+        assert_eq!(f.membership(4), Some(("bob", None, vec!["late"])));
+        f.remove(3);
+        assert_eq!(f.membership(3), None);
     }
 
     #[test]
