@@ -61,6 +61,10 @@ const DISCARD_BEFORE_CLOSE_BYTES: usize = 64 << 10;
 /// measurable, soon enough that a server at rest after a connection storm holds only what it uses.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
 
+/// Change of the heap gauge (`densepush_heap_allocated_bytes`) since the last trim that makes the next one worth
+/// its walk.
+const TRIM_AFTER_BYTES: u64 = 64 << 10;
+
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
 const READS_PER_TURN: usize = 16;
@@ -161,7 +165,7 @@ pub struct Reactor {
     /// Reusable list of replay frames.
     replay: Vec<SharedFrame>,
     started: Instant,
-    /// When free heap pages were last handed back, and the accepted-connection count then (reactor 0 only).
+    /// When reactor 0 last looked at the heap, and the heap gauge when it last handed free pages back.
     trimmed: (Instant, u64),
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
@@ -716,6 +720,9 @@ impl Reactor {
             applied_seq: self.applied_seq,
         };
         if freeze.parts.send(ready).is_ok() && freeze.orders.recv() == Ok(Order::Export) {
+            // Every reactor is frozen now, but one that froze after this one may have handed a connection over
+            // to it meanwhile (an upgrade request it read before freezing): take those in, so they move too.
+            self.take_over_queued();
             self.export(&freeze.parts);
             // The successor takes over and this process exits while we wait here; an order (or the driver
             // going away) means the upgrade rolled back.
@@ -725,6 +732,26 @@ impl Reactor {
         // Edges that came while accepts were held back are gone: look at the backlogs now.
         self.accept_all(false);
         self.accept_all(true);
+    }
+
+    /// Takes over the connections other reactors handed to this one and that are still queued, leaving every
+    /// other command where it is (the admin API and the bus are frozen: nothing else can be there but what the
+    /// freeze already applied).
+    fn take_over_queued(&mut self) {
+        self.take_mailbox();
+        let mut kept = VecDeque::with_capacity(self.backlog.len());
+        let mut taken = 0;
+        while let Some(command) = self.backlog.pop_front() {
+            match command {
+                Command::Adopt(adoption) => {
+                    self.take_over(*adoption);
+                    taken += 1;
+                }
+                other => kept.push_back(other),
+            }
+        }
+        self.backlog = kept;
+        self.mailbox.applied(taken);
     }
 
     /// Streams this reactor's listeners and connections, in batches of at most `MAX_FDS`, to `parts`.
@@ -1330,15 +1357,16 @@ impl Reactor {
             .store(sizes.channels as u64, Relaxed);
     }
 
-    /// Hands free heap pages back once connections came or went since the last time, as far as reactor 0 can
-    /// tell: the node's open connections changed, or it accepted some itself.
+    /// Hands free heap pages back when the heap changed by [`TRIM_AFTER_BYTES`] since the last time (a
+    /// connection storm grows it; handshake deadlines firing, tables at their old sizes and hand-overs being
+    /// freed shrink it); a heap at rest is not walked again.
     fn trim_heap(&mut self) {
-        let churn = (self.settings.open_total.load(Relaxed) as u64)
-            .wrapping_add(self.metrics.tcp_accepted.load(Relaxed) << 32);
-        if churn != self.trimmed.1 {
+        let allocated = crate::metrics::heap::allocated_bytes().unwrap_or(0);
+        if allocated.abs_diff(self.trimmed.1) >= TRIM_AFTER_BYTES {
             crate::metrics::heap::release_free_pages();
+            self.trimmed.1 = allocated;
         }
-        self.trimmed = (Instant::now(), churn);
+        self.trimmed.0 = Instant::now();
     }
 
     // ---- commands from other threads -------------------------------------------------------------------

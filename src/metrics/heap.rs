@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 /// deadlines' timer entries, the index's hash table at each of its previous sizes, hand-over messages — about
 /// 15-25 bytes per connection measured at 15,000 connections, resident until trimmed. It walks the free
 /// chunks of every arena under that arena's lock, so it is called rarely (see `reactor::TRIM_EVERY`) and only
-/// after connections came or went.
+/// after the heap changed (`reactor::TRIM_AFTER_BYTES`).
 pub fn release_free_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases memory the allocator holds free; it has no preconditions.
