@@ -435,6 +435,11 @@ impl Reactors {
             .unwrap_or(0)
     }
 
+    /// Reactor `index`'s mailbox.
+    pub fn mailbox(&self, index: usize) -> &Arc<Mailbox> {
+        &self.mailboxes[index]
+    }
+
     /// The home reactor of `user` (see [`home`]).
     pub fn home(&self, user: &str) -> usize {
         home(user, self.mailboxes.len())

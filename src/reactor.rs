@@ -177,14 +177,14 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    /// A reactor around an already bound, non-blocking listener and a poll whose waker feeds `mailbox`.
-    /// `listener` serves ws:// and `tls_listener` wss:// (at least one of them is given).
+    /// Reactor number `index` of `reactors`, around an already bound, non-blocking listener and a poll whose
+    /// waker feeds its mailbox (`reactors.mailbox(index)`). `listener` serves ws:// and `tls_listener` wss://
+    /// (at least one of them is given).
     pub fn new(
         poll: Poll,
         listener: Option<std::net::TcpListener>,
         tls_listener: Option<std::net::TcpListener>,
         (index, reactors): (usize, Reactors),
-        mailbox: Arc<Mailbox>,
         auth: Arc<Authenticator>,
         metrics: Arc<ReactorMetrics>,
         settings: Settings,
@@ -214,10 +214,10 @@ impl Reactor {
             // so there is no doubling slack and no copy of millions of records while clients connect.
             conns: Slab::with_capacity(settings.max_tracked),
             fanout: Fanout::with_capacity(settings.max_tracked),
+            mailbox: reactors.mailbox(index).clone(),
             index,
             reactors,
             wheel: TimerWheel::new(settings.rules.max_delay_ticks()),
-            mailbox,
             auth,
             metrics,
             scratch: vec![0; settings.read_buffer_bytes],

@@ -184,7 +184,7 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
     let reactors = Reactors::new(mailboxes.clone(), settings.budget.clone());
     let mut reactor_metrics = Vec::new();
     let mut built = Vec::new();
-    for (i, (poll, mailbox)) in polls.into_iter().zip(mailboxes).enumerate() {
+    for (i, poll) in polls.into_iter().enumerate() {
         let (listener, tls_listener) = match taker.as_mut() {
             None => (plain.pop(), secure.pop()),
             Some(taker) => {
@@ -205,7 +205,6 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
             listener,
             tls_listener,
             (i, reactors.clone()),
-            mailbox,
             auth.clone(),
             metrics.clone(),
             settings.clone(),

@@ -2,7 +2,6 @@
 //! history and its admin connections to a new process (SIGUSR2 or `densepush upgrade`) while a publisher keeps
 //! publishing; and when the new process cannot take over, the old one keeps serving with nothing lost.
 
-#[allow(dead_code)]
 mod cluster_common;
 mod common;
 
