@@ -15,8 +15,8 @@
 //! memory held like any queued frame: each mailbox holds a budget reference on its frames (`SharedFrame`, so
 //! the frames count once in `websocket.max_buffered_bytes_total` however many mailboxes and outboxes hold
 //! them) until its reactor has delivered it, and the bytes a mailbox holds are bounded like its length (see
-//! [`Reactors::overloaded`]). Questions (kick, presence, subscription changes) go to every reactor and the
-//! answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a
+//! [`Reactors::overloaded`]). Questions (kick, presence, subscription changes) go to the reactors their target
+//! concerns (a user's home) and the answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a
 //! message (`message`, `history`, the reactors' fanout indexes).
 //!
 //! A sender that must keep every mailbox within both bounds without being refused (the cluster's bus reader,
