@@ -33,7 +33,7 @@ use std::cell::RefCell;
 use std::ops::AddAssign;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 /// Commands a held wake-up ([`hold_wakes`]) lets wait in one mailbox before it rings anyway: a turn of the
@@ -381,6 +381,11 @@ pub struct Reactors {
     mailboxes: Arc<[Arc<Mailbox>]>,
     /// The buffer budget the messages waiting in mailboxes are charged to.
     budget: Arc<Budget>,
+    /// True once a drain began. A publish holds it for reading from its check to its last mailbox push, and
+    /// [`Reactors::shutdown`] sets it under the write lock before it queues the shutdown: so every publish
+    /// either reaches every mailbox ahead of the shutdown (and is delivered before the 1001) or is refused,
+    /// never accepted and then queued behind the close frames.
+    closed: Arc<RwLock<bool>>,
 }
 
 impl Reactors {
@@ -389,6 +394,7 @@ impl Reactors {
         Reactors {
             mailboxes: mailboxes.into(),
             budget,
+            closed: Arc::new(RwLock::new(false)),
         }
     }
 
@@ -596,8 +602,18 @@ impl Reactors {
         }
     }
 
-    /// Asks every reactor to stop accepting and close its connections with 1001 within `timeout`.
+    /// Holds a drain off while a publish is handed to the mailboxes; `None` once [`Reactors::shutdown`] began
+    /// (the publish must be refused: its recipients are closing).
+    pub fn open(&self) -> Option<RwLockReadGuard<'_, bool>> {
+        let closed = self.closed.read().unwrap_or_else(|e| e.into_inner());
+        (!*closed).then_some(closed)
+    }
+
+    /// Asks every reactor to stop accepting and close its connections with 1001 within `timeout`. Publishes
+    /// being handed over finish first; later ones are refused ([`Reactors::open`]).
     pub fn shutdown(&self, timeout: Duration) {
+        let mut closed = self.closed.write().unwrap_or_else(|e| e.into_inner());
+        *closed = true;
         self.send_to(&Target::All, || Command::Shutdown { timeout });
     }
 

@@ -58,16 +58,33 @@ impl Publisher {
 
     /// Publishes a message that has no place in its stream yet: a local publish, or another node's publish of
     /// a stream without shared history. Returns the message as every reactor received it.
-    pub fn publish(&self, target: Target, binary: bool, payload: &[u8]) -> Arc<Message> {
-        self.deliver(Message::new(target, binary, payload), None)
+    /// `Err` once the node drains: nothing was stored or queued.
+    pub fn publish(
+        &self,
+        target: Target,
+        binary: bool,
+        payload: &[u8],
+    ) -> Result<Arc<Message>, ShuttingDown> {
+        let message = Message::new(target, binary, payload);
+        let _open = self.reactors.open().ok_or(ShuttingDown)?;
+        Ok(self.deliver(message, None))
     }
 
     /// Publishes a batch: each item framed once, one message per target sharing that frame, in the items'
     /// order and each item's targets' order; messages of streams that keep history are stored. Every reactor
     /// gets the batch as one command. Returns the messages as the reactors received them (with their places in
     /// history, for the answer).
-    pub fn publish_batch(&self, items: Vec<BatchItem>) -> Arc<[Arc<Message>]> {
+    /// `Err` once the node drains: nothing was stored or queued.
+    pub fn publish_batch(
+        &self,
+        items: Vec<BatchItem>,
+    ) -> Result<Arc<[Arc<Message>]>, ShuttingDown> {
         let messages = batch_messages(items);
+        let _open = self.reactors.open().ok_or(ShuttingDown)?;
+        Ok(self.dispatch_batch(messages))
+    }
+
+    fn dispatch_batch(&self, messages: Vec<Message>) -> Arc<[Arc<Message>]> {
         let dispatch = |batch: &Arc<[Arc<Message>]>| self.reactors.publish_batch(batch.clone());
         if messages.iter().any(|m| self.history.keeps(m.target())) {
             return self.history.append_batch(messages, dispatch);
@@ -87,7 +104,7 @@ impl Publisher {
         stamps: &[Option<(Stamp<'_>, &[Backfill])>],
     ) -> Arc<[Arc<Message>]> {
         if stamps.iter().all(Option::is_none) {
-            return self.publish_batch(items);
+            return self.dispatch_batch(batch_messages(items));
         }
         let messages = batch_messages(items);
         debug_assert_eq!(messages.len(), stamps.len());
@@ -136,6 +153,11 @@ impl Publisher {
         }
     }
 }
+
+/// A publish refused because the node is draining (`Reactors::shutdown` began): its recipients are closing
+/// with 1001, so it is answered 503 instead of accepted and then queued behind their close frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShuttingDown;
 
 /// A batch's messages: each item framed once, one message per target sharing that frame, in the items' order
 /// and each item's targets' order.
@@ -189,6 +211,53 @@ mod tests {
         (Publisher::new(history, reactors), mailboxes, polls)
     }
 
+    #[test]
+    fn a_publish_racing_a_drain_is_queued_ahead_of_the_shutdown_or_refused() {
+        // Each round: one thread publishes as fast as it can while another starts the drain. Every publish that
+        // was accepted must sit ahead of the shutdown in every mailbox (so it is delivered before the 1001);
+        // none may follow it (it would be accepted, then dropped behind the close frames).
+        for round in 0..200 {
+            let (publisher, mailboxes, _polls) = publisher(2);
+            let publisher = Arc::new(publisher);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let racer = {
+                let (publisher, stop) = (publisher.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let (mut accepted, mut refused) = (0usize, 0usize);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) || refused == 0 {
+                        let target = Target::User(format!("u{}", accepted % 3));
+                        match publisher.publish(target, false, b"x") {
+                            Ok(_) => accepted += 1,
+                            Err(ShuttingDown) => refused += 1,
+                        }
+                    }
+                    accepted
+                })
+            };
+            std::thread::sleep(std::time::Duration::from_micros(50 + round * 3));
+            publisher.reactors().shutdown(std::time::Duration::ZERO);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let accepted = racer.join().unwrap();
+            for mailbox in &mailboxes {
+                let mut commands = Vec::new();
+                mailbox.take_all(&mut commands);
+                let shutdown = commands
+                    .iter()
+                    .position(|c| matches!(c, Command::Shutdown { .. }))
+                    .expect("the shutdown is queued");
+                assert_eq!(
+                    shutdown, accepted,
+                    "round {round}: every accepted publish is ahead of it"
+                );
+                assert_eq!(
+                    commands.len(),
+                    accepted + 1,
+                    "round {round}: nothing follows it"
+                );
+            }
+        }
+    }
+
     /// The messages a mailbox received, in order.
     fn received(mailbox: &Mailbox) -> Vec<Arc<Message>> {
         let mut commands = Vec::new();
@@ -222,7 +291,9 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..EACH {
                         let target = Target::User(user.into());
-                        publisher.publish(target, false, i.to_string().as_bytes());
+                        publisher
+                            .publish(target, false, i.to_string().as_bytes())
+                            .unwrap();
                     }
                 })
             })
@@ -275,7 +346,7 @@ mod tests {
                 payload: vec![2],
             },
         ];
-        let sent = publisher.publish_batch(items);
+        let sent = publisher.publish_batch(items).unwrap();
         assert_eq!(sent.len(), 4);
         let bare = sent[0].frame(Encoding::Bare);
         for m in &sent[1..3] {
@@ -317,11 +388,13 @@ mod tests {
     #[test]
     fn a_batch_without_kept_streams_takes_no_place_in_history() {
         let (publisher, mailboxes, _polls) = publisher(1);
-        let sent = publisher.publish_batch(vec![BatchItem {
-            targets: vec![Target::All, Target::Channel("x".into())],
-            binary: false,
-            payload: b"x".to_vec(),
-        }]);
+        let sent = publisher
+            .publish_batch(vec![BatchItem {
+                targets: vec![Target::All, Target::Channel("x".into())],
+                binary: false,
+                payload: b"x".to_vec(),
+            }])
+            .unwrap();
         assert!(sent.iter().all(|m| m.seq() == 0 && m.stamp().is_none()));
         assert_eq!(publisher.history().last_seq(), 0);
         assert!(Arc::ptr_eq(&batches(&mailboxes[0])[0], &sent));
@@ -330,7 +403,9 @@ mod tests {
     #[test]
     fn every_reactor_and_history_share_one_message() {
         let (publisher, mailboxes, _polls) = publisher(2);
-        let sent = publisher.publish(Target::User("u".into()), false, b"hi");
+        let sent = publisher
+            .publish(Target::User("u".into()), false, b"hi")
+            .unwrap();
         let home = publisher.reactors().home("u");
         assert!(Arc::ptr_eq(&received(&mailboxes[home])[0], &sent));
         assert!(
@@ -345,7 +420,9 @@ mod tests {
     #[test]
     fn an_unstored_message_is_not_enveloped_until_a_recipient_asks() {
         let (publisher, mailboxes, _polls) = publisher(1);
-        let sent = publisher.publish(Target::Channel("news".into()), false, b"x");
+        let sent = publisher
+            .publish(Target::Channel("news".into()), false, b"x")
+            .unwrap();
         assert_eq!((sent.seq(), sent.stamp()), (0, None));
         assert!(publisher.history().read("channel:news", 0, 10).is_none());
         let bare_only = Message::new(Target::Channel("news".into()), false, b"x").footprint();

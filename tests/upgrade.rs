@@ -531,6 +531,18 @@ fn a_rolled_back_upgrade_resumes_the_cluster_bus_where_it_stopped() {
         ],
         &[(BINARY_ENV, binary.to_str().unwrap())],
     );
+    // The link may come up after the server serves when the machine is busy (the server waits for it only up
+    // to cluster.command_timeout_ms); publishes before it are refused, not lost.
+    let link_up = |server: &Server| {
+        assert!(
+            wait_until(Duration::from_secs(20), || server
+                .request("GET", "/healthz", b"", &[])
+                .json()["cluster"]
+                == "up"),
+            "the cluster link never came up"
+        );
+    };
+    link_up(&server);
     let mut ws = server.connect("user=alice&channels=news");
     server.publish("/publish/channel/news", "before");
     assert_eq!(recv_text(&mut ws), "before");
@@ -543,6 +555,8 @@ fn a_rolled_back_upgrade_resumes_the_cluster_bus_where_it_stopped() {
     );
     let (reason, detail) = rolled_back(&server);
     assert_eq!(reason, "exited", "{detail}");
+    // The resumed reader links again (the link is down while it is stopped: publishes are refused, not lost).
+    link_up(&server);
     for i in 0..20 {
         server.publish("/publish/channel/news", &format!("after {i}"));
     }

@@ -363,7 +363,13 @@ impl Api {
             }
             None => {
                 // Framed once, stored when the stream keeps history; every reactor and recipient shares it.
-                self.publisher.publish(target, binary, &request.body);
+                if self
+                    .publisher
+                    .publish(target, binary, &request.body)
+                    .is_err()
+                {
+                    return shutting_down();
+                }
             }
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
@@ -386,10 +392,7 @@ impl Api {
     /// The 503 for a publish while the node drains or its reactors are behind, if either is so.
     fn refuse_while_busy(&self) -> Result<(), Reply> {
         if self.settings.draining.load(Relaxed) {
-            return Err(Reply::error(
-                503,
-                "shutting down: connections are closing; publish through another node",
-            ));
+            return Err(shutting_down());
         }
         // A reactor that is this far behind would only queue it longer: tell the backend to retry instead.
         if self.publisher.reactors().overloaded() {
@@ -436,7 +439,9 @@ impl Api {
         let positions = match &self.cluster {
             None => {
                 let counts: Vec<usize> = items.iter().map(|item| item.targets.len()).collect();
-                let sent = self.publisher.publish_batch(items);
+                let Ok(sent) = self.publisher.publish_batch(items) else {
+                    return shutting_down();
+                };
                 positions_of(&sent, &counts)
             }
             Some(cluster) => match self.publish_batch_in_cluster(cluster, items) {
@@ -797,6 +802,14 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The 503 for a publish that meets a drain: its recipients are closing.
+fn shutting_down() -> Reply {
+    Reply::error(
+        503,
+        "shutting down: connections are closing; publish through another node",
+    )
 }
 
 #[cfg(test)]

@@ -407,7 +407,9 @@ fn apply(
                 return Ok(());
             }
             // Framed once for every connection on this node, and stored, exactly like a local publish.
-            cluster.local.publish(target, binary, &payload);
+            // Refused only once this node drains: it has left the cluster and its connections are closing
+            // with 1001, which tells them.
+            let _ = cluster.local.publish(target, binary, &payload);
         }
         Body::Stamped {
             target,

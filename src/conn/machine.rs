@@ -1587,6 +1587,8 @@ mod tests {
         m.snapshot(&mut w, &mut frames);
         let mut table = Writer::new();
         frames.write_fresh(&mut table);
+        // The old process lets its copy go (in production it exits; here its queue gives its budget back).
+        old.with(|cx, _| m.teardown(cx));
 
         // The successor: its own wheel, budget and counters.
         let mut new = Rig::new();

@@ -174,7 +174,9 @@ impl History {
             }
             let binary = r.bool("message binary")?;
             let payload = r.bytes_field("message payload")?;
-            Ok(placed(Message::new(target, binary, payload), slot))
+            let message = Message::new(target, binary, payload);
+            let envelope = message.prepare_envelope();
+            Ok(placed(message, slot, &envelope))
         })?;
         let mut restored = store;
         // Streams of kinds this process keeps no history for are forgotten.
@@ -242,9 +244,12 @@ impl History {
         deliver: impl FnOnce(&Arc<Message>),
     ) -> Arc<Message> {
         debug_assert!(self.keeps(message.target()), "only kept streams are stored");
+        // Everything that costs in proportion to the payload (escaping it into the envelope, framing a
+        // backfill) is done before the lock: publishers and the reactors' replays wait only for the copy.
+        let placing = Placing::new(message, stamped);
         let now = self.now_ms();
         let mut store = self.lock();
-        let stored = self.place(&mut store, now, message, stamped);
+        let stored = self.place(&mut store, now, placing);
         deliver(&stored);
         stored
     }
@@ -256,20 +261,27 @@ impl History {
         &self,
         store: &mut Store<Arc<Message>>,
         now: u64,
-        message: Message,
-        stamped: Option<(Stamp<'_>, &[Backfill])>,
+        placing: Placing<'_>,
     ) -> Arc<Message> {
-        let (stream, kind, client) = stream_of(message.target());
+        let Placing {
+            message,
+            envelope,
+            stream,
+            kind,
+            client,
+            stamped,
+        } = placing;
         if !self.settings.enabled(kind) {
             return Arc::new(match stamped {
-                Some((stamp, _)) => message.stamped(stamp.epoch.into(), stamp.offset, 0),
+                Some((stamp, _)) => {
+                    message.stamped_prepared(stamp.epoch.into(), stamp.offset, 0, &envelope)
+                }
                 None => message,
             });
         }
-        let client = client.map(str::to_owned);
         let appended = match stamped {
             None => store.append(&stream, client.as_deref(), now, |slot| {
-                placed(message, slot)
+                placed(message, slot, &envelope)
             }),
             Some((stamp, backfill)) => {
                 for old in backfill {
@@ -277,8 +289,6 @@ impl History {
                         epoch: stamp.epoch,
                         offset: old.offset,
                     };
-                    let target = message.target().with_client(old.client.as_deref());
-                    let old_message = Message::new(target, old.binary, &old.payload);
                     // Sequence 0: no reactor expects it live, so it is replayed and never awaited.
                     store.append_stamped(
                         &stream,
@@ -286,11 +296,11 @@ impl History {
                         false,
                         old.client.as_deref(),
                         now,
-                        |slot| placed(old_message, slot),
+                        |slot| placed(old.message, slot, &old.envelope),
                     );
                 }
                 store.append_stamped(&stream, stamp, true, client.as_deref(), now, |slot| {
-                    placed(message, slot)
+                    placed(message, slot, &envelope)
                 })
             }
         };
@@ -318,11 +328,16 @@ impl History {
         messages: impl IntoIterator<Item = (Message, Option<(Stamp<'a>, &'a [Backfill])>)>,
         deliver: impl FnOnce(&Arc<[Arc<Message>]>),
     ) -> Arc<[Arc<Message>]> {
+        // Prepared before the lock, as a single publish is (see `append_with`).
+        let placing: Vec<Placing<'a>> = messages
+            .into_iter()
+            .map(|(message, stamped)| Placing::new(message, stamped))
+            .collect();
         let now = self.now_ms();
         let mut store = self.lock();
-        let batch: Arc<[Arc<Message>]> = messages
+        let batch: Arc<[Arc<Message>]> = placing
             .into_iter()
-            .map(|(message, stamped)| self.place(&mut store, now, message, stamped))
+            .map(|placing| self.place(&mut store, now, placing))
             .collect();
         deliver(&batch);
         batch
@@ -503,9 +518,60 @@ impl History {
     }
 }
 
-/// The message `make` built, with the place the store gave it.
-fn placed(message: Message, slot: Slot<'_>) -> Arc<Message> {
-    Arc::new(message.stamped(slot.epoch.clone(), slot.offset, slot.seq))
+/// The message, with the place the store gave it and its envelope finished from `envelope`.
+fn placed(message: Message, slot: Slot<'_>, envelope: &envelope::Prepared) -> Arc<Message> {
+    Arc::new(message.stamped_prepared(slot.epoch.clone(), slot.offset, slot.seq, envelope))
+}
+
+/// A message on its way into the store, with what can be built without the lock already built: its stream and
+/// client, its envelope prepared (the escaped payload), and the backfill before it framed and prepared.
+struct Placing<'a> {
+    message: Message,
+    envelope: envelope::Prepared,
+    stream: String,
+    kind: Kind,
+    client: Option<String>,
+    stamped: Option<(Stamp<'a>, Vec<PreparedBackfill>)>,
+}
+
+/// A backfilled message (see [`Backfill`]), framed and with its envelope prepared.
+struct PreparedBackfill {
+    offset: u64,
+    client: Option<String>,
+    message: Message,
+    envelope: envelope::Prepared,
+}
+
+impl<'a> Placing<'a> {
+    fn new(message: Message, stamped: Option<(Stamp<'a>, &[Backfill])>) -> Placing<'a> {
+        let (stream, kind, client) = stream_of(message.target());
+        let client = client.map(str::to_owned);
+        let envelope = message.prepare_envelope();
+        let stamped = stamped.map(|(stamp, backfill)| {
+            let backfill = backfill
+                .iter()
+                .map(|old| {
+                    let target = message.target().with_client(old.client.as_deref());
+                    let old_message = Message::new(target, old.binary, &old.payload);
+                    PreparedBackfill {
+                        offset: old.offset,
+                        client: old.client.clone(),
+                        envelope: old_message.prepare_envelope(),
+                        message: old_message,
+                    }
+                })
+                .collect();
+            (stamp, backfill)
+        });
+        Placing {
+            message,
+            envelope,
+            stream,
+            kind,
+            client,
+            stamped,
+        }
+    }
 }
 
 /// Whether an upgrade request opts into envelopes: `?recover=1` (or `true`), a `since`, or the subprotocol.

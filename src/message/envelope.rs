@@ -11,6 +11,8 @@
 //! - Resync: a text frame `{"type":"resync","s":STREAM,"e":EPOCH,"o":OFFSET}`; `e` is `""` when the server holds
 //!   no history for the stream (its next message starts a new epoch).
 
+use crate::proto::frame;
+use bytes::Bytes;
 use std::borrow::Cow;
 
 /// Version byte of the binary envelope.
@@ -32,35 +34,73 @@ pub struct Stamp<'a> {
 /// The envelope payload (not yet framed) of a message published to `stream`. `text` payloads must be UTF-8
 /// (the admin API checked it); a non-UTF-8 one is encoded lossily rather than panicking.
 pub fn encode(stream: &str, stamp: Option<Stamp<'_>>, text: bool, payload: &[u8]) -> Vec<u8> {
+    let framed = prepare(stream, text, payload).finish(stamp, payload);
+    frame_payload(&framed).to_vec()
+}
+
+/// An envelope with everything but its place: for text, the stream and the payload already escaped as JSON
+/// strings, which is the costly part for a large payload. History prepares it before taking its lock, so the
+/// lock is held only while [`Prepared::finish`] copies it into place (one allocation, one copy), not while a
+/// megabyte is escaped.
+#[derive(Debug)]
+pub struct Prepared {
+    text: bool,
+    /// Text: the stream as a JSON string. Binary: the stream's bytes.
+    stream: String,
+    /// Text: the payload as a JSON string. Binary: empty (the payload is copied as it is).
+    data: String,
+}
+
+/// Prepares the envelope of a message to `stream` (see [`Prepared`]).
+pub fn prepare(stream: &str, text: bool, payload: &[u8]) -> Prepared {
     if text {
-        let data = String::from_utf8_lossy(payload);
-        let mut out = String::with_capacity(payload.len() + stream.len() + 48);
-        out.push_str("{\"s\":");
-        push_json_str(&mut out, stream);
-        if let Some(stamp) = stamp {
-            out.push_str(",\"e\":");
-            push_json_str(&mut out, stamp.epoch);
-            out.push_str(",\"o\":");
-            out.push_str(&stamp.offset.to_string());
-        }
-        out.push_str(",\"d\":");
-        push_json_str(&mut out, &data);
-        out.push('}');
-        return out.into_bytes();
+        let mut quoted = String::with_capacity(stream.len() + 2);
+        push_json_str(&mut quoted, stream);
+        let mut data = String::with_capacity(payload.len() + 2);
+        push_json_str(&mut data, &String::from_utf8_lossy(payload));
+        return Prepared {
+            text,
+            stream: quoted,
+            data,
+        };
     }
-    let (epoch, offset) = stamp.map_or(("", 0), |s| (s.epoch, s.offset));
-    debug_assert!(stream.len() <= u16::MAX as usize && epoch.len() <= u8::MAX as usize);
-    let stream = &stream.as_bytes()[..stream.len().min(u16::MAX as usize)];
-    let epoch = &epoch.as_bytes()[..epoch.len().min(u8::MAX as usize)];
-    let mut out = Vec::with_capacity(12 + stream.len() + epoch.len() + payload.len());
-    out.push(BINARY_VERSION);
-    out.extend_from_slice(&(stream.len() as u16).to_be_bytes());
-    out.extend_from_slice(stream);
-    out.push(epoch.len() as u8);
-    out.extend_from_slice(epoch);
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
+    Prepared {
+        text,
+        stream: stream.to_owned(),
+        data: String::new(),
+    }
+}
+
+impl Prepared {
+    /// The envelope at `stamp`, as a whole WebSocket frame; `payload` is the one it was prepared from.
+    pub fn finish(&self, stamp: Option<Stamp<'_>>, payload: &[u8]) -> Bytes {
+        if self.text {
+            let mut head = String::with_capacity(self.stream.len() + 64);
+            head.push_str("{\"s\":");
+            head.push_str(&self.stream);
+            if let Some(stamp) = stamp {
+                head.push_str(",\"e\":");
+                push_json_str(&mut head, stamp.epoch);
+                head.push_str(",\"o\":");
+                head.push_str(&stamp.offset.to_string());
+            }
+            head.push_str(",\"d\":");
+            let parts: [&[u8]; 3] = [head.as_bytes(), self.data.as_bytes(), b"}"];
+            return frame::encode_message_parts(true, &parts);
+        }
+        let (epoch, offset) = stamp.map_or(("", 0), |s| (s.epoch, s.offset));
+        debug_assert!(self.stream.len() <= u16::MAX as usize && epoch.len() <= u8::MAX as usize);
+        let stream = &self.stream.as_bytes()[..self.stream.len().min(u16::MAX as usize)];
+        let epoch = &epoch.as_bytes()[..epoch.len().min(u8::MAX as usize)];
+        let mut head = Vec::with_capacity(12 + stream.len() + epoch.len());
+        head.push(BINARY_VERSION);
+        head.extend_from_slice(&(stream.len() as u16).to_be_bytes());
+        head.extend_from_slice(stream);
+        head.push(epoch.len() as u8);
+        head.extend_from_slice(epoch);
+        head.extend_from_slice(&offset.to_be_bytes());
+        frame::encode_message_parts(false, &[&head, payload])
+    }
 }
 
 /// The payload of a `resync` notice (a text frame).

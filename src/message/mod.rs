@@ -161,10 +161,30 @@ impl Message {
     /// and its publish sequence number (`history`; 0 for a message no reactor receives live in sequence: a
     /// backfilled one, or one whose stream this node keeps no history for). Its envelope is built now: a
     /// stored message is replayed in it, and its size counts against history's budget from the start.
-    pub fn stamped(mut self, epoch: Arc<str>, offset: u64, seq: u64) -> Message {
+    pub fn stamped(self, epoch: Arc<str>, offset: u64, seq: u64) -> Message {
+        let prepared = self.prepare_envelope();
+        self.stamped_prepared(epoch, offset, seq, &prepared)
+    }
+
+    /// The part of its envelope that does not depend on its place (see [`envelope::Prepared`]): built before
+    /// history's lock is taken, then handed to [`Message::stamped_prepared`] under it.
+    pub fn prepare_envelope(&self) -> envelope::Prepared {
+        let (stream, _, _) = stream_of(&self.target);
+        envelope::prepare(&stream, !self.binary, self.payload())
+    }
+
+    /// [`Message::stamped`] with its envelope prepared beforehand by [`Message::prepare_envelope`].
+    pub fn stamped_prepared(
+        mut self,
+        epoch: Arc<str>,
+        offset: u64,
+        seq: u64,
+        prepared: &envelope::Prepared,
+    ) -> Message {
         self.place = Some(Place { epoch, offset });
         self.seq = seq;
-        let _ = self.frame(Encoding::Envelope);
+        let framed = prepared.finish(self.stamp(), self.payload());
+        self.envelope = OnceLock::from(SharedFrame::new(framed));
         self
     }
 
@@ -206,12 +226,7 @@ impl Message {
         match encoding {
             Encoding::Bare => &self.bare,
             Encoding::Envelope => self.envelope.get_or_init(|| {
-                let (stream, _, _) = stream_of(&self.target);
-                let text = !self.binary;
-                SharedFrame::new(frame::encode_message(
-                    text,
-                    &envelope::encode(&stream, self.stamp(), text, self.payload()),
-                ))
+                SharedFrame::new(self.prepare_envelope().finish(self.stamp(), self.payload()))
             }),
         }
     }

@@ -32,7 +32,13 @@ pub fn header_len(payload_len: usize) -> usize {
 /// A server frame: FIN set (the server never fragments), RSV 0, never masked (§5.1: "A server MUST NOT mask
 /// any frames"), in one allocation of exactly its size.
 fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let len = payload.len();
+    encode_frame_parts(opcode, &[payload])
+}
+
+/// A frame whose payload is `parts` one after another: one allocation of exactly its size, each part copied
+/// once.
+fn encode_frame_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
+    let len = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(header_len(len) + len);
     out.push(0x80 | u8::from(opcode));
     // §5.2: the minimal length encoding.
@@ -47,7 +53,9 @@ fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
             out.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
-    out.extend_from_slice(payload);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     // Vec::with_capacity(n) gives exactly n, and Bytes::from(Vec) keeps the buffer when len == capacity.
     debug_assert_eq!(out.len(), out.capacity());
     Bytes::from(out)
@@ -57,6 +65,12 @@ fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
 pub fn encode_message(text: bool, payload: &[u8]) -> Bytes {
     let kind = if text { Data::Text } else { Data::Binary };
     encode_frame(OpCode::Data(kind), payload)
+}
+
+/// [`encode_message`] of the concatenation of `parts`, without building it first.
+pub fn encode_message_parts(text: bool, parts: &[&[u8]]) -> Bytes {
+    let kind = if text { Data::Text } else { Data::Binary };
+    encode_frame_parts(OpCode::Data(kind), parts)
 }
 
 /// A ping. `payload` must be at most [`MAX_CONTROL_PAYLOAD`] bytes (§5.5); longer is truncated in release builds

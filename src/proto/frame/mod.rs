@@ -23,8 +23,8 @@ pub use close::{
 };
 pub use decode::Decoder;
 pub use encode::{
-    encode_close, encode_message, encode_ping, encode_pong, header_len, EMPTY_CLOSE_FRAME,
-    PING_FRAME,
+    encode_close, encode_message, encode_message_parts, encode_ping, encode_pong, header_len,
+    EMPTY_CLOSE_FRAME, PING_FRAME,
 };
 
 /// Largest control-frame payload (RFC 6455 §5.5).
