@@ -223,11 +223,16 @@ mod tests {
             let racer = {
                 let (publisher, stop) = (publisher.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    let (mut accepted, mut refused) = (0usize, 0usize);
+                    // Accepted publishes per user u0, u1, u2 (each goes to its user's home mailbox only).
+                    let (mut accepted, mut refused) = ([0usize; 3], 0usize);
+                    let mut n = 0;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) || refused == 0 {
-                        let target = Target::User(format!("u{}", accepted % 3));
+                        let target = Target::User(format!("u{}", n % 3));
                         match publisher.publish(target, false, b"x") {
-                            Ok(_) => accepted += 1,
+                            Ok(_) => {
+                                accepted[n % 3] += 1;
+                                n += 1;
+                            }
                             Err(ShuttingDown) => refused += 1,
                         }
                     }
@@ -237,8 +242,12 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_micros(50 + round * 3));
             publisher.reactors().shutdown(std::time::Duration::ZERO);
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let accepted = racer.join().unwrap();
-            for mailbox in &mailboxes {
+            let per_user = racer.join().unwrap();
+            for (i, mailbox) in mailboxes.iter().enumerate() {
+                let accepted: usize = (0..3)
+                    .filter(|u| publisher.reactors().home(&format!("u{u}")) == i)
+                    .map(|u| per_user[u])
+                    .sum();
                 let mut commands = Vec::new();
                 mailbox.take_all(&mut commands);
                 let shutdown = commands
