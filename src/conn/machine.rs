@@ -27,12 +27,13 @@
 use super::echo::Echo;
 use super::outbox::{Flush, ENTRY_BYTES};
 use super::spill::Buffers;
-use super::state::{Flag, Phase, State, Timer};
+use super::state::{Flag, Phase, State, Timer, Wire};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
 use crate::metrics::{ReactorMetrics, RejectKind};
 use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::Reject;
+use crate::proto::sse;
 use crate::shared_frame::SharedFrame;
 use crate::timer::TimerWheel;
 use bytes::Bytes;
@@ -269,6 +270,21 @@ impl Machine {
         self.state.has(Flag::Recover)
     }
 
+    /// What the connection speaks (decided at the upgrade).
+    pub fn wire(&self) -> Wire {
+        self.state.wire()
+    }
+
+    /// Whether the connection is a Server-Sent Events stream.
+    pub fn is_sse(&self) -> bool {
+        self.state.wire() == Wire::Sse
+    }
+
+    /// Whether the connection negotiated permessage-deflate.
+    pub fn deflates(&self) -> bool {
+        self.state.wire() == Wire::WebSocketDeflate
+    }
+
     /// The code the connection's close handshake began with (the first close frame, ours or the client's;
     /// 1005 for a client close without a code, RFC 6455 §7.4.1); `None` when it ends without one (EOF, a reset,
     /// a silent client), which RFC 6455 §7.1.5 reports as 1006.
@@ -353,7 +369,22 @@ impl Machine {
         response: Vec<u8>,
         recover: bool,
     ) -> Next {
+        self.accept_as(cx, t, response, recover, Wire::WebSocket)
+    }
+
+    /// [`Machine::accept`] for a connection that speaks `wire`: a WebSocket with permessage-deflate, or an SSE
+    /// stream (`response` is then the `200` head and the stream's first bytes; its pings become keepalive
+    /// comments).
+    pub fn accept_as<T: Transport + ?Sized>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        response: Vec<u8>,
+        recover: bool,
+        wire: Wire,
+    ) -> Next {
         debug_assert_eq!(self.phase(), Phase::Handshaking);
+        self.state.set_wire(wire);
         self.state.set_phase(Phase::Open);
         self.state.set(Flag::Upgraded, true);
         self.state.set(Flag::Recover, recover);
@@ -400,6 +431,22 @@ impl Machine {
         data: &mut [u8],
     ) -> Next {
         self.state.set(Flag::Heard, true);
+        if self.is_sse() {
+            // An SSE client sends nothing after its request (HTTP/1.1 without pipelining): whatever comes is
+            // read and dropped; its EOF ends the stream.
+            return Next::Continue;
+        }
+        let limits = frame::Limits {
+            deflate: self.deflates(),
+            ..cx.rules.frame_limits
+        };
+        // The DEFLATE bytes of a compressed message that straddled reads.
+        let mut deflated = self
+            .buffers
+            .get_mut()
+            .map(|s| std::mem::take(&mut s.deflated))
+            .unwrap_or_default();
+        let mut inflate_error: Option<ProtocolError> = None;
         // The decoder lives on the stack unless a frame straddles reads; then it waits in the spill.
         let mut decoder = self
             .buffers
@@ -410,13 +457,32 @@ impl Machine {
         let mut peer_close: Option<Option<u16>> = None;
         let (mut pings, mut pongs_in, mut messages) = (0u64, 0u64, 0u64);
         let mut echo = cx.rules.echo.then(|| Echo::resume(self.buffers.get_mut()));
-        let result = decoder.feed(data, &cx.rules.frame_limits, |event| match event {
+        let max_message_bytes = limits.max_message_bytes;
+        let result = decoder.feed(data, &limits, |event| match event {
+            // After a compressed message failed, the connection is closing with its code: nothing more counts.
+            _ if inflate_error.is_some() => {}
             Event::Ping(payload) => {
                 pings += 1;
                 pongs.push(frame::encode_pong(payload));
             }
             Event::Pong(_) => pongs_in += 1,
             Event::Close { code, .. } => peer_close = Some(code),
+            Event::Data {
+                text,
+                chunk,
+                last,
+                compressed: true,
+                ..
+            } => {
+                deflated.extend_from_slice(chunk);
+                if last {
+                    messages += 1;
+                    let result =
+                        super::inflate::message(&deflated, text, max_message_bytes, echo.as_mut());
+                    inflate_error = result.err();
+                    deflated = Vec::new();
+                }
+            }
             Event::Data {
                 text, chunk, last, ..
             } => {
@@ -426,16 +492,22 @@ impl Machine {
                 }
             }
         });
+        let result = match inflate_error {
+            Some(error) => Err(error),
+            None => result,
+        };
         ReactorMetrics::add(&cx.metrics.pings_received, pings);
         ReactorMetrics::add(&cx.metrics.pongs_received, pongs_in);
         ReactorMetrics::add(&cx.metrics.messages_received, messages);
         // A frame straddles reads: its state needs the spill, which the budget may refuse. (After an error or a
         // close the state no longer matters: the connection is ending with its own code.)
         if !decoder.is_idle() && matches!(result, Ok(Feed::More)) {
-            let Some(fresh) = self.buffers.try_grow(cx.budget, 0) else {
+            let Some(fresh) = self.buffers.try_grow(cx.budget, deflated.capacity()) else {
                 return self.close(cx, t, Close::Budget);
             };
-            self.buffers.get_mut().expect("try_grow allocates").decoder = decoder;
+            let spill = self.buffers.get_mut().expect("try_grow allocates");
+            spill.decoder = decoder;
+            spill.deflated = deflated;
             if fresh {
                 cx.metrics.buffers_live.fetch_add(1, Relaxed);
             }
@@ -504,6 +576,14 @@ impl Machine {
             Timer::Handshake => {
                 cx.metrics.reject(RejectKind::Timeout);
                 Expired::Next(Next::Remove(Ending::Done))
+            }
+            Timer::Ping if self.is_sse() => {
+                // EventSource answers nothing: a comment keeps proxies from timing the stream out, and a dead
+                // peer shows when the kernel gives up on it (or as a slow consumer once the outbox fills).
+                self.arm(cx, cx.rules.ping_interval_ticks);
+                ReactorMetrics::inc(&cx.metrics.pings_sent);
+                let keepalive = Out::Own(Bytes::from_static(&sse::KEEPALIVE));
+                Expired::Next(self.deliver(cx, t, keepalive, true))
             }
             Timer::Ping => {
                 self.state.set(Flag::PingSent, true);
@@ -620,7 +700,7 @@ impl Machine {
         let metrics = cx.metrics;
         // The close frame, and whether the server then waits for the client's close (`Closing`) or closes TCP
         // once its last bytes are out (`Flushing`).
-        let (code, reason, next) = match why {
+        let (code, reason, mut next) = match why {
             Close::Peer(code) => {
                 if was_open {
                     ReactorMetrics::inc(&metrics.client_closes);
@@ -644,12 +724,21 @@ impl Machine {
             }
             Close::SlowConsumer => {
                 ReactorMetrics::inc(&metrics.slow_consumer_closes);
+                if self.is_sse() {
+                    ReactorMetrics::inc(&metrics.sse_slow_consumer_closes);
+                }
                 (Some(1008), SLOW_CONSUMER, Phase::Closing)
             }
             Close::Kick { code, reason } => (Some(code), reason, Phase::Closing),
             Close::Shutdown => (Some(1001), SHUTTING_DOWN, Phase::Closing),
             Close::Refuse(_) => unreachable!("handled above"),
         };
+        // An SSE stream has no close handshake: it ends when its last bytes are out (a drain's queued events
+        // first), the client's EventSource reconnecting by itself unless told otherwise by `event: close`.
+        let sse = self.is_sse();
+        if sse {
+            next = Phase::Flushing;
+        }
         if was_open {
             // The first close decides the code; the other side's echo (which finds us `Closing`) does not
             // change it. From here on `mark` is the close code, no longer an acknowledgement mark.
@@ -667,7 +756,22 @@ impl Machine {
         }
         self.state.set_phase(next);
         self.arm(cx, cx.rules.close_timeout_ticks);
-        if was_open {
+        let close_event = match why {
+            // A kick tells the client not to come back; any other end lets EventSource reconnect (a drain, a
+            // slow reader whose stream resumes from its last id).
+            Close::Kick { code, reason } => Some(Bytes::from(sse::close_event(code, reason))),
+            _ => None,
+        };
+        if was_open && sse {
+            if let Some(event) = close_event {
+                if let Sent::Failed = self.transmit(cx, t, Out::Own(event), false) {
+                    return Next::Remove(self.ending(Ending::Abrupt));
+                }
+                if !drain {
+                    self.make_room(t);
+                }
+            }
+        } else if was_open {
             let frame = match code {
                 Some(code) => frame::encode_close(code, reason),
                 None => Bytes::from_static(&EMPTY_CLOSE_FRAME),
@@ -942,6 +1046,7 @@ mod tests {
                 close_timeout_ticks: 30,
                 frame_limits: frame::Limits {
                     max_message_bytes: 1 << 16,
+                    deflate: false,
                 },
                 max_outbox_bytes: 1 << 12,
                 echo: false,
