@@ -1179,24 +1179,30 @@ impl Reactor {
     }
 }
 
-/// The positions a request resumes from: `since` (both kinds), else for SSE the EventSource's `Last-Event-ID`
-/// header or a `lastEventId` query parameter (for clients that cannot set headers); an SSE id is one `since`
-/// item (`proto::sse::event_id`).
+/// The positions a request resumes from: `since` (both kinds); for SSE also the EventSource's `Last-Event-ID`
+/// header, or a `lastEventId` query parameter for clients that cannot set headers. An SSE id is one `since`
+/// item (`proto::sse::event_id`), and it wins over a `since` item of the same stream: a browser reconnecting by
+/// itself sends the URL it was opened with (an older `since`) and the id of the last event it got.
 fn since_of(request: &Request<'_>) -> Vec<envelope::Position> {
-    if let Some(raw) = http::query_raw(request.query, "since") {
-        return envelope::parse_since(raw);
+    let mut raw = http::query_raw(request.query, "since")
+        .unwrap_or_default()
+        .to_owned();
+    if request.kind == Kind::Sse {
+        let id = match (
+            request.last_event_id,
+            http::query_param(request.query, "lastEventId"),
+        ) {
+            (Some(id), _) => Some(id.to_owned()),
+            (None, Some(id)) => Some(id.into_owned()),
+            (None, None) => None,
+        };
+        if let Some(id) = id.filter(|id| !id.is_empty()) {
+            // parse_since keeps the last position given for a stream.
+            raw.push(',');
+            raw.push_str(&id);
+        }
     }
-    if request.kind != Kind::Sse {
-        return Vec::new();
-    }
-    match (
-        request.last_event_id,
-        http::query_param(request.query, "lastEventId"),
-    ) {
-        (Some(id), _) => envelope::parse_since(id),
-        (None, Some(id)) => envelope::parse_since(&id),
-        (None, None) => Vec::new(),
-    }
+    envelope::parse_since(&raw)
 }
 
 /// Brings a TLS session's budget charge and the TLS byte gauge in line with what it holds now.

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 /// Opens `/sse?query` with `extra` header lines; the stream after the response head, and the head.
 fn open_sse(server: &Server, query: &str, extra: &[&str]) -> (TcpStream, String) {
     let mut stream = server.raw();
-    let mut head = format!("GET /sse?{query} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n");
+    let mut head =
+        format!("GET /sse?{query} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n");
     for line in extra {
         head.push_str(line);
         head.push_str("\r\n");
@@ -29,7 +30,10 @@ fn open_sse(server: &Server, query: &str, extra: &[&str]) -> (TcpStream, String)
 fn sse(server: &Server, query: &str, extra: &[&str]) -> TcpStream {
     let (mut stream, head) = open_sse(server, query, extra);
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert!(head.contains("\r\nContent-Type: text/event-stream\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: text/event-stream\r\n"),
+        "{head}"
+    );
     let preamble = read_event(&mut stream).expect("retry");
     assert!(preamble.starts_with("retry: "), "{preamble}");
     stream
@@ -43,7 +47,10 @@ fn read_event(stream: &mut TcpStream) -> Option<String> {
         match stream.read(&mut byte) {
             Ok(0) => return None,
             Ok(_) => block.push(byte[0]),
-            Err(e) => panic!("reading an event after {:?}: {e}", String::from_utf8_lossy(&block)),
+            Err(e) => panic!(
+                "reading an event after {:?}: {e}",
+                String::from_utf8_lossy(&block)
+            ),
         }
     }
     block.truncate(block.len() - 2);
@@ -155,8 +162,15 @@ fn the_same_identity_rules_refuse_with_the_same_statuses() {
     );
     server.publish("/publish/user/42", "bearer works");
     assert_eq!(next_event(&mut ok).unwrap(), "data: bearer works");
-    let (_, head) = open_sse(&server, &format!("token={token}"), &["Origin: https://app.example.com"]);
-    assert!(head.contains("\r\nAccess-Control-Allow-Origin: https://app.example.com\r\n"), "{head}");
+    let (_, head) = open_sse(
+        &server,
+        &format!("token={token}"),
+        &["Origin: https://app.example.com"],
+    );
+    assert!(
+        head.contains("\r\nAccess-Control-Allow-Origin: https://app.example.com\r\n"),
+        "{head}"
+    );
     let off = Server::start(&[("server.sse_path", "")]);
     let (_, head) = open_sse(&off, "user=a", &[]);
     assert_eq!(status_of(&head), 404, "{head}");
@@ -171,7 +185,9 @@ fn ids_resume_through_last_event_id_or_the_query_and_stale_ones_resync() {
         server.publish("/publish/user/42", &format!("m{i}"));
     }
     let one = next_event(&mut first).unwrap();
-    let id = field(&one, "id").expect("an id when history is on").to_owned();
+    let id = field(&one, "id")
+        .expect("an id when history is on")
+        .to_owned();
     assert!(id.starts_with("user:42@") && id.ends_with(":1"), "{id}");
     drop(first);
     // The browser's header after a cut: what followed m1, then live.
@@ -183,13 +199,22 @@ fn ids_resume_through_last_event_id_or_the_query_and_stale_ones_resync() {
     assert!(next_event(&mut back).unwrap().ends_with("data: m4"));
     // The query form, for clients that cannot set headers.
     let three = id.replace(":1", ":3");
-    let mut query = sse(&server, &format!("user=42&lastEventId={}", three.replace(':', "%3A").replace('@', "%40")), &[]);
+    let mut query = sse(
+        &server,
+        &format!(
+            "user=42&lastEventId={}",
+            three.replace(':', "%3A").replace('@', "%40")
+        ),
+        &[],
+    );
     assert!(next_event(&mut query).unwrap().ends_with("data: m4"));
     // An epoch the server does not know: one resync event, whose id is where the stream goes on.
     let mut stale = sse(&server, "user=42", &["Last-Event-ID: user:42@Zz9Zz9Zz:2"]);
     let resync = next_event(&mut stale).unwrap();
     assert_eq!(field(&resync, "event"), Some("resync"), "{resync}");
-    assert!(field(&resync, "data").unwrap().contains("\"type\":\"resync\""));
+    assert!(field(&resync, "data")
+        .unwrap()
+        .contains("\"type\":\"resync\""));
     assert!(field(&resync, "id").unwrap().ends_with(":4"), "{resync}");
 }
 
@@ -241,7 +266,11 @@ fn a_drain_flushes_then_ends_the_stream() {
     server.publish("/publish/all", "last words");
     server.sigterm();
     assert_eq!(next_event(&mut stream).unwrap(), "data: last words");
-    assert_eq!(next_event(&mut stream), None, "ends without a close event: EventSource reconnects");
+    assert_eq!(
+        next_event(&mut stream),
+        None,
+        "ends without a close event: EventSource reconnects"
+    );
     let status = server.wait_exit(Duration::from_secs(10)).expect("exited");
     assert!(status.success(), "{status:?}");
 }
@@ -270,10 +299,17 @@ fn a_slow_reader_is_ended_and_counted() {
     assert!(wait_until(Duration::from_secs(5), || server
         .metric("densepush_sse_slow_consumer_closes_total", &[])
         == 1));
-    assert_eq!(server.metric("densepush_slow_consumer_closes_total", &[]), 1);
+    assert_eq!(
+        server.metric("densepush_slow_consumer_closes_total", &[]),
+        1
+    );
     // The healthy reader is untouched.
     assert!(next_event(&mut healthy).unwrap().starts_with("data: xxx"));
     // The slow one reads what got through, then the end of the stream.
     let rest = read_to_close(&mut stream);
-    assert!(rest.starts_with(b"HTTP/1.1 200 OK"), "{:?}", &rest[..rest.len().min(40)]);
+    assert!(
+        rest.starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        &rest[..rest.len().min(40)]
+    );
 }
