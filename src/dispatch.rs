@@ -12,18 +12,22 @@
 //! [`Reactors::overloaded`]). Questions (kick, presence, subscription changes) go to every reactor and the
 //! answers are summed here, within [`REPLY_TIMEOUT`]. It does not frame, store or decide who receives a
 //! message (`message`, `history`, the reactors' fanout indexes).
+//!
+//! A sender that must keep every mailbox within both bounds without being refused (the cluster's bus reader,
+//! which waits instead) reads [`Reactors::fullest`] and [`Reactors::bytes_full`] before it sends.
 
 use crate::budget::Budget;
 use crate::message::envelope::Position;
+use crate::message::missed::{Missed, Told};
 use crate::message::{Message, Target};
 use mio::Waker;
 use std::ops::AddAssign;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long a question (kick, presence) waits for every reactor's answer.
+/// How long a question (kick, presence, subscription change) waits for every reactor's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Commands a reactor may have pending before publishes are refused with 503: past it the reactor is not
@@ -52,6 +56,14 @@ pub enum Command {
         reason: Arc<str>,
         /// Receives the number of connections closed in this reactor, if anyone waits for it.
         reply: Option<Sender<usize>>,
+    },
+    /// Tell the connections in `scope` that they may have missed messages: `resync` notices to those that opted
+    /// into recovery, close 1012 to the others (`message::missed`); count them in `told`.
+    Missed {
+        /// Which connections, and which of their streams.
+        scope: Arc<Missed>,
+        /// Where the reactor counts the connections it told.
+        told: Arc<Told>,
     },
     /// Deliver these messages in order (a batch publish: each item framed once, one message per target sharing
     /// those bytes).
@@ -238,10 +250,19 @@ impl Reactors {
     /// hold a [`MAILBOX_BUDGET_SHARE`]th of the buffer budget: publishes should be refused (503) until it
     /// catches up, rather than queued without bound.
     pub fn overloaded(&self) -> bool {
+        self.mailboxes
+            .iter()
+            .any(|m| m.pending() >= MAX_PENDING_COMMANDS)
+            || self.bytes_full()
+    }
+
+    /// True when publishes waiting for some reactor hold a [`MAILBOX_BUDGET_SHARE`]th of the buffer budget: the
+    /// byte half of [`Reactors::overloaded`], for a sender that waits instead of refusing (the bus reader).
+    pub fn bytes_full(&self) -> bool {
         let max_bytes = self.budget.limit() / MAILBOX_BUDGET_SHARE;
         self.mailboxes
             .iter()
-            .any(|m| m.pending() >= MAX_PENDING_COMMANDS || m.pending_bytes() >= max_bytes)
+            .any(|m| m.pending_bytes() >= max_bytes)
     }
 
     /// The buffer budget.
@@ -249,11 +270,31 @@ impl Reactors {
         &self.budget
     }
 
+    /// The most commands pending in any one mailbox.
+    pub fn fullest(&self) -> usize {
+        self.mailboxes
+            .iter()
+            .map(|m| m.pending())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Hands a message to every reactor.
     pub fn publish(&self, message: Arc<Message>) {
         for mailbox in self.mailboxes.iter() {
             mailbox.send_publish(message.clone(), &self.budget);
         }
+    }
+
+    /// Tells the connections in `scope`, on every reactor, that they may have missed messages; each reactor
+    /// counts the connections it told in `told`. Queued behind everything sent before, so what was delivered
+    /// before the loss reaches them first, and ahead of everything sent after.
+    pub fn missed(&self, scope: Missed, told: &Arc<Told>) {
+        let scope = Arc::new(scope);
+        self.send_all(|| Command::Missed {
+            scope: scope.clone(),
+            told: told.clone(),
+        });
     }
 
     /// Hands a batch of messages to every reactor as one command, weighing one pending command per message;
@@ -293,6 +334,16 @@ impl Reactors {
         .total()
     }
 
+    /// Applies a subscription change like [`Reactors::subscribe`], without waiting: each reactor sends its counts
+    /// to `reply`, for a caller that collects them itself ([`Answers::collect`]) on another thread.
+    pub fn subscribe_replying(&self, change: Subscription, reply: Sender<Subscribed>) {
+        let change = Arc::new(change);
+        self.send_all(|| Command::Subscribe {
+            change: change.clone(),
+            reply: Some(reply.clone()),
+        });
+    }
+
     /// Closes the target's connections on every reactor with `code` and `reason`. With `wait`, returns how
     /// many were closed (`None` if some reactor did not answer within [`REPLY_TIMEOUT`]); without, returns
     /// `Some(0)` at once.
@@ -310,6 +361,19 @@ impl Reactors {
             return Some(0);
         }
         self.ask(|reply| kick(Some(reply))).total()
+    }
+
+    /// Closes the target's connections like [`Reactors::kick`], without waiting: each reactor sends the number
+    /// it closed to `reply`, for a caller that collects them itself ([`Answers::collect`]) on another thread.
+    pub fn kick_replying(&self, target: Target, code: u16, reason: &str, reply: Sender<usize>) {
+        let target = Arc::new(target);
+        let reason: Arc<str> = reason.into();
+        self.send_all(|| Command::Kick {
+            target: target.clone(),
+            code,
+            reason: reason.clone(),
+            reply: Some(reply.clone()),
+        });
     }
 
     /// The user's connections, summed over the reactors that answered within [`REPLY_TIMEOUT`].
@@ -338,10 +402,23 @@ impl Reactors {
         let (tx, rx) = mpsc::channel();
         self.send_all(|| make(tx.clone()));
         drop(tx);
-        let deadline = Instant::now() + REPLY_TIMEOUT;
+        Answers::collect(&rx, self.mailboxes.len(), Instant::now() + REPLY_TIMEOUT)
+    }
+}
+
+/// What the reactors answered to a question (kick, presence, subscription change) within [`REPLY_TIMEOUT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answers<T = usize> {
+    sum: T,
+    missing: usize,
+}
+
+impl<T: Default + AddAssign> Answers<T> {
+    /// Sums the first `expected` answers that arrive on `rx` before `deadline`.
+    pub fn collect(rx: &Receiver<T>, expected: usize, deadline: Instant) -> Answers<T> {
         let mut answers = Answers {
             sum: T::default(),
-            missing: self.mailboxes.len(),
+            missing: expected,
         };
         while answers.missing > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -354,13 +431,6 @@ impl Reactors {
         }
         answers
     }
-}
-
-/// What the reactors answered to a question (kick, presence, subscription change) within [`REPLY_TIMEOUT`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Answers<T = usize> {
-    sum: T,
-    missing: usize,
 }
 
 impl<T> Answers<T> {
@@ -499,6 +569,39 @@ mod tests {
     }
 
     #[test]
+    fn a_kick_with_the_callers_reply_channel_is_counted_where_the_caller_waits() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let (tx, rx) = mpsc::channel();
+        reactors.kick_replying(Target::User("u".into()), 4000, "bye", tx);
+        for (i, mailbox) in mailboxes.iter().enumerate() {
+            match taken(mailbox, reactors.budget()).pop() {
+                Some(Command::Kick {
+                    reply: Some(reply), ..
+                }) => reply.send(i + 2).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+        let answers = Answers::collect(&rx, 2, Instant::now() + Duration::from_secs(1));
+        assert_eq!(answers.total(), Some(5));
+    }
+
+    #[test]
+    fn a_missed_notice_reaches_every_reactor_with_the_shared_counters() {
+        let (reactors, mailboxes, _polls) = reactors(2);
+        let told = Arc::new(Told::default());
+        reactors.missed(Missed::Everything, &told);
+        for mailbox in &mailboxes {
+            match taken(mailbox, reactors.budget()).as_slice() {
+                [Command::Missed { scope, told: t }] => {
+                    assert_eq!(**scope, Missed::Everything);
+                    assert!(Arc::ptr_eq(t, &told));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_batch_is_one_command_per_reactor_sharing_the_messages() {
         let (reactors, mailboxes, _polls) = reactors(2);
         let messages: Arc<[Arc<Message>]> = (0..3)
@@ -516,6 +619,21 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn fullest_is_the_longest_mailbox() {
+        let (reactors, mailboxes, _polls) = reactors(3);
+        assert_eq!(reactors.fullest(), 0);
+        for _ in 0..5 {
+            mailboxes[1].send(Command::Shutdown {
+                timeout: Duration::ZERO,
+            });
+        }
+        mailboxes[2].send(Command::Shutdown {
+            timeout: Duration::ZERO,
+        });
+        assert_eq!(reactors.fullest(), 5);
     }
 
     #[test]

@@ -76,12 +76,12 @@ impl<V> NameTable<V> {
         id
     }
 
-    fn value(&self, id: NameId) -> &V {
-        &self.entries[id as usize].1
-    }
-
     fn name(&self, id: NameId) -> &str {
         &self.entries[id as usize].0
+    }
+
+    fn value(&self, id: NameId) -> &V {
+        &self.entries[id as usize].1
     }
 
     fn value_mut(&mut self, id: NameId) -> &mut V {
@@ -457,6 +457,18 @@ impl Fanout {
         }
     }
 
+    /// The user and the channels connection `key` is indexed under (`None` if it is not indexed): the streams a
+    /// notice about everything it receives must name.
+    pub fn names_of(&self, key: ConnKey) -> Option<(&str, impl Iterator<Item = &str> + '_)> {
+        let member = self.members.get(key as usize).filter(|m| m.user != NIL)?;
+        let first = (member.first.channel != NIL).then_some(&member.first);
+        let channels = first
+            .into_iter()
+            .chain(member.more.iter().flat_map(|more| more.iter()))
+            .map(|link| self.channels.name(link.channel));
+        Some((self.users.name(member.user), channels))
+    }
+
     /// Number of connections of `user` in this reactor.
     pub fn user_count(&self, user: &str) -> usize {
         self.users
@@ -529,6 +541,23 @@ mod tests {
         assert_eq!(user_client(&f, "alice", "phone"), vec![0, 2]);
         assert_eq!(user_client(&f, "bob", "phone"), vec![3]);
         assert_eq!(user_client(&f, "alice", "tablet"), Vec::<ConnKey>::new());
+    }
+
+    #[test]
+    fn names_of_a_connection_are_its_user_and_channels() {
+        let mut f = Fanout::new();
+        f.add(0, "alice", Some("phone"), &ch(&["news", "sport", "tv"]));
+        f.add(1, "bob", None, &[]);
+        let (user, channels) = f.names_of(0).unwrap();
+        assert_eq!(
+            (user, channels.collect::<Vec<_>>()),
+            ("alice", vec!["news", "sport", "tv"])
+        );
+        let (user, channels) = f.names_of(1).unwrap();
+        assert_eq!((user, channels.count()), ("bob", 0));
+        f.remove(0);
+        assert!(f.names_of(0).is_none());
+        assert!(f.names_of(7).is_none());
     }
 
     #[test]

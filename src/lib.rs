@@ -5,7 +5,7 @@
 //! (`cluster`), takes one path (`publish`): framed once as a shared `message`, stored in `history` when its
 //! stream keeps it, and handed to every reactor through `dispatch`, the one way to reach them. Protocol logic is
 //! sans-IO: `proto` (HTTP helpers, the opening handshake, the frame codec), `auth`, `outbox`, `fanout` and
-//! `timer` never touch a socket or a clock. Several nodes form a cluster over Redis pub/sub (`cluster`).
+//! `timer` never touch a socket or a clock. Several nodes form a cluster through a Redis stream (`cluster`).
 //! Clients that reconnect recover what they missed from per-stream history (`history`). Connection events go to
 //! the backend's webhook from a bounded queue and a thread of their own (`events`).
 #![deny(missing_docs)]

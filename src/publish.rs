@@ -67,16 +67,7 @@ impl Publisher {
     /// gets the batch as one command. Returns the messages as the reactors received them (with their places in
     /// history, for the answer).
     pub fn publish_batch(&self, items: Vec<BatchItem>) -> Arc<[Arc<Message>]> {
-        let count = items.iter().map(|item| item.targets.len()).sum();
-        let mut messages = Vec::with_capacity(count);
-        for item in items {
-            let bare = SharedFrame::new(frame::encode_message(!item.binary, &item.payload));
-            messages.extend(
-                item.targets
-                    .into_iter()
-                    .map(|target| Message::sharing(target, item.binary, bare.clone())),
-            );
-        }
+        let messages = batch_messages(items);
         let dispatch = |batch: &Arc<[Arc<Message>]>| self.reactors.publish_batch(batch.clone());
         if messages.iter().any(|m| self.history.keeps(m.target())) {
             return self.history.append_batch(messages, dispatch);
@@ -84,6 +75,25 @@ impl Publisher {
         let batch: Arc<[Arc<Message>]> = messages.into_iter().map(Arc::new).collect();
         dispatch(&batch);
         batch
+    }
+
+    /// Publishes a batch from the cluster bus: [`Publisher::publish_batch`], where `stamps` holds one entry per
+    /// target of every item, in order: the epoch and offset Redis gave that message in its stream's shared
+    /// history and the backfill to store before it (see [`Publisher::publish_stamped`]), or `None` for a
+    /// stream the origin keeps no history of. Only the bus reader calls this, in bus order.
+    pub fn publish_batch_stamped(
+        &self,
+        items: Vec<BatchItem>,
+        stamps: &[Option<(Stamp<'_>, &[Backfill])>],
+    ) -> Arc<[Arc<Message>]> {
+        if stamps.iter().all(Option::is_none) {
+            return self.publish_batch(items);
+        }
+        let messages = batch_messages(items);
+        debug_assert_eq!(messages.len(), stamps.len());
+        let dispatch = |batch: &Arc<[Arc<Message>]>| self.reactors.publish_batch(batch.clone());
+        let placed = messages.into_iter().zip(stamps.iter().copied());
+        self.history.append_batch_stamped(placed, dispatch)
     }
 
     /// Publishes a message whose epoch and offset the cluster assigned (`stamp`), after storing `backfill`:
@@ -125,6 +135,22 @@ impl Publisher {
                 .append_stamped(message, stamp, backfill, dispatch),
         }
     }
+}
+
+/// A batch's messages: each item framed once, one message per target sharing that frame, in the items' order
+/// and each item's targets' order.
+fn batch_messages(items: Vec<BatchItem>) -> Vec<Message> {
+    let count = items.iter().map(|item| item.targets.len()).sum();
+    let mut messages = Vec::with_capacity(count);
+    for item in items {
+        let bare = SharedFrame::new(frame::encode_message(!item.binary, &item.payload));
+        messages.extend(
+            item.targets
+                .into_iter()
+                .map(|target| Message::sharing(target, item.binary, bare.clone())),
+        );
+    }
+    messages
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::dispatch::{Command, Mailbox, Subscribed, Subscription};
 use crate::events;
 use crate::fanout::{Fanout, Joined};
 use crate::history::{self, History};
+use crate::message::missed::{Missed, Told, MISSED_CLOSE_CODE, MISSED_CLOSE_REASON};
 use crate::message::{envelope, Codec, Encoding, Message, Target};
 use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Kind, Reject, Request};
@@ -987,6 +988,7 @@ impl Reactor {
                 }
                 None
             }
+            Command::Missed { scope, told } => Some(self.tell_missed(&scope, &told)),
             Command::Subscribe { change, reply } => {
                 let counts = self.subscribe(&change);
                 if let Some(reply) = reply {
@@ -1003,6 +1005,51 @@ impl Reactor {
                 Some(self.conns.len())
             }
         }
+    }
+
+    /// Tells the connections in `scope` that they may have missed messages: `resync` notices for the streams of
+    /// the scope that a recovering connection receives, close 1012 (after what is queued) for the others.
+    /// Returns how many connections there were.
+    fn tell_missed(&mut self, scope: &Missed, told: &Told) -> usize {
+        match scope {
+            Missed::Target(target) => self.collect(target),
+            Missed::Everything => self.collect(&Target::All),
+        }
+        let recipients = std::mem::take(&mut self.recipients);
+        let mut notices = Vec::new();
+        for &key in &recipients {
+            let Some(conn) = self.conns.get(key as usize) else {
+                continue;
+            };
+            if !conn.machine.is_open() {
+                continue;
+            }
+            if conn.machine.wants_envelopes() {
+                notices.clear();
+                let sse = conn.machine.is_sse();
+                if let Some((user, channels)) = self.fanout.names_of(key) {
+                    scope.notices(user, channels, sse, &mut notices);
+                }
+                for notice in &notices {
+                    // A notice is for this connection only: charged to the budget as its own frame.
+                    let frame = SharedFrame::new(notice.clone());
+                    if !self.drive(key, |m, cx, t| m.send(cx, t, &frame)) {
+                        break;
+                    }
+                }
+                told.resynced.fetch_add(1, Relaxed);
+            } else {
+                let close = Close::Kick {
+                    code: MISSED_CLOSE_CODE,
+                    reason: MISSED_CLOSE_REASON,
+                };
+                self.drive(key, |m, cx, t| m.close(cx, t, close));
+                told.closed.fetch_add(1, Relaxed);
+            }
+        }
+        let count = recipients.len();
+        self.recipients = recipients;
+        count
     }
 
     /// Fills `self.recipients` with the open connections the target names.

@@ -107,8 +107,8 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
 
     let mut mailboxes = Vec::new();
     let mut reactor_metrics = Vec::new();
-    let mut handles = Vec::new();
-    for id in 0..reactor_count {
+    let mut built = Vec::new();
+    for _ in 0..reactor_count {
         let (listener, tls_listener) = (plain.pop(), secure.pop());
         let poll = mio::Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), Reactor::WAKER_TOKEN)?;
@@ -125,16 +125,37 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         )?;
         mailboxes.push(mailbox);
         reactor_metrics.push(metrics);
+        built.push(reactor);
+    }
+
+    let reactors = Reactors::new(mailboxes, settings.budget.clone());
+    let publisher = Publisher::new(history, reactors.clone());
+    let cluster = Cluster::start(
+        &config.cluster,
+        config.admin.max_publish_bytes,
+        publisher.clone(),
+        None,
+    )?;
+    if let Some(cluster) = &cluster {
+        // Clients wait in the listeners' backlog until the node knows where it is in the bus, so none is told it
+        // may have missed messages published before it even connected. Redis down: start anyway, and the first
+        // link tells the connections made meanwhile.
+        let wait = Duration::from_millis(config.cluster.command_timeout_ms);
+        if !cluster.wait_until_up(wait) {
+            log::warn!(
+                "cluster link not up after {} ms; serving clients anyway (they are told to resync when it comes up)",
+                wait.as_millis()
+            );
+        }
+    }
+    let mut handles = Vec::new();
+    for (id, reactor) in built.into_iter().enumerate() {
         handles.push(
             std::thread::Builder::new()
                 .name(format!("reactor-{id}"))
                 .spawn(move || reactor.run())?,
         );
     }
-
-    let reactors = Reactors::new(mailboxes, settings.budget.clone());
-    let publisher = Publisher::new(history, reactors.clone());
-    let cluster = Cluster::start(&config.cluster, publisher.clone())?;
     let admin_listener = std::net::TcpListener::bind(config.admin.listen)
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     admin_listener.set_nonblocking(true)?;

@@ -108,8 +108,9 @@ fn hand_built_kick(origin: &str, user: &str, code: u16, reason: &str) -> Vec<u8>
         out.extend_from_slice(&(s.len() as u32).to_be_bytes());
         out.extend_from_slice(s.as_bytes());
     };
-    let mut out = vec![1, 1]; // version 1, kind 1 (kick)
+    let mut out = vec![2, 1]; // version 2, kind 1 (kick)
     string(&mut out, origin);
+    out.extend_from_slice(&0u64.to_be_bytes()); // request id: nobody waits
     out.push(0); // target: a user
     string(&mut out, user);
     out.extend_from_slice(&code.to_be_bytes());
@@ -131,11 +132,11 @@ fn a_kick_on_the_bus_with_a_code_that_may_not_be_sent_is_dropped_and_counted() {
 
     // 1005 means "no status code present" and must never be sent in a close frame (RFC 6455 §7.4.1).
     let bad = hand_built_kick("elsewhere", "victim", 1005, "no");
-    assert_eq!(redis.publish_raw("densepush:bus", &bad), 1);
+    redis.append_to_bus("densepush", &bad);
     // The same bytes with a code a kick may carry do close a connection: the hand-built message is right, and
-    // since the subscriber handles the bus in order, the bad one has been handled by the time this arrives.
+    // since the node applies the bus in order, the bad one has been handled by the time this arrives.
     let good = hand_built_kick("elsewhere", "control", 4001, "ok");
-    assert_eq!(redis.publish_raw("densepush:bus", &good), 1);
+    redis.append_to_bus("densepush", &good);
     loop {
         match control.read() {
             Ok(Message::Close(Some(frame))) => {
@@ -260,6 +261,15 @@ fn redis_outage_gives_503_keeps_connections_and_recovers() {
     redis.restart();
     a.wait_for_cluster("up");
     b.wait_for_cluster("up");
+    // Without persistence the restarted Redis has no bus: whatever followed "before" is unknowable, so the
+    // connection is told (it did not opt into recovery: close 1012, on which clients reconnect and refetch).
+    assert_eq!(expect_close(&mut on_b), 1012);
+    assert_eq!(b.metric("densepush_cluster_missed_closes_total"), 1);
+    assert_eq!(
+        b.metric("densepush_cluster_bus_gaps_total{reason=\"new_epoch\"}"),
+        1
+    );
+    let mut on_b = b.connect_as("r", "phone", "");
     let (status, reply) = a.publish("/publish/user/r", "after");
     assert_eq!(status, 202, "{reply}");
     assert_eq!(recv_text(&mut on_b), "after");
@@ -290,6 +300,10 @@ fn node_starts_without_redis_and_joins_when_it_appears() {
 
     redis.restart();
     a.wait_for_cluster("up");
+    // It connected while the node could not read the bus: what other nodes published meanwhile may be lost
+    // for it, so the first link tells it (close 1012: it did not opt into recovery).
+    assert_eq!(expect_close(&mut local), 1012);
+    let mut local = a.connect_as("early", "x", "");
     let (status, _) = a.publish("/publish/user/early", "now");
     assert_eq!(status, 202);
     assert_eq!(recv_text(&mut local), "now");

@@ -1,6 +1,7 @@
 //! Missed-message recovery in a cluster: offsets assigned by Redis, so a client that leaves one node and
-//! reconnects to another recovers exactly what it missed; when Redis is down, publishes get 503 and recovery
-//! gets a resync, never a silent gap. A real `redis-server` and real densepush processes, as in `cluster.rs`.
+//! reconnects to another recovers exactly what it missed; when Redis is down, publishes get 503, a node replays
+//! what it has applied, and a bus Redis lost gets a resync, never a silent gap. A real `redis-server` and real
+//! densepush processes, as in `cluster.rs`.
 
 mod cluster_common;
 
@@ -138,7 +139,7 @@ fn client_token_messages_recover_only_on_that_clients_connections_across_nodes()
 }
 
 #[test]
-fn redis_down_gives_503_and_recovery_gets_resync() {
+fn redis_down_gives_503_replays_what_the_node_has_and_a_lost_bus_gets_resync() {
     assert!(
         redis_available(),
         "redis-server is missing: run scripts/test.sh"
@@ -154,15 +155,21 @@ fn redis_down_gives_503_and_recovery_gets_resync() {
     let (status, reply) = a.publish("/publish/channel/news", "lost");
     assert_eq!(status, 503, "{reply}");
     b.wait_for_cluster("down");
-    // B may have missed messages while its link was down: it must not claim to have everything.
+    // B replays what it has applied: anything published after it would reach the client live once B's link is
+    // back, or the client would be told.
     let mut ws = b.connect(&format!(
         "user=1&channels=news&since=channel:news@{epoch}:0"
     ));
-    resync(&mut ws, "channel:news");
+    assert_eq!(envelope(&mut ws), (epoch.clone(), 1, "before".into()));
 
     redis.restart();
     a.wait_for_cluster("up");
     b.wait_for_cluster("up");
+    // Redis came back without the bus (no persistence): what followed B's position is unknowable, so every
+    // stream this recovering connection receives gets a resync, before anything published afterwards.
+    let mut told: Vec<String> = (0..3).map(|_| expect_resync(&mut ws)).collect();
+    told.sort();
+    assert_eq!(told, ["all", "channel:news", "user:1"]);
     // Redis lost everything (no persistence): the stream starts over with a new epoch.
     let (status, reply) = a.publish("/publish/channel/news", "after");
     assert_eq!(status, 202, "{reply}");

@@ -111,7 +111,13 @@ pub fn encode_as(
         out.resize(size.max(out.len()), b'.');
         return out;
     }
-    let names = ["Alice Martin", "Bob Nguyen", "Chloé Dubois", "Dmitri Ivanov", "Eve Okafor"];
+    let names = [
+        "Alice Martin",
+        "Bob Nguyen",
+        "Chloé Dubois",
+        "Dmitri Ivanov",
+        "Eve Okafor",
+    ];
     let name = names[(seq % names.len() as u64) as usize];
     let body = format!(
         "{{\"type\":\"comment.created\",\"id\":\"evt_{seq:08x}{ts:04x}\",\"actor\":{{\"id\":{actor},\"name\":\"{name}\",\"avatar\":\"https://cdn.example.com/a/{actor}.jpg\"}},\"post\":{{\"id\":{post},\"title\":\"Weekend ride to the lake, photos inside\"}},\"text\":\"{name} replied to your comment: great pictures, which lens did you use for the sunset one?\",\"url\":\"https://app.example.com/posts/{post}#comment-{seq}\",\"unread\":{unread},\"ts\":{ts}}}",

@@ -91,6 +91,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::builder::PossibleValuesParser::new(["1", "2", "5"])
         .map(|s| s.parse::<u64>().expect("listed values are numbers")))]
     pub conns_per_user: u64,
+    /// Number of the first user: connection i belongs to user u{F + i / K}. Generators that share a cluster
+    /// (clients on different nodes, publishing through one) use disjoint user ranges, so each checks only the
+    /// messages it published.
+    #[arg(long, default_value_t = 0)]
+    pub first_user: u64,
     /// Channels: connection i joins ch{i % K} (0 = none).
     #[arg(long, default_value_t = 16)]
     pub channels: u64,
@@ -145,6 +150,10 @@ pub struct RunArgs {
     /// Messages published to random users in the unicast phase, over all publishers.
     #[arg(long, default_value_t = 10_000)]
     pub unicast_messages: u64,
+    /// Unicast publishes per second over all publishers (0 = back to back): at a fixed rate, latencies of
+    /// different servers or topologies compare at the same load.
+    #[arg(long, default_value_t = 0.0)]
+    pub unicast_rate: f64,
 
     /// Rounds of the batch phase: each reaches every user once, through batches of `--batch-targets` users,
     /// sent by `--publishers` concurrent publishers.
@@ -226,6 +235,9 @@ impl RunArgs {
         }
         if self.source_ips as u16 + 1 > 255 {
             return Err("--source-ips must be at most 254".into());
+        }
+        if self.unicast_rate < 0.0 || !self.unicast_rate.is_finite() {
+            return Err("--unicast-rate must be a non-negative number".into());
         }
         if self.rate < 0.0 || !self.rate.is_finite() {
             return Err("--rate must be a non-negative number".into());

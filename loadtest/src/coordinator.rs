@@ -106,6 +106,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
             first_conn: first,
             conns: n,
             conns_per_user: args.conns_per_user,
+            first_user: args.first_user,
             channels: args.channels,
             sources: sources.clone(),
             handshake_timeout_ms: args.handshake_timeout_ms,
@@ -433,20 +434,24 @@ impl Run<'_> {
             self.args.publishers,
             self.args.unicast_messages,
             users,
+            self.args.first_user,
+            self.args.unicast_rate,
             self.spec(),
             self.seed,
             deadline,
         );
         let cpu_user = self.args.conns_per_user;
+        let user_offset = self.args.first_user;
         let per_user = &published.per_user;
         let delivery = self.await_delivery(
             "unicast",
             Stream::Unicast,
             |(first, n)| {
+                // Users are counted from 0 in `per_user` and named from `--first-user` on the wire.
                 let first_user = first / cpu_user;
                 let end_user = (first + n).div_ceil(cpu_user);
                 Expectation::PerUser {
-                    first_user,
+                    first_user: user_offset + first_user,
                     counts: per_user[first_user as usize..end_user as usize].to_vec(),
                 }
             },

@@ -24,6 +24,9 @@ pub struct WorkerInit {
     pub conns: u64,
     /// Connections per user: connection `i` belongs to user `u{i / conns_per_user}`.
     pub conns_per_user: u64,
+    /// Number of the first user (`--first-user`): connection `i` belongs to user `first_user + i / conns_per_user`.
+    #[serde(default)]
+    pub first_user: u64,
     /// Channels: connection `i` joins `ch{i % channels}` (0 = none).
     pub channels: u64,
     /// Source addresses; connection `i` binds `sources[i % len]` (empty = let the kernel choose).

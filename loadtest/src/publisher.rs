@@ -156,12 +156,16 @@ pub struct UnicastPublished {
     pub publishers: usize,
 }
 
-/// Sends `messages` unicast messages to random users `0..users` from `publishers` concurrent publishers.
+/// Sends `messages` unicast messages to random users `0..users` (named `u{first_user + k}`) from `publishers`
+/// concurrent publishers, `rate` per second in all (0 = as fast as the server answers).
+#[allow(clippy::too_many_arguments)]
 pub fn unicast(
     admin: SocketAddr,
     publishers: usize,
     messages: u64,
     users: u64,
+    first_user: u64,
+    rate: f64,
     spec: PayloadSpec,
     seed: u64,
     deadline: Instant,
@@ -171,6 +175,8 @@ pub fn unicast(
         .map(|p| {
             let share =
                 messages / publishers as u64 + u64::from((p as u64) < messages % publishers as u64);
+            // Each publisher sends its share of the rate, on a fixed schedule (a late one catches up).
+            let interval = (rate > 0.0).then(|| Duration::from_secs_f64(publishers as f64 / rate));
             std::thread::spawn(move || {
                 unicast_publisher(
                     admin,
@@ -178,6 +184,8 @@ pub fn unicast(
                     publishers as u64,
                     share,
                     users,
+                    first_user,
+                    interval,
                     spec,
                     seed,
                     deadline,
@@ -208,6 +216,8 @@ fn unicast_publisher(
     publishers: u64,
     messages: u64,
     users: u64,
+    first_user: u64,
+    interval: Option<Duration>,
     spec: PayloadSpec,
     seed: u64,
     deadline: Instant,
@@ -218,13 +228,18 @@ fn unicast_publisher(
     let mut counts = vec![0u64; mine as usize];
     let mut out = Published::default();
     let mut failures_in_row = 0;
-    for _ in 0..messages {
+    let start = Instant::now();
+    for i in 0..messages {
         if mine == 0 || Instant::now() >= deadline {
             break;
         }
+        if let Some(interval) = interval {
+            let due = start + interval.mul_f64(i as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         let k = rng.below(mine);
         let user = p + k * publishers;
-        let name = format!("u{user}");
+        let name = format!("u{}", first_user + user);
         let ts = monotonic_ns();
         let payload = checker::encode(
             Stream::Unicast,

@@ -186,9 +186,8 @@ impl Session {
         debug_assert_eq!(self.phase, Phase::Connecting);
         let key = ws::handshake_key(self.nonce);
         self.deflate = deflate;
-        self.outbuf.extend_from_slice(&ws::handshake_request_offering(
-            host, target, &key, deflate,
-        ));
+        self.outbuf
+            .extend_from_slice(&ws::handshake_request_offering(host, target, &key, deflate));
         self.phase = Phase::Handshaking;
     }
 

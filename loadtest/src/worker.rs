@@ -689,7 +689,7 @@ impl Worker {
                 return;
             }
         };
-        let user = index / init.conns_per_user;
+        let user = init.first_user + index / init.conns_per_user;
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let entry = self.conns.vacant_entry();
@@ -739,7 +739,7 @@ impl Worker {
         let mut target = format!(
             "{}?user=u{}&client=c{index}",
             init.path,
-            index / init.conns_per_user
+            init.first_user + index / init.conns_per_user
         );
         if init.channels > 0 {
             target.push_str(&format!("&channels=ch{}", index % init.channels));

@@ -67,7 +67,9 @@ pub fn inflate(payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
                     .decompress_vec(&input[used..], out, FlushDecompress::Sync)
                     .map_err(|_| FrameError::Reserved)?;
                 let done = (inflater.total_in() - start) as usize == input.len();
-                if matches!(status, flate2::Status::StreamEnd) || (done && out.len() < out.capacity()) {
+                if matches!(status, flate2::Status::StreamEnd)
+                    || (done && out.len() < out.capacity())
+                {
                     break;
                 }
                 if out.len() as u64 > MAX_FRAME_PAYLOAD {
@@ -224,7 +226,10 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError
 }
 
 /// [`decode_frame`]; with `deflate` (permessage-deflate offered) RSV1 marks a compressed data frame.
-pub fn decode_frame_with(buf: &[u8], deflate: bool) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+pub fn decode_frame_with(
+    buf: &[u8],
+    deflate: bool,
+) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }

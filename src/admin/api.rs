@@ -323,12 +323,12 @@ impl Api {
         if let Err(refusal) = self.refuse_while_busy() {
             return refusal;
         }
-        // Redis first: a 202 promises the other nodes got it too, and a message it refused went nowhere.
+        // In a cluster the message goes onto the bus, and every node, this one included, delivers it from there
+        // in bus order: a 202 promises it is on the bus, and a message Redis refused went nowhere.
         let history = self.publisher.history();
         let mut stamp = None;
         match &self.cluster {
-            // A stream with shared history: Redis assigns the offset and every node, this one included, gets
-            // the message from the bus, in offset order.
+            // A stream with shared history: Redis assigns the offset too.
             Some(cluster) if history.keeps(&target) => {
                 let limits = history.settings().limits;
                 let epoch = history.fresh_epoch();
@@ -342,11 +342,10 @@ impl Api {
                     return Reply::error(503, &e.to_string());
                 }
             }
-            None => {}
-        }
-        if stamp.is_none() {
-            // Framed once, stored when the stream keeps history; every reactor and every recipient shares it.
-            self.publisher.publish(target, binary, &request.body);
+            None => {
+                // Framed once, stored when the stream keeps history; every reactor and recipient shares it.
+                self.publisher.publish(target, binary, &request.body);
+            }
         }
         self.metrics.published[kind as usize].fetch_add(1, Relaxed);
         let mut answer = serde_json::json!({
@@ -387,9 +386,10 @@ impl Api {
 
     /// `POST /publish/batch`: the whole body is checked first (400/413 with nothing published), then each
     /// message is framed once for all its targets and the batch goes to every reactor as one command. In a
-    /// cluster, messages to streams that keep history get their offsets from Redis one by one (in one round
-    /// trip) and reach every node through the bus like single stamped publishes; the others travel as one bus
-    /// message.
+    /// cluster the whole batch is one bus entry (Redis places its messages to streams that keep history in their
+    /// shared history in the same atomic step), and every node, this one included, delivers it from the bus, at
+    /// one point of the bus order: a 202 promises it is on the bus; after a 503 it is there whole or not at all
+    /// (never in part), as for a single publish whose answer from Redis was lost.
     fn publish_batch(&self, request: &Request) -> Reply {
         let limits = batch::Limits {
             max_targets: self.settings.max_batch_targets,
@@ -425,8 +425,7 @@ impl Api {
                 Err(reply) => return reply,
             },
         };
-        // Counted once the batch is accepted, like single publishes (not after a 503, even one that came once
-        // part of a cluster batch went out).
+        // Counted once the batch is accepted, like single publishes (not after a 503).
         for (counter, n) in self.metrics.published.iter().zip(kinds) {
             counter.fetch_add(n, Relaxed);
         }
@@ -441,66 +440,41 @@ impl Api {
         Reply::json(202, answer)
     }
 
-    /// The cluster half of a batch: the messages of streams without shared history go out as one bus message
-    /// and to this node's reactors; the others through the publish script, which gives them their offsets and
-    /// delivers them to every node, this one included. The answer's `positions` come from Redis.
+    /// The cluster half of a batch: one bus entry ([`Cluster::publish_batch`]); nothing is delivered here
+    /// directly, the bus reader delivers it like every other node's. The answer's `positions` come from Redis.
     fn publish_batch_in_cluster(
         &self,
         cluster: &Cluster,
         items: Vec<BatchItem>,
     ) -> Result<Vec<serde_json::Value>, Reply> {
         let history = self.publisher.history();
-        let mut stamped: Vec<(usize, usize, &Target, bool, &[u8])> = Vec::new();
-        let mut unstamped: Vec<BatchItem> = Vec::new();
-        for (index, item) in items.iter().enumerate() {
-            let mut other = Vec::new();
-            for (j, target) in item.targets.iter().enumerate() {
-                if history.keeps(target) {
-                    stamped.push((index, j, target, item.binary, item.payload.as_slice()));
-                } else {
-                    other.push(target.clone());
-                }
-            }
-            if !other.is_empty() {
-                unstamped.push(BatchItem {
-                    targets: other,
-                    binary: item.binary,
-                    payload: item.payload.clone(),
-                });
-            }
-        }
-        if !unstamped.is_empty() {
-            // Redis first: a 202 promises the other nodes got it too.
-            if let Err(e) = cluster.publish_batch(&unstamped) {
-                return Err(Reply::error(503, &e.to_string()));
-            }
-            self.publisher.publish_batch(unstamped);
-        }
-        if stamped.is_empty() {
-            return Ok(Vec::new());
-        }
-        let calls: Vec<(&Target, bool, &[u8])> = stamped
+        let kept: Vec<bool> = items
             .iter()
-            .map(|&(_, _, target, binary, payload)| (target, binary, payload))
+            .flat_map(|item| item.targets.iter().map(|target| history.keeps(target)))
             .collect();
         let limits = history.settings().limits;
-        match cluster.publish_stamped_many(&calls, &limits, &history.fresh_epoch()) {
-            Ok(assigned) => Ok(stamped
-                .iter()
-                .zip(assigned)
-                .map(|(&(index, j, target, _, _), (epoch, offset))| {
-                    position(index, j, &message::stream_of(target).0, &epoch, offset)
-                })
-                .collect()),
-            // The messages without shared history went out already; those with it may have, in part.
-            Err(e) => Err(Reply::error(
-                503,
-                &format!(
-                    "{e} (messages to streams without history were published; those to streams with \
-                     history may have been in part)"
-                ),
-            )),
-        }
+        let places = cluster
+            .publish_batch(&items, &kept, &limits, &history.fresh_epoch())
+            .map_err(|e| Reply::error(503, &e.to_string()))?;
+        let kept_targets = items
+            .iter()
+            .enumerate()
+            .flat_map(|(index, item)| {
+                item.targets
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, t)| (index, j, t))
+            })
+            .zip(&kept)
+            .filter(|(_, &kept)| kept)
+            .map(|(target, _)| target);
+        debug_assert_eq!(kept.iter().filter(|&&k| k).count(), places.len());
+        Ok(kept_targets
+            .zip(places)
+            .map(|((index, j, target), (epoch, offset))| {
+                position(index, j, &message::stream_of(target).0, &epoch, offset)
+            })
+            .collect())
     }
 
     /// `PUT|DELETE /subscriptions/user/{user}[/client/{client}]/channel/{channel}[?since=[EPOCH:]OFFSET]`.
@@ -538,13 +512,17 @@ impl Api {
             join,
             since,
         };
-        if let Some(cluster) = &self.cluster {
-            if let Err(e) = cluster.subscribe(&change) {
-                return Reply::error(503, &e.to_string());
-            }
-        }
+        // In a cluster the change goes onto the bus like a kick, so every node applies it at the same point of
+        // the bus order; this node's counts come back once its reactors applied it from there.
+        let counts = match &self.cluster {
+            Some(cluster) => match cluster.subscribe(&change) {
+                Ok(counts) => counts,
+                Err(e) => return Reply::error(503, &e.to_string()),
+            },
+            None => self.publisher.reactors().subscribe(change, true),
+        };
         self.metrics.subscriptions[usize::from(!join)].fetch_add(1, Relaxed);
-        match self.publisher.reactors().subscribe(change, true) {
+        match counts {
             Some(counts) => {
                 let mut answer = serde_json::json!({ "connections": counts.changed });
                 if join {
@@ -676,13 +654,17 @@ impl Api {
         if let Err(e) = crate::proto::frame::check_kick_close(code, &reason) {
             return Reply::error(400, &e.to_string());
         }
-        if let Some(cluster) = &self.cluster {
-            if let Err(e) = cluster.kick(&target, code, &reason) {
-                return Reply::error(503, &e.to_string());
-            }
-        }
+        // In a cluster the kick goes onto the bus like a publish, so every node applies it in the same order as
+        // the messages around it; this node's count comes back once its reactors applied it from there.
+        let closed = match &self.cluster {
+            Some(cluster) => match cluster.kick(&target, code, &reason) {
+                Ok(closed) => closed,
+                Err(e) => return Reply::error(503, &e.to_string()),
+            },
+            None => self.publisher.reactors().kick(target, code, &reason, true),
+        };
         self.metrics.kicks.fetch_add(1, Relaxed);
-        match self.publisher.reactors().kick(target, code, &reason, true) {
+        match closed {
             Some(closed) => {
                 let mut answer = serde_json::json!({ "closed": closed, "code": code });
                 // In a cluster, `closed` counts this node's connections; the others close theirs on their own.

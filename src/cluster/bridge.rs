@@ -1,72 +1,74 @@
-//! The bridge threads of a cluster node: the subscriber, which owns the link state, and the worker, which
-//! sends heartbeats and answers other nodes' presence queries.
+//! The presence threads of a cluster node: the subscriber, which listens on the presence channel and this node's
+//! reply channel, and the worker, which sends heartbeats and answers other nodes' presence queries.
 //!
-//! The subscriber SUBSCRIBEs on a connection of its own (SUBSCRIBE blocks it for good), publishes what other
-//! nodes publish on this node through the one publish path (`publish`), and reconnects with backoff when Redis
-//! goes away. The worker has its own connection too, so waiting for reactors' counts or for a slow heartbeat
-//! never delays delivery.
+//! Presence is a question with a deadline, so Redis pub/sub's at-most-once delivery is enough: a lost question
+//! or answer makes a count partial, and the answer says how many nodes answered. The subscriber SUBSCRIBEs on
+//! a connection of its own (SUBSCRIBE blocks it for good) and hands questions to the worker through a bounded
+//! queue: the worker may wait up to `dispatch::REPLY_TIMEOUT` on the reactors, and questions that arrive
+//! faster than it answers are dropped and counted rather than queued without bound. The bus (publishes,
+//! kicks) is the reader's (`reader`), on another connection, so nothing here can delay or lose a delivery.
 
 use super::wire::{self, Body};
-use super::{Backoff, Cluster};
-use crate::config::redact_url;
-use crate::message::envelope::Stamp;
-use crate::message::stream_of;
+use super::{Backoff, Cluster, StateLog};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Longest a blocked read of the subscription waits before the thread checks for shutdown and heartbeats.
+/// Longest a blocked read of the subscription waits before the thread checks for shutdown and its heartbeat.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Presence queries waiting for the worker at most. Each costs the worker one question to the reactors and one
+/// PUBLISH; past this many, other nodes' queries are coming faster than this node can answer, and the askers'
+/// deadlines (`cluster.presence_timeout_ms`) would pass before these were answered anyway.
+pub(super) const PRESENCE_QUEUE: usize = 64;
 
 /// A presence query from another node, for the worker.
-struct Query {
+pub(super) struct Query {
     origin: String,
     request: u64,
     user: String,
 }
 
+/// The sending side of a bounded queue that drops what does not fit, and counts it.
+pub(super) struct Bounded<'a, T> {
+    tx: mpsc::SyncSender<T>,
+    dropped: &'a AtomicU64,
+}
+
+impl<'a, T> Bounded<'a, T> {
+    pub(super) fn new(tx: mpsc::SyncSender<T>, dropped: &'a AtomicU64) -> Self {
+        Bounded { tx, dropped }
+    }
+
+    /// Queues `item` unless the queue is full (or its receiver gone); false, and counted, if dropped.
+    pub(super) fn offer(&self, item: T) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(_) => {
+                self.dropped.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+}
+
 /// Starts the subscriber and worker threads.
 pub(super) fn spawn(cluster: Arc<Cluster>) -> std::io::Result<()> {
-    let (queries, inbox) = mpsc::channel();
+    let (queries, inbox) = mpsc::sync_channel(PRESENCE_QUEUE);
     let worker = cluster.clone();
     std::thread::Builder::new()
         .name("cluster-worker".into())
         .spawn(move || run_worker(&worker, &inbox))?;
     std::thread::Builder::new()
-        .name("cluster-sub".into())
-        .spawn(move || run_subscriber(&cluster, &queries))?;
+        .name("cluster-presence".into())
+        .spawn(move || {
+            let queries = Bounded::new(queries, &cluster.metrics.presence_dropped);
+            run_subscriber(&cluster, &queries)
+        })?;
     Ok(())
 }
 
-/// Whether the last state change logged was "up"; `None` before the first attempt, so the first outcome of
-/// either kind is logged.
-struct StateLog(Option<bool>);
-
-impl StateLog {
-    fn up(&mut self, cluster: &Cluster) {
-        if self.0 != Some(true) {
-            log::info!(
-                "cluster link up: node {} on {} (channel prefix {})",
-                cluster.node_id(),
-                redact_url(cluster.settings.redis_url.as_deref().unwrap_or("")),
-                cluster.settings.channel_prefix
-            );
-        }
-        self.0 = Some(true);
-    }
-
-    fn down(&mut self, cluster: &Cluster, error: &str) {
-        if self.0 != Some(false) {
-            log::warn!(
-                "cluster link down: {error}; cluster publishes get 503, reconnecting with backoff up to {} ms",
-                cluster.settings.reconnect_max_ms
-            );
-        }
-        self.0 = Some(false);
-    }
-}
-
-fn run_subscriber(cluster: &Cluster, queries: &mpsc::Sender<Query>) {
+fn run_subscriber(cluster: &Cluster, queries: &Bounded<'_, Query>) {
     let mut backoff = Backoff::new(
         Duration::from_millis(cluster.settings.reconnect_min_ms),
         Duration::from_millis(cluster.settings.reconnect_max_ms),
@@ -77,7 +79,6 @@ fn run_subscriber(cluster: &Cluster, queries: &mpsc::Sender<Query>) {
             Ok(mut conn) => match subscribe_and_receive(cluster, &mut conn, &mut state, queries) {
                 Ok(()) => return, // stopping
                 Err(e) => {
-                    // Any message that was received was delivered; the next failure starts at the floor.
                     if state.0 == Some(true) {
                         backoff.reset();
                     }
@@ -86,60 +87,46 @@ fn run_subscriber(cluster: &Cluster, queries: &mpsc::Sender<Query>) {
             },
             Err(e) => e,
         };
-        let error = error.to_string();
-        cluster.link.up.store(false, SeqCst);
-        // Other nodes' messages are being missed: no stored position may be served as complete any more.
-        cluster.local.history().clear();
-        *cluster
-            .link
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = error.clone();
-        state.down(cluster, &error);
+        // The bus reader reports the link; this one matters to presence counts only, so it is logged apart.
+        state.record(false, || {
+            format!("cluster presence subscription lost: {error}; presence counts may be partial until it is back")
+        });
         std::thread::sleep(backoff.next_delay());
     }
 }
 
-/// Subscribes, marks the link up, and delivers until the connection fails (`Err`) or the node stops (`Ok`).
+/// Subscribes and routes presence messages until the connection fails (`Err`) or the node stops (`Ok`).
 fn subscribe_and_receive(
     cluster: &Cluster,
     conn: &mut redis::Connection,
     state: &mut StateLog,
-    queries: &mpsc::Sender<Query>,
+    queries: &Bounded<'_, Query>,
 ) -> redis::RedisResult<()> {
     let heartbeat = Duration::from_millis(cluster.settings.heartbeat_interval_ms);
     let mut pubsub = conn.as_pubsub();
     pubsub.subscribe(&[
-        cluster.names.bus.as_str(),
+        cluster.names.presence.as_str(),
         cluster.names.reply(cluster.node_id()).as_str(),
     ])?;
     let poll = POLL_INTERVAL.min(heartbeat);
     pubsub.set_read_timeout(Some(poll))?;
-    // A new generation makes the admin thread's publisher reconnect: its old connection may be to a Redis
-    // that has since restarted.
-    cluster.link.generation.fetch_add(1, SeqCst);
-    // Whatever was stored before this subscription may lack messages published while there was none.
-    cluster.local.history().clear();
-    cluster.link.up.store(true, SeqCst);
-    cluster.metrics.connects.fetch_add(1, Relaxed);
-    state.up(cluster);
+    // Logged only after a loss: the bus reader logs the link itself.
+    if state.0.is_some() {
+        state.record(true, || "cluster presence subscription back".into());
+    } else {
+        state.0 = Some(true);
+    }
     let mut last_ping = Instant::now();
-    // For reading shared history: the subscription's connection can only receive.
-    let mut side = Side {
-        conn: None,
-        budget: Budget::new(Instant::now()),
-    };
     loop {
         if cluster.stop.load(SeqCst) {
             return Ok(());
         }
         match pubsub.get_message() {
-            Ok(msg) => deliver(cluster, msg.get_payload_bytes(), queries, &mut side),
+            Ok(msg) => route(cluster, msg.get_payload_bytes(), queries),
             Err(e) if e.is_timeout() => {}
             Err(e) => return Err(e),
         }
         // A Redis host that vanished without closing the socket is only noticed by asking it something.
-        // The answer gets the full command timeout: a busy Redis is not a dead one.
         if last_ping.elapsed() >= heartbeat {
             pubsub.set_read_timeout(Some(Duration::from_millis(
                 cluster.settings.command_timeout_ms,
@@ -151,88 +138,22 @@ fn subscribe_and_receive(
     }
 }
 
-/// Hands one message from Redis to the reactors (publish, kick), the worker (presence query) or the admin
-/// thread waiting for answers (presence answer).
-fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side: &mut Side) {
+/// Hands a presence query to the worker, or an answer to the admin thread waiting for it.
+fn route(cluster: &Cluster, bytes: &[u8], queries: &Bounded<'_, Query>) {
     let message = match wire::decode(bytes) {
         Ok(message) => message,
         Err(e) => {
-            // Counted always, logged once: a foreign publisher on our channel would flood the log.
             if cluster.metrics.invalid.fetch_add(1, Relaxed) == 0 {
-                log::warn!("dropping a message on the cluster bus that does not decode: {e}");
+                log::warn!("dropping a presence message that does not decode: {e}");
             }
             return;
         }
     };
-    // The origin delivered its own publish and kick when it accepted them; stamped publishes are the
-    // exception: every node, the origin included, delivers them here, in the order Redis stamped them.
-    if message.origin == cluster.node_id() && !matches!(message.body, Body::Stamped { .. }) {
-        return;
-    }
     match message.body {
-        Body::Publish {
-            target,
-            binary,
-            payload,
-        } => {
-            // Framed once for every connection on this node, and stored, exactly like a local publish.
-            cluster.local.publish(target, binary, &payload);
-            cluster.metrics.received.fetch_add(1, Relaxed);
-        }
-        Body::Stamped {
-            target,
-            binary,
-            epoch,
-            offset,
-            payload,
-        } => {
-            let stamp = Stamp {
-                epoch: &epoch,
-                offset,
-            };
-            // Messages of this stream this node never got (it started, or its link came back, since they
-            // were published): fetch them from the shared log first, so they can be replayed here too.
-            // Within a time budget: after a reconnection every stream's first message shows a gap, and a
-            // subscriber busy reading history falls behind the bus. Past it, earlier positions get a resync.
-            let backfill = match cluster.local.history().missing_before(&target, stamp) {
-                Some(from) if side.budget.allows(Instant::now()) => {
-                    let (stream, _, _) = stream_of(&target);
-                    let started = Instant::now();
-                    let got =
-                        cluster.fetch_backfill(&mut side.conn, &stream, &epoch, from, offset - 1);
-                    side.budget.spend(started.elapsed());
-                    got
-                }
-                _ => Vec::new(),
-            };
-            cluster
-                .local
-                .publish_stamped(target, binary, &payload, stamp, &backfill);
-            if message.origin != cluster.node_id() {
-                cluster.metrics.received.fetch_add(1, Relaxed);
-            }
-        }
-        Body::Kick {
-            target,
-            code,
-            reason,
-        } => {
-            // Nobody waits for the count: the origin answers with its own.
-            cluster.local.reactors().kick(target, code, &reason, false);
-            cluster.metrics.received.fetch_add(1, Relaxed);
-        }
-        Body::Subscribe(change) => {
-            // Like a kick: nobody waits for this node's count, the origin answers with its own.
-            cluster.local.reactors().subscribe(change, false);
-            cluster.metrics.received.fetch_add(1, Relaxed);
-        }
-        Body::Batch(items) => {
-            // Framed once per item for every connection on this node, like a local batch.
-            cluster.local.publish_batch(items);
-            cluster.metrics.received.fetch_add(1, Relaxed);
-        }
+        // The asking node counts its own connections itself.
+        Body::PresenceQuery { .. } if message.origin == cluster.node_id() => {}
         Body::PresenceQuery { request, user } => {
-            let _ = queries.send(Query {
+            queries.offer(Query {
                 origin: message.origin,
                 request,
                 user,
@@ -243,45 +164,17 @@ fn deliver(cluster: &Cluster, bytes: &[u8], queries: &mpsc::Sender<Query>, side:
             connections,
         } => {
             if let Some(waiting) = cluster.lock_pending().get(&request) {
-                let _ = waiting.send(connections);
+                // Bounded: more answers than nodes can only be duplicates.
+                let _ = waiting.try_send(connections);
             }
         }
-    }
-}
-
-/// The subscriber's connection for reading shared history, and the time it may spend on that.
-struct Side {
-    conn: Option<redis::Connection>,
-    budget: Budget,
-}
-
-/// At most [`Budget::SHARE`] of each second goes to backfilling, so delivery keeps up with the bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Budget {
-    window: Instant,
-    spent: Duration,
-}
-
-impl Budget {
-    const WINDOW: Duration = Duration::from_secs(1);
-    const SHARE: Duration = Duration::from_millis(200);
-
-    fn new(now: Instant) -> Budget {
-        Budget {
-            window: now,
-            spent: Duration::ZERO,
+        _ => {
+            if cluster.metrics.invalid.fetch_add(1, Relaxed) == 0 {
+                log::warn!(
+                    "dropping a publish, kick, batch or subscription change on the presence channel (they go on the bus)"
+                );
+            }
         }
-    }
-
-    fn allows(&mut self, now: Instant) -> bool {
-        if now.duration_since(self.window) >= Self::WINDOW {
-            *self = Budget::new(now);
-        }
-        self.spent < Self::SHARE
-    }
-
-    fn spend(&mut self, took: Duration) {
-        self.spent += took;
     }
 }
 
@@ -399,7 +292,8 @@ fn beat(
         .query(conn)?;
     // Before our first marker, another instance's is a previous run of this node that has not expired yet.
     if let Some(previous) = previous.filter(|p| p != instance && !first) {
-        // Two live nodes with one id would drop each other's messages as their own echoes.
+        // Two live nodes with one id would count each other's connections as one node's, and wait for each
+        // other's kick counts.
         log::error!(
             "cluster.node_id {} is also used by another process (instance {previous}); node ids must be unique",
             cluster.node_id()
@@ -419,14 +313,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backfill_budget_is_a_share_of_each_second() {
-        let start = Instant::now();
-        let mut budget = Budget::new(start);
-        assert!(budget.allows(start));
-        budget.spend(Duration::from_millis(150));
-        assert!(budget.allows(start + Duration::from_millis(10)));
-        budget.spend(Duration::from_millis(60));
-        assert!(!budget.allows(start + Duration::from_millis(500)));
-        assert!(budget.allows(start + Duration::from_millis(1_000)));
+    fn a_full_presence_queue_drops_and_counts_instead_of_growing() {
+        let dropped = AtomicU64::new(0);
+        let (tx, rx) = mpsc::sync_channel(PRESENCE_QUEUE);
+        let queue = Bounded::new(tx, &dropped);
+        for i in 0..PRESENCE_QUEUE {
+            assert!(queue.offer(i), "room for {PRESENCE_QUEUE}");
+        }
+        assert!(!queue.offer(PRESENCE_QUEUE), "the bound is hit");
+        assert!(!queue.offer(PRESENCE_QUEUE + 1));
+        assert_eq!(dropped.load(Relaxed), 2);
+        // What was queued is intact and in order; once the worker takes one, there is room again.
+        assert_eq!(rx.recv().unwrap(), 0);
+        assert!(queue.offer(99));
+        let rest: Vec<usize> = rx.try_iter().collect();
+        assert_eq!(rest.len(), PRESENCE_QUEUE);
+        assert_eq!(rest.last(), Some(&99));
+        drop(rx);
+        assert!(!queue.offer(1), "a gone worker drops too");
     }
 }

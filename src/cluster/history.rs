@@ -1,9 +1,10 @@
-//! Shared history in a cluster: the Redis script that stamps a message with its stream's epoch and next
-//! offset, keeps it in a capped Redis stream, and publishes it to every node, all in one atomic step.
+//! Shared history in a cluster: the Redis keys of a stream's epoch, offset counter and log, and reading the log
+//! back for a node that lacks earlier messages of a stream (backfill).
 //!
-//! Owns the script and the key names; the admin thread runs it (`Cluster::publish_stamped`), and each node's
-//! subscriber stores what the script published in its local history (`publish::Publisher::publish_stamped`), in
-//! the order Redis ran the scripts, which is the order of the offsets. Does not own delivery or the local store.
+//! The script that stamps a message with its stream's epoch and next offset, logs it and appends it to the bus
+//! in one atomic step is `scripts::STAMPED`; each node's bus reader stores what it appended in its local
+//! history (`publish::Publisher::publish_stamped`), in bus order, which is the order of the offsets. Does not
+//! own delivery or the local store.
 //!
 //! Keys per stream (the stream name last, so names holding `:` cannot collide):
 //! `{prefix}:history:epoch:{stream}` (string), `{prefix}:history:offset:{stream}` (counter) and
@@ -12,24 +13,6 @@
 //! for `ttl_secs` starts over with a new epoch, exactly as on a single node.
 
 use crate::history::Backfill;
-
-/// `KEYS`: epoch, offset, log. `ARGV`: bus channel, message head (`wire::encode_stamped_head`), payload,
-/// candidate epoch (used when the stream has none), `MAXLEN ~` of the log, TTL in ms, client tag (`""` for
-/// none), binary flag (`"1"`/`"0"`). Returns `{epoch, offset}`.
-pub const PUBLISH_SCRIPT: &str = r#"
-local epoch = redis.call('GET', KEYS[1])
--- A lost offset counter (evicted on its own) would restart offsets under the old epoch: start over instead.
-if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
-  epoch = ARGV[4]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3])
-end
-local offset = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], offset .. '-1', 'c', ARGV[7], 'b', ARGV[8], 'p', ARGV[3])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. string.char(#epoch) .. epoch .. offset .. '\n' .. ARGV[3])
-return {epoch, offset}
-"#;
 
 /// The epoch, offset and log keys of `stream` under `prefix`.
 pub fn keys(prefix: &str, stream: &str) -> [String; 3] {

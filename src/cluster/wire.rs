@@ -1,22 +1,30 @@
-//! The bytes densepush nodes exchange through Redis pub/sub: encoding and decoding, sans-IO.
+//! The bytes densepush nodes exchange through Redis: encoding and decoding, sans-IO.
 //!
-//! It owns the message layout only; it does not publish, subscribe or deliver. Every message is
+//! It owns the message layout only; it does not append, read, subscribe or deliver. Publishes, batches, kicks and
+//! subscription changes travel as the `m` field of bus stream entries (`cluster::bus`); presence queries and
+//! answers as pub/sub messages.
+//! Every message is
 //! `version (u8) | kind (u8) | origin node id (str) | body`, where a `str` is a big-endian `u32` length followed
 //! by that many UTF-8 bytes. Bodies by kind:
 //!
 //! - publish: `target | flags (u8, bit 0 = binary) | payload (the rest)`; the payload is not framed, so a 1 MiB
 //!   message costs 1 MiB on Redis, and each receiving node frames it once for all of its connections;
-//! - kick: `target | code (u16) | reason (str)`; a code or reason `frame::check_kick_close` refuses is a decode
-//!   error, so such a kick is dropped and counted like any undecodable message;
+//! - kick: `request id (u64) | target | code (u16) | reason (str)`; the origin waits for its own reactors'
+//!   count under the request id (0: nobody waits); a code or reason `frame::check_kick_close` refuses is a
+//!   decode error, so such a kick is dropped and counted like any undecodable message;
 //! - presence query: `request id (u64) | user (str)`; answered on the origin's reply channel;
 //! - presence answer: `request id (u64) | connections (u64)`;
 //! - stamped publish (a message of a stream that keeps history): `target | flags (u8) | epoch length (u8) |
 //!   epoch | offset (ASCII decimal) | '\n' | payload (the rest)`. Redis builds the part after the flags in the
-//!   publish script (`cluster::history`), where the epoch and offset are assigned, hence the text offset;
-//! - subscription change: `target (a user or a user's client token) | channel (str) | join (u8, 1 or 0) |
-//!   since (u8: 0 none, 1 followed by epoch (str) | offset (u64))`, applied like a kick;
-//! - batch publish (the messages of a batch whose streams keep no history): `count (u32)`, then per message
-//!   `flags (u8) | payload (u32 length, bytes) | target count (u32) | targets`.
+//!   publish script (`cluster::scripts`), where the epoch and offset are assigned, hence the text offset (a
+//!   *place*: `epoch length (u8) | epoch | offset (ASCII decimal) | '\n'`);
+//! - subscription change: `request id (u64) | target (a user or a user's client token) | channel (str) |
+//!   join (u8, 1 or 0) | since (u8: 0 none, 1 followed by epoch (str) | offset (u64))`; the request id works as
+//!   a kick's;
+//! - batch publish, a whole batch in one entry: `count (u32)`, then per message `flags (u8) | payload (u32
+//!   length, bytes) | target count (u32)` and per target `kept (u8: 1 when Redis places it in its stream's
+//!   shared history) | target`; after the last message, one place per kept target, in order. The node encodes
+//!   the part before the places ([`encode_batch_head`]); the batch script appends them as it assigns them.
 //!
 //! A target is `tag (u8: 0 user, 1 user+client, 2 channel, 3 all)` followed by its strings.
 
@@ -24,9 +32,12 @@ use crate::dispatch::Subscription;
 use crate::message::envelope::Position;
 use crate::message::Target;
 use crate::publish::BatchItem;
+use std::ops::Range;
 
-/// Layout version; a node drops messages of another version instead of misreading them.
-pub const VERSION: u8 = 1;
+/// Layout version; a node drops messages of another version instead of misreading them. Version 2 is the
+/// stream bus (kicks and subscription changes carry a request id, a batch carries the places of its kept
+/// messages); version 1 nodes used pub/sub and must not share a prefix with it.
+pub const VERSION: u8 = 2;
 
 const KIND_PUBLISH: u8 = 0;
 const KIND_KICK: u8 = 1;
@@ -57,6 +68,9 @@ pub enum Body {
     },
     /// Close the target's connections.
     Kick {
+        /// Chosen by the origin to collect its own reactors' count when the kick comes back from the bus; 0
+        /// when nobody waits.
+        request: u64,
         /// A user, or a user's client token.
         target: Target,
         /// Close code (1000 or 3000-4999, checked by [`decode`]).
@@ -85,9 +99,21 @@ pub enum Body {
         payload: Vec<u8>,
     },
     /// Subscribe a user's (or client token's) connections to a channel, or unsubscribe them.
-    Subscribe(Subscription),
+    Subscribe {
+        /// Chosen by the origin to collect its own reactors' counts when the change comes back from the bus; 0
+        /// when nobody waits.
+        request: u64,
+        /// The change.
+        change: Subscription,
+    },
     /// Deliver a batch's messages, in order.
-    Batch(Vec<BatchItem>),
+    Batch {
+        /// The messages, in the order of the batch's body.
+        items: Vec<BatchItem>,
+        /// One per target of every item, in order: where Redis placed that message in its stream's shared
+        /// history, or `None` for a stream the origin keeps no history of.
+        places: Vec<Option<Place>>,
+    },
     /// One node's answer to a presence query.
     PresenceAnswer {
         /// The query's request id.
@@ -95,6 +121,15 @@ pub enum Body {
         /// The user's connections on the answering node.
         connections: u64,
     },
+}
+
+/// Where Redis placed a message in its stream's shared history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// The stream's epoch.
+    pub epoch: String,
+    /// The message's offset in its stream.
+    pub offset: u64,
 }
 
 /// A decoded message: who sent it and what it says.
@@ -161,27 +196,26 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
             payload,
         } => {
             out = encode_stamped_head(origin, target, *binary);
-            debug_assert!(epoch.len() <= u8::MAX as usize);
-            out.push(epoch.len() as u8);
-            out.extend_from_slice(epoch.as_bytes());
-            out.extend_from_slice(offset.to_string().as_bytes());
-            out.push(b'\n');
+            put_place(&mut out, epoch, *offset);
             out.extend_from_slice(payload);
         }
         Body::Kick {
+            request,
             target,
             code,
             reason,
         } => {
             out.push(KIND_KICK);
             put_str(&mut out, origin);
+            out.extend_from_slice(&request.to_be_bytes());
             put_target(&mut out, target);
             out.extend_from_slice(&code.to_be_bytes());
             put_str(&mut out, reason);
         }
-        Body::Subscribe(change) => {
+        Body::Subscribe { request, change } => {
             out.push(KIND_SUBSCRIBE);
             put_str(&mut out, origin);
+            out.extend_from_slice(&request.to_be_bytes());
             put_target(&mut out, &change.target);
             put_str(&mut out, &change.channel);
             out.push(u8::from(change.join));
@@ -194,7 +228,13 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
                 }
             }
         }
-        Body::Batch(items) => out = encode_batch(origin, items),
+        Body::Batch { items, places } => {
+            let kept: Vec<bool> = places.iter().map(Option::is_some).collect();
+            out = encode_batch_head(origin, items, &kept).0;
+            for place in places.iter().flatten() {
+                put_place(&mut out, &place.epoch, place.offset);
+            }
+        }
         Body::PresenceQuery { request, user } => {
             out.push(KIND_PRESENCE_QUERY);
             put_str(&mut out, origin);
@@ -214,25 +254,38 @@ pub fn encode(origin: &str, body: &Body) -> Vec<u8> {
     out
 }
 
-/// A batch message, encoded from borrowed items (what `encode(origin, &Body::Batch(items))` gives, without
-/// first copying the payloads into a [`Body`]).
-pub fn encode_batch(origin: &str, items: &[BatchItem]) -> Vec<u8> {
+/// A batch message up to its places, from borrowed items: what the batch script appends the places to, or the
+/// whole message when no target is `kept` (one flag per target of every item, in order). Also returns where
+/// each item's payload lies in the bytes, so the script can log it without the payload being sent twice.
+pub fn encode_batch_head(
+    origin: &str,
+    items: &[BatchItem],
+    kept: &[bool],
+) -> (Vec<u8>, Vec<Range<usize>>) {
+    debug_assert_eq!(
+        kept.len(),
+        items.iter().map(|i| i.targets.len()).sum::<usize>()
+    );
     let size: usize = items.iter().map(|i| i.payload.len() + 64).sum();
     let mut out = Vec::with_capacity(64 + origin.len() + size);
+    let mut payloads = Vec::with_capacity(items.len());
     out.push(VERSION);
     out.push(KIND_BATCH);
     put_str(&mut out, origin);
     out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+    let mut kept = kept.iter();
     for item in items {
         out.push(if item.binary { FLAG_BINARY } else { 0 });
         out.extend_from_slice(&(item.payload.len() as u32).to_be_bytes());
+        payloads.push(out.len()..out.len() + item.payload.len());
         out.extend_from_slice(&item.payload);
         out.extend_from_slice(&(item.targets.len() as u32).to_be_bytes());
         for target in &item.targets {
+            out.push(u8::from(kept.next().copied().unwrap_or(false)));
             put_target(&mut out, target);
         }
     }
-    out
+    (out, payloads)
 }
 
 /// The start of a stamped publish, up to and including its flags; the publish script appends the rest.
@@ -275,18 +328,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
         KIND_STAMPED => {
             let target = r.target()?;
             let binary = r.u8()? & FLAG_BINARY != 0;
-            let epoch_len = r.u8()? as usize;
-            let epoch = std::str::from_utf8(r.take(epoch_len)?)
-                .map_err(|_| WireError::Utf8("epoch"))?
-                .to_owned();
-            let digits = r.rest.iter().take_while(|b| b.is_ascii_digit()).count();
-            let offset = std::str::from_utf8(r.take(digits)?)
-                .ok()
-                .and_then(|d| d.parse::<u64>().ok())
-                .ok_or(WireError::Truncated)?;
-            if r.u8()? != b'\n' {
-                return Err(WireError::Truncated);
-            }
+            let Place { epoch, offset } = r.place()?;
             let payload = std::mem::take(&mut r.rest).to_vec();
             if !binary && std::str::from_utf8(&payload).is_err() {
                 return Err(WireError::Utf8("text payload"));
@@ -300,6 +342,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             }
         }
         KIND_KICK => {
+            let request = u64::from_be_bytes(r.array()?);
             let target = r.target()?;
             if matches!(target, Target::Channel(_) | Target::All) {
                 return Err(WireError::Target(target_tag(&target)));
@@ -310,12 +353,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             // RFC 6455 §7.4.1) is dropped here, before any reactor sees it.
             crate::proto::frame::check_kick_close(code, &reason)?;
             Body::Kick {
+                request,
                 target,
                 code,
                 reason,
             }
         }
         KIND_SUBSCRIBE => {
+            let request = u64::from_be_bytes(r.array()?);
             let target = r.target()?;
             if matches!(target, Target::Channel(_) | Target::All) {
                 return Err(WireError::Target(target_tag(&target)));
@@ -330,18 +375,22 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
                     offset: u64::from_be_bytes(r.array()?),
                 }),
             };
-            Body::Subscribe(Subscription {
-                target,
-                channel,
-                join,
-                since,
-            })
+            Body::Subscribe {
+                request,
+                change: Subscription {
+                    target,
+                    channel,
+                    join,
+                    since,
+                },
+            }
         }
         KIND_BATCH => {
             let count = u32::from_be_bytes(r.array()?) as usize;
             // Each message takes at least 9 bytes: a count larger than what is left is a lie, not an
             // allocation to make.
             let mut items = Vec::with_capacity(count.min(r.rest.len() / 9));
+            let mut kept = Vec::new();
             for _ in 0..count {
                 let binary = r.u8()? & FLAG_BINARY != 0;
                 let len = u32::from_be_bytes(r.array()?) as usize;
@@ -350,8 +399,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
                     return Err(WireError::Utf8("text payload"));
                 }
                 let targets_len = u32::from_be_bytes(r.array()?) as usize;
-                let mut targets = Vec::with_capacity(targets_len.min(r.rest.len()));
+                // At least 2 bytes each (the kept flag and the tag).
+                let mut targets = Vec::with_capacity(targets_len.min(r.rest.len() / 2));
                 for _ in 0..targets_len {
+                    kept.push(r.u8()? != 0);
                     targets.push(r.target()?);
                 }
                 items.push(BatchItem {
@@ -360,7 +411,11 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
                     payload,
                 });
             }
-            Body::Batch(items)
+            let places = kept
+                .into_iter()
+                .map(|kept| kept.then(|| r.place()).transpose())
+                .collect::<Result<_, _>>()?;
+            Body::Batch { items, places }
         }
         KIND_PRESENCE_QUERY => {
             let request = u64::from_be_bytes(r.array()?);
@@ -381,6 +436,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
         return Err(WireError::Trailing);
     }
     Ok(Message { origin, body })
+}
+
+/// A place: `epoch length (u8) | epoch | offset (ASCII decimal) | '\n'`, as the scripts write it.
+fn put_place(out: &mut Vec<u8>, epoch: &str, offset: u64) {
+    debug_assert!(epoch.len() <= u8::MAX as usize);
+    out.push(epoch.len() as u8);
+    out.extend_from_slice(epoch.as_bytes());
+    out.extend_from_slice(offset.to_string().as_bytes());
+    out.push(b'\n');
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -441,6 +505,22 @@ impl Reader<'_> {
         std::str::from_utf8(bytes)
             .map(str::to_owned)
             .map_err(|_| WireError::Utf8(what))
+    }
+
+    fn place(&mut self) -> Result<Place, WireError> {
+        let epoch_len = self.u8()? as usize;
+        let epoch = std::str::from_utf8(self.take(epoch_len)?)
+            .map_err(|_| WireError::Utf8("epoch"))?
+            .to_owned();
+        let digits = self.rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let offset = std::str::from_utf8(self.take(digits)?)
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok())
+            .ok_or(WireError::Truncated)?;
+        if self.u8()? != b'\n' {
+            return Err(WireError::Truncated);
+        }
+        Ok(Place { epoch, offset })
     }
 
     fn target(&mut self) -> Result<Target, WireError> {
@@ -541,6 +621,7 @@ mod tests {
     #[test]
     fn kick_round_trips() {
         round_trip(Body::Kick {
+            request: 77,
             target: Target::UserClient("u".into(), "c".into()),
             code: 4001,
             reason: "bye".into(),
@@ -549,22 +630,28 @@ mod tests {
 
     #[test]
     fn subscription_changes_round_trip() {
-        round_trip(Body::Subscribe(Subscription {
-            target: Target::UserClient("u".into(), "phone".into()),
-            channel: "news".into(),
-            join: true,
-            since: Some(Position {
-                stream: "channel:news".into(),
-                epoch: "Ab3xYz12".into(),
-                offset: 17,
-            }),
-        }));
-        round_trip(Body::Subscribe(Subscription {
-            target: Target::User("u".into()),
-            channel: "a:b".into(),
-            join: false,
-            since: None,
-        }));
+        round_trip(Body::Subscribe {
+            request: 9,
+            change: Subscription {
+                target: Target::UserClient("u".into(), "phone".into()),
+                channel: "news".into(),
+                join: true,
+                since: Some(Position {
+                    stream: "channel:news".into(),
+                    epoch: "Ab3xYz12".into(),
+                    offset: 17,
+                }),
+            },
+        });
+        round_trip(Body::Subscribe {
+            request: 0,
+            change: Subscription {
+                target: Target::User("u".into()),
+                channel: "a:b".into(),
+                join: false,
+                since: None,
+            },
+        });
     }
 
     #[test]
@@ -573,20 +660,29 @@ mod tests {
             let tag = target_tag(&target);
             let bytes = encode(
                 "n",
-                &Body::Subscribe(Subscription {
-                    target,
-                    channel: "x".into(),
-                    join: true,
-                    since: None,
-                }),
+                &Body::Subscribe {
+                    request: 1,
+                    change: Subscription {
+                        target,
+                        channel: "x".into(),
+                        join: true,
+                        since: None,
+                    },
+                },
             );
             assert_eq!(decode(&bytes), Err(WireError::Target(tag)));
         }
     }
 
-    #[test]
-    fn batches_round_trip_with_every_target_kind() {
-        round_trip(Body::Batch(vec![
+    fn place(epoch: &str, offset: u64) -> Option<Place> {
+        Some(Place {
+            epoch: epoch.into(),
+            offset,
+        })
+    }
+
+    fn two_items() -> Vec<BatchItem> {
+        vec![
             BatchItem {
                 targets: vec![
                     Target::User("42".into()),
@@ -600,24 +696,68 @@ mod tests {
             BatchItem {
                 targets: vec![Target::User("43".into())],
                 binary: true,
-                payload: vec![0, 0xff],
+                payload: vec![0, 0xff, b'\n'],
             },
-        ]));
-        round_trip(Body::Batch(Vec::new()));
+        ]
+    }
+
+    #[test]
+    fn batches_round_trip_with_every_target_kind_kept_or_not() {
+        round_trip(Body::Batch {
+            items: two_items(),
+            places: vec![None; 5],
+        });
+        round_trip(Body::Batch {
+            items: two_items(),
+            places: vec![place("EP", 7), None, place("Q", 1), None, place("EP", 8)],
+        });
+        round_trip(Body::Batch {
+            items: Vec::new(),
+            places: Vec::new(),
+        });
+    }
+
+    #[test]
+    fn a_batch_is_its_head_plus_the_places_the_script_appends() {
+        let items = two_items();
+        let kept = [true, false, false, false, true];
+        let (mut bytes, payloads) = encode_batch_head("n", &items, &kept);
+        assert_eq!(&bytes[payloads[0].clone()], b"hello");
+        assert_eq!(&bytes[payloads[1].clone()], &[0, 0xff, b'\n']);
+        assert!(decode(&bytes).is_err(), "kept targets need their places");
+        bytes.extend_from_slice(b"\x02EP17\n\x02EP18\n");
+        assert_eq!(
+            decode(&bytes).unwrap().body,
+            Body::Batch {
+                items,
+                places: vec![place("EP", 17), None, None, None, place("EP", 18)],
+            }
+        );
+        bytes.push(b'x');
+        assert_eq!(decode(&bytes), Err(WireError::Trailing));
     }
 
     #[test]
     fn a_batch_with_a_text_payload_that_is_not_utf8_or_a_lying_count_is_rejected() {
         let bad = encode(
             "n",
-            &Body::Batch(vec![BatchItem {
-                targets: vec![Target::All],
-                binary: false,
-                payload: vec![0xff],
-            }]),
+            &Body::Batch {
+                items: vec![BatchItem {
+                    targets: vec![Target::All],
+                    binary: false,
+                    payload: vec![0xff],
+                }],
+                places: vec![None],
+            },
         );
         assert_eq!(decode(&bad), Err(WireError::Utf8("text payload")));
-        let mut lying = encode("n", &Body::Batch(Vec::new()));
+        let mut lying = encode(
+            "n",
+            &Body::Batch {
+                items: Vec::new(),
+                places: Vec::new(),
+            },
+        );
         let at = lying.len() - 4;
         lying[at..].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(decode(&lying), Err(WireError::Truncated));
@@ -695,6 +835,7 @@ mod tests {
         let bytes = encode(
             "n",
             &Body::Kick {
+                request: 0,
                 target: Target::Channel("c".into()),
                 code: 4000,
                 reason: String::new(),
@@ -710,6 +851,7 @@ mod tests {
             let bytes = encode(
                 "n",
                 &Body::Kick {
+                    request: 0,
                     target: Target::User("u".into()),
                     code,
                     reason: String::new(),
@@ -729,6 +871,7 @@ mod tests {
         let bytes = encode(
             "n",
             &Body::Kick {
+                request: 0,
                 target: Target::User("u".into()),
                 code: 4000,
                 reason: "r".repeat(MAX_CLOSE_REASON_BYTES + 1),
@@ -758,6 +901,7 @@ mod tests {
         let bytes = encode(
             "node",
             &Body::Kick {
+                request: 0,
                 target: Target::User("user".into()),
                 code: 4000,
                 reason: "why".into(),

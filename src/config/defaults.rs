@@ -140,12 +140,18 @@ pub const DEFAULT_CLUSTER_RECONNECT_MIN_MS: u64 = 100;
 pub const DEFAULT_CLUSTER_RECONNECT_MAX_MS: u64 = 5_000;
 /// Milliseconds a Redis connect, read or write may take before the link counts as down.
 pub const DEFAULT_CLUSTER_COMMAND_TIMEOUT_MS: u64 = 1_000;
-/// Milliseconds between a node's heartbeats (its alive marker in Redis, and a ping of the subscription).
+/// Milliseconds between a node's heartbeats (its alive marker in Redis, and a check of the bus and the
+/// presence subscription).
 pub const DEFAULT_CLUSTER_HEARTBEAT_INTERVAL_MS: u64 = 2_000;
 /// Milliseconds a node's alive marker outlives its last heartbeat; a dead node stops counting as known then.
 pub const DEFAULT_CLUSTER_NODE_TTL_MS: u64 = 10_000;
 /// Milliseconds a cluster presence query waits for the other nodes' answers.
 pub const DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS: u64 = 300;
+/// Entries the bus stream keeps (Redis `XADD MAXLEN ~`, so a little more): a node whose link is cut, or that
+/// reads slower than the cluster publishes, continues without a loss while it is less than this many entries
+/// behind. At 1,000 publishes/s through the cluster, 100,000 entries are 100 s; Redis holds about the messages'
+/// payload plus ~50 bytes per entry.
+pub const DEFAULT_CLUSTER_BUS_MAX_LEN: u64 = 100_000;
 
 /// Keep history for `user:{user}` streams (publishes to a user and to its client tokens).
 pub const DEFAULT_HISTORY_USER: bool = false;
@@ -333,6 +339,7 @@ mod tests {
         );
         assert_eq!(c.node_ttl_ms, DEFAULT_CLUSTER_NODE_TTL_MS);
         assert_eq!(c.presence_timeout_ms, DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS);
+        assert_eq!(c.bus_max_len, DEFAULT_CLUSTER_BUS_MAX_LEN);
     }
 
     #[test]

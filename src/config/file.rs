@@ -295,6 +295,7 @@ pub struct ClusterSection {
     pub heartbeat_interval_ms: u64,
     pub node_ttl_ms: u64,
     pub presence_timeout_ms: u64,
+    pub bus_max_len: u64,
 }
 
 impl Default for ClusterSection {
@@ -309,6 +310,7 @@ impl Default for ClusterSection {
             heartbeat_interval_ms: DEFAULT_CLUSTER_HEARTBEAT_INTERVAL_MS,
             node_ttl_ms: DEFAULT_CLUSTER_NODE_TTL_MS,
             presence_timeout_ms: DEFAULT_CLUSTER_PRESENCE_TIMEOUT_MS,
+            bus_max_len: DEFAULT_CLUSTER_BUS_MAX_LEN,
         }
     }
 }
@@ -326,6 +328,7 @@ impl fmt::Debug for ClusterSection {
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("node_ttl_ms", &self.node_ttl_ms)
             .field("presence_timeout_ms", &self.presence_timeout_ms)
+            .field("bus_max_len", &self.bus_max_len)
             .finish()
     }
 }

@@ -78,6 +78,8 @@ pub const CLUSTER_COMMAND_TIMEOUT_MS: RangeInclusive<u64> = 1..=60_000;
 pub const CLUSTER_INTERVAL_MS: RangeInclusive<u64> = 1..=3_600_000;
 /// Milliseconds a presence query waits: the admin thread answers nothing meanwhile.
 pub const CLUSTER_PRESENCE_TIMEOUT_MS: RangeInclusive<u64> = 1..=10_000;
+/// Entries the bus keeps: enough for a few reads in flight, at most a billion (Redis memory is the real limit).
+pub const CLUSTER_BUS_MAX_LEN: RangeInclusive<u64> = 10..=1_000_000_000;
 /// Messages kept per stream.
 pub const HISTORY_SIZE: RangeInclusive<usize> = 1..=1_000_000;
 /// Seconds a message is kept: at most 30 days.

@@ -392,6 +392,8 @@ pub struct ClusterConfig {
     pub node_ttl_ms: u64,
     /// Milliseconds a presence query waits for answers.
     pub presence_timeout_ms: u64,
+    /// Entries the bus stream keeps (`XADD MAXLEN ~`).
+    pub bus_max_len: u64,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -406,6 +408,7 @@ impl fmt::Debug for ClusterConfig {
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("node_ttl_ms", &self.node_ttl_ms)
             .field("presence_timeout_ms", &self.presence_timeout_ms)
+            .field("bus_max_len", &self.bus_max_len)
             .finish()
     }
 }

@@ -571,6 +571,11 @@ fn validate_cluster(cluster: ClusterSection) -> Result<ClusterConfig, ConfigErro
             cluster.presence_timeout_ms,
             limits::CLUSTER_PRESENCE_TIMEOUT_MS,
         )?,
+        bus_max_len: check_range(
+            "cluster.bus_max_len",
+            cluster.bus_max_len,
+            limits::CLUSTER_BUS_MAX_LEN,
+        )?,
     })
 }
 
@@ -1301,6 +1306,7 @@ mod tests {
                 "cluster.node_ttl_ms",
             ),
             ("presence_timeout_ms = 60000", "cluster.presence_timeout_ms"),
+            ("bus_max_len = 9", "cluster.bus_max_len"),
         ];
         for (body, want) in cases {
             let (key, msg) = invalid_key(&format!("[cluster]\n{body}"));

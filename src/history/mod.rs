@@ -180,11 +180,32 @@ impl History {
         stamped: Option<(Stamp<'_>, &[Backfill])>,
         deliver: impl FnOnce(&Arc<Message>),
     ) -> Arc<Message> {
-        let (stream, kind, client) = stream_of(message.target());
-        debug_assert!(self.settings.enabled(kind), "only kept streams are stored");
-        let client = client.map(str::to_owned);
+        debug_assert!(self.keeps(message.target()), "only kept streams are stored");
         let now = self.now_ms();
         let mut store = self.lock();
+        let stored = self.place(&mut store, now, message, stamped);
+        deliver(&stored);
+        stored
+    }
+
+    /// Places one message under the lock: a kept stream's message is stored (with the cluster's stamp after its
+    /// backfill, or at the stream's next local offset); another is only stamped, with sequence 0 (no reactor
+    /// awaits it in sequence), when the cluster placed it in a history this node does not keep.
+    fn place(
+        &self,
+        store: &mut Store<Arc<Message>>,
+        now: u64,
+        message: Message,
+        stamped: Option<(Stamp<'_>, &[Backfill])>,
+    ) -> Arc<Message> {
+        let (stream, kind, client) = stream_of(message.target());
+        if !self.settings.enabled(kind) {
+            return Arc::new(match stamped {
+                Some((stamp, _)) => message.stamped(stamp.epoch.into(), stamp.offset, 0),
+                None => message,
+            });
+        }
+        let client = client.map(str::to_owned);
         let appended = match stamped {
             None => store.append(&stream, client.as_deref(), now, |slot| {
                 placed(message, slot)
@@ -212,7 +233,6 @@ impl History {
                 })
             }
         };
-        deliver(&appended.item);
         appended.item
     }
 
@@ -225,22 +245,23 @@ impl History {
         messages: Vec<Message>,
         deliver: impl FnOnce(&Arc<[Arc<Message>]>),
     ) -> Arc<[Arc<Message>]> {
+        self.append_batch_stamped(messages.into_iter().map(|m| (m, None)), deliver)
+    }
+
+    /// [`History::append_batch`] for a batch from the cluster bus: a message Redis placed in its stream's
+    /// shared history comes with that stamp and the backfill to store before it (as [`History::append_stamped`]);
+    /// one without a stamp (a stream the origin keeps no history of) is placed as in a local batch. Only the
+    /// cluster's bus reader calls this, from one thread, in bus order.
+    pub fn append_batch_stamped<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (Message, Option<(Stamp<'a>, &'a [Backfill])>)>,
+        deliver: impl FnOnce(&Arc<[Arc<Message>]>),
+    ) -> Arc<[Arc<Message>]> {
         let now = self.now_ms();
         let mut store = self.lock();
         let batch: Arc<[Arc<Message>]> = messages
             .into_iter()
-            .map(|message| {
-                let (stream, kind, client) = stream_of(message.target());
-                if !self.settings.enabled(kind) {
-                    return Arc::new(message);
-                }
-                let client = client.map(str::to_owned);
-                store
-                    .append(&stream, client.as_deref(), now, |slot| {
-                        placed(message, slot)
-                    })
-                    .item
-            })
+            .map(|(message, stamped)| self.place(&mut store, now, message, stamped))
             .collect();
         deliver(&batch);
         batch

@@ -1,7 +1,8 @@
 //! A published message: who it is for, its stream, and its encodings, each built at most once.
 //!
 //! It owns `Target` (who a publish or kick is for), the stream naming rules (`user:{user}`, `channel:{name}`,
-//! `all`), the client-facing wire formats (`envelope`: envelopes, `resync` notices, `since` positions) and
+//! `all`), the client-facing wire formats (`envelope`: envelopes, `resync` notices, `since` positions; `missed`:
+//! what connections that may have missed messages are told) and
 //! [`Message`]: the payload framed once as a bare WebSocket frame when it is made, plus every other encoding
 //! built lazily the first time some recipient needs it and then shared by every reactor and every recipient
 //! (each encoding is a [`SharedFrame`]: reference-counted, and charged to the buffer budget once while any
@@ -10,6 +11,7 @@
 //! the reactors' fanout indexes) or send anything.
 
 pub mod envelope;
+pub mod missed;
 
 use crate::proto::frame;
 use crate::shared_frame::SharedFrame;

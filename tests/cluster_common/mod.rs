@@ -7,10 +7,11 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
@@ -31,22 +32,70 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A `redis-server` child on a loopback port, without persistence.
+/// A `redis-server` child on a loopback port, without persistence unless asked for.
 pub struct Redis {
     pub child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// Append-only file with an fsync per write: a restart loses nothing.
+    pub persistent: bool,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(false)
+    }
+
+    /// A Redis whose restarts keep every key (`appendonly yes`, `appendfsync always`).
+    pub fn start_persistent() -> Redis {
+        Redis::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Redis {
         let mut redis = Redis {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            persistent,
         };
         redis.restart();
         redis
+    }
+
+    /// A connection through the redis crate, for commands a test sends itself.
+    pub fn conn(&self) -> redis::Connection {
+        let client = redis::Client::open(self.url()).unwrap();
+        let conn = client.get_connection_with_timeout(WAIT).unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        conn
+    }
+
+    /// Appends raw `wire` bytes to the bus of `prefix` the way a node does (the same script), so a test can put
+    /// there what no node would.
+    pub fn append_to_bus(&self, prefix: &str, bytes: &[u8]) -> String {
+        densepush::cluster::scripts::APPEND
+            .invoke(&mut self.conn(), 1, |cmd| {
+                cmd.arg(format!("{prefix}:bus")).arg(100_000).arg(bytes);
+            })
+            .unwrap()
+    }
+
+    /// `CONFIG SET name value`.
+    pub fn config_set(&self, name: &str, value: &str) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query::<()>(&mut self.conn())
+            .unwrap();
+    }
+
+    /// The bus stream's length.
+    pub fn bus_len(&self, prefix: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(format!("{prefix}:bus"))
+            .query(&mut self.conn())
+            .unwrap()
     }
 
     pub fn url(&self) -> String {
@@ -56,9 +105,15 @@ impl Redis {
     /// Starts the server (again) on the same port and waits until it answers PING.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis-server already running");
+        let persistence: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(persistence)
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -87,28 +142,6 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// `PUBLISH channel bytes` over a raw RESP connection (the bytes may be anything); returns the number of
-    /// subscribers that got it.
-    pub fn publish_raw(&self, channel: &str, bytes: &[u8]) -> i64 {
-        let mut command = format!(
-            "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n",
-            channel.len(),
-            bytes.len()
-        )
-        .into_bytes();
-        command.extend_from_slice(bytes);
-        command.extend_from_slice(b"\r\n");
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.write_all(&command).unwrap();
-        let mut reply = String::new();
-        BufReader::new(stream).read_line(&mut reply).unwrap();
-        reply
-            .strip_prefix(':')
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("PUBLISH answered {reply:?}"))
     }
 
     pub fn stop(&mut self) {
@@ -144,18 +177,30 @@ impl Node {
         Node::start_with(redis, id, HISTORY_TOML)
     }
 
-    fn start_with(redis: &Redis, id: &str, extra: &str) -> Node {
-        let node = Node::launch(&redis.url(), id, extra);
+    /// Like `start`, with more configuration (whole sections, or `[cluster]` keys first thing).
+    pub fn start_with(redis: &Redis, id: &str, extra: &str) -> Node {
+        Node::start_via(&redis.url(), id, extra)
+    }
+
+    /// Starts a node on `redis_url` (a proxy's, say) and waits for its link.
+    pub fn start_via(redis_url: &str, id: &str, extra: &str) -> Node {
+        Node::start_env(redis_url, id, extra, &[])
+    }
+
+    /// Like `start_via`, with `DENSEPUSH_*` overrides in the environment (for keys of sections the harness
+    /// writes itself, e.g. `DENSEPUSH_SERVER_REACTORS`).
+    pub fn start_env(redis_url: &str, id: &str, extra: &str, env: &[(&str, &str)]) -> Node {
+        let node = Node::launch(redis_url, id, extra, env);
         node.wait_for_cluster("up");
         node
     }
 
     /// Starts a node without waiting for its Redis link (which may be down).
     pub fn start_unlinked(redis_url: &str, id: &str) -> Node {
-        Node::launch(redis_url, id, "")
+        Node::launch(redis_url, id, "", &[])
     }
 
-    fn launch(redis_url: &str, id: &str, extra: &str) -> Node {
+    fn launch(redis_url: &str, id: &str, extra: &str, env: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(
@@ -188,6 +233,7 @@ presence_timeout_ms = 500
         let mut child = Command::new(env!("CARGO_BIN_EXE_densepush"))
             .arg("--config")
             .arg(&config)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -248,7 +294,8 @@ presence_timeout_ms = 500
         json(&body)
     }
 
-    /// The value of an unlabelled sample on this node's `/metrics`; panics if there is none.
+    /// The value of a sample on this node's `/metrics` (`name` or `name{label="value"}`); panics if there is
+    /// none.
     pub fn metric(&self, name: &str) -> u64 {
         let (status, text) = http(self.admin, "GET", "/metrics", "");
         assert_eq!(status, 200, "{text}");
@@ -261,6 +308,25 @@ presence_timeout_ms = 500
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Freezes the process (SIGSTOP): a node that cannot keep up at all.
+    pub fn pause(&self) {
+        signal(&self.child, "-STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(&self.child, "-CONT");
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(sig)
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig}");
 }
 
 impl Drop for Node {
@@ -387,3 +453,127 @@ pub fn redis_available() -> bool {
 
 /// The `[history]` section of nodes started with `Node::start_with_history`.
 pub const HISTORY_TOML: &str = "[history]\nuser = true\nchannel = true\nsize = 1000\n";
+
+// ---- a TCP proxy a test can cut ---------------------------------------------------------------------------
+
+/// A TCP proxy in front of a port: a node's link to Redis through it can be cut (every connection closed,
+/// new ones refused) and restored, like a network partition that Redis and the other nodes do not see.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    upstream: u16,
+    cut: AtomicBool,
+    stop: AtomicBool,
+    open: Mutex<Vec<TcpStream>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState {
+            upstream,
+            cut: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            open: Mutex::new(Vec::new()),
+        });
+        let accepting = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if accepting.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if accepting.cut.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", accepting.upstream)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut open = accepting.open.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every proxied connection and refuses new ones until `restore`.
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        for stream in self.state.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+// ---- what a client is told --------------------------------------------------------------------------------
+
+/// The next frame that is not a ping or pong.
+pub fn next_message(ws: &mut Client) -> Message {
+    loop {
+        match ws.read() {
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(other) => return other,
+            Err(e) => panic!("expected a message, got {e}"),
+        }
+    }
+}
+
+/// Reads until the close frame and returns its code; panics on a data message first.
+pub fn expect_close(ws: &mut Client) -> u16 {
+    match next_message(ws) {
+        Message::Close(Some(frame)) => u16::from(frame.code),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// A `resync` notice: its stream; panics on anything else.
+pub fn expect_resync(ws: &mut Client) -> String {
+    let text = recv_text(ws);
+    let v = json(&text);
+    assert_eq!(v["type"], "resync", "expected a resync, got {text}");
+    v["s"].as_str().unwrap().to_owned()
+}
+
+/// The payload of an envelope (`{"s","d",...}`); panics on a resync or anything else.
+pub fn envelope_data(ws: &mut Client) -> String {
+    let text = recv_text(ws);
+    let v = json(&text);
+    assert!(v.get("type").is_none(), "expected an envelope, got {text}");
+    v["d"].as_str().unwrap().to_owned()
+}
