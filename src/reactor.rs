@@ -693,12 +693,11 @@ impl Reactor {
     fn upgrade(&mut self, key: u32, request: Request<'_>) -> bool {
         let generation = self.conns[key as usize].generation;
         let sse = request.kind == Kind::Sse;
-        let since = self
-            .settings
-            .history
-            .any_enabled()
-            .then(|| since_of(&request))
-            .unwrap_or_default();
+        let since = if self.settings.history.any_enabled() {
+            since_of(&request)
+        } else {
+            Vec::new()
+        };
         let identity = match self.admit_request(&request) {
             Ok(identity) => identity,
             Err(reject) => {

@@ -17,7 +17,7 @@ pub fn message(
     deflated: &[u8],
     text: bool,
     limit: u64,
-    mut echo: Option<&mut Echo>,
+    echo: Option<&mut Echo>,
 ) -> Result<(), ProtocolError> {
     let mut utf8 = Utf8Carry::default();
     let mut bad_text = false;
@@ -38,7 +38,7 @@ pub fn message(
     if text && (bad_text || utf8.check(&[], true).is_err()) {
         return Err(ProtocolError::InvalidUtf8);
     }
-    if let Some(echo) = echo.as_deref_mut() {
+    if let Some(echo) = echo {
         echo.chunk(text, &whole, true);
     }
     Ok(())

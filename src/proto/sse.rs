@@ -60,11 +60,11 @@ pub fn event_id(stream: &str, epoch: &str, offset: u64) -> String {
 pub fn event(id: Option<&str>, name: Option<&str>, binary: bool, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() * if binary { 2 } else { 1 } + 64);
     if let Some(id) = id {
-        let _ = write!(out, "id: {id}\n");
+        let _ = writeln!(out, "id: {id}");
     }
     match (name, binary) {
         (Some(name), _) => {
-            let _ = write!(out, "event: {name}\n");
+            let _ = writeln!(out, "event: {name}");
         }
         (None, true) => out.extend_from_slice(b"event: binary\n"),
         (None, false) => {}
