@@ -11,6 +11,10 @@
 #                       compress like real JSON notifications
 #   --tls               connect over wss:// (the server gets a throwaway P-256 certificate made with openssl,
 #                       and the generator connects to its TLS listener); add --tls-resume to resume sessions
+#   --upgrade-at K      live-upgrade the server (`densepush upgrade`, same binary) once K messages have been
+#                       published to everyone: with --phases connect,broadcast --broadcast-interval-ms 10
+#                       --broadcast-messages 600 the report's delivery latency max is the longest pause clients saw,
+#                       and its exactly-once check covers the handoff; the upgrade's own figures go to stderr
 #   anything else goes to densepush-loadtest unchanged, e.g. --payload-bytes 256, --phases connect,idle,
 #   --json (report as JSON on stdout), --workers 2, --idle-secs 5, --conns-per-user 2; see
 #   `densepush-loadtest --help`.
@@ -30,6 +34,7 @@ N=15000
 REACTORS=0
 TLS=0
 COMPRESSION=false
+UPGRADE_AT=0
 PASS=()
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
@@ -45,11 +50,13 @@ while [[ $# -gt 0 ]]; do
         --reactors=*) REACTORS=${1#*=}; shift ;;
         --tls) TLS=1; PASS+=("$1"); shift ;;
         --compression) COMPRESSION=true; PASS+=("$1"); shift ;;
+        --upgrade-at) UPGRADE_AT=${2:?--upgrade-at needs a value}; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) PASS+=("$1"); shift ;;
     esac
 done
 [[ $REACTORS =~ ^[0-9]+$ ]] || { say "--reactors must be a number"; exit 2; }
+[[ $UPGRADE_AT =~ ^[0-9]+$ ]] || { say "--upgrade-at must be a number"; exit 2; }
 
 # ---- build ------------------------------------------------------------------------------------------------
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
@@ -86,6 +93,22 @@ stop_server() {
     [[ -n $SERVER_PID ]] || return 0
     local pid=$SERVER_PID status=0
     SERVER_PID=
+    # After a live upgrade the serving process is the successor, not our child: signal it, wait for it to go,
+    # and reap the first process (it exited when the successor took over).
+    if [[ -s $TMP/serving.pid ]] && [[ $(cat "$TMP/serving.pid") != "$pid" ]]; then
+        local first=$pid
+        pid=$(cat "$TMP/serving.pid")
+        wait "$first" || status=$?
+        ((status == 0)) || say "the first server process exited with status $status after handing over"
+        kill -TERM "$pid" 2>/dev/null || return "$status"
+        for _ in $(seq $((SHUTDOWN_MS / 100 + 50))); do
+            kill -0 "$pid" 2>/dev/null || return "$status"
+            sleep 0.1
+        done
+        say "server did not exit after SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        return 1
+    fi
     kill -TERM "$pid" 2>/dev/null || return 0
     # SIGTERM drains: give it the shutdown timeout plus a margin, then insist.
     for _ in $(seq $((SHUTDOWN_MS / 100 + 50))); do
@@ -170,10 +193,48 @@ fi
 ADMIN_ADDR=$(sed -E 's/.* admin=([^ ]+).*/\1/' <<<"$LISTENING")
 say "server pid $SERVER_PID, reactors $REACTORS (0 = per core), clients $CLIENT_ADDR, admin $ADMIN_ADDR"
 
+# ---- upgrade (optional) -----------------------------------------------------------------------------------
+# Polls /metrics over bash's /dev/tcp (no curl on a clean machine) until K broadcasts were published, then
+# upgrades and records the pid now serving for stop_server.
+published_to_all() {
+    local host=${ADMIN_ADDR%:*} port=${ADMIN_ADDR##*:} line
+    exec 3<>"/dev/tcp/$host/$port" || return 1
+    printf 'GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
+    line=$(grep -m1 '^densepush_messages_published_total{target="all"}' <&3 || true)
+    exec 3<&-
+    echo "${line##* }"
+}
+UPGRADER=
+if ((UPGRADE_AT > 0)); then
+    (
+        until [[ -n ${n:-} ]] && ((n >= UPGRADE_AT)); do
+            [[ -e $TMP/generator.done ]] && { say "only ${n:-0} broadcasts published: no upgrade"; exit 1; }
+            sleep 0.05
+            n=$(published_to_all || true)
+        done
+        say "upgrading after $n broadcasts"
+        if env -u DENSEPUSH_BIN "$SERVER" upgrade --config "$TMP/config.toml" --admin "$ADMIN_ADDR" \
+            --pid "$SERVER_PID" >"$TMP/upgrade.out" 2>&1; then
+            say "$(cat "$TMP/upgrade.out")"
+            grep -h 'handed over in' "$TMP/server.log" | tail -1 | sed 's/^/loadtest.sh: server: /' >&2 || true
+            sed -E 's/.*process ([0-9]+) took over.*/\1/' "$TMP/upgrade.out" >"$TMP/serving.pid"
+        else
+            say "upgrade failed: $(cat "$TMP/upgrade.out")"
+        fi
+    ) &
+    UPGRADER=$!
+fi
+
 # ---- load -------------------------------------------------------------------------------------------------
 STATUS=0
 "$GENERATOR" --server "$CLIENT_ADDR" --admin "$ADMIN_ADDR" --server-pid "$SERVER_PID" --conns "$N" \
     "${PASS[@]}" || STATUS=$?
+
+if [[ -n $UPGRADER ]]; then
+    touch "$TMP/generator.done"
+    wait "$UPGRADER" || true
+    [[ -s $TMP/serving.pid ]] || { say "the live upgrade did not happen"; ((STATUS != 0)) || STATUS=1; }
+fi
 
 SERVER_STATUS=0
 stop_server || SERVER_STATUS=$?

@@ -87,6 +87,10 @@ pub enum Command {
         /// Receives the count.
         reply: Sender<usize>,
     },
+    /// The live upgrade: stop accepting, let TLS handshakes in flight finish (briefly), apply the rest of the
+    /// mailbox, then hand this reactor's listeners and connections to the successor through `freeze` (see
+    /// `handoff`) and wait to be told to resume (the upgrade rolled back) or for the process to exit.
+    Freeze(crate::handoff::Freeze),
     /// Stop accepting, close every connection with 1001, exit when they are gone or the deadline passes.
     Shutdown {
         /// How long to wait for clients to finish the close handshake.
@@ -383,6 +387,14 @@ impl Reactors {
             user: user.clone(),
             reply,
         })
+    }
+
+    /// Sends each reactor its part of a live upgrade's freeze, in reactor order.
+    pub fn freeze(&self, freezes: Vec<crate::handoff::Freeze>) {
+        debug_assert_eq!(freezes.len(), self.mailboxes.len());
+        for (mailbox, freeze) in self.mailboxes.iter().zip(freezes) {
+            mailbox.send(Command::Freeze(freeze));
+        }
     }
 
     /// Asks every reactor to stop accepting and close its connections with 1001 within `timeout`.

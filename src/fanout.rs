@@ -423,6 +423,24 @@ impl Fanout {
         Some((self.users.name(member.user), client))
     }
 
+    /// How connection `key` is indexed (user, client token, channels), for a successor process to index it the
+    /// same way (the live upgrade); `None` if it is not indexed.
+    pub fn membership(&self, key: ConnKey) -> Option<(&str, Option<&str>, Vec<&str>)> {
+        let member = self.members.get(key as usize)?;
+        if member.user == NIL {
+            return None;
+        }
+        let user = self.users.entries[member.user as usize].0.as_str();
+        let client = (!member.client.is_empty()).then_some(member.client.as_str());
+        let first = (member.first.channel != NIL).then_some(member.first);
+        let channels = first
+            .iter()
+            .chain(member.more.iter().flat_map(|more| more.iter()))
+            .map(|link| self.channels.entries[link.channel as usize].0.as_str())
+            .collect();
+        Some((user, client, channels))
+    }
+
     /// Appends the keys of every connection of `user` to `out`.
     pub fn user_conns(&self, user: &str, out: &mut Vec<ConnKey>) {
         self.collect_user(user, None, out);
@@ -516,6 +534,28 @@ mod tests {
         let mut out = Vec::new();
         f.channel_conns(c, &mut out);
         sorted(out)
+    }
+
+    #[test]
+    fn membership_gives_back_what_was_indexed_and_joined() {
+        let mut f = Fanout::new();
+        f.add(3, "alice", Some("phone"), &ch(&["news", "sport", "tech"]));
+        f.add(4, "bob", None, &[]);
+        assert_eq!(
+            f.membership(3),
+            Some(("alice", Some("phone"), vec!["news", "sport", "tech"]))
+        );
+        assert_eq!(f.membership(4), Some(("bob", None, vec![])));
+        assert_eq!(f.membership(5), None);
+        // Channels joined and left at run time are what a successor must index too.
+        assert_eq!(f.join(4, "late", 16), Joined::Added);
+        assert!(f.leave(3, "sport"));
+        let (_, _, mut channels) = f.membership(3).unwrap();
+        channels.sort();
+        assert_eq!(channels, ["news", "tech"]);
+        assert_eq!(f.membership(4), Some(("bob", None, vec!["late"])));
+        f.remove(3);
+        assert_eq!(f.membership(3), None);
     }
 
     #[test]

@@ -52,6 +52,20 @@ enum Cmd {
     },
     /// Validate the configuration file and exit.
     CheckConfig,
+    /// Hand every connection of the running server over to a new process started from the binary at its path,
+    /// with the same arguments and a fresh read of the config (a deploy, or a config change, without dropping
+    /// anyone). Finds the server through admin.listen in the config; prints the outcome.
+    Upgrade {
+        /// Signal this process id instead of asking the admin API for it.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// The admin API's address, when admin.listen does not give it (port 0, say).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Seconds to wait for the outcome.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 fn main() {
@@ -103,7 +117,83 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run => serve(&config),
+        Cmd::Upgrade {
+            pid,
+            admin,
+            timeout,
+        } => upgrade(&config, pid, admin, timeout),
     }
+}
+
+/// `densepush upgrade`: SIGUSR2 to the running server, then its admin API's `/healthz` until the pid changes
+/// (the successor serves) or it reports this upgrade rolled back.
+fn upgrade(
+    config: &Config,
+    pid: Option<u32>,
+    admin: Option<std::net::SocketAddr>,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build(),
+    );
+    let url = format!("http://{}/healthz", admin.unwrap_or(config.admin.listen));
+    let health = || -> anyhow::Result<serde_json::Value> {
+        let mut request = agent.get(&url);
+        if let Some(key) = &config.admin.api_key {
+            request = request.header("Authorization", &format!("Bearer {key}"));
+        }
+        let mut response = request
+            .call()
+            .with_context(|| format!("asking {url} (admin.listen)"))?;
+        let text = response.body_mut().read_to_string()?;
+        serde_json::from_str(&text).with_context(|| format!("{url} answered {text:?}"))
+    };
+    let pid = match pid {
+        Some(pid) => pid,
+        None => health()?["pid"]
+            .as_u64()
+            .context("the server's /healthz has no pid: is it older than `densepush upgrade`?")?
+            as u32,
+    };
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    // SAFETY: kill with a plain pid and signal number.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR2) } != 0 {
+        anyhow::bail!(
+            "signalling process {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // During the handoff the admin listener is frozen: no answer yet is not an answer.
+        let Ok(health) = health() else { continue };
+        let upgrade = &health["upgrade"];
+        let now_pid = health["pid"].as_u64().unwrap_or(0) as u32;
+        if now_pid != pid && upgrade["last"] == "completed" {
+            println!(
+                "upgraded: process {now_pid} took over {} connections from {pid} in {} ms (deliveries paused {} ms)",
+                upgrade["moved"], upgrade["total_ms"], upgrade["pause_ms"]
+            );
+            return Ok(());
+        }
+        if now_pid == pid
+            && upgrade["last"] == "rolled_back"
+            && upgrade["started_ms"].as_u64().unwrap_or(0) >= started_ms
+        {
+            anyhow::bail!(
+                "upgrade rolled back ({}): {}; process {pid} keeps serving",
+                upgrade["reason"].as_str().unwrap_or("?"),
+                upgrade["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    anyhow::bail!("no outcome within {timeout_secs} s; check the server's log")
 }
 
 fn serve(config: &Config) -> anyhow::Result<()> {
@@ -124,9 +214,26 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR2,
     ])
     .context("installing signal handlers")?;
-    let running = densepush::server::start(config)?;
+    // A live upgrade started this process: take the predecessor's connections instead of binding.
+    let taker = match std::env::var(densepush::handoff::protocol::FD_ENV) {
+        Ok(fd) => {
+            let fd: i32 = fd
+                .parse()
+                .with_context(|| format!("{}={fd}", densepush::handoff::protocol::FD_ENV))?;
+            // Our own successors must not inherit the variable.
+            std::env::remove_var(densepush::handoff::protocol::FD_ENV);
+            Some(densepush::handoff::take::Taker::hello(fd, config)?)
+        }
+        Err(_) => None,
+    };
+    let successor = taker.is_some();
+    let running = densepush::server::start(config, taker)?;
+    if !successor {
+        densepush::systemd::notify("READY=1");
+    }
     let show =
         |addr: Option<std::net::SocketAddr>| addr.map_or("off".to_string(), |a| a.to_string());
     log::info!(
@@ -153,6 +260,11 @@ fn serve(config: &Config) -> anyhow::Result<()> {
             running.reload_tls();
             continue;
         }
+        if signal == signal_hook::consts::SIGUSR2 {
+            // A deploy: hand everything over to the binary at our path. Returns only if it rolled back.
+            running.upgrade();
+            continue;
+        }
         log::info!(
             "signal {signal}: closing connections (up to {} ms)",
             config.server.shutdown_timeout_ms
@@ -176,8 +288,13 @@ fn warn_about_unsafe_settings(config: &Config) {
     };
     if config.auth.mode == AuthMode::None {
         log::warn!(
-            "auth.mode = \"none\": anyone who can reach {:?} or {:?} picks their own user id; use it only on trusted networks{clients_note}",
-            config.server.listen, config.tls.listen
+            "auth.mode = \"none\": anyone who can reach {} picks their own user id; use it only on trusted networks{clients_note}",
+            [config.server.listen, config.tls.listen]
+                .into_iter()
+                .flatten()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
         );
     } else if config.uses_dev_secret() {
         if config.uses_identity_provider_keys() {

@@ -17,6 +17,7 @@ use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase,
 use crate::dispatch::{Command, Mailbox, Subscribed, Subscription};
 use crate::events;
 use crate::fanout::{Fanout, Joined};
+use crate::handoff::{self, channel::MAX_FDS, Order, Part};
 use crate::history::{self, History};
 use crate::message::missed::{Missed, Told, MISSED_CLOSE_CODE, MISSED_CLOSE_REASON};
 use crate::message::{envelope, Codec, Encoding, Message, Target};
@@ -24,6 +25,7 @@ use crate::metrics::ReactorMetrics;
 use crate::proto::handshake::{self, HandshakeLimits, Kind, Reject, Request};
 use crate::proto::{http, sse};
 use crate::shared_frame::SharedFrame;
+use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
 use crate::tls::table::{Sessions, Slot};
 use crate::tls::{self, Tls, TlsWire};
@@ -33,7 +35,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,6 +148,11 @@ pub struct Reactor {
     started: Instant,
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
+    /// A live upgrade asked this reactor to freeze: it stops accepting at once and freezes once TLS
+    /// handshakes in flight are done or the grace deadline passes (see `handoff`).
+    freeze: Option<(handoff::Freeze, Instant)>,
+    /// Frames received while adopting connections from a predecessor (emptied once adopting is done).
+    adopting: FrameTable,
 }
 
 impl Reactor {
@@ -200,6 +207,8 @@ impl Reactor {
             started: Instant::now(),
             next_generation: 0,
             shutdown_deadline: None,
+            freeze: None,
+            adopting: FrameTable::default(),
         })
     }
 
@@ -243,6 +252,9 @@ impl Reactor {
             }
             self.apply_backlog(SENDS_PER_TURN);
             self.run_timers();
+            if self.freeze_is_due() {
+                self.freeze_now();
+            }
             if self.finished() {
                 return;
             }
@@ -384,6 +396,10 @@ impl Reactor {
     // ---- accepting -------------------------------------------------------------------------------------
 
     fn accept_all(&mut self, tls: bool) {
+        if self.freeze.is_some() {
+            // New clients wait in the kernel's backlog: the listener moves to the successor with them in it.
+            return;
+        }
         let (slot, acceptor) = match tls {
             false => (&mut self.listener, &mut self.acceptor),
             true => (&mut self.tls_listener, &mut self.tls_acceptor),
@@ -644,6 +660,198 @@ impl Reactor {
             .bytes
             .fetch_sub((tls::table::SLOT_BYTES + slot.charged) as u64, Relaxed);
         slot.charged = 0;
+    }
+
+    // ---- the live upgrade: freezing, exporting, adopting ---------------------------------------------------
+
+    /// A freeze was asked and TLS handshakes in flight are done, or their grace is over.
+    fn freeze_is_due(&self) -> bool {
+        match &self.freeze {
+            Some((_, deadline)) => {
+                Instant::now() >= *deadline
+                    || self.sessions.iter().all(|s| s.session.is_established())
+            }
+            None => false,
+        }
+    }
+
+    /// Applies the rest of the mailbox, reports ready, and on the predecessor's order streams listeners and
+    /// connections to the successor; then waits. Returns when the upgrade rolled back (the reactor carries on
+    /// as if nothing happened); when it succeeds the process exits while this waits.
+    fn freeze_now(&mut self) {
+        let Some((freeze, _)) = self.freeze.take() else {
+            return;
+        };
+        // The admin API froze first, so every publish it answered 202 for is in the mailbox: apply them all
+        // (they reach the outboxes, which move).
+        self.take_mailbox();
+        self.apply_backlog(usize::MAX);
+        let ready = Part::Ready {
+            applied_seq: self.applied_seq,
+        };
+        if freeze.parts.send(ready).is_ok() && freeze.orders.recv() == Ok(Order::Export) {
+            self.export(&freeze.parts);
+            // The successor takes over and this process exits while we wait here; an order (or the driver
+            // going away) means the upgrade rolled back.
+            let _ = freeze.orders.recv();
+        }
+        log::info!("upgrade did not complete; serving again");
+        // Edges that came while accepts were held back are gone: look at the backlogs now.
+        self.accept_all(false);
+        self.accept_all(true);
+    }
+
+    /// Streams this reactor's listeners and connections, in batches of at most `MAX_FDS`, to `parts`.
+    fn export(&mut self, parts: &std::sync::mpsc::SyncSender<Part>) {
+        let listeners = vec![
+            self.listener.as_ref().map(|l| l.as_raw_fd()),
+            self.tls_listener.as_ref().map(|l| l.as_raw_fd()),
+        ];
+        if parts.send(Part::Listeners(listeners)).is_err() {
+            return;
+        }
+        let mut frames = FrameTable::default();
+        let mut records = Writer::new();
+        let mut fds = Vec::new();
+        let (mut moved, mut stayed) = (0u64, 0u64);
+        for (key, conn) in self.conns.iter() {
+            let key = key as u32;
+            let session = match conn.machine.is_tls() {
+                false => None,
+                true => match self.sessions.get(key) {
+                    Some(slot) if slot.session.is_established() => Some(&slot.session),
+                    // Still in its TLS handshake: rustls's state cannot move. It stays, and closes with this
+                    // process; the client reconnects.
+                    _ => {
+                        stayed += 1;
+                        continue;
+                    }
+                },
+            };
+            conn.machine.snapshot(&mut records, &mut frames);
+            match self.fanout.membership(key) {
+                Some((user, client, channels)) => {
+                    records.bool(true);
+                    records.str(user);
+                    records.opt_str(client);
+                    records.u32(channels.len() as u32);
+                    for channel in channels {
+                        records.str(channel);
+                    }
+                }
+                None => records.bool(false),
+            }
+            records.bool(session.is_some());
+            if let Some(session) = session {
+                session.snapshot(&mut records);
+            }
+            fds.push(conn.stream.as_raw_fd());
+            moved += 1;
+            if fds.len() == MAX_FDS && !send_batch(parts, &mut frames, &mut records, &mut fds) {
+                return;
+            }
+        }
+        if !fds.is_empty() && !send_batch(parts, &mut frames, &mut records, &mut fds) {
+            return;
+        }
+        let _ = parts.send(Part::Done { moved, stayed });
+    }
+
+    /// Connections of a predecessor's reactor (a batch its `export` wrote), registered here as if accepted
+    /// here, with their state, index entries, TLS keys and timers. Called before this reactor runs.
+    pub fn adopt(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<usize, SnapshotError> {
+        let mut r = Reader::new(payload);
+        self.adopting.read_fresh(&mut r)?;
+        let count = r.u32("batch size")? as usize;
+        if count != fds.len() {
+            return Err(SnapshotError::Invalid("batch size"));
+        }
+        for fd in fds {
+            // Already non-blocking: O_NONBLOCK belongs to the open file description, which SCM_RIGHTS shares
+            // with the predecessor's descriptor (one syscall per connection saved, in the pause).
+            let stream = std::net::TcpStream::from(fd);
+            let entry = self.conns.vacant_entry();
+            let key = entry.key() as u32;
+            self.next_generation = self.next_generation.wrapping_add(1);
+            let generation = self.next_generation;
+            let mut cx = Ctx {
+                key,
+                rules: &self.settings.rules,
+                budget: &self.settings.budget,
+                wheel: &mut self.wheel,
+                metrics: &self.metrics,
+            };
+            let machine = Machine::restore(&mut cx, &mut r, &self.adopting)?;
+            if r.bool("identity present")? {
+                let user = r.str("user")?.to_owned();
+                let client = r.opt_str("client")?.map(str::to_owned);
+                let channels = (0..r.u32("channel count")?)
+                    .map(|_| r.str("channel").map(str::to_owned))
+                    .collect::<Result<Vec<String>, _>>()?;
+                self.fanout.add(key, &user, client.as_deref(), &channels);
+                if let Some(events) = &self.settings.events {
+                    events.adopted(&user, self.fanout.user_count(&user) == 1);
+                }
+            }
+            if r.bool("tls present")? {
+                let session = tls::Session::restore(&mut r)?;
+                let tls = self
+                    .settings
+                    .tls
+                    .as_ref()
+                    .ok_or(SnapshotError::Invalid("tls connection without [tls]"))?;
+                let charged = session.held_bytes();
+                self.settings.budget.force_reserve(charged);
+                tls.metrics.sessions.fetch_add(1, Relaxed);
+                tls.metrics
+                    .bytes
+                    .fetch_add((tls::table::SLOT_BYTES + charged) as u64, Relaxed);
+                self.sessions.insert(
+                    key,
+                    Slot {
+                        session,
+                        charged,
+                        counted: true,
+                    },
+                );
+            }
+            let fd = stream.as_raw_fd();
+            self.poll
+                .registry()
+                .register(
+                    &mut SourceFd(&fd),
+                    make_token(key, generation),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(|_| SnapshotError::Invalid("socket registration"))?;
+            if machine.was_upgraded() {
+                self.settings.open_total.fetch_add(1, Relaxed);
+                self.metrics.connections_open.fetch_add(1, Relaxed);
+                match machine.wire() {
+                    Wire::Sse => self.metrics.sse_open.fetch_add(1, Relaxed),
+                    Wire::WebSocketDeflate => self.metrics.deflate_open.fetch_add(1, Relaxed),
+                    Wire::WebSocket => 0,
+                };
+            } else {
+                self.metrics.connections_handshaking.fetch_add(1, Relaxed);
+            }
+            entry.insert(Conn {
+                stream,
+                generation,
+                machine,
+            });
+        }
+        if !r.is_empty() {
+            return Err(SnapshotError::Invalid("batch trailer"));
+        }
+        Ok(count)
+    }
+
+    /// Adopting is over: the predecessor's frames are referenced by the queues that need them, no longer here;
+    /// `applied_seq` is the last stored sequence the predecessor applied (every reactor applied all of it).
+    pub fn adopted(&mut self, applied_seq: u64) {
+        self.adopting = FrameTable::default();
+        self.applied_seq = applied_seq;
     }
 
     // ---- the upgrade -------------------------------------------------------------------------------------
@@ -999,6 +1207,10 @@ impl Reactor {
                 let _ = reply.send(self.fanout.user_count(&user));
                 Some(1)
             }
+            Command::Freeze(freeze) => {
+                self.freeze = Some((freeze, Instant::now() + handoff::TLS_HANDSHAKE_GRACE));
+                Some(1)
+            }
             Command::Shutdown { timeout } => {
                 self.begin_shutdown(timeout);
                 Some(self.conns.len())
@@ -1249,6 +1461,27 @@ fn since_of(request: &Request<'_>) -> Vec<envelope::Position> {
         }
     }
     envelope::parse_since(&raw)
+}
+
+/// Sends one batch: the frames its records name first, then the records; clears the buffers. False if the
+/// receiving end went away (the upgrade is being abandoned).
+fn send_batch(
+    parts: &std::sync::mpsc::SyncSender<Part>,
+    frames: &mut FrameTable,
+    records: &mut Writer,
+    fds: &mut Vec<std::os::fd::RawFd>,
+) -> bool {
+    let mut payload = Writer::new();
+    frames.write_fresh(&mut payload);
+    payload.u32(fds.len() as u32);
+    payload.raw(records.bytes());
+    records.take();
+    parts
+        .send(Part::Batch {
+            payload: payload.take(),
+            fds: std::mem::take(fds),
+        })
+        .is_ok()
 }
 
 /// Brings a TLS session's budget charge and the TLS byte gauge in line with what it holds now.

@@ -142,3 +142,109 @@ fn a_successor_started_from_the_handed_over_position_applies_exactly_what_follow
         0
     );
 }
+
+/// Kills a process by pid when dropped: the successor of an upgraded node is not a child of the test.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-9")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+fn serving_pid(node: &Node) -> Option<u32> {
+    let (status, body) = http(node.admin, "GET", "/healthz", "");
+    (status == 200).then(|| json(&body)["pid"].as_u64().unwrap() as u32)
+}
+
+/// The whole path with real processes: node A, one of two, is upgraded (SIGUSR2) while node B publishes to A's
+/// client without a pause. The new process continues A's bus reader from the exact entry the old one stopped
+/// at: every message arrives once and in order, nobody is told to resync or closed with 1012, and A keeps its
+/// node id (B counts two nodes, not three).
+#[test]
+fn a_node_upgraded_in_the_middle_of_a_stream_of_cluster_publishes_loses_nothing() {
+    assert!(redis_available(), "redis-server is missing");
+    let redis = Redis::start();
+    let a = Node::start(&redis, "node-a");
+    let b = Node::start(&redis, "node-b");
+    let mut client = a.connect_as("u", "phone", "news");
+    // Both nodes are in the cluster before anything is published.
+    assert!(wait_for(|| nodes(&b) == 2), "nodes never saw each other");
+    const TOTAL: usize = 1_500;
+    let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publisher = {
+        let (admin, published) = (b.admin, published.clone());
+        std::thread::spawn(move || {
+            let mut admin = Admin::connect(admin);
+            for i in 0..TOTAL {
+                let (path, body) = match i % 2 {
+                    0 => ("/publish/user/u", format!("u{i}")),
+                    _ => ("/publish/channel/news", format!("n{i}")),
+                };
+                let (status, reply) = admin.request("POST", path, &body);
+                assert_eq!(status, 202, "{body}: {reply}");
+                published.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    assert!(wait_for(|| published
+        .load(std::sync::atomic::Ordering::SeqCst)
+        >= 200));
+    let old = a.child.id();
+    let status = std::process::Command::new("kill")
+        .args(["-USR2", &old.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut new = None;
+    assert!(
+        wait_for(|| {
+            new = serving_pid(&a).filter(|&pid| pid != old);
+            new.is_some()
+        }),
+        "no new process took over:\n{}",
+        a.log()
+    );
+    let _successor = KillOnDrop(new.unwrap());
+    let at_takeover = published.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        at_takeover < TOTAL,
+        "the upgrade must happen while B publishes ({at_takeover} of {TOTAL} were out)"
+    );
+    publisher.join().unwrap();
+    for i in 0..TOTAL {
+        let expected = match i % 2 {
+            0 => format!("u{i}"),
+            _ => format!("n{i}"),
+        };
+        assert_eq!(recv_text(&mut client), expected, "once, in order");
+    }
+    assert_nothing_more(&a, &mut [&mut client]);
+    assert_eq!(a.metric("densepush_cluster_missed_closes_total"), 0);
+    assert_eq!(a.metric("densepush_cluster_missed_resyncs_total"), 0);
+    assert_eq!(nodes(&b), 2, "A kept its node id");
+    // And B still finds u's connection on A, the moved one.
+    assert_eq!(b.presence("u")["connections"], 1);
+}
+
+/// Nodes alive in the cluster as `node` sees them (the dashboard's count).
+fn nodes(node: &Node) -> u64 {
+    let (status, body) = http(node.admin, "GET", "/stats", "");
+    assert_eq!(status, 200, "{body}");
+    json(&body)["cluster"]["nodes"].as_u64().unwrap_or(0)
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

@@ -351,3 +351,63 @@ fn the_disconnects_of_a_shutdown_are_sent_before_the_process_exits() {
     assert_eq!(codes, [1001, 1001], "{events:?}");
     assert_eq!(count(&events, "offline"), 2);
 }
+
+#[test]
+fn across_a_live_upgrade_each_event_is_sent_once_by_the_process_that_saw_it() {
+    use tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let receiver = Receiver::start(Mode::Ok);
+    let mut server = start(&receiver.url(), &[("events.batch_ms", "60000")]);
+    let mut a = server.connect("user=a");
+    let mut b1 = server.connect("user=b&client=one");
+    let _b2 = server.connect("user=b&client=two");
+    // batch_ms is a minute: the connects wait in the old process's queue when the upgrade starts. It sends them
+    // before it exits; the new process knows a and b are online without announcing them again.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(receiver.requests(), 0);
+    server.upgrade();
+    let events = receiver.events();
+    assert_eq!(
+        (count(&events, "connect"), count(&events, "online")),
+        (3, 2),
+        "{events:?}"
+    );
+    // In the new process: a leaves (its offline follows), one of b's two connections leaves (b stays online).
+    for ws in [&mut a, &mut b1] {
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .unwrap();
+        while ws.read().is_ok() {}
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        server.metric("densepush_connections_open", &[]) == 1
+    }));
+    // A drain of the new process sends what it queued: a's and b1's disconnects, a's offline, then b2's 1001
+    // and b's offline.
+    let pid = server.serving_pid();
+    signal_pid(pid, libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(20), || !pid_alive(pid)));
+    let events = receiver.events();
+    let codes: Vec<u64> = events
+        .iter()
+        .filter(|e| e["type"] == "disconnect")
+        .map(|e| e["code"].as_u64().unwrap())
+        .collect();
+    assert_eq!(codes, [1000, 1000, 1001], "{events:?}");
+    assert_eq!(
+        (
+            count(&events, "connect"),
+            count(&events, "online"),
+            count(&events, "offline")
+        ),
+        (3, 2, 2),
+        "{events:?}"
+    );
+    let offline: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "offline")
+        .map(|e| e["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(offline, ["a", "b"]);
+}

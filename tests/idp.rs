@@ -22,27 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const HINT: &str = "run scripts/test.sh once: it installs Python `cryptography` into target/pyenv";
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A Python that has `cryptography`: the virtualenv scripts/test.sh creates, else `python3` if it has it.
+/// A Python that has `cryptography`.
 fn python() -> PathBuf {
-    let candidates = [
-        repo().join("target/pyenv/bin/python"),
-        PathBuf::from("python3"),
-    ];
-    for python in &candidates {
-        let ok = Command::new(python)
-            .args(["-c", "import cryptography.x509"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return python.clone();
-        }
-    }
-    panic!("no Python with the cryptography library (tried {candidates:?}); {HINT}");
+    python_with("cryptography.x509")
 }
 
 fn script() -> PathBuf {

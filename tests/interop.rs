@@ -30,37 +30,9 @@ use std::time::{Duration, Instant};
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 const HINT: &str = "run scripts/test.sh once: it installs the interop test tools";
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A Python that has `websockets`: the virtualenv scripts/test.sh creates, else `python3` if it has it.
+/// A Python that has `websockets`.
 fn python() -> PathBuf {
-    let venv = repo().join("target/pyenv/bin/python");
-    let candidates = [venv, PathBuf::from("python3")];
-    for python in &candidates {
-        let ok = Command::new(python)
-            .args(["-c", "import websockets.sync.client"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return python.clone();
-        }
-    }
-    panic!("no Python with the websockets library (tried {candidates:?}); {HINT}");
-}
-
-/// tests/js, with its node_modules installed.
-fn js_dir() -> PathBuf {
-    let dir = repo().join("tests/js");
-    for module in ["ws", "playwright-core"] {
-        assert!(
-            dir.join("node_modules").join(module).is_dir(),
-            "tests/js/node_modules/{module} is missing; {HINT}"
-        );
-    }
-    dir
+    python_with("websockets.sync.client")
 }
 
 /// A jwt-mode server (as shipped), with a known secret and these overrides.

@@ -98,6 +98,8 @@ pub struct Api {
     cluster: Option<Arc<Cluster>>,
     /// The TLS side, when `[tls]` is on (its counters are on `/metrics`).
     tls: Option<Arc<crate::tls::Tls>>,
+    /// Live-upgrade counters and the last outcome (`/metrics`, `/healthz`).
+    upgrade: Option<Arc<crate::handoff::give::UpgradeState>>,
     /// The connection events sender, when `events.webhook_url` is set (its counters are on `/metrics`).
     events: Option<Arc<Events>>,
 }
@@ -118,6 +120,7 @@ impl Api {
             settings,
             cluster,
             tls: None,
+            upgrade: None,
             events: None,
         }
     }
@@ -132,6 +135,17 @@ impl Api {
     pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Api {
         self.tls = tls;
         self
+    }
+
+    /// Reports live upgrades too.
+    pub fn with_upgrade(mut self, upgrade: Arc<crate::handoff::give::UpgradeState>) -> Api {
+        self.upgrade = Some(upgrade);
+        self
+    }
+
+    /// Joins the cluster once it is up (a successor starts its bridge after it took over).
+    pub fn set_cluster(&mut self, cluster: Option<Arc<Cluster>>) {
+        self.cluster = cluster;
     }
 
     /// Counts an answer by status class.
@@ -242,6 +256,8 @@ impl Api {
                     serde_json::json!({
                         "status": if draining { "draining" } else { "ok" },
                         "cluster": self.cluster.as_ref().map_or("disabled", |c| c.health()),
+                        "pid": std::process::id(),
+                        "upgrade": self.upgrade.as_ref().map(|u| upgrade_json(u)),
                     }),
                 )
             }
@@ -276,6 +292,9 @@ impl Api {
         self.publisher.history().render_metrics(&mut text);
         if let Some(tls) = &self.tls {
             tls.render_metrics(&mut text);
+        }
+        if let Some(upgrade) = &self.upgrade {
+            upgrade.render_metrics(&mut text);
         }
         if let Some(events) = &self.events {
             events.render_metrics(&mut text);
@@ -699,6 +718,31 @@ impl Api {
             },
             None => Reply::error(503, "a reactor did not answer in time"),
         }
+    }
+}
+
+/// The last live upgrade's outcome, for `/healthz` (and `densepush upgrade`, which polls it).
+fn upgrade_json(state: &crate::handoff::give::UpgradeState) -> serde_json::Value {
+    use crate::handoff::give::Outcome;
+    match &*state.last.lock().unwrap_or_else(|e| e.into_inner()) {
+        None => serde_json::json!({ "last": null }),
+        Some(Outcome::RolledBack {
+            reason,
+            detail,
+            started_ms,
+        }) => serde_json::json!({
+            "last": "rolled_back", "reason": reason, "detail": detail, "started_ms": started_ms,
+        }),
+        Some(Outcome::Completed {
+            from_pid,
+            moved,
+            pause_ms,
+            total_ms,
+            started_ms,
+        }) => serde_json::json!({
+            "last": "completed", "from_pid": from_pid, "moved": moved, "pause_ms": pause_ms,
+            "total_ms": total_ms, "started_ms": started_ms,
+        }),
     }
 }
 

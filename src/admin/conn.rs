@@ -174,7 +174,9 @@ impl Connection {
                         self.close_after_answer();
                         return Some(Event::Refused { answer, head_only });
                     }
-                    self.input.consume(head.len);
+                    // The head stays in the input until its whole request is there: the input then always
+                    // holds every byte of the request in progress, so the connection can move to another
+                    // process as its unanswered bytes (`snapshot`) and be parsed again there.
                     self.phase = Phase::Body(head);
                     self.phase_deadline = now + self.timeouts.idle;
                 }
@@ -183,12 +185,13 @@ impl Connection {
         let Phase::Body(head) = &self.phase else {
             return None;
         };
-        if self.input.len() < head.body_len {
+        if self.input.len() < head.len + head.body_len {
             return None;
         }
         let Phase::Body(head) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             unreachable!("matched above");
         };
+        self.input.consume(head.len);
         let body = self.input.take_front(head.body_len);
         let request = head.into_request(body);
         self.begin_answer(now);
@@ -283,6 +286,49 @@ impl Connection {
             Phase::Lingering { .. } => Expiry::Linger,
         };
         (self.phase_deadline, expiry)
+    }
+
+    /// Writes the connection for a successor process (the live upgrade): whether it is still answering requests,
+    /// closing after its last answer, or lingering; every unanswered byte it received; every answer byte not yet
+    /// written.
+    pub fn snapshot(&self, w: &mut crate::snapshot::Writer) {
+        w.u8(match self.phase {
+            Phase::Head | Phase::Idle | Phase::Body(_) => 0,
+            Phase::Closing => 1,
+            Phase::Lingering { .. } => 2,
+        });
+        w.bool(self.peer_closed);
+        w.bytes_field(self.input.as_slice());
+        w.bytes_field(self.output.as_slice());
+    }
+
+    /// A connection written by [`Connection::snapshot`], carrying on at `now` (its deadlines start afresh; a
+    /// request in progress is parsed again from its bytes).
+    pub fn restore(
+        r: &mut crate::snapshot::Reader<'_>,
+        now: Instant,
+        timeouts: Timeouts,
+    ) -> Result<Connection, crate::snapshot::SnapshotError> {
+        let phase = r.u8("admin phase")?;
+        let peer_closed = r.bool("admin peer closed")?;
+        let mut conn = Connection::new(now, timeouts);
+        conn.peer_closed = peer_closed;
+        conn.input.extend(r.bytes_field("admin input")?);
+        conn.output.extend(r.bytes_field("admin output")?);
+        match phase {
+            0 if conn.input.is_empty() => {
+                conn.phase = Phase::Idle;
+                conn.phase_deadline = now + timeouts.idle;
+            }
+            0 => {}
+            1 => conn.phase = Phase::Closing,
+            2 => {
+                conn.phase = Phase::Lingering { discarded: 0 };
+                conn.phase_deadline = now + LINGER;
+            }
+            _ => return Err(crate::snapshot::SnapshotError::Invalid("admin phase")),
+        }
+        Ok(conn)
     }
 
     /// Heap bytes this connection holds in its queues.

@@ -16,4 +16,4 @@ pub mod server;
 pub mod stats;
 
 pub use api::{constant_time_eq, Api, ApiSettings};
-pub use server::AdminServer;
+pub use server::{AdminHandle, AdminServer};

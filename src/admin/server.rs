@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(usize::MAX);
+const CONTROL: Token = Token(usize::MAX - 1);
 
 /// How often a paused admin listener retries `accept`.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -58,6 +59,22 @@ pub struct AdminServer {
     next_sweep: Instant,
     /// Reused by the sweep for the keys it closes.
     expired: Vec<(usize, Expiry)>,
+    /// Freeze requests of a live upgrade (see `handoff`), with the waker that makes the loop look.
+    control: std::sync::mpsc::Receiver<crate::handoff::Freeze>,
+}
+
+/// How the live upgrade reaches the admin thread: a freeze request, and a waker so it is seen at once.
+#[derive(Debug, Clone)]
+pub struct AdminHandle {
+    waker: Arc<mio::Waker>,
+    freezes: std::sync::mpsc::Sender<crate::handoff::Freeze>,
+}
+
+impl AdminHandle {
+    /// Asks the admin thread to freeze (see `handoff`). False if the thread is gone.
+    pub fn freeze(&self, freeze: crate::handoff::Freeze) -> bool {
+        self.freezes.send(freeze).is_ok() && self.waker.wake().is_ok()
+    }
 }
 
 /// One connection: its socket and its state.
@@ -78,6 +95,7 @@ impl AdminServer {
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let (_, control) = std::sync::mpsc::channel();
         let mut over_capacity = Vec::new();
         http::write_error(
             &mut over_capacity,
@@ -101,7 +119,102 @@ impl AdminServer {
             sweep_every,
             next_sweep: Instant::now() + sweep_every,
             expired: Vec::new(),
+            control,
         })
+    }
+
+    /// Joins the cluster once it is up (see `Api::set_cluster`).
+    pub fn set_cluster(&mut self, cluster: Option<Arc<crate::cluster::Cluster>>) {
+        self.api.set_cluster(cluster);
+    }
+
+    /// The handle a live upgrade freezes this admin thread through.
+    pub fn handle(&mut self) -> io::Result<AdminHandle> {
+        let waker = Arc::new(mio::Waker::new(self.poll.registry(), CONTROL)?);
+        let (freezes, control) = std::sync::mpsc::channel();
+        self.control = control;
+        Ok(AdminHandle { waker, freezes })
+    }
+
+    /// Admin connections a predecessor handed over (a batch written by its `export`): registered here and
+    /// carried on from their unanswered bytes. Called before the admin thread runs.
+    pub fn adopt(
+        &mut self,
+        payload: &[u8],
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<usize, crate::snapshot::SnapshotError> {
+        use crate::snapshot::{Reader, SnapshotError};
+        let mut r = Reader::new(payload);
+        let count = r.u32("admin batch size")? as usize;
+        if count != fds.len() {
+            return Err(SnapshotError::Invalid("admin batch size"));
+        }
+        let now = Instant::now();
+        for fd in fds {
+            let conn = Connection::restore(&mut r, now, self.settings.timeouts)?;
+            let std_stream = std::net::TcpStream::from(fd);
+            std_stream
+                .set_nonblocking(true)
+                .map_err(|_| SnapshotError::Invalid("admin socket"))?;
+            let mut stream = TcpStream::from_std(std_stream);
+            let entry = self.conns.vacant_entry();
+            let token = Token(entry.key());
+            self.poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                .map_err(|_| SnapshotError::Invalid("admin socket registration"))?;
+            entry.insert(Entry { stream, conn });
+        }
+        self.count_open();
+        Ok(count)
+    }
+
+    /// A live upgrade: report ready (no request will be answered while frozen), and on the order stream the
+    /// listener and every connection's unanswered bytes to the successor; then wait. Returns when the upgrade
+    /// rolled back; when it succeeds the process exits while this waits.
+    fn freeze(&mut self, freeze: crate::handoff::Freeze) {
+        use crate::handoff::{Order, Part};
+        use std::os::fd::AsRawFd;
+        if freeze.parts.send(Part::Ready { applied_seq: 0 }).is_err()
+            || freeze.orders.recv() != Ok(Order::Export)
+        {
+            return;
+        }
+        if freeze
+            .parts
+            .send(Part::Listeners(vec![Some(self.listener.as_raw_fd())]))
+            .is_err()
+        {
+            return;
+        }
+        let mut moved = 0;
+        let mut keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        while !keys.is_empty() {
+            let batch: Vec<usize> = keys
+                .drain(..keys.len().min(crate::handoff::channel::MAX_FDS))
+                .collect();
+            let mut w = crate::snapshot::Writer::new();
+            w.u32(batch.len() as u32);
+            let mut fds = Vec::with_capacity(batch.len());
+            for key in batch {
+                let entry = &self.conns[key];
+                entry.conn.snapshot(&mut w);
+                fds.push(entry.stream.as_raw_fd());
+            }
+            moved += fds.len() as u64;
+            if freeze
+                .parts
+                .send(Part::Batch {
+                    payload: w.take(),
+                    fds,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = freeze.parts.send(Part::Done { moved, stayed: 0 });
+        let _ = freeze.orders.recv();
     }
 
     /// Serves until the process exits.
@@ -125,6 +238,13 @@ impl AdminServer {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
+                    CONTROL => {
+                        while let Ok(freeze) = self.control.try_recv() {
+                            self.freeze(freeze);
+                            log::info!("admin: upgrade did not complete; serving again");
+                            self.accept_all();
+                        }
+                    }
                     // Every event gets the same treatment: the connection's state says what can move.
                     Token(key) => self.drive(key),
                 }

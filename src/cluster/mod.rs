@@ -161,6 +161,9 @@ struct PublishConn {
 struct Handoff {
     requested: AtomicBool,
     stopped_at: Mutex<Option<Option<BusPosition>>>,
+    /// The Redis client id of the reader's current connection (0: none yet), so a handoff can end its
+    /// `XREAD BLOCK` at once (`CLIENT UNBLOCK`) instead of adding up to a poll interval to the upgrade's pause.
+    reader_client: AtomicU64,
 }
 
 /// Admin requests waiting for this node's reactors to apply an entry they appended (a kick, a subscription
@@ -688,6 +691,18 @@ impl Cluster {
     pub fn hand_over(&self, timeout: Duration) -> Option<Option<BusPosition>> {
         self.handoff.requested.store(true, SeqCst);
         let deadline = Instant::now() + timeout;
+        // The reader may be blocked in `XREAD BLOCK` for up to a poll interval: end that read now (it returns
+        // as a timeout would, and the reader sees the request). Best effort: without it the reader still stops
+        // at its next poll.
+        let reader = self.handoff.reader_client.load(SeqCst);
+        if reader != 0 {
+            if let Ok(mut conn) = self.connect() {
+                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                    .arg("UNBLOCK")
+                    .arg(reader)
+                    .query(&mut conn);
+            }
+        }
         loop {
             if let Some(at) = *self
                 .handoff
@@ -701,6 +716,27 @@ impl Cluster {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// After a live upgrade that rolled back: the bus reader that [`Cluster::hand_over`] stopped carries on
+    /// from the position it stopped at, so this process goes on as if nothing happened (a reader that had not
+    /// stopped yet just keeps going).
+    pub fn resume_after_hand_over(self: &Arc<Self>) {
+        let mut stopped = self
+            .handoff
+            .stopped_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Under the lock the reader takes to stop: it either stopped already (and is restarted here), or sees
+        // the request withdrawn and carries on.
+        self.handoff.requested.store(false, SeqCst);
+        if let Some(position) = stopped.take() {
+            if let Err(e) = reader::spawn(self.clone(), Cursor::new(position)) {
+                log::error!(
+                    "cluster: cannot restart the bus reader after a rolled-back upgrade: {e}"
+                );
+            }
         }
     }
 

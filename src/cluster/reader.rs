@@ -54,13 +54,18 @@ fn run(cluster: &Cluster, mut cursor: Cursor) {
             return;
         }
         if cluster.handoff.requested.load(SeqCst) {
-            cluster.link.up.store(false, SeqCst);
-            *cluster
+            let mut stopped = cluster
                 .handoff
                 .stopped_at
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(cursor.position().copied());
-            return;
+                .unwrap_or_else(|e| e.into_inner());
+            // Checked again under the lock: an upgrade that rolled back may have withdrawn the request
+            // (`Cluster::resume_after_hand_over`), and then this reader carries on.
+            if cluster.handoff.requested.load(SeqCst) {
+                cluster.link.up.store(false, SeqCst);
+                *stopped = Some(cursor.position().copied());
+                return;
+            }
         }
         let error = match connect(cluster) {
             Ok(mut conn) => match read(cluster, &mut conn, &mut cursor, &mut state, &mut batch) {
@@ -111,6 +116,8 @@ fn connect(cluster: &Cluster) -> redis::RedisResult<redis::Connection> {
     conn.set_read_timeout(Some(
         poll_interval(cluster) + Duration::from_millis(cluster.settings.command_timeout_ms),
     ))?;
+    let id: u64 = redis::cmd("CLIENT").arg("ID").query(&mut conn)?;
+    cluster.handoff.reader_client.store(id, SeqCst);
     Ok(conn)
 }
 

@@ -200,7 +200,8 @@ pub const ENV_PREFIX: &str = "DENSEPUSH_";
 /// Variables that carry [`ENV_PREFIX`] but are not overrides, so they are not rejected as unknown
 /// keys: `DENSEPUSH_CONFIG` names the config file and `DENSEPUSH_LOG` is an env_logger filter (both read by
 /// `main`).
-pub const ENV_NOT_OVERRIDES: &[&str] = &["DENSEPUSH_CONFIG", "DENSEPUSH_LOG"];
+pub const ENV_NOT_OVERRIDES: &[&str] =
+    &["DENSEPUSH_CONFIG", "DENSEPUSH_LOG", "DENSEPUSH_HANDOFF_FD"];
 
 #[cfg(test)]
 mod tests {

@@ -396,6 +396,13 @@ pub struct ClusterConfig {
     pub bus_max_len: u64,
 }
 
+impl ClusterConfig {
+    /// Whether `node_id` is the default this process resolved (`cluster.node_id` empty: `<hostname>-<pid>`).
+    pub fn node_id_is_default(&self) -> bool {
+        self.node_id == validate::default_node_id()
+    }
+}
+
 impl fmt::Debug for ClusterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClusterConfig")

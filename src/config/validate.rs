@@ -868,7 +868,7 @@ fn check_cluster_name(
 }
 
 /// `<hostname>-<pid>`: unique per process on a host, and readable in logs.
-fn default_node_id() -> String {
+pub(super) fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -25,16 +25,18 @@
 //! server close frame ends counted as written or, when the deadline passes first, given up.
 
 use super::echo::Echo;
-use super::outbox::{Flush, ENTRY_BYTES};
-use super::spill::Buffers;
+use super::outbox::{Flush, Outbox, ENTRY_BYTES};
+use super::spill::{Buffers, Spill};
 use super::state::{Flag, Phase, State, Timer, Wire};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
 use crate::metrics::{ReactorMetrics, RejectKind};
+use crate::proto::frame::Decoder;
 use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::Reject;
 use crate::proto::sse;
 use crate::shared_frame::SharedFrame;
+use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
 use bytes::Bytes;
 use std::sync::atomic::Ordering::Relaxed;
@@ -860,6 +862,123 @@ impl Machine {
         }
     }
 
+    // ---- moving to another process ---------------------------------------------------------------------
+
+    /// Writes what a successor process needs to carry on with this connection (the live upgrade): phase and
+    /// flags, a partial request head, a frame in progress, the queued frames (by reference to `frames`, which
+    /// sends each shared frame once), an echo message in progress. The timer is not written: the successor arms
+    /// the one its phase calls for, afresh.
+    pub fn snapshot(&self, w: &mut Writer, frames: &mut FrameTable) {
+        // The phase with the wire (WebSocket, with permessage-deflate, or SSE) in the bits above it: a snapshot
+        // written before there were wires has 0 there, a plain WebSocket.
+        w.u8(self.state.phase_byte());
+        w.u8(self.state.flags());
+        // Whatever `mark` means in this phase (an acknowledgement mark, or the close code), it means the same
+        // in the successor, which restores the phase with it.
+        w.u16(self.mark);
+        let spill = self.buffers.get();
+        w.bytes_field(spill.map_or(&[][..], |s| &s.head));
+        let mut decoder = Writer::new();
+        let moved = spill.is_some_and(|s| !s.decoder.is_idle() && s.decoder.snapshot(&mut decoder));
+        w.bool(moved);
+        if moved {
+            w.raw(decoder.bytes());
+            // The DEFLATE bytes of a compressed message in progress follow its decoder (only then, so a
+            // snapshot written before compression existed reads the same).
+            if let Some(s) = spill.filter(|s| s.decoder.in_compressed_message()) {
+                w.bytes_field(&s.deflated);
+            }
+        }
+        match spill {
+            Some(s) => {
+                let (queued, head_written) = s.outbox.queued();
+                let ids: Vec<u32> = queued.map(|f| frames.id(f)).collect();
+                w.u32(ids.len() as u32);
+                if !ids.is_empty() {
+                    // Only the head can be partly written (at most a frame's length: it fits).
+                    w.u32(head_written as u32);
+                }
+                for id in ids {
+                    w.u32(id);
+                }
+                w.bytes_field(&s.echo);
+            }
+            None => {
+                w.u32(0);
+                w.bytes_field(&[]);
+            }
+        }
+    }
+
+    /// A connection written by [`Machine::snapshot`], with its buffers charged to the budget and the timer its
+    /// phase calls for armed in `cx`'s wheel.
+    pub fn restore(
+        cx: &mut Ctx<'_>,
+        r: &mut Reader<'_>,
+        frames: &FrameTable,
+    ) -> Result<Machine, SnapshotError> {
+        let state_byte = r.u8("phase")?;
+        let mut state =
+            State::from_phase_byte(state_byte).ok_or(SnapshotError::Invalid("phase"))?;
+        state.set_flags(r.u8("flags")?);
+        let mark = r.u16("mark")?;
+        let head = r.bytes_field("head")?.to_vec();
+        let decoder = match r.bool("decoder present")? {
+            true => Some(Decoder::restore(r)?),
+            false => None,
+        };
+        let deflated = match &decoder {
+            Some(d) if d.in_compressed_message() => r.bytes_field("deflated")?.to_vec(),
+            _ => Vec::new(),
+        };
+        let count = r.u32("outbox length")?;
+        let head_written = match count {
+            0 => 0,
+            _ => r.u32("outbox head written")? as usize,
+        };
+        let mut queued = Vec::with_capacity(count.min(1 << 16) as usize);
+        for _ in 0..count {
+            queued.push(frames.frame(r.u32("outbox frame")?)?);
+        }
+        if queued
+            .first()
+            .is_some_and(|head| head_written >= head.len())
+        {
+            return Err(SnapshotError::Invalid("outbox head written"));
+        }
+        let echo = r.bytes_field("echo")?.to_vec();
+        let spill = Spill {
+            head,
+            decoder: decoder.unwrap_or_default(),
+            outbox: Outbox::from_queued(queued, head_written, cx.budget),
+            charged: 0,
+            counted: 0,
+            echo,
+            deflated,
+        };
+        let mut machine = Machine {
+            timer_stamp: 0,
+            state,
+            mark,
+            buffers: Buffers::default(),
+        };
+        if machine
+            .buffers
+            .install(Some(spill), cx.budget, &cx.metrics.outbox_bytes)
+        {
+            cx.metrics.buffers_live.fetch_add(1, Relaxed);
+        }
+        let rules = cx.rules;
+        let ticks = match machine.state.timer() {
+            Timer::Handshake => rules.handshake_timeout_ticks,
+            Timer::Ping => rules.ping_interval_ticks,
+            Timer::Pong => rules.pong_timeout_ticks,
+            Timer::Close => rules.close_timeout_ticks,
+        };
+        machine.arm(cx, ticks);
+        Ok(machine)
+    }
+
     // ---- writing -------------------------------------------------------------------------------------------
 
     /// Transmits a frame and says what follows: a failed socket removes the connection, an overflow closes it
@@ -1554,6 +1673,175 @@ mod tests {
                 b"live-3".to_vec()
             ]
         );
+    }
+
+    #[test]
+    fn a_busy_connection_moved_to_a_new_process_carries_on_exactly() {
+        let mut old = Rig::new();
+        let mut m = old.open(true);
+        // Two frames queued behind a blocked socket, the first partly written; a ping half received.
+        old.wire.window = 3;
+        let first = SharedFrame::new(frame::encode_message(true, b"first message"));
+        let second = SharedFrame::new(frame::encode_message(false, &[1, 2, 3]));
+        assert_eq!(old.with(|cx, w| m.send(cx, w, &first)), Next::Continue);
+        assert_eq!(old.with(|cx, w| m.send(cx, w, &second)), Next::Continue);
+        let mut ping = client_frame(0x9, b"hey");
+        let mut tail = ping.split_off(4);
+        assert_eq!(
+            old.with(|cx, w| m.handle_frames(cx, w, &mut ping)),
+            Next::Continue
+        );
+        let sent_before = std::mem::take(&mut old.wire.written);
+
+        let mut w = Writer::new();
+        let mut frames = FrameTable::default();
+        m.snapshot(&mut w, &mut frames);
+        let mut table = Writer::new();
+        frames.write_fresh(&mut table);
+
+        // The successor: its own wheel, budget and counters.
+        let mut new = Rig::new();
+        let mut received = FrameTable::default();
+        received
+            .read_fresh(&mut Reader::new(table.bytes()))
+            .unwrap();
+        let bytes = w.take();
+        let mut moved = new
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &received))
+            .unwrap();
+        assert!(moved.is_open() && moved.wants_envelopes() && moved.holds_buffers());
+        assert_eq!(new.metrics.buffers_live.load(Relaxed), 1);
+        assert!(
+            new.budget.used() > 0,
+            "its buffers are charged in the new process"
+        );
+        // The rest of the ping completes it; the queue goes out in order, then the pong.
+        assert_eq!(
+            new.with(|cx, w| moved.handle_frames(cx, w, &mut tail)),
+            Next::Continue
+        );
+        assert_eq!(
+            new.with(|cx, w| moved.handle_writable(cx, w)),
+            Next::Continue
+        );
+        let mut all = sent_before;
+        all.extend_from_slice(&new.wire.written);
+        assert_eq!(
+            parse_server_frames(&all),
+            vec![
+                (0x1, b"first message".to_vec()),
+                (0x2, vec![1, 2, 3]),
+                (0xA, b"hey".to_vec())
+            ]
+        );
+        assert!(!moved.holds_buffers());
+        assert_eq!(new.budget.used(), 0);
+        // The ping timer runs afresh in the new process.
+        new.wire.written.clear();
+        assert_eq!(
+            new.advance(&mut moved, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(new.frames(), vec![(0x9, vec![])]);
+    }
+
+    #[test]
+    fn an_idle_connection_moves_with_a_few_bytes_and_no_buffer() {
+        let mut old = Rig::new();
+        let m = old.open(false);
+        let mut w = Writer::new();
+        m.snapshot(&mut w, &mut FrameTable::default());
+        // Phase, flags, mark (or close code), and empty fields: the descriptor is most of what an idle connection costs to move.
+        assert!(w.len() <= 20, "{} bytes", w.len());
+        let mut new = Rig::new();
+        let bytes = w.take();
+        let moved = new
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &FrameTable::default()))
+            .unwrap();
+        assert!(moved.is_open() && !moved.holds_buffers() && !moved.wants_envelopes());
+        assert_eq!(new.budget.used(), 0);
+    }
+
+    /// A connection of `wire`, upgraded; the wire is cleared of the answer.
+    fn open_as(rig: &mut Rig, wire: Wire) -> Machine {
+        let mut m = rig.machine();
+        let next =
+            rig.with(|cx, w| m.accept_as(cx, w, b"HTTP/1.1 101\r\n\r\n".to_vec(), true, wire));
+        assert_eq!(next, Next::Continue);
+        rig.wire.written.clear();
+        m
+    }
+
+    #[test]
+    fn a_compressed_message_half_received_moves_with_its_wire_and_is_echoed_whole() {
+        let mut old = Rig::new();
+        old.rules.echo = true;
+        let mut m = open_as(&mut old, Wire::WebSocketDeflate);
+        let deflated = crate::proto::deflate::compress(b"hello hello hello", 1);
+        let (a, b) = deflated.split_at(deflated.len() / 2);
+        let mut first = client_frame(0x41, a);
+        first[0] &= 0x7f; // no FIN: the message goes on
+        assert_eq!(
+            old.with(|cx, w| m.handle_frames(cx, w, &mut first)),
+            Next::Continue
+        );
+        let mut w = Writer::new();
+        m.snapshot(&mut w, &mut FrameTable::default());
+        let mut new = Rig::new();
+        new.rules.echo = true;
+        let bytes = w.take();
+        let mut moved = new
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &FrameTable::default()))
+            .unwrap();
+        assert_eq!(moved.wire(), Wire::WebSocketDeflate);
+        let mut rest = client_frame(0x0, b);
+        assert_eq!(
+            new.with(|cx, w| moved.handle_frames(cx, w, &mut rest)),
+            Next::Continue
+        );
+        assert_eq!(new.frames(), vec![(0x1, b"hello hello hello".to_vec())]);
+    }
+
+    #[test]
+    fn an_sse_stream_keeps_alive_with_comments_and_ends_a_kick_with_a_close_event() {
+        let mut rig = Rig::new();
+        let mut m = open_as(&mut rig, Wire::Sse);
+        assert!(m.is_sse());
+        // Bytes from the client are ignored; the ping timer writes a comment and expects nothing back.
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut b"junk".to_vec())),
+            Next::Continue
+        );
+        assert_eq!(
+            rig.advance(&mut m, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(
+            rig.advance(&mut m, 600),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(std::mem::take(&mut rig.wire.written), b":\n\n:\n\n");
+        // It moves as an SSE stream.
+        let mut w = Writer::new();
+        m.snapshot(&mut w, &mut FrameTable::default());
+        let bytes = w.take();
+        let mut m = rig
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &FrameTable::default()))
+            .unwrap();
+        assert!(m.is_sse());
+        let kick = Close::Kick {
+            code: 4001,
+            reason: "bye",
+        };
+        assert_eq!(
+            rig.with(|cx, w| m.close(cx, w, kick)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(
+            rig.wire.written,
+            b"event: close\ndata: {\"code\":4001,\"reason\":\"bye\"}\n\n"
+        );
+        assert_eq!(m.close_code(), Some(4001));
     }
 
     #[test]

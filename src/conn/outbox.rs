@@ -57,6 +57,22 @@ impl Outbox {
         self.queue.len()
     }
 
+    /// The queued frames, oldest first, and how many bytes of the head have been written already.
+    pub fn queued(&self) -> (impl Iterator<Item = &SharedFrame>, usize) {
+        (self.queue.iter(), self.head_written)
+    }
+
+    /// A queue holding `frames` (as [`Outbox::queued`] gave them), for a connection moved from another
+    /// process; each frame is charged to `budget` by force (its bytes are held already).
+    pub fn from_queued(frames: Vec<SharedFrame>, head_written: usize, budget: &Budget) -> Outbox {
+        let mut outbox = Outbox::default();
+        for (i, frame) in frames.iter().enumerate() {
+            let written = if i == 0 { head_written } else { 0 };
+            outbox.force_push(frame, written, budget);
+        }
+        outbox
+    }
+
     /// Heap bytes the queue itself holds: its slots. The frames are charged on their own, once each.
     pub fn footprint(&self) -> usize {
         self.queue.capacity() * ENTRY_BYTES

@@ -77,6 +77,20 @@ impl Buffers {
         self.0.as_deref_mut()
     }
 
+    /// A spill moved from another process (`machine::Machine::restore`), charged whole to the budget by force:
+    /// its bytes are held already. `None` gives no spill. Returns whether one was installed.
+    pub fn install(&mut self, spill: Option<Spill>, budget: &Budget, backlog: &AtomicU64) -> bool {
+        debug_assert!(self.0.is_none());
+        match spill {
+            Some(spill) if !spill.is_idle() => {
+                self.0 = Some(Box::new(spill));
+                self.settle(budget, backlog);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The spill, allocating it on first need. Returns whether it was allocated now (for the live-buffer gauge).
     pub fn spill_mut(&mut self) -> (&mut Spill, bool) {
         let fresh = self.0.is_none();

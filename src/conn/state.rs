@@ -119,9 +119,18 @@ impl State {
         self.phase = (self.phase & PHASE_BITS) | ((wire as u8) << WIRE_SHIFT);
     }
 
-    /// The state as two bytes (phase and wire, flags), for a snapshot of the connection.
-    pub fn to_bytes(self) -> [u8; 2] {
-        [self.phase, self.flags]
+    /// The phase and the wire in one byte, for a snapshot of the connection.
+    pub fn phase_byte(self) -> u8 {
+        self.phase
+    }
+
+    /// A state with the phase and wire of `byte` (from [`State::phase_byte`]) and no flags; `None` for a wire
+    /// that does not exist.
+    pub fn from_phase_byte(byte: u8) -> Option<State> {
+        (byte >> WIRE_SHIFT <= Wire::Sse as u8).then_some(State {
+            phase: byte,
+            flags: 0,
+        })
     }
 
     /// True if the flag is set.
@@ -136,6 +145,16 @@ impl State {
         } else {
             self.flags &= !(flag as u8);
         }
+    }
+
+    /// The flag bits, for a snapshot.
+    pub fn flags(self) -> u8 {
+        self.flags
+    }
+
+    /// Sets every flag bit at once, from a snapshot (unknown bits are dropped).
+    pub fn set_flags(&mut self, flags: u8) {
+        self.flags = flags & 0b1_1111;
     }
 
     /// What the live timer entry means.

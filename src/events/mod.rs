@@ -222,6 +222,15 @@ impl Events {
         }
     }
 
+    /// A connection a predecessor process announced, taken over in a live upgrade: counted towards its user's
+    /// presence as [`Events::connected`] counts, without an event (its `connect` and `online` were sent).
+    pub fn adopted(&self, user: &str, first: bool) {
+        if first {
+            let mut shard = self.online.shard(user);
+            *shard.entry(CompactString::from(user)).or_insert(0) += 1;
+        }
+    }
+
     /// An upgraded connection of `user` is gone with close `code`; `last` when the user has no other one on the
     /// calling reactor. The user's `offline` follows when no other reactor holds one either.
     pub fn disconnected(&self, user: &str, client: Option<&str>, code: u16, last: bool) {

@@ -21,6 +21,7 @@ use crate::message::{kind_of, stream_of, Codec, Encoding, Kind, Message, Target}
 use crate::proto::frame;
 use crate::proto::http;
 use crate::shared_frame::SharedFrame;
+use crate::snapshot::{self, SnapshotError, Writer};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use store::{Limits, Recovery, Slot, Store, Stored, REASON_LABELS};
@@ -126,6 +127,66 @@ impl History {
             store: Mutex::new(Store::new(settings.limits, seed)),
             started: Instant::now(),
         })
+    }
+
+    /// Writes every stored message for a successor process (the live upgrade), with the publish sequence so
+    /// the successor's reactors know they have applied everything stored so far.
+    pub fn snapshot(&self, w: &mut Writer) {
+        let now = self.now_ms();
+        self.lock().snapshot(now, w, |message, w| {
+            let (kind, a, b) = match message.target() {
+                Target::User(user) => (0, user.as_str(), None),
+                Target::UserClient(user, client) => (1, user.as_str(), Some(client.as_str())),
+                Target::Channel(channel) => (2, channel.as_str(), None),
+                Target::All => (3, "", None),
+            };
+            w.u8(kind);
+            w.str(a);
+            w.opt_str(b);
+            w.bool(message.is_binary());
+            w.bytes_field(message.payload());
+        });
+    }
+
+    /// A history holding what [`History::snapshot`] wrote, under this process's settings (streams of kinds that
+    /// keep no history here are dropped; tighter limits evict as usual). Returns it and the last stored sequence.
+    pub fn restore(
+        settings: Settings,
+        r: &mut snapshot::Reader<'_>,
+    ) -> Result<(Arc<History>, u64), SnapshotError> {
+        let history = History::new(settings);
+        let now = history.now_ms();
+        let seed = history.lock().fresh_epoch().len() as u64 ^ now ^ u64::from(std::process::id());
+        let store = Store::restore(settings.limits, seed, now, r, |r, stream, slot| {
+            let target = match (
+                r.u8("message target")?,
+                r.str("message target name")?,
+                r.opt_str("message client")?,
+            ) {
+                (0, user, None) => Target::User(user.to_owned()),
+                (1, user, Some(client)) => Target::UserClient(user.to_owned(), client.to_owned()),
+                (2, channel, None) => Target::Channel(channel.to_owned()),
+                (3, _, None) => Target::All,
+                _ => return Err(SnapshotError::Invalid("message target")),
+            };
+            if stream_of(&target).0 != stream {
+                return Err(SnapshotError::Invalid("message stream"));
+            }
+            let binary = r.bool("message binary")?;
+            let payload = r.bytes_field("message payload")?;
+            Ok(placed(Message::new(target, binary, payload), slot))
+        })?;
+        let mut restored = store;
+        // Streams of kinds this process keeps no history for are forgotten.
+        let names = restored.stream_names();
+        for name in names {
+            if !kind_of(&name).is_some_and(|k| settings.enabled(k)) {
+                restored.delete(&name);
+            }
+        }
+        let last = restored.last_seq();
+        *history.lock() = restored;
+        Ok((history, last))
     }
 
     /// The settings.
@@ -577,5 +638,124 @@ mod tests {
         assert!(wants_envelopes("", Some("chat, densepush.v1")));
         assert!(!wants_envelopes("recover=0", Some("chat")));
         assert!(!wants_envelopes("user=1", None));
+    }
+
+    fn settings(user: bool, channel: bool, size: usize) -> Settings {
+        Settings {
+            user,
+            channel,
+            all: false,
+            limits: Limits {
+                size,
+                ttl_ms: 3_600_000,
+                max_bytes: 1 << 20,
+            },
+        }
+    }
+
+    fn replay(h: &History, stream: &str, epoch: &str, after: u64, seq: u64) -> Vec<bytes::Bytes> {
+        let channels = vec!["news".to_string()];
+        let reader = Reader {
+            user: "42",
+            client: None,
+            channels: &channels,
+        };
+        let position = Position {
+            stream: stream.into(),
+            epoch: epoch.into(),
+            offset: after,
+        };
+        let mut out = Vec::new();
+        h.recover(
+            &[position],
+            reader,
+            seq,
+            Encoding::Envelope,
+            &Default::default(),
+            &mut out,
+        );
+        out.iter().map(|f| f.bytes().clone()).collect()
+    }
+
+    #[test]
+    fn a_history_moved_to_a_successor_replays_the_same_and_continues_its_sequence() {
+        let old = History::new(settings(true, true, 100));
+        for i in 0..5 {
+            old.append(
+                Message::new(Target::User("42".into()), false, format!("u{i}").as_bytes()),
+                |_| {},
+            );
+            old.append(
+                Message::new(Target::Channel("news".into()), true, &[i]),
+                |_| {},
+            );
+        }
+        let epoch = old.read("user:42", 0, 10).unwrap().epoch.to_string();
+        let mut w = Writer::new();
+        old.snapshot(&mut w);
+        let bytes = w.take();
+
+        let (new, last) = History::restore(
+            settings(true, true, 100),
+            &mut snapshot::Reader::new(&bytes),
+        )
+        .unwrap();
+        assert_eq!(last, 10);
+        assert_eq!(new.last_seq(), 10);
+        assert_eq!(
+            replay(&new, "user:42", &epoch, 2, last),
+            replay(&old, "user:42", &epoch, 2, last)
+        );
+        assert_eq!(replay(&new, "user:42", &epoch, 2, last).len(), 3);
+        // The successor's next stored message continues the offsets and the sequence.
+        let next = new.append(
+            Message::new(Target::User("42".into()), false, b"u5"),
+            |_| {},
+        );
+        assert_eq!(next.seq(), 11);
+        assert_eq!(new.read("user:42", 5, 10).unwrap().entries[0].offset, 6);
+    }
+
+    #[test]
+    fn a_successor_keeping_less_history_drops_and_evicts_what_it_does_not_keep() {
+        let old = History::new(settings(true, true, 100));
+        for i in 0..5 {
+            old.append(
+                Message::new(Target::User("42".into()), false, format!("u{i}").as_bytes()),
+                |_| {},
+            );
+            old.append(
+                Message::new(Target::Channel("news".into()), false, b"c"),
+                |_| {},
+            );
+        }
+        let mut w = Writer::new();
+        old.snapshot(&mut w);
+        let bytes = w.take();
+        let (new, _) =
+            History::restore(settings(true, false, 2), &mut snapshot::Reader::new(&bytes)).unwrap();
+        assert!(
+            new.read("channel:news", 0, 10).is_none(),
+            "channel history is off here"
+        );
+        let page = new.read("user:42", 0, 10).unwrap();
+        assert_eq!(page.entries.len(), 2, "size 2 here");
+        assert_eq!(page.last, 5);
+    }
+
+    #[test]
+    fn a_damaged_history_snapshot_is_refused() {
+        let old = History::new(settings(true, true, 100));
+        old.append(Message::new(Target::User("42".into()), false, b"x"), |_| {});
+        let mut w = Writer::new();
+        old.snapshot(&mut w);
+        let bytes = w.take();
+        for cut in [0, 5, bytes.len() / 2, bytes.len() - 1] {
+            assert!(History::restore(
+                settings(true, true, 100),
+                &mut snapshot::Reader::new(&bytes[..cut])
+            )
+            .is_err());
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! count stays exact whatever the item does later) plus a fixed overhead, all counted in `bytes()`.
 
 use crate::message::envelope::{Position, Stamp};
+use crate::snapshot::{Reader, SnapshotError, Writer};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -456,6 +457,11 @@ impl<T: Stored> Store<T> {
         true
     }
 
+    /// The names of the streams held.
+    pub fn stream_names(&self) -> Vec<Arc<str>> {
+        self.streams.keys().cloned().collect()
+    }
+
     /// Forgets every stream, e.g. when messages may have been missed (every epoch changes).
     pub fn clear(&mut self) {
         self.streams.clear();
@@ -472,6 +478,144 @@ impl<T: Stored> Store<T> {
             }
             self.pop_queued(Reason::Ttl);
         }
+    }
+
+    /// Writes every stream and stored message, and the publish sequence, for a successor process (the live
+    /// upgrade). Times are written as ages (`now_ms` minus when stored), since the two processes' clocks start
+    /// at different moments; `item` writes each stored item.
+    pub fn snapshot(&self, now_ms: u64, w: &mut Writer, item: impl Fn(&T, &mut Writer)) {
+        w.u64(self.next_seq);
+        let names: Vec<&Arc<str>> = self.streams.keys().collect();
+        w.u32(names.len() as u32);
+        for name in &names {
+            let s = &self.streams[*name];
+            w.str(name);
+            w.str(&s.epoch);
+            w.u64(s.last);
+            w.u32(s.entries.len() as u32);
+            for e in &s.entries {
+                w.u64(e.offset);
+                w.u64(e.seq);
+                w.u64(now_ms.saturating_sub(e.at_ms));
+                w.opt_str(e.client.as_deref());
+                item(&e.item, w);
+            }
+        }
+        // The global queue in publish order, so eviction stays oldest-first: (stream index, offset) of every
+        // entry still stored.
+        let index: HashMap<&str, u32> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (&***n, i as u32))
+            .collect();
+        let live: Vec<(u32, u64)> = self
+            .queue
+            .iter()
+            .filter(|q| {
+                self.streams.get(&q.stream).is_some_and(|s| {
+                    s.id == q.id && s.entries.front().is_some_and(|e| e.offset <= q.offset)
+                })
+            })
+            .map(|q| (index[&*q.stream], q.offset))
+            .collect();
+        w.u32(live.len() as u32);
+        for (stream, offset) in live {
+            w.u32(stream);
+            w.u64(offset);
+        }
+    }
+
+    /// A store written by [`Store::snapshot`], under this process's `limits` (which may be smaller than the
+    /// predecessor's: what does not fit is evicted as usual). `item` reads each stored item; it is told the
+    /// item's stream, epoch, offset and sequence.
+    pub fn restore(
+        limits: Limits,
+        seed: u64,
+        now_ms: u64,
+        r: &mut Reader<'_>,
+        item: impl Fn(&mut Reader<'_>, &str, Slot<'_>) -> Result<T, SnapshotError>,
+    ) -> Result<Store<T>, SnapshotError> {
+        let mut store = Store::new(limits, seed);
+        store.next_seq = r.u64("history sequence")?.max(1);
+        let count = r.u32("history streams")?;
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for _ in 0..count {
+            let name: Arc<str> = Arc::from(r.str("stream name")?);
+            let epoch: Arc<str> = Arc::from(r.str("stream epoch")?);
+            let last = r.u64("stream last offset")?;
+            let entries = r.u32("stream entries")?;
+            let id = store.next_id;
+            store.next_id += 1;
+            let mut stream = Stream {
+                id,
+                epoch: epoch.clone(),
+                last,
+                entries: VecDeque::new(),
+            };
+            for _ in 0..entries {
+                let offset = r.u64("entry offset")?;
+                let seq = r.u64("entry sequence")?;
+                let at_ms = now_ms.saturating_sub(r.u64("entry age")?);
+                let client: Option<Arc<str>> = r.opt_str("entry client")?.map(Arc::from);
+                let slot = Slot {
+                    epoch: &epoch,
+                    offset,
+                    seq,
+                };
+                let item = item(r, &name, slot)?;
+                let cost =
+                    item.cost() + client.as_ref().map_or(0, |c| c.len()) + Entry::<T>::OVERHEAD;
+                if seq >= store.next_seq || offset > last {
+                    return Err(SnapshotError::Invalid("history entry"));
+                }
+                store.bytes += cost;
+                store.messages += 1;
+                stream.entries.push_back(Entry {
+                    offset,
+                    seq,
+                    at_ms,
+                    client,
+                    item,
+                    cost,
+                });
+            }
+            store.bytes += name.len() + STREAM_OVERHEAD;
+            store.streams.insert(name.clone(), stream);
+            names.push(name);
+        }
+        let queued = r.u32("history queue")?;
+        for _ in 0..queued {
+            let name = names
+                .get(r.u32("queued stream")? as usize)
+                .ok_or(SnapshotError::Invalid("queued stream"))?
+                .clone();
+            let offset = r.u64("queued offset")?;
+            let s = &store.streams[&name];
+            let at_ms = s
+                .entries
+                .iter()
+                .find(|e| e.offset == offset)
+                .ok_or(SnapshotError::Invalid("queued offset"))?
+                .at_ms;
+            store.queue.push_back(Queued {
+                stream: name,
+                id: s.id,
+                offset,
+                at_ms,
+            });
+        }
+        // This process's limits rule from now on.
+        store.expire(now_ms);
+        for s in store.streams.values_mut() {
+            while s.entries.len() > limits.size {
+                let old = s.entries.pop_front().expect("longer than size");
+                store.bytes -= old.cost;
+                store.messages -= 1;
+            }
+        }
+        store.evict_to_budget();
+        store.compact_queue();
+        Ok(store)
     }
 
     fn evict_to_budget(&mut self) {

@@ -174,6 +174,38 @@ impl Keys {
         Some(Keys::new(suite, key, iv.as_ref().try_into().ok()?, seq))
     }
 
+    /// Writes the keys for a successor process (the live upgrade). This is key material: it only ever travels
+    /// over the Unix socket between the two processes of one server.
+    pub fn snapshot(&self, w: &mut crate::snapshot::Writer) {
+        w.u8(match self.suite {
+            Suite::Aes128Gcm => 1,
+            Suite::Aes256Gcm => 2,
+            Suite::Chacha20Poly1305 => 3,
+        });
+        w.raw(&self.key[..self.suite.key_len()]);
+        w.raw(&self.iv);
+        w.u64(self.seq);
+    }
+
+    /// Keys written by [`Keys::snapshot`].
+    pub fn restore(
+        r: &mut crate::snapshot::Reader<'_>,
+    ) -> Result<Keys, crate::snapshot::SnapshotError> {
+        let suite = match r.u8("tls suite")? {
+            1 => Suite::Aes128Gcm,
+            2 => Suite::Aes256Gcm,
+            3 => Suite::Chacha20Poly1305,
+            _ => return Err(crate::snapshot::SnapshotError::Invalid("tls suite")),
+        };
+        let key = r.raw(suite.key_len(), "tls key")?;
+        let iv = r
+            .raw(NONCE_LEN, "tls iv")?
+            .try_into()
+            .expect("nonce length");
+        let seq = r.u64("tls sequence")?;
+        Ok(Keys::new(suite, key, iv, seq))
+    }
+
     /// The negotiated AEAD.
     pub fn suite(&self) -> Suite {
         self.suite

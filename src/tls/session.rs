@@ -378,6 +378,43 @@ impl Session {
         Ok(received)
     }
 
+    /// Writes an established session for a successor process (the live upgrade): its keys and what it holds
+    /// (a partial inbound record, the unsent tail of a sealed one). Returns false, writing nothing, for a session
+    /// that cannot move: one still in its handshake (rustls's state stays in this process; the connection is
+    /// closed and the client reconnects), or one that failed.
+    pub fn snapshot(&self, w: &mut crate::snapshot::Writer) -> bool {
+        let Session::Established(e) = self else {
+            return false;
+        };
+        e.rx.snapshot(w);
+        e.tx.snapshot(w);
+        let (partial, unsent) = e.held.as_ref().map_or((&[][..], &[][..]), |h| {
+            (&h.partial[..], &h.unsent[h.unsent_at..])
+        });
+        w.bytes_field(partial);
+        w.bytes_field(unsent);
+        true
+    }
+
+    /// A session written by [`Session::snapshot`].
+    pub fn restore(
+        r: &mut crate::snapshot::Reader<'_>,
+    ) -> Result<Session, crate::snapshot::SnapshotError> {
+        let rx = Keys::restore(r)?;
+        let tx = Keys::restore(r)?;
+        let partial = r.bytes_field("tls partial record")?;
+        let unsent = r.bytes_field("tls unsent record")?;
+        let mut e = Established::from_keys(rx, tx);
+        if !partial.is_empty() || !unsent.is_empty() {
+            e.held = Some(Box::new(Held {
+                partial: partial.to_vec(),
+                unsent: unsent.to_vec(),
+                unsent_at: 0,
+            }));
+        }
+        Ok(Session::Established(e))
+    }
+
     /// Keeps handshake bytes the socket did not take (the first `written` of `bytes` were taken).
     pub fn hold_unsent(&mut self, bytes: &[u8]) {
         match self {
@@ -844,6 +881,43 @@ mod tests {
             let _ = c.reader().read_to_end(&mut out);
         }
         out
+    }
+
+    #[test]
+    fn an_established_session_moved_mid_record_keeps_talking_to_the_client() {
+        let p = pair();
+        let (mut c, mut s) = established(&p);
+        // Half a record from the client arrives before the move.
+        c.writer()
+            .write_all(b"half before, half after the move")
+            .unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let mut plain = Vec::new();
+        s.receive(&mut wire[..10], &mut plain, &mut Vec::new())
+            .unwrap();
+        assert!(plain.is_empty());
+        let mut w = crate::snapshot::Writer::new();
+        assert!(s.snapshot(&mut w));
+        let bytes = w.take();
+        let mut moved = Session::restore(&mut crate::snapshot::Reader::new(&bytes)).unwrap();
+        moved
+            .receive(&mut wire[10..], &mut plain, &mut Vec::new())
+            .unwrap();
+        assert_eq!(plain, b"half before, half after the move");
+        // And the new process's records are the client's next ones.
+        assert_eq!(
+            send_to_client(&mut c, &mut moved, b"from the new process"),
+            b"from the new process"
+        );
+        // A session still in its handshake cannot move.
+        assert!(!p
+            .tls
+            .session()
+            .unwrap()
+            .snapshot(&mut crate::snapshot::Writer::new()));
     }
 
     #[test]

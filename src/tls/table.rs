@@ -56,6 +56,11 @@ impl Sessions {
         Some(self.slots.remove(i as usize))
     }
 
+    /// Every session.
+    pub fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().map(|(_, slot)| slot)
+    }
+
     /// Sessions held.
     pub fn len(&self) -> usize {
         self.slots.len()

@@ -30,6 +30,9 @@ pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// A JWT secret long enough for HS256 (RFC 7518 §3.2: at least 32 bytes).
 pub const TEST_SECRET: &str = "integration-test-secret-0123456789abcdef";
 
+/// In `Server::start_with_env`'s environment: the binary to run instead of the one under test (not passed on).
+pub const BINARY_ENV: &str = "TEST_DENSEPUSH_BINARY";
+
 /// A client WebSocket over a blocking std stream with a read timeout.
 pub type Ws = WebSocket<TcpStream>;
 
@@ -41,7 +44,12 @@ pub fn bin() -> &'static str {
 /// A command for the binary with every `DENSEPUSH_*` variable removed, so the developer's environment
 /// cannot change (or, as unknown overrides, break) the configuration a test writes.
 pub fn command() -> Command {
-    let mut cmd = Command::new(bin());
+    command_for(Path::new(bin()))
+}
+
+/// [`command`] for another binary (a copy of densepush that a test replaces, say).
+pub fn command_for(binary: &Path) -> Command {
+    let mut cmd = Command::new(binary);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("DENSEPUSH_") {
             cmd.env_remove(name);
@@ -121,6 +129,8 @@ pub struct Server {
     exited: Option<ExitStatus>,
     log_path: PathBuf,
     dir: tempfile::TempDir,
+    /// Processes that took over by a live upgrade, newest last: killed with the server.
+    successors: Vec<u32>,
 }
 
 impl Server {
@@ -147,10 +157,13 @@ impl Server {
         write_config(&config_path, overrides);
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).expect("creating log file");
-        let mut cmd = command();
+        let mut cmd = match env.iter().find(|(k, _)| *k == BINARY_ENV) {
+            Some((_, binary)) => command_for(Path::new(binary)),
+            None => command(),
+        };
         cmd.arg("--config")
             .arg(&config_path)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied().filter(|(k, _)| *k != BINARY_ENV))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -206,6 +219,7 @@ impl Server {
             exited: None,
             log_path,
             dir,
+            successors: Vec::new(),
         }
     }
 
@@ -241,6 +255,65 @@ impl Server {
         // (`wait_exit` reaps it), so it cannot name another process.
         let rc = unsafe { libc::kill(pid, signal) };
         assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
+    /// The process serving now: the one started, or its latest successor.
+    pub fn serving_pid(&self) -> u32 {
+        self.successors.last().copied().unwrap_or(self.child.id())
+    }
+
+    /// The pid `/healthz` reports.
+    pub fn healthz_pid(&self) -> u32 {
+        self.request("GET", "/healthz", b"", &[]).json()["pid"]
+            .as_u64()
+            .expect("pid in /healthz") as u32
+    }
+
+    /// A live upgrade by SIGUSR2 to the serving process: waits until a new process serves (its pid in
+    /// `/healthz`) and the old one is gone; returns the new pid. Panics with the log if it rolls back.
+    pub fn upgrade(&mut self) -> u32 {
+        let old = self.serving_pid();
+        let since = unix_ms();
+        signal_pid(old, libc::SIGUSR2);
+        self.follow_upgrade(old, since)
+    }
+
+    /// Waits for the upgrade of `old` to complete (see [`Server::upgrade`]); an upgrade that started at or after
+    /// `since` (Unix ms, taken before asking for it) and rolled back fails the test.
+    pub fn follow_upgrade(&mut self, old: u32, since: u64) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no successor took over from {old}"
+            );
+            let health = self.request("GET", "/healthz", b"", &[]).json();
+            let pid = health["pid"].as_u64().unwrap_or(0) as u32;
+            if pid != old && pid != 0 {
+                self.successors.push(pid);
+                break;
+            }
+            let upgrade = &health["upgrade"];
+            assert!(
+                upgrade["last"] != "rolled_back"
+                    || upgrade["started_ms"].as_u64().unwrap_or(0) < since,
+                "the upgrade rolled back: {upgrade}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The predecessor exits by itself; the first one is our child and is reaped here.
+        if old == self.child.id() {
+            let status = self
+                .wait_exit(Duration::from_secs(10))
+                .expect("the old process exits");
+            assert!(status.success(), "the old process exited with {status}");
+        } else {
+            assert!(
+                wait_until(Duration::from_secs(10), || !pid_alive(old)),
+                "process {old} still runs"
+            );
+        }
+        *self.successors.last().expect("pushed above")
     }
 
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
@@ -388,6 +461,11 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        for &pid in &self.successors {
+            if pid_alive(pid) {
+                signal_pid(pid, libc::SIGKILL);
+            }
+        }
         if self.exited.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -503,6 +581,14 @@ pub fn close_ws<S: Read + Write>(mut ws: WebSocket<S>) {
 
 /// A hand-written upgrade request for `/ws?query` with the usual headers and `extra` header lines
 /// (each without CRLF).
+/// Now as Unix milliseconds, to compare with times the server reports.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
 pub fn upgrade_request(query: &str, extra: &[&str]) -> String {
     let target = if query.is_empty() {
         "/ws".to_string()
@@ -892,6 +978,27 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS in /proc/PID/status");
     kb * 1024
+}
+
+// ---- processes ---------------------------------------------------------------------------------------------
+
+/// Sends `signal` to `pid`.
+pub fn signal_pid(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Whether a process with `pid` exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses; Z is a zombie (exited, not yet reaped).
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
 }
 
 // ---- waiting -------------------------------------------------------------------------------------------
@@ -1416,4 +1523,46 @@ impl Sealer {
         record.extend_from_slice(&body);
         record
     }
+}
+
+// ---- real clients in child processes ------------------------------------------------------------------------
+
+/// What to run once when a client tool is missing.
+pub const TOOLS_HINT: &str =
+    "run scripts/test.sh once: it installs the Python and Node test clients";
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python that can `import module`: the virtualenv scripts/test.sh creates, else `python3` if it can.
+pub fn python_with(module: &str) -> PathBuf {
+    let candidates = [
+        repo().join("target/pyenv/bin/python"),
+        PathBuf::from("python3"),
+    ];
+    for python in &candidates {
+        let ok = Command::new(python)
+            .args(["-c", &format!("import {module}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return python.clone();
+        }
+    }
+    panic!("no Python that imports {module} (tried {candidates:?}); {TOOLS_HINT}");
+}
+
+/// tests/js, with its node_modules installed.
+pub fn js_dir() -> PathBuf {
+    let dir = repo().join("tests/js");
+    for module in ["ws", "playwright-core"] {
+        assert!(
+            dir.join("node_modules").join(module).is_dir(),
+            "tests/js/node_modules/{module} is missing; {TOOLS_HINT}"
+        );
+    }
+    dir
 }

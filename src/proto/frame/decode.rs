@@ -91,12 +91,95 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// Writes a decoder that is in the middle of a frame or a message, for a successor process; returns false
+    /// (writing nothing) after a Close or a violation, when the connection is ending and nothing more is read.
+    pub fn snapshot(&self, w: &mut crate::snapshot::Writer) -> bool {
+        let phase = match self.phase {
+            Phase::Header => 0,
+            Phase::DataPayload => 1,
+            Phase::ControlPayload => 2,
+            Phase::Closed | Phase::Failed(_) => return false,
+        };
+        w.u8(phase);
+        w.u64(self.remaining);
+        w.u64(self.msg_len);
+        w.raw(&self.mask);
+        // A compressed message in progress (permessage-deflate) adds 2: values a snapshot without compression
+        // never has, so one written before compression existed still reads the same.
+        w.u8(match self.msg {
+            Message::None => 0,
+            Message::Text => 1,
+            Message::Binary => 2,
+        } + if self.compressed { 2 } else { 0 });
+        w.u8(self.opcode);
+        w.bool(self.fin);
+        w.bool(self.first);
+        w.bytes_field(self.utf8.carried());
+        w.bytes_field(&self.buf[..usize::from(self.buf_len)]);
+        true
+    }
+
+    /// A decoder written by [`Decoder::snapshot`].
+    pub fn restore(
+        r: &mut crate::snapshot::Reader<'_>,
+    ) -> Result<Decoder, crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError::Invalid;
+        let phase = match r.u8("decoder phase")? {
+            0 => Phase::Header,
+            1 => Phase::DataPayload,
+            2 => Phase::ControlPayload,
+            _ => return Err(Invalid("decoder phase")),
+        };
+        let remaining = r.u64("decoder remaining")?;
+        let msg_len = r.u64("decoder message length")?;
+        let mask = r.raw(4, "decoder mask")?.try_into().expect("4 bytes");
+        let (msg, compressed) = match r.u8("decoder message")? {
+            0 => (Message::None, false),
+            1 => (Message::Text, false),
+            2 => (Message::Binary, false),
+            3 => (Message::Text, true),
+            4 => (Message::Binary, true),
+            _ => return Err(Invalid("decoder message")),
+        };
+        let opcode = r.u8("decoder opcode")?;
+        let fin = r.bool("decoder fin")?;
+        let first = r.bool("decoder first")?;
+        let utf8 =
+            Utf8Carry::with(r.bytes_field("decoder utf8")?).ok_or(Invalid("decoder utf8"))?;
+        let partial = r.bytes_field("decoder buffer")?;
+        if partial.len() > MAX_CONTROL_PAYLOAD {
+            return Err(Invalid("decoder buffer"));
+        }
+        let mut decoder = Decoder {
+            remaining,
+            msg_len,
+            mask,
+            phase,
+            msg,
+            opcode,
+            fin,
+            compressed,
+            first,
+            utf8,
+            buf_len: partial.len() as u8,
+            ..Decoder::default()
+        };
+        decoder.buf[..partial.len()].copy_from_slice(partial);
+        Ok(decoder)
+    }
+
     /// True between messages with no buffered partial bytes: the caller then frees the (boxed) decoder.
     /// False after a Close or an error, so that state is not lost by dropping it.
     pub fn is_idle(&self) -> bool {
         let idle = self.phase == Phase::Header && self.buf_len == 0 && self.msg == Message::None;
         debug_assert!(!idle || (self.utf8.is_empty() && self.msg_len == 0));
         idle
+    }
+
+    /// Whether a compressed message (permessage-deflate) is in progress: its DEFLATE bytes so far are kept by
+    /// the caller until its last frame.
+    pub fn in_compressed_message(&self) -> bool {
+        self.msg != Message::None && self.compressed
     }
 
     /// Feed wire bytes (masked as received). Unmasks in place (hence &mut). Calls `on_event` for each event in
@@ -959,6 +1042,30 @@ mod tests {
             prop_assert_eq!(split_result, Ok(Feed::More));
             prop_assert!(split_decoder.is_idle());
             prop_assert_eq!(&merge(&split), &expected);
+        }
+
+        #[test]
+        fn a_decoder_moved_to_another_process_at_any_split_decodes_the_same(
+            items in prop::collection::vec(arb_item(), 0..8),
+            seed in any::<u32>(),
+            splits in prop::collection::vec(any::<prop::sample::Index>(), 0..24),
+        ) {
+            let (mut wire, expected) = build(&items, seed);
+            let mut decoder = Decoder::default();
+            let mut events = Vec::new();
+            let mut start = 0;
+            for end in cut_points(&splits, wire.len()).into_iter().chain([wire.len()]) {
+                let end = end.max(start);
+                let result = decoder.feed(&mut wire[start..end], &LIMITS, |e| events.push(owned(e)));
+                prop_assert_eq!(result, Ok(Feed::More));
+                start = end;
+                // The live upgrade: snapshot, then carry on with the restored copy only.
+                let mut w = crate::snapshot::Writer::new();
+                prop_assert!(decoder.snapshot(&mut w));
+                decoder = Decoder::restore(&mut crate::snapshot::Reader::new(w.bytes())).unwrap();
+            }
+            prop_assert!(decoder.is_idle());
+            prop_assert_eq!(&merge(&events), &expected);
         }
     }
 }

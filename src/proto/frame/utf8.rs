@@ -16,6 +16,22 @@ pub struct Utf8Carry {
 }
 
 impl Utf8Carry {
+    /// The carried bytes (at most 3), for a snapshot.
+    pub(super) fn carried(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// A carry holding `bytes` (at most 3), from a snapshot.
+    pub(super) fn with(bytes: &[u8]) -> Option<Utf8Carry> {
+        if bytes.len() > 3 {
+            return None;
+        }
+        let mut carry = Utf8Carry::default();
+        carry.bytes[..bytes.len()].copy_from_slice(bytes);
+        carry.len = bytes.len() as u8;
+        Some(carry)
+    }
+
     /// True when no code point is waiting for its continuation bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
