@@ -1706,6 +1706,8 @@ mod tests {
             .read_fresh(&mut Reader::new(table.bytes()))
             .unwrap();
         let bytes = w.take();
+        // The old process lets go of its copy (its references to the queued frames go back to its budget).
+        old.with(|cx, _| m.teardown(cx));
         let mut moved = new
             .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &received))
             .unwrap();
