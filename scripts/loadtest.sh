@@ -6,6 +6,9 @@
 # Usage: scripts/loadtest.sh [N] [--reactors R] [generator options...]
 #   N                   connections (default 15000); must come first
 #   --reactors R        server reactor threads (default 0 = one per CPU core)
+#   --compression       the server gets websocket.compression = true and the generator offers
+#                       permessage-deflate (and inflates what arrives); add --json-payload for payloads that
+#                       compress like real JSON notifications
 #   --tls               connect over wss:// (the server gets a throwaway P-256 certificate made with openssl,
 #                       and the generator connects to its TLS listener); add --tls-resume to resume sessions
 #   --upgrade-at K      live-upgrade the server (`densepush upgrade`, same binary) once K messages have been
@@ -30,6 +33,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=15000
 REACTORS=0
 TLS=0
+COMPRESSION=false
 UPGRADE_AT=0
 PASS=()
 
@@ -45,6 +49,7 @@ while [[ $# -gt 0 ]]; do
         --reactors) REACTORS=${2:?--reactors needs a value}; shift 2 ;;
         --reactors=*) REACTORS=${1#*=}; shift ;;
         --tls) TLS=1; PASS+=("$1"); shift ;;
+        --compression) COMPRESSION=true; PASS+=("$1"); shift ;;
         --upgrade-at) UPGRADE_AT=${2:?--upgrade-at needs a value}; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) PASS+=("$1"); shift ;;
@@ -136,6 +141,9 @@ cat >"$TMP/config.toml" <<EOF
 listen = "127.0.0.1:0"
 reactors = $REACTORS
 shutdown_timeout_ms = $SHUTDOWN_MS
+
+[websocket]
+compression = $COMPRESSION
 
 [auth]
 mode = "none"

@@ -127,10 +127,12 @@ pub struct Adoption {
     pub tls: Option<Slot>,
     /// Who it is (the accepting reactor authenticated it and took a connection slot for it).
     pub identity: Identity,
-    /// The 101 answer, built from the request.
+    /// The answer (101, or an SSE stream's head), built from the request.
     pub response: Vec<u8>,
     /// Whether the connection receives envelopes.
     pub recover: bool,
+    /// What it speaks on its socket after the answer (WebSocket, with or without permessage-deflate, or SSE).
+    pub wire: crate::conn::state::Wire,
     /// Its `since` positions (empty without).
     pub since: Vec<Position>,
     /// The node's last stored sequence number, read before this adoption was queued: every stored message up

@@ -493,9 +493,14 @@ mod tests {
             offset: 4,
         }];
         let mut out = Vec::new();
-        publisher
-            .history()
-            .recover(&since, reader("u"), 0, &mut out);
+        publisher.history().recover(
+            &since,
+            reader("u"),
+            0,
+            Encoding::Envelope,
+            &Default::default(),
+            &mut out,
+        );
         let offsets: Vec<u64> = out
             .iter()
             .map(|f| {
@@ -506,9 +511,14 @@ mod tests {
             .collect();
         assert_eq!(offsets, [5], "offset 6 was for another client token");
         out.clear();
-        publisher
-            .history()
-            .recover(&since, reader("u"), live.seq(), &mut out);
+        publisher.history().recover(
+            &since,
+            reader("u"),
+            live.seq(),
+            Encoding::Envelope,
+            &Default::default(),
+            &mut out,
+        );
         assert_eq!(out.len(), 2);
         assert!(out[1].ptr_eq(live.shared(Encoding::Envelope)));
     }

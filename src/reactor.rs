@@ -14,6 +14,7 @@
 use crate::accept::Acceptor;
 use crate::auth::{Authenticator, Identity};
 use crate::budget::Budget;
+use crate::conn::state::Wire;
 use crate::conn::transport::{self, Plain, Transport};
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
 use crate::dispatch::{Adoption, Command, Mailbox, Reactors, Subscribed, Subscription};
@@ -22,10 +23,10 @@ use crate::fanout::{Fanout, Joined};
 use crate::handoff::{self, channel::MAX_FDS, Order, Part};
 use crate::history::{self, History};
 use crate::message::missed::{Missed, Told, MISSED_CLOSE_CODE, MISSED_CLOSE_REASON};
-use crate::message::{envelope, Encoding, Message, Target};
+use crate::message::{envelope, Codec, Encoding, Message, Target};
 use crate::metrics::ReactorMetrics;
-use crate::proto::handshake::{self, HandshakeLimits, Reject, Request};
-use crate::proto::http;
+use crate::proto::handshake::{self, HandshakeLimits, Kind, Reject, Request};
+use crate::proto::{http, sse};
 use crate::shared_frame::SharedFrame;
 use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
@@ -99,6 +100,12 @@ pub struct Settings {
     pub max_channels: usize,
     /// Where connection events go, when `events.webhook_url` is set.
     pub events: Option<Arc<events::Events>>,
+    /// `websocket.compression`: accept permessage-deflate offers.
+    pub compression: bool,
+    /// How compressed encodings are built (`websocket.compression_level`, `compression_min_bytes`).
+    pub codec: Codec,
+    /// `server.sse_retry_ms`: the `retry:` every SSE stream starts with.
+    pub sse_retry_ms: u64,
 }
 
 /// What an admitted upgrade carries to the home reactor, besides its socket and session (see [`Adoption`]).
@@ -106,6 +113,7 @@ struct Upgrade {
     identity: Identity,
     response: Vec<u8>,
     recover: bool,
+    wire: Wire,
     since: Vec<envelope::Position>,
     rest: Vec<u8>,
 }
@@ -415,6 +423,11 @@ impl Reactor {
         if conn.machine.was_upgraded() {
             self.settings.open_total.fetch_sub(1, Relaxed);
             self.metrics.connections_open.fetch_sub(1, Relaxed);
+            match conn.machine.wire() {
+                Wire::Sse => self.metrics.sse_open.fetch_sub(1, Relaxed),
+                Wire::WebSocketDeflate => self.metrics.deflate_open.fetch_sub(1, Relaxed),
+                Wire::WebSocket => 0,
+            };
         } else {
             self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         }
@@ -991,6 +1004,11 @@ impl Reactor {
             if machine.was_upgraded() {
                 self.settings.open_total.fetch_add(1, Relaxed);
                 self.metrics.connections_open.fetch_add(1, Relaxed);
+                match machine.wire() {
+                    Wire::Sse => self.metrics.sse_open.fetch_add(1, Relaxed),
+                    Wire::WebSocketDeflate => self.metrics.deflate_open.fetch_add(1, Relaxed),
+                    Wire::WebSocket => 0,
+                };
             } else {
                 self.metrics.connections_handshaking.fetch_add(1, Relaxed);
             }
@@ -1061,26 +1079,43 @@ impl Reactor {
     /// connection is gone from this reactor.
     fn upgrade(&mut self, key: u32, request: Request<'_>, early: &[u8]) -> bool {
         let generation = self.conns[key as usize].generation;
-        let since = http::query_raw(request.query, "since")
-            .filter(|_| self.settings.history.any_enabled())
-            .map(envelope::parse_since)
-            .unwrap_or_default();
+        let sse = request.kind == Kind::Sse;
+        let since = if self.settings.history.any_enabled() {
+            since_of(&request)
+        } else {
+            Vec::new()
+        };
         let identity = match self.admit_request(&request) {
             Ok(identity) => identity,
             Err(reject) => {
                 return self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
             }
         };
-        let protocol =
-            history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
-        let response = handshake::accept_response(request.key, protocol);
-        let recover = history::wants_envelopes(request.query, request.protocols);
+        let (response, recover, wire) = if sse {
+            // SSE clients always get ids (their position) and resync events: EventSource sends the last id back.
+            // The Origin passed the allow-list (`admit_request`): let that page read the stream (CORS).
+            let head = sse::response_head(self.settings.sse_retry_ms, request.origin);
+            (head, true, Wire::Sse)
+        } else {
+            let protocol =
+                history::offers_subprotocol(request.protocols).then_some(history::SUBPROTOCOL);
+            let deflate = self.settings.compression
+                && request.extensions.is_some_and(handshake::negotiate_deflate);
+            let response = handshake::accept_response(request.key, protocol, deflate);
+            let recover = history::wants_envelopes(request.query, request.protocols);
+            let wire = match deflate {
+                true => Wire::WebSocketDeflate,
+                false => Wire::WebSocket,
+            };
+            (response, recover, wire)
+        };
         let home = self.reactors.home(&identity.user);
         if home != self.index {
             let parts = Upgrade {
                 identity,
                 response,
                 recover,
+                wire,
                 since,
                 rest: early.to_vec(),
             };
@@ -1100,7 +1135,7 @@ impl Reactor {
                 return false;
             }
         }
-        self.open(key, &identity, response, recover, &since)
+        self.open(key, &identity, response, recover, wire, &since)
     }
 
     /// Indexes an admitted connection, answers 101 and replays what it missed (from the replay horizon
@@ -1111,6 +1146,7 @@ impl Reactor {
         identity: &Identity,
         response: Vec<u8>,
         recover: bool,
+        wire: Wire,
         since: &[envelope::Position],
     ) -> bool {
         self.fanout.add(
@@ -1125,8 +1161,13 @@ impl Reactor {
         }
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
         self.metrics.connections_open.fetch_add(1, Relaxed);
+        match wire {
+            Wire::Sse => self.metrics.sse_open.fetch_add(1, Relaxed),
+            Wire::WebSocketDeflate => self.metrics.deflate_open.fetch_add(1, Relaxed),
+            Wire::WebSocket => 0,
+        };
         ReactorMetrics::inc(&self.metrics.handshakes_accepted);
-        if !self.drive(key, |m, cx, t| m.accept(cx, t, response, recover)) {
+        if !self.drive(key, |m, cx, t| m.accept_as(cx, t, response, recover, wire)) {
             return false;
         }
         since.is_empty() || self.replay_missed(key, since, identity)
@@ -1159,6 +1200,7 @@ impl Reactor {
             identity,
             response,
             recover,
+            wire,
             since,
             rest,
         } = parts;
@@ -1170,6 +1212,7 @@ impl Reactor {
                 identity,
                 response,
                 recover,
+                wire,
                 since,
                 stored_upto,
                 rest,
@@ -1190,6 +1233,7 @@ impl Reactor {
             identity,
             response,
             recover,
+            wire,
             since,
             stored_upto,
             rest,
@@ -1237,7 +1281,7 @@ impl Reactor {
             self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
             return 1;
         }
-        if !self.open(key, &identity, response, recover, &since) {
+        if !self.open(key, &identity, response, recover, wire, &since) {
             return 1;
         }
         if !rest.is_empty() {
@@ -1281,9 +1325,15 @@ impl Reactor {
             client: identity.client.as_deref(),
             channels: &identity.channels,
         };
-        self.settings
-            .history
-            .recover(since, reader, self.applied_seq, &mut replay);
+        let encoding = self.encoding_of(key);
+        self.settings.history.recover(
+            since,
+            reader,
+            self.applied_seq,
+            encoding,
+            &self.settings.codec,
+            &mut replay,
+        );
         let mut alive = true;
         for frame in replay.drain(..) {
             if alive {
@@ -1531,8 +1581,9 @@ impl Reactor {
             }
             if conn.machine.wants_envelopes() {
                 notices.clear();
+                let sse = conn.machine.is_sse();
                 if let Some((user, channels)) = self.fanout.names_of(key) {
-                    scope.notices(user, channels, &mut notices);
+                    scope.notices(user, channels, sse, &mut notices);
                 }
                 for notice in &notices {
                     // A notice is for this connection only: charged to the budget as its own frame.
@@ -1596,12 +1647,11 @@ impl Reactor {
             if !conn.machine.is_open() || newer(conn.generation, delivery.generation) {
                 continue;
             }
-            let encoding = match conn.machine.wants_envelopes() {
-                false => Encoding::Bare,
-                true => Encoding::Envelope,
-            };
-            let frame =
-                *frames[encoding as usize].get_or_insert_with(|| delivery.message.shared(encoding));
+            let m = &conn.machine;
+            let encoding = Encoding::pick(m.is_sse(), m.wants_envelopes(), m.deflates());
+            let codec = &self.settings.codec;
+            let frame = *frames[encoding as usize]
+                .get_or_insert_with(|| delivery.message.shared_in(encoding, codec));
             if self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
                 delivered += 1;
             }
@@ -1666,22 +1716,29 @@ impl Reactor {
     fn replay_join(&mut self, key: u32, position: &envelope::Position) -> bool {
         let mut missed = Vec::new();
         // Channel streams carry no client tags: every member may read all of them.
-        let resync =
-            self.settings
-                .history
-                .recover_join(position, None, self.applied_seq, &mut missed);
+        let encoding = self.encoding_of(key);
+        let resync = self.settings.history.recover_join(
+            position,
+            None,
+            self.applied_seq,
+            encoding,
+            &mut missed,
+        );
         let envelopes = self.conns[key as usize].machine.wants_envelopes();
-        let encoding = match envelopes {
-            false => Encoding::Bare,
-            true => Encoding::Envelope,
-        };
-        let frames = missed.iter().map(|m| m.shared(encoding));
+        let codec = self.settings.codec;
+        let frames = missed.iter().map(|m| m.shared_in(encoding, &codec));
         for frame in frames.chain(resync.as_ref().filter(|_| envelopes)) {
             if !self.drive(key, |m, cx, t| m.send(cx, t, frame)) {
                 return false;
             }
         }
         true
+    }
+
+    /// The encoding connection `key` receives messages in.
+    fn encoding_of(&self, key: u32) -> Encoding {
+        let m = &self.conns[key as usize].machine;
+        Encoding::pick(m.is_sse(), m.wants_envelopes(), m.deflates())
     }
 
     /// The hook where an upgraded connection leaves: its disconnect event, while the index still knows who it
@@ -1722,6 +1779,32 @@ impl Reactor {
             self.drive(key as u32, |m, cx, t| m.close(cx, t, Close::Shutdown));
         }
     }
+}
+
+/// The positions a request resumes from: `since` (both kinds); for SSE also the EventSource's `Last-Event-ID`
+/// header, or a `lastEventId` query parameter for clients that cannot set headers. An SSE id is one `since`
+/// item (`proto::sse::event_id`), and it wins over a `since` item of the same stream: a browser reconnecting by
+/// itself sends the URL it was opened with (an older `since`) and the id of the last event it got.
+fn since_of(request: &Request<'_>) -> Vec<envelope::Position> {
+    let mut raw = http::query_raw(request.query, "since")
+        .unwrap_or_default()
+        .to_owned();
+    if request.kind == Kind::Sse {
+        let id = match (
+            request.last_event_id,
+            http::query_param(request.query, "lastEventId"),
+        ) {
+            (Some(id), _) => Some(id.to_owned()),
+            (None, Some(id)) => Some(id.into_owned()),
+            (None, None) => None,
+        };
+        if let Some(id) = id.filter(|id| !id.is_empty()) {
+            // parse_since keeps the last position given for a stream.
+            raw.push(',');
+            raw.push_str(&id);
+        }
+    }
+    envelope::parse_since(&raw)
 }
 
 /// Sends one batch: the frames its records name first, then the records; clears the buffers. False if the

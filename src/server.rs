@@ -447,6 +447,7 @@ fn reactor_settings(
             max_head_bytes: ws.max_handshake_bytes,
             max_headers: ws.max_handshake_headers,
             path: config.server.path.clone(),
+            sse_path: config.server.sse_path.clone(),
         },
         allowed_origins: config.server.allowed_origins.clone(),
         max_open: config.server.max_connections,
@@ -462,6 +463,7 @@ fn reactor_settings(
             close_timeout_ticks: ticks(ws.close_timeout_ms),
             frame_limits: frame::Limits {
                 max_message_bytes: ws.max_inbound_message_bytes as u64,
+                deflate: false,
             },
             max_outbox_bytes: ws.max_outbox_bytes,
             echo: config.diagnostics.echo,
@@ -472,6 +474,12 @@ fn reactor_settings(
         tls,
         max_channels: config.auth.max_channels,
         events,
+        compression: ws.compression,
+        codec: crate::message::Codec {
+            level: ws.compression_level,
+            min_bytes: ws.compression_min_bytes,
+        },
+        sse_retry_ms: config.server.sse_retry_ms,
     }
 }
 

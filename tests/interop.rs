@@ -455,6 +455,100 @@ fn server_shutdown_is_1001(lib: Lib, scheme: Scheme) {
     assert!(status.success(), "server exit {status:?}");
 }
 
+/// With `websocket.compression` on the library negotiates permessage-deflate (its default offer) and receives
+/// every publish kind compressed, each message compressed once however many clients receive it; a client that
+/// reconnects with `since` gets the replay from history, compressed too.
+fn compressed_client_receives_every_publish_kind_and_replays(lib: Lib) {
+    let server = jwt_server(&[
+        ("websocket.compression", "true"),
+        ("websocket.compression_min_bytes", "0"),
+        ("history.user", "true"),
+        ("history.channel", "true"),
+        ("history.all", "true"),
+    ]);
+    let token = phone_token(&server);
+    let mut bearer = lib.connect(&server, Scheme::Ws, &token, true);
+    let mut query = lib.connect(&server, Scheme::Ws, &token, false);
+    for client in [&bearer, &query] {
+        let open = &client.seen[0];
+        let extensions = open["extensions"].as_str().unwrap_or_default();
+        assert!(
+            extensions.starts_with("permessage-deflate"),
+            "{}",
+            client.failure("permessage-deflate not negotiated")
+        );
+    }
+    assert_eq!(server.metric("densepush_connections_deflate", &[]), 2);
+    let before = server.metric("densepush_deflate_compressions_total", &[]);
+    let long = format!(
+        "{{\"kind\":\"notification\",\"body\":\"{}\"}}",
+        "compress me ".repeat(40)
+    );
+    let first = server.post("/publish/user/42", &long);
+    assert_eq!(first.status, 202, "{}", first.text());
+    let history = server.request("GET", "/history/user:42", b"", &[]).json();
+    let epoch = history["epoch"]
+        .as_str()
+        .expect("user history is on")
+        .to_owned();
+    server.publish("/publish/user/42/client/phone", "to the phone");
+    server.publish("/publish/channel/news", "breaking news");
+    let blob: Vec<u8> = (0u8..=255).chain([0, 0xff, 0x80]).collect();
+    let response = server.request(
+        "POST",
+        "/publish/user/42",
+        &blob,
+        &[("Content-Type", "application/octet-stream")],
+    );
+    assert_eq!(response.status, 202, "{}", response.text());
+    server.publish("/publish/all", "to everyone ✓");
+    for client in [&mut bearer, &mut query] {
+        client.expect_text(&long);
+        client.expect_text("to the phone");
+        client.expect_text("breaking news");
+        client.expect_binary(&blob);
+        client.expect_text("to everyone ✓");
+    }
+    assert_eq!(
+        server.metric("densepush_deflate_compressions_total", &[]) - before,
+        5,
+        "each message compressed once for both clients"
+    );
+    // A reconnect from the start of the user stream: the replay arrives enveloped and compressed.
+    let since = format!("token={token}&since=user:42@{epoch}:0");
+    let mut back = match lib {
+        Lib::Python => Client::python(&server.ws_url(&since), None, None),
+        Lib::Node => Client::node(&server.ws_url(&since), None, None),
+    };
+    back.expect("open");
+    for expected in [long.as_str(), "to the phone"] {
+        let got = back.expect("message");
+        let envelope: Value = serde_json::from_str(got["data"].as_str().unwrap()).unwrap();
+        assert_eq!(envelope["d"], expected, "{got}");
+        assert_eq!(envelope["s"], "user:42");
+    }
+    back.expect("message"); // the binary envelope
+    server.publish("/publish/user/42", "live after the replay");
+    let got = back.expect("message");
+    assert!(
+        got["data"]
+            .as_str()
+            .unwrap()
+            .contains("live after the replay"),
+        "{got}"
+    );
+}
+
+#[test]
+fn python_websockets_with_compression_receives_every_publish_kind_and_replays() {
+    compressed_client_receives_every_publish_kind_and_replays(Lib::Python);
+}
+
+#[test]
+fn node_ws_with_compression_receives_every_publish_kind_and_replays() {
+    compressed_client_receives_every_publish_kind_and_replays(Lib::Node);
+}
+
 #[test]
 fn python_websockets_receives_every_publish_kind() {
     receives_every_publish_kind(Lib::Python, Scheme::Ws);

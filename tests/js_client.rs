@@ -1,6 +1,7 @@
 //! Runs the JavaScript tests in `clients/js/test` against the real binary: the client in Node 20 with `ws`
-//! (kick, restart, network drop, dead path, 401), the client in headless Chromium (kick, restart, network drop)
-//! and the admin dashboard in headless Chromium. The Node harness starts and restarts the server itself on
+//! (kick, restart, network drop, dead path, 401), the client in headless Chromium (kick, restart, network drop;
+//! its fallback to Server-Sent Events behind a proxy that blocks upgrades; permessage-deflate negotiated by
+//! Chromium) and the admin dashboard in headless Chromium. The Node harness starts and restarts the server itself on
 //! fixed ports (a restart must come back where the clients reconnect), so it gets the binary's path in
 //! `DP_TEST_BIN`.
 //!
@@ -45,6 +46,11 @@ fn js_client_in_node() {
 #[test]
 fn js_client_in_headless_chromium() {
     node_test("test/browser.test.mjs");
+}
+
+#[test]
+fn js_client_falls_back_to_sse_in_headless_chromium() {
+    node_test("test/sse.test.mjs");
 }
 
 #[test]

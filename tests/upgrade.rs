@@ -568,3 +568,53 @@ fn a_rolled_back_upgrade_resumes_the_cluster_bus_where_it_stopped() {
         0
     );
 }
+
+/// An SSE stream and a WebSocket with permessage-deflate (issue 17) keep what they speak across the upgrade:
+/// the SSE stream gets the next publish as an event, the compressing connection a compressed frame, and the new
+/// process counts both in its gauges.
+#[test]
+fn sse_streams_and_compressing_connections_move_as_what_they_are() {
+    let mut server = Server::start(&[
+        ("websocket.compression", "true"),
+        ("websocket.compression_min_bytes", "16"),
+    ]);
+    let mut sse = server.raw();
+    sse.write_all(b"GET /sse?user=erin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut sse).starts_with("HTTP/1.1 200"));
+    let mut deflate = server.raw();
+    deflate
+        .write_all(
+            upgrade_request(
+                "user=erin",
+                &["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"],
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    assert!(read_head(&mut deflate).contains("permessage-deflate"));
+    let old = server.pid();
+    server.upgrade();
+    assert_ne!(server.healthz_pid(), old);
+    assert_eq!(server.metric("densepush_connections_sse", &[]), 1);
+    assert_eq!(server.metric("densepush_connections_deflate", &[]), 1);
+    let text = "after the upgrade, compressed after the upgrade, compressed";
+    server.publish("/publish/user/erin", text);
+    // The SSE stream: its retry preamble, then the event.
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    let want = format!("data: {text}\n\n");
+    while !String::from_utf8_lossy(&got).ends_with(&want) {
+        assert_eq!(std::io::Read::read(&mut sse, &mut byte).unwrap(), 1);
+        got.push(byte[0]);
+    }
+    let mut head = [0u8; 2];
+    std::io::Read::read_exact(&mut deflate, &mut head).unwrap();
+    assert_eq!(head[0], 0xC1, "FIN, RSV1, text: compressed");
+    let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+    std::io::Read::read_exact(&mut deflate, &mut payload).unwrap();
+    let mut inflated = Vec::new();
+    densepush::proto::deflate::inflate(&payload, 1 << 20, |c| inflated.extend_from_slice(c))
+        .unwrap();
+    assert_eq!(inflated, text.as_bytes());
+}

@@ -58,6 +58,16 @@ export interface ConnectOptions {
    * The `resync` event is emitted either way. Default true.
    */
   recoverNewEpoch?: boolean;
+  /**
+   * WebSocket attempts in a row that failed to open (with no HTTP status to read: something on the path blocks
+   * upgrades) before the client switches to Server-Sent Events for good. Default 3; 0 turns the fallback off.
+   * Only where an EventSource exists (browsers, or `EventSource` below).
+   */
+  sseFallbackAfter?: number;
+  /** EventSource implementation. Default `globalThis.EventSource`. */
+  EventSource?: new (url: string) => EventSource;
+  /** The SSE URL. Default: the WebSocket URL with ws→http, wss→https and a final `/ws` → `/sse`. */
+  sseUrl?: string;
 }
 
 export interface Message {
@@ -90,7 +100,9 @@ export interface EventMap {
   state: { state: State; previous: State };
   /** The server could not replay what was missed in this stream: refetch the app's state. */
   resync: Resync;
-  open: {};
+  open: { transport?: "sse" };
+  /** WebSocket never opened `sseFallbackAfter` times in a row: from now on the client uses EventSource. */
+  fallback: { transport: "sse"; attempts: number };
   close: { code: number; reason: string; wasClean: boolean; opened: boolean };
   /** Closed by the backend (1000 or 3000-4999): the client stops until `setToken()` or `reconnect()`. */
   kicked: { code: number; reason: string };
@@ -101,6 +113,8 @@ export declare class DensepushClient {
   constructor(url: string, options?: ConnectOptions);
   readonly url: string;
   readonly state: State;
+  /** `"websocket"`, or `"sse"` after the fallback. */
+  readonly transport: "websocket" | "sse";
   on<K extends keyof EventMap>(type: K, listener: (event: EventMap[K]) => void): () => void;
   off<K extends keyof EventMap>(type: K, listener: (event: EventMap[K]) => void): void;
   setToken(token: string | (() => string | Promise<string>)): void;
@@ -115,3 +129,7 @@ export declare function decode(
   enveloped: boolean,
 ): Message | ({ kind: "resync" } & Resync);
 export declare function encodeSince(positions: Map<string, Position>): string;
+/** The SSE URL for a WebSocket URL (ws→http, wss→https, `/ws`→`/sse`). */
+export declare function sseUrlFor(wsUrl: string): string;
+/** The position an SSE event id (`STREAM@EPOCH:OFFSET`) names, or null. */
+export declare function parseEventId(id: string): Position & { stream: string } | null;

@@ -12,6 +12,12 @@
 //   resync: {"type":"resync","s":STREAM,"e":EPOCH,"o":OFFSET}
 //
 // Works in browsers and in Node 20+ (which has no global WebSocket: pass `{ WebSocket }` from the `ws` package).
+//
+// Fallback: where WebSocket upgrades are blocked (some corporate proxies and antivirus products), the client
+// switches to Server-Sent Events (`GET /sse`, an EventSource) after `sseFallbackAfter` WebSocket attempts in a
+// row failed to open (3 by default where `EventSource` exists; 0 turns it off). The server sends each event's
+// position as its id (`STREAM@EPOCH:OFFSET`), so the browser's own reconnect resumes with `Last-Event-ID`, and
+// `event: close` after a kick stops the client as a WebSocket close code would.
 
 /** Connection states, in the order a client usually goes through them. */
 export const State = Object.freeze({
@@ -39,7 +45,46 @@ const DEFAULTS = Object.freeze({
   // Consecutive failures before the connection opened, with no HTTP status to look at (browsers), that are
   // taken as an authentication failure. Where the status is visible (Node with `ws`), 401/403 stop at once.
   authFailureAfter: 8,
+  // WebSocket attempts in a row that failed to open before switching to EventSource (where it exists).
+  sseFallbackAfter: 3,
 });
+
+/**
+ * The SSE URL for a WebSocket URL: same host, `ws:` → `http:`, `wss:` → `https:`, and a path ending in `/ws`
+ * ending in `/sse` instead (the server's defaults), query kept.
+ * @param {string} wsUrl
+ */
+export function sseUrlFor(wsUrl) {
+  const url = new URL(wsUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+  url.pathname = url.pathname.replace(/\/ws$/, "/sse");
+  return url.toString();
+}
+
+/**
+ * The position an SSE event id names (`STREAM@EPOCH:OFFSET`, the stream percent-encoded where it holds `%` or
+ * `,`), or null.
+ * @param {string} id
+ */
+export function parseEventId(id) {
+  const colon = id.lastIndexOf(":");
+  const at = id.lastIndexOf("@", colon);
+  if (colon < 0 || at < 0) return null;
+  const offset = Number(id.slice(colon + 1));
+  if (!Number.isSafeInteger(offset)) return null;
+  try {
+    return { stream: decodeURIComponent(id.slice(0, at)), epoch: id.slice(at + 1, colon), offset };
+  } catch {
+    return null;
+  }
+}
+
+function base64Bytes(text) {
+  const raw = atob(text);
+  const out = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+  return out;
+}
 
 const textDecoder = new TextDecoder();
 
@@ -122,6 +167,10 @@ export class DensepushClient {
     if (typeof this.WebSocket !== "function") {
       throw new TypeError("no WebSocket implementation: pass { WebSocket } (e.g. from the `ws` package)");
     }
+    this.EventSource = options.EventSource ?? globalThis.EventSource;
+    this.sseUrl = options.sseUrl ?? sseUrlFor(url);
+    /** "websocket", or "sse" once the client fell back to EventSource. */
+    this.transport = "websocket";
     this.token = options.token;
     /** @type {Map<string, {epoch: string, offset: number}>} */
     this.positions = new Map(Object.entries(options.positions ?? {}));
@@ -207,7 +256,7 @@ export class DensepushClient {
   }
 
   #buildUrl(token) {
-    const url = new URL(this.url);
+    const url = new URL(this.transport === "sse" ? this.sseUrl : this.url);
     if (token) url.searchParams.set("token", token);
     if (this.options.recover) url.searchParams.set("recover", "1");
     let href = url.toString();
@@ -230,6 +279,10 @@ export class DensepushClient {
       }
     }
     if (this.state !== State.CONNECTING) return;
+    if (this.transport === "sse") {
+      this.#openSse(token);
+      return;
+    }
     let socket;
     try {
       socket = new this.WebSocket(this.#buildUrl(token));
@@ -270,8 +323,76 @@ export class DensepushClient {
     if (typeof socket.on === "function") socket.on("ping", () => this.socket === socket && this.#armReadTimer());
   }
 
-  #onData(raw) {
-    const decoded = decode(raw, this.options.recover);
+  /** The stream as an EventSource: events carry their position as id; the browser reconnects by itself. */
+  #openSse(token) {
+    let source;
+    try {
+      source = new this.EventSource(this.#buildUrl(token));
+    } catch (e) {
+      this.#scheduleReconnect(e);
+      return;
+    }
+    this.socket = source;
+    let opened = false;
+    const mine = () => this.socket === source;
+    const positioned = (event, decoded) => {
+      const at = event.lastEventId ? parseEventId(event.lastEventId) : null;
+      return at ? { ...decoded, ...at } : decoded;
+    };
+    source.onopen = () => {
+      if (!mine()) return;
+      opened = true;
+      this.openedAt = Date.now();
+      this.failuresBeforeOpen = 0;
+      this.#setState(State.OPEN);
+      this.#emit("open", { transport: "sse" });
+    };
+    source.onmessage = (event) => {
+      if (mine()) this.#onDecoded(positioned(event, { kind: "message", data: event.data, binary: false }));
+    };
+    source.addEventListener("binary", (event) => {
+      if (mine()) {
+        this.#onDecoded(positioned(event, { kind: "message", data: base64Bytes(event.data), binary: true }));
+      }
+    });
+    source.addEventListener("resync", (event) => {
+      if (mine()) this.#onData(event.data, true);
+    });
+    source.addEventListener("close", (event) => {
+      if (!mine()) return;
+      // The server ended the stream on purpose (a kick): EventSource would reconnect by itself, so stop it.
+      let info = {};
+      try {
+        info = JSON.parse(event.data);
+      } catch {
+        // keep the defaults
+      }
+      this.socket = null;
+      this.#drop(source);
+      this.#onClose({ code: info.code ?? 1000, reason: info.reason ?? "", wasClean: true }, true, 0);
+    });
+    source.onerror = () => {
+      if (!mine()) return;
+      if (source.readyState === 0 && opened) {
+        // The stream ended (a drain, a cut): the browser reconnects after `retry`, sending Last-Event-ID.
+        opened = false;
+        this.#emit("close", { code: 1006, reason: "", wasClean: false, opened: true });
+        this.#setState(State.RECONNECTING);
+        return;
+      }
+      if (source.readyState === 0) return; // still retrying on its own
+      // Closed for good by the browser (a refusal: any status but 200): back off and try again ourselves.
+      this.socket = null;
+      this.#drop(source);
+      this.#onClose({ code: 1006, reason: "", wasClean: false }, opened, 0);
+    };
+  }
+
+  #onData(raw, enveloped = this.options.recover) {
+    this.#onDecoded(decode(raw, enveloped));
+  }
+
+  #onDecoded(decoded) {
     if (decoded.kind === "resync") {
       const known = this.positions.get(decoded.stream);
       const newEpoch = Boolean(decoded.epoch && known && known.epoch !== decoded.epoch && decoded.offset > 0);
@@ -315,6 +436,23 @@ export class DensepushClient {
     }
     if (!opened) {
       this.failuresBeforeOpen += 1;
+      const fallback = this.options.sseFallbackAfter;
+      if (
+        this.transport === "websocket" &&
+        fallback > 0 &&
+        typeof this.EventSource === "function" &&
+        !status &&
+        this.failuresBeforeOpen >= fallback
+      ) {
+        // WebSocket never opened N times in a row, with no refusal to read: something on the path blocks
+        // upgrades. Plain HTTP may get through.
+        this.transport = "sse";
+        this.failuresBeforeOpen = 0;
+        this.attempts = 0;
+        this.#emit("fallback", { transport: "sse", attempts: fallback });
+        this.#open();
+        return;
+      }
       const refused = status === 401 || status === 403;
       const suspected = !status && this.failuresBeforeOpen >= this.options.authFailureAfter;
       if (refused || suspected) {

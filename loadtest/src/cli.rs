@@ -129,6 +129,14 @@ pub struct RunArgs {
     /// Publish payloads as binary frames (Content-Type: application/octet-stream) instead of text.
     #[arg(long)]
     pub binary: bool,
+    /// Pad payloads as a JSON notification (a realistic 3-5x compression ratio) instead of dots (which
+    /// compress about 30x).
+    #[arg(long)]
+    pub json_payload: bool,
+    /// Offer permessage-deflate (`permessage-deflate; client_max_window_bits`, as Chrome does) and inflate
+    /// what arrives compressed; the server must have `websocket.compression` on to accept it.
+    #[arg(long)]
+    pub compression: bool,
     /// Messages published to /publish/all in the broadcast phase.
     #[arg(long, default_value_t = 20)]
     pub broadcast_messages: u64,

@@ -116,6 +116,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
                 resume: args.tls_resume,
             }),
             slow: args.has(Phase::Slow).then(|| slow_sockets(args)),
+            compression: args.compression,
         })
         .collect();
 
@@ -140,6 +141,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
                 .collect(),
             payload_bytes: args.payload_bytes,
             binary: args.binary,
+            json_payload: args.json_payload,
+            compression: args.compression,
             rate: args.rate,
         },
         ..Default::default()
@@ -299,6 +302,7 @@ impl Run<'_> {
         PayloadSpec {
             bytes: self.args.payload_bytes,
             binary: self.args.binary,
+            json: self.args.json_payload,
         }
     }
 
@@ -374,6 +378,7 @@ impl Run<'_> {
     fn broadcast(&mut self) -> anyhow::Result<BroadcastSection> {
         let deadline = self.phase_deadline(self.args.phase_timeout_secs);
         let frames0 = self.metric("densepush_frames_delivered_total");
+        let bytes0 = self.metric("densepush_bytes_written_total");
         let cpu0 = self.cpu_ns();
         let gen0 = self.generator_cpu_ns();
         let never = AtomicBool::new(false);
@@ -400,7 +405,11 @@ impl Run<'_> {
         std::thread::sleep(Duration::from_secs(1));
         let buffers_live_settled = self.metric("densepush_buffers_live");
         let frames1 = self.metric("densepush_frames_delivered_total");
+        let bytes1 = self.metric("densepush_bytes_written_total");
+        let server_bytes_written = diff(bytes0, bytes1);
         Ok(BroadcastSection {
+            server_bytes_written,
+            wire_bytes_per_delivery: server_bytes_written.and_then(|b| per(b, delivery.received)),
             messages: published.accepted,
             publish_failures: published.failures,
             interval_ms: self.args.broadcast_interval_ms,
@@ -621,6 +630,7 @@ impl Run<'_> {
             PayloadSpec {
                 bytes: args.slow_payload_bytes,
                 binary: args.binary,
+                json: args.json_payload,
             },
             &never,
             deadline,

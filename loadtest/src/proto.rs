@@ -43,6 +43,9 @@ pub struct WorkerInit {
     /// Which connections are slow readers and how their sockets are set up (the slow-reader phase).
     #[serde(default)]
     pub slow: Option<SlowSockets>,
+    /// Offer permessage-deflate (`--compression`).
+    #[serde(default)]
+    pub compression: bool,
 }
 
 /// Slow readers: connection `i` is one when `i % every == 0`; its socket gets a small receive buffer and a

@@ -55,6 +55,8 @@ pub struct PayloadSpec {
     pub bytes: usize,
     /// Send as binary frames.
     pub binary: bool,
+    /// Pad as a JSON notification instead of dots (`--json-payload`).
+    pub json: bool,
 }
 
 /// Publishes `stream` messages to `/publish/all`, sequence numbers from 0, `interval` apart, until `count`
@@ -85,7 +87,7 @@ pub fn publish_all(
         }
         attempts = attempts.saturating_add(1);
         let ts = monotonic_ns();
-        let payload = checker::encode(stream, None, out.accepted, ts, spec.bytes);
+        let payload = checker::encode_as(stream, None, out.accepted, ts, spec.bytes, spec.json);
         let ok = publish_one(client, "/publish/all", &payload, spec.binary, ts, &mut out);
         failures_in_row = if ok { 0 } else { failures_in_row + 1 };
         if failures_in_row >= MAX_CONSECUTIVE_FAILURES {
@@ -352,7 +354,7 @@ fn batch_publisher(
     for round in 0..rounds {
         for (count, list) in &targets {
             let ts = monotonic_ns();
-            let payload = checker::encode(Stream::Batch, None, round, ts, spec.bytes);
+            let payload = checker::encode_as(Stream::Batch, None, round, ts, spec.bytes, spec.json);
             let data = if spec.binary {
                 use base64::Engine as _;
                 format!(

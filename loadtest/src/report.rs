@@ -79,6 +79,10 @@ pub struct RunConfig {
     pub payload_bytes: usize,
     /// Payloads sent as binary frames.
     pub binary: bool,
+    /// Payloads padded as JSON notifications (`--json-payload`).
+    pub json_payload: bool,
+    /// permessage-deflate offered (`--compression`).
+    pub compression: bool,
     /// Connect rate asked for, per second (0 = unpaced).
     pub rate: f64,
 }
@@ -238,6 +242,10 @@ pub struct BroadcastSection {
     pub deliveries_per_sec: f64,
     /// Growth of densepush_frames_delivered_total over the phase.
     pub server_frames_delivered: Option<u64>,
+    /// Growth of densepush_bytes_written_total over the phase (pings and pongs included; they are few).
+    pub server_bytes_written: Option<u64>,
+    /// Bytes the server wrote per delivery received: the frame on the wire (compressed with `--compression`).
+    pub wire_bytes_per_delivery: Option<f64>,
     /// Server CPU over the phase, ns.
     pub server_cpu_ns: Option<u64>,
     /// Generator CPU over the phase, ns (see `connect.generator_cpu_ns`).
@@ -724,6 +732,9 @@ impl Report {
             }
             if let Some(v) = b.cpu_ns_per_delivery {
                 line(s, "server CPU per delivery", format!("{v:.0} ns"));
+            }
+            if let Some(v) = b.wire_bytes_per_delivery {
+                line(s, "wire bytes per delivery", format!("{v:.1}"));
             }
             line(
                 s,

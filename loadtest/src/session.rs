@@ -135,6 +135,8 @@ pub struct Session {
     /// The code of the close frame the server started, once one arrived (`Some(None)`: no code).
     pub server_close: Option<Option<u16>>,
     nonce: [u8; 16],
+    /// permessage-deflate was offered (`--compression`): RSV1 frames are inflated.
+    deflate: bool,
     /// Bytes read but not yet parsed (partial head or frame); empty, with no heap, when idle.
     inbuf: Vec<u8>,
     /// Bytes to write; empty when idle.
@@ -161,6 +163,7 @@ impl Session {
             paused: false,
             server_close: None,
             nonce,
+            deflate: false,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             fragments: None,
@@ -173,11 +176,18 @@ impl Session {
     }
 
     /// TCP is up: queue the upgrade request for `target` (path and query).
+    #[cfg(test)]
     pub fn connected(&mut self, host: &str, target: &str) {
+        self.connected_offering(host, target, false);
+    }
+
+    /// [`Session::connected`], offering permessage-deflate when `deflate`.
+    pub fn connected_offering(&mut self, host: &str, target: &str, deflate: bool) {
         debug_assert_eq!(self.phase, Phase::Connecting);
         let key = ws::handshake_key(self.nonce);
+        self.deflate = deflate;
         self.outbuf
-            .extend_from_slice(&ws::handshake_request(host, target, &key));
+            .extend_from_slice(&ws::handshake_request_offering(host, target, &key, deflate));
         self.phase = Phase::Handshaking;
     }
 
@@ -265,7 +275,7 @@ impl Session {
             }
         }
         loop {
-            let frame = match ws::decode_frame(&buf[used..]) {
+            let frame = match ws::decode_frame_with(&buf[used..], self.deflate) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return (used, Feed::More),
                 Err(e) => {
@@ -344,8 +354,15 @@ impl Session {
                 if self.fragments.is_some() {
                     return Err(FrameError::BadOpCode);
                 }
-                if frame.fin {
+                if frame.fin && frame.compressed {
+                    let mut inflated = Vec::new();
+                    ws::inflate(frame.payload, &mut inflated)?;
+                    self.on_message(&inflated, now_ns, tally);
+                } else if frame.fin {
                     self.on_message(frame.payload, now_ns, tally);
+                } else if frame.compressed {
+                    // densepush never fragments; a compressed fragment is outside what this client reads.
+                    return Err(FrameError::BadOpCode);
                 } else {
                     self.fragments = Some(frame.payload.to_vec());
                 }

@@ -898,7 +898,8 @@ impl Worker {
             Ok(_) => {
                 let target = self.target(index);
                 let conn = &mut self.conns[key as usize];
-                conn.session.connected(&self.host, &target);
+                conn.session
+                    .connected_offering(&self.host, &target, self.init.compression);
             }
             // Spurious wake-up: still connecting.
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {}

@@ -28,12 +28,58 @@ pub fn accept_key(key: &str) -> String {
 }
 
 /// The upgrade request (RFC 6455 §4.1): a GET with the upgrade headers; `target` is the path and query.
+#[cfg(test)]
 pub fn handshake_request(host: &str, target: &str, key: &str) -> Vec<u8> {
+    handshake_request_offering(host, target, key, false)
+}
+
+/// [`handshake_request`], offering permessage-deflate (RFC 7692) as Chrome does when `deflate`.
+pub fn handshake_request_offering(host: &str, target: &str, key: &str, deflate: bool) -> Vec<u8> {
+    let offer = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     format!(
         "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
+}
+
+/// Inflates one permessage-deflate message (RFC 7692 §7.2.2: the payload plus the `00 00 ff ff` its sender
+/// removed), with one inflater per thread, reset per message (the server takes no context over).
+pub fn inflate(payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+    use flate2::{Decompress, FlushDecompress};
+    thread_local! {
+        static INFLATER: std::cell::RefCell<Decompress> = std::cell::RefCell::new(Decompress::new(false));
+    }
+    INFLATER.with(|cell| {
+        let mut inflater = cell.borrow_mut();
+        inflater.reset(false);
+        out.clear();
+        out.reserve(payload.len() * 4 + 64);
+        for input in [payload, &[0x00, 0x00, 0xff, 0xff][..]] {
+            let start = inflater.total_in();
+            loop {
+                let used = (inflater.total_in() - start) as usize;
+                let status = inflater
+                    .decompress_vec(&input[used..], out, FlushDecompress::Sync)
+                    .map_err(|_| FrameError::Reserved)?;
+                let done = (inflater.total_in() - start) as usize == input.len();
+                if matches!(status, flate2::Status::StreamEnd)
+                    || (done && out.len() < out.capacity())
+                {
+                    break;
+                }
+                if out.len() as u64 > MAX_FRAME_PAYLOAD {
+                    return Err(FrameError::TooLong);
+                }
+                out.reserve(out.capacity().max(1024));
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Why an upgrade did not succeed.
@@ -144,6 +190,8 @@ pub struct Frame<'a> {
     pub fin: bool,
     /// What it is.
     pub opcode: OpCode,
+    /// RSV1 on a data frame with permessage-deflate negotiated: the payload is compressed.
+    pub compressed: bool,
     /// Payload (servers do not mask).
     pub payload: &'a [u8],
 }
@@ -172,12 +220,22 @@ pub enum FrameError {
 pub const MAX_FRAME_PAYLOAD: u64 = 16 * 1024 * 1024;
 
 /// Decodes one frame from the front of `buf`: `Ok(None)` if incomplete, else the frame and its length in bytes.
+#[cfg(test)]
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
+    decode_frame_with(buf, false)
+}
+
+/// [`decode_frame`]; with `deflate` (permessage-deflate offered) RSV1 marks a compressed data frame.
+pub fn decode_frame_with(
+    buf: &[u8],
+    deflate: bool,
+) -> Result<Option<(Frame<'_>, usize)>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    let rsv1_ok = deflate && matches!(b0 & 0x0F, 0x1 | 0x2);
+    if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !rsv1_ok) {
         return Err(FrameError::Reserved);
     }
     let fin = b0 & 0x80 != 0;
@@ -221,6 +279,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError
         Frame {
             fin,
             opcode,
+            compressed: b0 & 0x40 != 0,
             payload: &buf[header..total],
         },
         total,
@@ -355,6 +414,7 @@ mod tests {
             Frame {
                 fin: true,
                 opcode: OpCode::Text,
+                compressed: false,
                 payload: b"abc"
             }
         );

@@ -10,6 +10,10 @@ use super::{AuthMode, LogLevel};
 pub const DEFAULT_SERVER_LISTEN: &str = "127.0.0.1:8080";
 /// HTTP request path on which clients upgrade to WebSocket.
 pub const DEFAULT_SERVER_PATH: &str = "/ws";
+/// HTTP request path of the Server-Sent Events stream on the same listeners; empty turns SSE off.
+pub const DEFAULT_SERVER_SSE_PATH: &str = "/sse";
+/// Milliseconds an EventSource waits before reconnecting after its stream ends (the `retry:` field).
+pub const DEFAULT_SERVER_SSE_RETRY_MS: u64 = 3_000;
 /// Reactor threads; 0 means one per available core.
 pub const DEFAULT_REACTORS: usize = 0;
 /// Client connections, summed over all reactors.
@@ -45,6 +49,13 @@ pub const DEFAULT_MAX_HANDSHAKE_HEADERS: usize = 32;
 /// of the default `max_handshake_bytes`, or 256 slow readers each 1 MiB behind on frames of their own (readers
 /// of the same broadcasts share theirs).
 pub const DEFAULT_MAX_BUFFERED_BYTES_TOTAL: usize = 256 << 20;
+/// Negotiate permessage-deflate (RFC 7692) with clients that offer it. Off: see `config.toml` for why.
+pub const DEFAULT_COMPRESSION: bool = false;
+/// Bytes below which a message (its payload, or its envelope) is sent uncompressed even to compressing
+/// clients.
+pub const DEFAULT_COMPRESSION_MIN_BYTES: usize = 128;
+/// zlib compression level, 0 (stored) to 9; each message is compressed once whatever its recipient count.
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 /// Milliseconds per tick of the timing wheel; every timeout is rounded up to whole ticks.
 pub const DEFAULT_TIMER_TICK_MS: u64 = 100;
 

@@ -46,6 +46,8 @@ pub struct FileConfig {
 pub struct ServerSection {
     pub listen: String,
     pub path: String,
+    pub sse_path: String,
+    pub sse_retry_ms: u64,
     pub reactors: usize,
     pub max_connections: usize,
     pub allowed_origins: Vec<String>,
@@ -58,6 +60,8 @@ impl Default for ServerSection {
         ServerSection {
             listen: DEFAULT_SERVER_LISTEN.to_owned(),
             path: DEFAULT_SERVER_PATH.to_owned(),
+            sse_path: DEFAULT_SERVER_SSE_PATH.to_owned(),
+            sse_retry_ms: DEFAULT_SERVER_SSE_RETRY_MS,
             reactors: DEFAULT_REACTORS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             allowed_origins: DEFAULT_ALLOWED_ORIGINS
@@ -85,6 +89,9 @@ pub struct WebSocketSection {
     pub max_handshake_headers: usize,
     pub max_buffered_bytes_total: usize,
     pub timer_tick_ms: u64,
+    pub compression: bool,
+    pub compression_min_bytes: usize,
+    pub compression_level: u32,
 }
 
 impl Default for WebSocketSection {
@@ -100,6 +107,9 @@ impl Default for WebSocketSection {
             max_handshake_headers: DEFAULT_MAX_HANDSHAKE_HEADERS,
             max_buffered_bytes_total: DEFAULT_MAX_BUFFERED_BYTES_TOTAL,
             timer_tick_ms: DEFAULT_TIMER_TICK_MS,
+            compression: DEFAULT_COMPRESSION,
+            compression_min_bytes: DEFAULT_COMPRESSION_MIN_BYTES,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
         }
     }
 }

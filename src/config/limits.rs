@@ -19,6 +19,12 @@ pub const TIMER_TICK_MS: RangeInclusive<u64> = 10..=1000;
 pub const TIMEOUT_MS: RangeInclusive<u64> = 0..=86_400_000;
 /// Bytes in the largest inbound message: at most 64 MiB.
 pub const MAX_INBOUND_MESSAGE_BYTES: RangeInclusive<usize> = 1..=64 << 20;
+/// `websocket.compression_level`: zlib's levels.
+pub const COMPRESSION_LEVEL: RangeInclusive<u32> = 0..=9;
+/// `websocket.compression_min_bytes`.
+pub const COMPRESSION_MIN_BYTES: RangeInclusive<usize> = 0..=64 << 20;
+/// `server.sse_retry_ms`.
+pub const SSE_RETRY_MS: RangeInclusive<u64> = 0..=86_400_000;
 /// Bytes in a connection's outbox: at least one page, at most 1 GiB.
 pub const MAX_OUTBOX_BYTES: RangeInclusive<usize> = 4096..=1 << 30;
 /// Bytes in an upgrade request head: browsers send about 0.5 to 2 KiB.

@@ -205,6 +205,10 @@ pub struct ServerConfig {
     pub listen: Option<SocketAddr>,
     /// Upgrade path; starts with '/', no query or fragment.
     pub path: String,
+    /// Server-Sent Events path (same rules, distinct from `path`); `None` when SSE is off.
+    pub sse_path: Option<String>,
+    /// Milliseconds an EventSource waits before reconnecting (`retry:`).
+    pub sse_retry_ms: u64,
     /// Reactor threads, resolved: at least 1.
     pub reactors: usize,
     /// Client connections across all reactors; at least 1.
@@ -232,6 +236,12 @@ pub struct WebSocketConfig {
     pub max_handshake_headers: usize,
     pub max_buffered_bytes_total: usize,
     pub timer_tick_ms: u64,
+    /// Negotiate permessage-deflate.
+    pub compression: bool,
+    /// Payloads shorter than this go uncompressed.
+    pub compression_min_bytes: usize,
+    /// zlib level 0-9.
+    pub compression_level: u32,
 }
 
 /// `[auth]`, checked, with the secret resolved. Key files are only named here; `auth::load_static_keys`

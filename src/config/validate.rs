@@ -77,7 +77,22 @@ fn validate_server(server: ServerSection) -> Result<ServerConfig, ConfigError> {
             "" => None,
             text => Some(parse_listen("server.listen", text)?),
         },
-        path: check_path(&server.path)?,
+        path: check_path("server.path", &server.path)?,
+        sse_path: match server.sse_path.as_str() {
+            "" => None,
+            p if p == server.path => {
+                return Err(invalid(
+                    "server.sse_path",
+                    format!("(`{p}`) must differ from server.path"),
+                ))
+            }
+            p => Some(check_path("server.sse_path", p)?),
+        },
+        sse_retry_ms: check_range(
+            "server.sse_retry_ms",
+            server.sse_retry_ms,
+            limits::SSE_RETRY_MS,
+        )?,
         reactors: match check_range("server.reactors", server.reactors, limits::REACTORS)? {
             0 => default_reactors(),
             n => n,
@@ -156,6 +171,17 @@ fn validate_websocket(ws: WebSocketSection) -> Result<WebSocketConfig, ConfigErr
             limits::MAX_BUFFERED_BYTES_TOTAL,
         )?,
         timer_tick_ms: tick,
+        compression: ws.compression,
+        compression_min_bytes: check_range(
+            "websocket.compression_min_bytes",
+            ws.compression_min_bytes,
+            limits::COMPRESSION_MIN_BYTES,
+        )?,
+        compression_level: check_range(
+            "websocket.compression_level",
+            ws.compression_level,
+            limits::COMPRESSION_LEVEL,
+        )?,
     };
     // A budget below one connection's outbox limit would close every slow reader on the budget, not on
     // its own limit, and make max_outbox_bytes meaningless.
@@ -724,19 +750,16 @@ fn parse_listen(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError
 
 /// The upgrade path is matched against the request-target's path (RFC 9110 §7.1, RFC 3986 §3.3):
 /// absolute, visible ASCII, no query or fragment.
-fn check_path(path: &str) -> Result<String, ConfigError> {
+fn check_path(key: &'static str, path: &str) -> Result<String, ConfigError> {
     if !path.starts_with('/') {
-        return Err(invalid(
-            "server.path",
-            format!("(`{path}`) must start with '/'"),
-        ));
+        return Err(invalid(key, format!("(`{path}`) must start with '/'")));
     }
     if let Some(bad) = path
         .chars()
         .find(|&c| !c.is_ascii_graphic() || c == '?' || c == '#')
     {
         return Err(invalid(
-            "server.path",
+            key,
             format!("(`{path}`) must be visible ASCII without '?' or '#', found {bad:?}"),
         ));
     }

@@ -27,13 +27,14 @@
 use super::echo::Echo;
 use super::outbox::{Flush, Outbox, ENTRY_BYTES};
 use super::spill::{Buffers, Spill};
-use super::state::{Flag, Phase, State, Timer};
+use super::state::{Flag, Phase, State, Timer, Wire};
 use super::transport::{write_some, Transport};
 use crate::budget::Budget;
 use crate::metrics::{ReactorMetrics, RejectKind};
 use crate::proto::frame::Decoder;
 use crate::proto::frame::{self, Event, Feed, ProtocolError, EMPTY_CLOSE_FRAME, PING_FRAME};
 use crate::proto::handshake::Reject;
+use crate::proto::sse;
 use crate::shared_frame::SharedFrame;
 use crate::snapshot::{FrameTable, Reader, SnapshotError, Writer};
 use crate::timer::TimerWheel;
@@ -271,6 +272,21 @@ impl Machine {
         self.state.has(Flag::Recover)
     }
 
+    /// What the connection speaks (decided at the upgrade).
+    pub fn wire(&self) -> Wire {
+        self.state.wire()
+    }
+
+    /// Whether the connection is a Server-Sent Events stream.
+    pub fn is_sse(&self) -> bool {
+        self.state.wire() == Wire::Sse
+    }
+
+    /// Whether the connection negotiated permessage-deflate.
+    pub fn deflates(&self) -> bool {
+        self.state.wire() == Wire::WebSocketDeflate
+    }
+
     /// The code the connection's close handshake began with (the first close frame, ours or the client's;
     /// 1005 for a client close without a code, RFC 6455 §7.4.1); `None` when it ends without one (EOF, a reset,
     /// a silent client), which RFC 6455 §7.1.5 reports as 1006.
@@ -355,7 +371,22 @@ impl Machine {
         response: Vec<u8>,
         recover: bool,
     ) -> Next {
+        self.accept_as(cx, t, response, recover, Wire::WebSocket)
+    }
+
+    /// [`Machine::accept`] for a connection that speaks `wire`: a WebSocket with permessage-deflate, or an SSE
+    /// stream (`response` is then the `200` head and the stream's first bytes; its pings become keepalive
+    /// comments).
+    pub fn accept_as<T: Transport + ?Sized>(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        t: &mut T,
+        response: Vec<u8>,
+        recover: bool,
+        wire: Wire,
+    ) -> Next {
         debug_assert_eq!(self.phase(), Phase::Handshaking);
+        self.state.set_wire(wire);
         self.state.set_phase(Phase::Open);
         self.state.set(Flag::Upgraded, true);
         self.state.set(Flag::Recover, recover);
@@ -402,6 +433,22 @@ impl Machine {
         data: &mut [u8],
     ) -> Next {
         self.state.set(Flag::Heard, true);
+        if self.is_sse() {
+            // An SSE client sends nothing after its request (HTTP/1.1 without pipelining): whatever comes is
+            // read and dropped; its EOF ends the stream.
+            return Next::Continue;
+        }
+        let limits = frame::Limits {
+            deflate: self.deflates(),
+            ..cx.rules.frame_limits
+        };
+        // The DEFLATE bytes of a compressed message that straddled reads.
+        let mut deflated = self
+            .buffers
+            .get_mut()
+            .map(|s| std::mem::take(&mut s.deflated))
+            .unwrap_or_default();
+        let mut inflate_error: Option<ProtocolError> = None;
         // The decoder lives on the stack unless a frame straddles reads; then it waits in the spill.
         let mut decoder = self
             .buffers
@@ -412,13 +459,32 @@ impl Machine {
         let mut peer_close: Option<Option<u16>> = None;
         let (mut pings, mut pongs_in, mut messages) = (0u64, 0u64, 0u64);
         let mut echo = cx.rules.echo.then(|| Echo::resume(self.buffers.get_mut()));
-        let result = decoder.feed(data, &cx.rules.frame_limits, |event| match event {
+        let max_message_bytes = limits.max_message_bytes;
+        let result = decoder.feed(data, &limits, |event| match event {
+            // After a compressed message failed, the connection is closing with its code: nothing more counts.
+            _ if inflate_error.is_some() => {}
             Event::Ping(payload) => {
                 pings += 1;
                 pongs.push(frame::encode_pong(payload));
             }
             Event::Pong(_) => pongs_in += 1,
             Event::Close { code, .. } => peer_close = Some(code),
+            Event::Data {
+                text,
+                chunk,
+                last,
+                compressed: true,
+                ..
+            } => {
+                deflated.extend_from_slice(chunk);
+                if last {
+                    messages += 1;
+                    let result =
+                        super::inflate::message(&deflated, text, max_message_bytes, echo.as_mut());
+                    inflate_error = result.err();
+                    deflated = Vec::new();
+                }
+            }
             Event::Data {
                 text, chunk, last, ..
             } => {
@@ -428,16 +494,22 @@ impl Machine {
                 }
             }
         });
+        let result = match inflate_error {
+            Some(error) => Err(error),
+            None => result,
+        };
         ReactorMetrics::add(&cx.metrics.pings_received, pings);
         ReactorMetrics::add(&cx.metrics.pongs_received, pongs_in);
         ReactorMetrics::add(&cx.metrics.messages_received, messages);
         // A frame straddles reads: its state needs the spill, which the budget may refuse. (After an error or a
         // close the state no longer matters: the connection is ending with its own code.)
         if !decoder.is_idle() && matches!(result, Ok(Feed::More)) {
-            let Some(fresh) = self.buffers.try_grow(cx.budget, 0) else {
+            let Some(fresh) = self.buffers.try_grow(cx.budget, deflated.capacity()) else {
                 return self.close(cx, t, Close::Budget);
             };
-            self.buffers.get_mut().expect("try_grow allocates").decoder = decoder;
+            let spill = self.buffers.get_mut().expect("try_grow allocates");
+            spill.decoder = decoder;
+            spill.deflated = deflated;
             if fresh {
                 cx.metrics.buffers_live.fetch_add(1, Relaxed);
             }
@@ -506,6 +578,14 @@ impl Machine {
             Timer::Handshake => {
                 cx.metrics.reject(RejectKind::Timeout);
                 Expired::Next(Next::Remove(Ending::Done))
+            }
+            Timer::Ping if self.is_sse() => {
+                // EventSource answers nothing: a comment keeps proxies from timing the stream out, and a dead
+                // peer shows when the kernel gives up on it (or as a slow consumer once the outbox fills).
+                self.arm(cx, cx.rules.ping_interval_ticks);
+                ReactorMetrics::inc(&cx.metrics.pings_sent);
+                let keepalive = Out::Own(Bytes::from_static(&sse::KEEPALIVE));
+                Expired::Next(self.deliver(cx, t, keepalive, true))
             }
             Timer::Ping => {
                 self.state.set(Flag::PingSent, true);
@@ -622,7 +702,7 @@ impl Machine {
         let metrics = cx.metrics;
         // The close frame, and whether the server then waits for the client's close (`Closing`) or closes TCP
         // once its last bytes are out (`Flushing`).
-        let (code, reason, next) = match why {
+        let (code, reason, mut next) = match why {
             Close::Peer(code) => {
                 if was_open {
                     ReactorMetrics::inc(&metrics.client_closes);
@@ -646,12 +726,21 @@ impl Machine {
             }
             Close::SlowConsumer => {
                 ReactorMetrics::inc(&metrics.slow_consumer_closes);
+                if self.is_sse() {
+                    ReactorMetrics::inc(&metrics.sse_slow_consumer_closes);
+                }
                 (Some(1008), SLOW_CONSUMER, Phase::Closing)
             }
             Close::Kick { code, reason } => (Some(code), reason, Phase::Closing),
             Close::Shutdown => (Some(1001), SHUTTING_DOWN, Phase::Closing),
             Close::Refuse(_) => unreachable!("handled above"),
         };
+        // An SSE stream has no close handshake: it ends when its last bytes are out (a drain's queued events
+        // first), the client's EventSource reconnecting by itself unless told otherwise by `event: close`.
+        let sse = self.is_sse();
+        if sse {
+            next = Phase::Flushing;
+        }
         if was_open {
             // The first close decides the code; the other side's echo (which finds us `Closing`) does not
             // change it. From here on `mark` is the close code, no longer an acknowledgement mark.
@@ -669,7 +758,22 @@ impl Machine {
         }
         self.state.set_phase(next);
         self.arm(cx, cx.rules.close_timeout_ticks);
-        if was_open {
+        let close_event = match why {
+            // A kick tells the client not to come back; any other end lets EventSource reconnect (a drain, a
+            // slow reader whose stream resumes from its last id).
+            Close::Kick { code, reason } => Some(Bytes::from(sse::close_event(code, reason))),
+            _ => None,
+        };
+        if was_open && sse {
+            if let Some(event) = close_event {
+                if let Sent::Failed = self.transmit(cx, t, Out::Own(event), false) {
+                    return Next::Remove(self.ending(Ending::Abrupt));
+                }
+                if !drain {
+                    self.make_room(t);
+                }
+            }
+        } else if was_open {
             let frame = match code {
                 Some(code) => frame::encode_close(code, reason),
                 None => Bytes::from_static(&EMPTY_CLOSE_FRAME),
@@ -765,7 +869,9 @@ impl Machine {
     /// sends each shared frame once), an echo message in progress. The timer is not written: the successor arms
     /// the one its phase calls for, afresh.
     pub fn snapshot(&self, w: &mut Writer, frames: &mut FrameTable) {
-        w.u8(self.state.phase() as u8);
+        // The phase with the wire (WebSocket, with permessage-deflate, or SSE) in the bits above it: a snapshot
+        // written before there were wires has 0 there, a plain WebSocket.
+        w.u8(self.state.phase_byte());
         w.u8(self.state.flags());
         // Whatever `mark` means in this phase (an acknowledgement mark, or the close code), it means the same
         // in the successor, which restores the phase with it.
@@ -777,6 +883,11 @@ impl Machine {
         w.bool(moved);
         if moved {
             w.raw(decoder.bytes());
+            // The DEFLATE bytes of a compressed message in progress follow its decoder (only then, so a
+            // snapshot written before compression existed reads the same).
+            if let Some(s) = spill.filter(|s| s.decoder.in_compressed_message()) {
+                w.bytes_field(&s.deflated);
+            }
         }
         match spill {
             Some(s) => {
@@ -806,21 +917,19 @@ impl Machine {
         r: &mut Reader<'_>,
         frames: &FrameTable,
     ) -> Result<Machine, SnapshotError> {
-        let phase = match r.u8("phase")? {
-            0 => Phase::Handshaking,
-            1 => Phase::Open,
-            2 => Phase::Closing,
-            3 => Phase::Flushing,
-            _ => return Err(SnapshotError::Invalid("phase")),
-        };
-        let mut state = State::new();
-        state.set_phase(phase);
+        let state_byte = r.u8("phase")?;
+        let mut state =
+            State::from_phase_byte(state_byte).ok_or(SnapshotError::Invalid("phase"))?;
         state.set_flags(r.u8("flags")?);
         let mark = r.u16("mark")?;
         let head = r.bytes_field("head")?.to_vec();
         let decoder = match r.bool("decoder present")? {
             true => Some(Decoder::restore(r)?),
             false => None,
+        };
+        let deflated = match &decoder {
+            Some(d) if d.in_compressed_message() => r.bytes_field("deflated")?.to_vec(),
+            _ => Vec::new(),
         };
         let count = r.u32("outbox length")?;
         let head_written = match count {
@@ -845,6 +954,7 @@ impl Machine {
             charged: 0,
             counted: 0,
             echo,
+            deflated,
         };
         let mut machine = Machine {
             timer_stamp: 0,
@@ -1055,6 +1165,7 @@ mod tests {
                 close_timeout_ticks: 30,
                 frame_limits: frame::Limits {
                     max_message_bytes: 1 << 16,
+                    deflate: false,
                 },
                 max_outbox_bytes: 1 << 12,
                 echo: false,
@@ -1587,8 +1698,6 @@ mod tests {
         m.snapshot(&mut w, &mut frames);
         let mut table = Writer::new();
         frames.write_fresh(&mut table);
-        // The old process lets its copy go (in production it exits; here its queue gives its budget back).
-        old.with(|cx, _| m.teardown(cx));
 
         // The successor: its own wheel, budget and counters.
         let mut new = Rig::new();
@@ -1597,6 +1706,8 @@ mod tests {
             .read_fresh(&mut Reader::new(table.bytes()))
             .unwrap();
         let bytes = w.take();
+        // The old process lets go of its copy (its references to the queued frames go back to its budget).
+        old.with(|cx, _| m.teardown(cx));
         let mut moved = new
             .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &received))
             .unwrap();
@@ -1651,6 +1762,88 @@ mod tests {
             .unwrap();
         assert!(moved.is_open() && !moved.holds_buffers() && !moved.wants_envelopes());
         assert_eq!(new.budget.used(), 0);
+    }
+
+    /// A connection of `wire`, upgraded; the wire is cleared of the answer.
+    fn open_as(rig: &mut Rig, wire: Wire) -> Machine {
+        let mut m = rig.machine();
+        let next =
+            rig.with(|cx, w| m.accept_as(cx, w, b"HTTP/1.1 101\r\n\r\n".to_vec(), true, wire));
+        assert_eq!(next, Next::Continue);
+        rig.wire.written.clear();
+        m
+    }
+
+    #[test]
+    fn a_compressed_message_half_received_moves_with_its_wire_and_is_echoed_whole() {
+        let mut old = Rig::new();
+        old.rules.echo = true;
+        let mut m = open_as(&mut old, Wire::WebSocketDeflate);
+        let deflated = crate::proto::deflate::compress(b"hello hello hello", 1);
+        let (a, b) = deflated.split_at(deflated.len() / 2);
+        let mut first = client_frame(0x41, a);
+        first[0] &= 0x7f; // no FIN: the message goes on
+        assert_eq!(
+            old.with(|cx, w| m.handle_frames(cx, w, &mut first)),
+            Next::Continue
+        );
+        let mut w = Writer::new();
+        m.snapshot(&mut w, &mut FrameTable::default());
+        let mut new = Rig::new();
+        new.rules.echo = true;
+        let bytes = w.take();
+        let mut moved = new
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &FrameTable::default()))
+            .unwrap();
+        assert_eq!(moved.wire(), Wire::WebSocketDeflate);
+        let mut rest = client_frame(0x0, b);
+        assert_eq!(
+            new.with(|cx, w| moved.handle_frames(cx, w, &mut rest)),
+            Next::Continue
+        );
+        assert_eq!(new.frames(), vec![(0x1, b"hello hello hello".to_vec())]);
+    }
+
+    #[test]
+    fn an_sse_stream_keeps_alive_with_comments_and_ends_a_kick_with_a_close_event() {
+        let mut rig = Rig::new();
+        let mut m = open_as(&mut rig, Wire::Sse);
+        assert!(m.is_sse());
+        // Bytes from the client are ignored; the ping timer writes a comment and expects nothing back.
+        assert_eq!(
+            rig.with(|cx, w| m.handle_frames(cx, w, &mut b"junk".to_vec())),
+            Next::Continue
+        );
+        assert_eq!(
+            rig.advance(&mut m, 300),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(
+            rig.advance(&mut m, 600),
+            vec![Expired::Next(Next::Continue)]
+        );
+        assert_eq!(std::mem::take(&mut rig.wire.written), b":\n\n:\n\n");
+        // It moves as an SSE stream.
+        let mut w = Writer::new();
+        m.snapshot(&mut w, &mut FrameTable::default());
+        let bytes = w.take();
+        let mut m = rig
+            .with(|cx, _| Machine::restore(cx, &mut Reader::new(&bytes), &FrameTable::default()))
+            .unwrap();
+        assert!(m.is_sse());
+        let kick = Close::Kick {
+            code: 4001,
+            reason: "bye",
+        };
+        assert_eq!(
+            rig.with(|cx, w| m.close(cx, w, kick)),
+            Next::Remove(Ending::Done)
+        );
+        assert_eq!(
+            rig.wire.written,
+            b"event: close\ndata: {\"code\":4001,\"reason\":\"bye\"}\n\n"
+        );
+        assert_eq!(m.close_code(), Some(4001));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! clocks (`reactor`). An idle open connection is 24 bytes in the slab and owns no heap memory.
 
 pub mod echo;
+pub mod inflate;
 pub mod machine;
 pub mod outbox;
 pub mod spill;

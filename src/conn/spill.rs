@@ -29,6 +29,9 @@ pub struct Spill {
     pub counted: usize,
     /// `[diagnostics] echo` only: the client's data message assembled so far, waiting for its last fragment.
     pub echo: Vec<u8>,
+    /// permessage-deflate only: the DEFLATE bytes of a compressed client message that straddles reads, kept
+    /// until its last frame arrives and it is inflated (`conn::inflate`).
+    pub deflated: Vec<u8>,
 }
 
 /// What a spill costs before it holds any bytes: the box itself (with the fixed-size frame decoder).
@@ -40,12 +43,17 @@ impl Spill {
             && self.decoder.is_idle()
             && self.outbox.is_empty()
             && self.echo.is_empty()
+            && self.deflated.is_empty()
     }
 
     /// Heap bytes this spill holds itself: the box, the head's and the echo message's allocations and the
     /// outbox's slots. The frames the outbox references are charged by themselves (`SharedFrame`).
     fn footprint(&self) -> usize {
-        SPILL_BYTES + self.head.capacity() + self.echo.capacity() + self.outbox.footprint()
+        SPILL_BYTES
+            + self.head.capacity()
+            + self.echo.capacity()
+            + self.deflated.capacity()
+            + self.outbox.footprint()
     }
 }
 

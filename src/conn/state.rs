@@ -56,30 +56,81 @@ pub enum Flag {
     Marked = 128,
 }
 
-/// Phase and flags in two bytes.
+/// What the connection speaks once open, decided at the upgrade and fixed from then on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Wire {
+    /// RFC 6455 frames, uncompressed.
+    WebSocket = 0,
+    /// RFC 6455 frames with permessage-deflate (RFC 7692) negotiated.
+    WebSocketDeflate = 1,
+    /// A Server-Sent Events stream (`text/event-stream`): events out, nothing in.
+    Sse = 2,
+}
+
+/// Bits of the phase byte that hold the phase; the two above them hold the [`Wire`] (the flags byte is full,
+/// and the phase needs two bits of its eight, so an idle connection pays nothing for the wire).
+const PHASE_BITS: u8 = 0b11;
+const WIRE_SHIFT: u8 = 2;
+
+/// Phase, wire and flags in two bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct State {
-    phase: Phase,
+    /// The [`Phase`] in the low two bits, the [`Wire`] in the next two.
+    phase: u8,
     flags: u8,
 }
 
 impl State {
-    /// A connection just accepted: handshaking, no flags.
+    /// A connection just accepted: handshaking, plain WebSocket until decided otherwise, no flags.
     pub const fn new() -> State {
         State {
-            phase: Phase::Handshaking,
+            phase: Phase::Handshaking as u8,
             flags: 0,
         }
     }
 
     /// The phase.
     pub fn phase(self) -> Phase {
-        self.phase
+        match self.phase & PHASE_BITS {
+            0 => Phase::Handshaking,
+            1 => Phase::Open,
+            2 => Phase::Closing,
+            _ => Phase::Flushing,
+        }
     }
 
     /// Moves to another phase.
     pub fn set_phase(&mut self, phase: Phase) {
-        self.phase = phase;
+        self.phase = (self.phase & !PHASE_BITS) | phase as u8;
+    }
+
+    /// What the connection speaks.
+    pub fn wire(self) -> Wire {
+        match self.phase >> WIRE_SHIFT {
+            0 => Wire::WebSocket,
+            1 => Wire::WebSocketDeflate,
+            _ => Wire::Sse,
+        }
+    }
+
+    /// Sets what the connection speaks (at the upgrade).
+    pub fn set_wire(&mut self, wire: Wire) {
+        self.phase = (self.phase & PHASE_BITS) | ((wire as u8) << WIRE_SHIFT);
+    }
+
+    /// The phase and the wire in one byte, for a snapshot of the connection.
+    pub fn phase_byte(self) -> u8 {
+        self.phase
+    }
+
+    /// A state with the phase and wire of `byte` (from [`State::phase_byte`]) and no flags; `None` for a wire
+    /// that does not exist.
+    pub fn from_phase_byte(byte: u8) -> Option<State> {
+        (byte >> WIRE_SHIFT <= Wire::Sse as u8).then_some(State {
+            phase: byte,
+            flags: 0,
+        })
     }
 
     /// True if the flag is set.
@@ -108,7 +159,7 @@ impl State {
 
     /// What the live timer entry means.
     pub fn timer(self) -> Timer {
-        match self.phase {
+        match self.phase() {
             Phase::Handshaking => Timer::Handshake,
             Phase::Open if self.has(Flag::PingSent) => Timer::Pong,
             Phase::Open => Timer::Ping,
@@ -144,6 +195,24 @@ mod tests {
         assert_eq!(s.timer(), Timer::Close);
         s.set_phase(Phase::Flushing);
         assert_eq!(s.timer(), Timer::Close);
+    }
+
+    #[test]
+    fn wire_and_phase_share_a_byte_without_touching_each_other() {
+        let mut s = State::new();
+        assert_eq!(s.wire(), Wire::WebSocket);
+        for wire in [Wire::Sse, Wire::WebSocketDeflate, Wire::WebSocket] {
+            s.set_wire(wire);
+            for phase in [
+                Phase::Open,
+                Phase::Closing,
+                Phase::Flushing,
+                Phase::Handshaking,
+            ] {
+                s.set_phase(phase);
+                assert_eq!((s.phase(), s.wire()), (phase, wire));
+            }
+        }
     }
 
     #[test]

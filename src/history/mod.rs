@@ -17,7 +17,7 @@
 pub mod store;
 
 use crate::message::envelope::{self, Position, Stamp};
-use crate::message::{kind_of, stream_of, Encoding, Kind, Message, Target};
+use crate::message::{kind_of, stream_of, Codec, Encoding, Kind, Message, Target};
 use crate::proto::frame;
 use crate::proto::http;
 use crate::shared_frame::SharedFrame;
@@ -378,11 +378,17 @@ impl History {
     /// Appends to `out` what a connection positioned at `positions` missed, among the messages with a sequence
     /// up to `applied_seq`; `resync` notices (text frames) take the place of positions that cannot be served.
     /// Positions in streams the connection does not receive, or whose kind keeps no history, are ignored.
+    ///
+    /// Each message goes in `encoding` (built with `codec` if it was not yet: a compressed or SSE form is
+    /// built once per message and shared by every replay); `resync` notices are SSE events for
+    /// [`Encoding::Sse`], text frames otherwise.
     pub fn recover(
         &self,
         positions: &[Position],
         reader: Reader<'_>,
         applied_seq: u64,
+        encoding: Encoding,
+        codec: &Codec,
         out: &mut Vec<SharedFrame>,
     ) {
         let now = self.now_ms();
@@ -399,13 +405,10 @@ impl History {
             out.extend(
                 missed
                     .drain(..)
-                    .map(|message| message.shared(Encoding::Envelope).clone()),
+                    .map(|message| message.shared_in(encoding, codec).clone()),
             );
             if let Recovery::Resync { epoch, offset } = recovery {
-                out.push(SharedFrame::new(frame::encode_message(
-                    true,
-                    &envelope::encode_resync(&position.stream, &epoch, offset),
-                )));
+                out.push(resync_frame(&position.stream, &epoch, offset, encoding));
             }
         }
     }
@@ -419,6 +422,7 @@ impl History {
         position: &Position,
         client: Option<&str>,
         applied_seq: u64,
+        encoding: Encoding,
         out: &mut Vec<Arc<Message>>,
     ) -> Option<SharedFrame> {
         if !kind_of(&position.stream).is_some_and(|k| self.settings.enabled(k)) {
@@ -427,10 +431,9 @@ impl History {
         let now = self.now_ms();
         let recovery = self.lock().recover(position, client, applied_seq, now, out);
         match recovery {
-            Recovery::Resync { epoch, offset } => Some(SharedFrame::new(frame::encode_message(
-                true,
-                &envelope::encode_resync(&position.stream, &epoch, offset),
-            ))),
+            Recovery::Resync { epoch, offset } => {
+                Some(resync_frame(&position.stream, &epoch, offset, encoding))
+            }
             Recovery::Replayed(_) => None,
         }
     }
@@ -516,6 +519,19 @@ impl History {
             REASON_LABELS.iter().zip(counters.evicted),
         );
     }
+}
+
+/// A `resync` notice for a connection receiving `encoding`: a text frame (never compressed: it is small and
+/// rare), or for SSE an `event: resync` whose id is the position the stream resumes from, so a reconnecting
+/// EventSource sends it back.
+fn resync_frame(stream: &str, epoch: &str, offset: u64, encoding: Encoding) -> SharedFrame {
+    let notice = envelope::encode_resync(stream, epoch, offset);
+    if encoding == Encoding::Sse {
+        let id = (!epoch.is_empty()).then(|| crate::proto::sse::event_id(stream, epoch, offset));
+        let event = crate::proto::sse::event(id.as_deref(), Some("resync"), false, &notice);
+        return SharedFrame::new(bytes::Bytes::from(event));
+    }
+    SharedFrame::new(frame::encode_message(true, &notice))
 }
 
 /// The message, with the place the store gave it and its envelope finished from `envelope`.
@@ -655,12 +671,13 @@ mod tests {
         };
         let mut out = Vec::new();
         assert!(history
-            .recover_join(&at(1), None, sent[2].seq(), &mut out)
+            .recover_join(&at(1), None, sent[2].seq(), Encoding::Envelope, &mut out)
             .is_none());
         let payloads: Vec<&[u8]> = out.iter().map(|m| m.payload()).collect();
         assert_eq!(payloads, [b"2", b"3"], "offset 4 is still in the mailbox");
         out.clear();
-        let resync = history.recover_join(&at(9), None, sent[3].seq(), &mut out);
+        let resync =
+            history.recover_join(&at(9), None, sent[3].seq(), Encoding::Envelope, &mut out);
         assert!(out.is_empty());
         let resync: serde_json::Value =
             serde_json::from_slice(envelope::frame_payload(resync.unwrap().bytes())).unwrap();
@@ -672,7 +689,9 @@ mod tests {
             offset: 0,
         };
         assert!(
-            history.recover_join(&other, None, 9, &mut out).is_none(),
+            history
+                .recover_join(&other, None, 9, Encoding::Envelope, &mut out)
+                .is_none(),
             "kind without history"
         );
         assert!(history.epoch("channel:none").is_none());
@@ -713,7 +732,14 @@ mod tests {
             offset: after,
         };
         let mut out = Vec::new();
-        h.recover(&[position], reader, seq, &mut out);
+        h.recover(
+            &[position],
+            reader,
+            seq,
+            Encoding::Envelope,
+            &Default::default(),
+            &mut out,
+        );
         out.iter().map(|f| f.bytes().clone()).collect()
     }
 

@@ -36,14 +36,22 @@ impl Missed {
     /// `channels`: one per stream of this scope that the connection receives. The epoch is empty: after a gap
     /// this node's copy of the stream's history cannot be trusted, and the next envelope carries the stream's
     /// epoch and offset again.
+    ///
+    /// With `sse` each notice is an `event: resync` of a Server-Sent Events stream (no id: the epoch is
+    /// unknown) instead of a text frame.
     pub fn notices<'a>(
         &self,
         user: &str,
         channels: impl Iterator<Item = &'a str>,
+        sse: bool,
         out: &mut Vec<Bytes>,
     ) {
         let notice = |stream: &str| -> Bytes {
-            frame::encode_message(true, &envelope::encode_resync(stream, "", 0))
+            let text = envelope::encode_resync(stream, "", 0);
+            match sse {
+                true => Bytes::from(crate::proto::sse::event(None, Some("resync"), false, &text)),
+                false => frame::encode_message(true, &text),
+            }
         };
         match self {
             Missed::Target(target) => out.push(notice(&stream_of(target).0)),
@@ -71,7 +79,7 @@ mod tests {
 
     fn streams(missed: &Missed, user: &str, channels: &[&str]) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
-        missed.notices(user, channels.iter().copied(), &mut out);
+        missed.notices(user, channels.iter().copied(), false, &mut out);
         out.iter()
             .map(|f| serde_json::from_slice(envelope::frame_payload(f)).unwrap())
             .collect()
@@ -106,5 +114,15 @@ mod tests {
         assert!(!(MISSED_CLOSE_CODE == 1000 || (4000..=4999).contains(&MISSED_CLOSE_CODE)));
         assert!(![1004, 1005, 1006, 1015].contains(&MISSED_CLOSE_CODE));
         assert!(MISSED_CLOSE_REASON.len() <= frame::MAX_CLOSE_REASON_BYTES);
+    }
+
+    #[test]
+    fn sse_streams_get_resync_events() {
+        let mut out = Vec::new();
+        Missed::Target(Target::All).notices("7", std::iter::empty(), true, &mut out);
+        assert_eq!(
+            &out[0][..],
+            &b"event: resync\ndata: {\"type\":\"resync\",\"s\":\"all\",\"e\":\"\",\"o\":0}\n\n"[..]
+        );
     }
 }

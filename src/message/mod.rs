@@ -94,12 +94,60 @@ pub enum Encoding {
     /// The payload in its envelope (stream, epoch, offset: [`envelope`]), for connections that opted into
     /// recovery.
     Envelope = 1,
+    /// [`Encoding::Bare`] compressed (permessage-deflate, RFC 7692), for connections that negotiated it.
+    BareDeflate = 2,
+    /// [`Encoding::Envelope`] compressed.
+    EnvelopeDeflate = 3,
+    /// A Server-Sent Event (`proto::sse`): `id:` the message's position when it has one, the payload as
+    /// `data:` lines (base64 for binary).
+    Sse = 4,
 }
 
 impl Encoding {
     /// Number of encodings: a caller that resolves each at most once keeps an array this long, indexed by
     /// `encoding as usize`.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 5;
+
+    /// The encoding a connection takes: SSE, or a WebSocket frame that is enveloped or not and compressed or
+    /// not.
+    pub fn pick(sse: bool, envelope: bool, deflate: bool) -> Encoding {
+        match (sse, envelope, deflate) {
+            (true, _, _) => Encoding::Sse,
+            (false, false, false) => Encoding::Bare,
+            (false, true, false) => Encoding::Envelope,
+            (false, false, true) => Encoding::BareDeflate,
+            (false, true, true) => Encoding::EnvelopeDeflate,
+        }
+    }
+}
+
+/// How the lazily built encodings are made; the same for every message of a server (`[websocket]` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    /// zlib level 0-9 (`websocket.compression_level`).
+    pub level: u32,
+    /// Payloads (bare or enveloped) shorter than this are sent uncompressed (RSV1 clear) even to connections
+    /// that negotiated compression (`websocket.compression_min_bytes`): their compressed form would save little
+    /// or nothing.
+    pub min_bytes: usize,
+}
+
+impl Default for Codec {
+    fn default() -> Codec {
+        Codec {
+            level: 1,
+            min_bytes: 0,
+        }
+    }
+}
+
+/// The encodings fewer recipients need, behind one pointer built the first time any of them is wanted, so a
+/// message nobody compresses or streams over SSE pays 16 bytes for all three.
+#[derive(Debug, Default)]
+struct Lazy {
+    bare_deflate: OnceLock<SharedFrame>,
+    envelope_deflate: OnceLock<SharedFrame>,
+    sse: OnceLock<SharedFrame>,
 }
 
 /// Where a message sits in its stream, once it has a place there.
@@ -121,6 +169,8 @@ pub struct Message {
     /// The bare frame, built at once: most recipients take it, and the payload is read from it.
     bare: SharedFrame,
     envelope: OnceLock<SharedFrame>,
+    /// Compressed and SSE encodings, each built at most once, when some recipient first needs it.
+    lazy: OnceLock<Box<Lazy>>,
 }
 
 impl Message {
@@ -134,6 +184,7 @@ impl Message {
             seq: 0,
             bare: SharedFrame::new(frame::encode_message(!binary, payload)),
             envelope: OnceLock::new(),
+            lazy: OnceLock::new(),
         }
     }
 
@@ -154,6 +205,7 @@ impl Message {
             seq: 0,
             bare,
             envelope: OnceLock::new(),
+            lazy: OnceLock::new(),
         }
     }
 
@@ -221,14 +273,58 @@ impl Message {
         self.shared(encoding).bytes()
     }
 
-    /// The message in `encoding` as queues hold it (built on first use and shared afterwards).
+    /// The message in `encoding` as queues hold it (built on first use and shared afterwards), with the
+    /// default [`Codec`].
     pub fn shared(&self, encoding: Encoding) -> &SharedFrame {
+        self.shared_in(encoding, &Codec::default())
+    }
+
+    /// The message in `encoding` as queues hold it, built on first use with `codec` and shared afterwards by
+    /// every reactor and recipient: each encoding is compressed or formatted at most once per message.
+    pub fn shared_in(&self, encoding: Encoding, codec: &Codec) -> &SharedFrame {
         match encoding {
             Encoding::Bare => &self.bare,
             Encoding::Envelope => self.envelope.get_or_init(|| {
                 SharedFrame::new(self.prepare_envelope().finish(self.stamp(), self.payload()))
             }),
+            Encoding::BareDeflate => self
+                .lazy()
+                .bare_deflate
+                .get_or_init(|| self.deflated(&self.bare, codec)),
+            Encoding::EnvelopeDeflate => self.lazy().envelope_deflate.get_or_init(|| {
+                let plain = self.shared_in(Encoding::Envelope, codec);
+                self.deflated(plain, codec)
+            }),
+            Encoding::Sse => self.lazy().sse.get_or_init(|| {
+                let id = self.place.as_ref().map(|p| {
+                    crate::proto::sse::event_id(&stream_of(&self.target).0, &p.epoch, p.offset)
+                });
+                SharedFrame::new(Bytes::from(crate::proto::sse::event(
+                    id.as_deref(),
+                    None,
+                    self.binary,
+                    self.payload(),
+                )))
+            }),
         }
+    }
+
+    fn lazy(&self) -> &Lazy {
+        self.lazy.get_or_init(Box::default)
+    }
+
+    /// The compressed form of `plain` (a frame of this message): `plain` itself (the same shared bytes) when its
+    /// payload is under `codec.min_bytes` or compressing it would not make it smaller.
+    fn deflated(&self, plain: &SharedFrame, codec: &Codec) -> SharedFrame {
+        let payload = envelope::frame_payload(plain.bytes());
+        if payload.len() < codec.min_bytes {
+            return plain.clone();
+        }
+        let compressed = crate::proto::deflate::compress(payload, codec.level);
+        if compressed.len() >= payload.len() {
+            return plain.clone();
+        }
+        SharedFrame::new(frame::encode_compressed_message(!self.binary, &compressed))
     }
 
     /// The frames a reactor's mailbox holds a budget reference on while the message waits there: the bare
@@ -247,7 +343,20 @@ impl Message {
     /// Heap bytes the message holds in the encodings built so far and its names, plus its own record. Its
     /// epoch is not counted: it is shared with its stream (`history` charges it there).
     pub fn footprint(&self) -> usize {
+        let lazy = self.lazy.get().map_or(0, |l| {
+            let own = |slot: &OnceLock<SharedFrame>, plain: &SharedFrame| {
+                slot.get()
+                    .filter(|f| !f.ptr_eq(plain))
+                    .map_or(0, SharedFrame::len)
+            };
+            let envelope = self.envelope.get();
+            std::mem::size_of::<Lazy>()
+                + own(&l.bare_deflate, &self.bare)
+                + envelope.map_or(0, |e| own(&l.envelope_deflate, e))
+                + l.sse.get().map_or(0, SharedFrame::len)
+        });
         std::mem::size_of::<Message>()
+            + lazy
             + self.bare.len()
             + self.envelope.get().map_or(0, SharedFrame::len)
             + match &self.target {
@@ -387,5 +496,84 @@ mod tests {
         );
         assert_eq!(m.frame(Encoding::Envelope), &expected);
         assert!(m.footprint() >= m.frame(Encoding::Bare).len() + expected.len());
+    }
+
+    #[test]
+    fn a_message_stays_small() {
+        // Stored by history for every message it keeps: the lazy encodings cost one pointer until built.
+        assert!(
+            std::mem::size_of::<Message>() <= 136,
+            "{}",
+            std::mem::size_of::<Message>()
+        );
+    }
+
+    #[test]
+    fn compressed_encodings_are_built_once_and_shared() {
+        let payload = br#"{"type":"notification","title":"New comment on your post","body":"Someone replied to your comment in the thread about compression"}"#;
+        let m = Message::new(Target::Channel("n".into()), false, payload);
+        assert!(
+            m.lazy.get().is_none(),
+            "nothing built until a recipient needs it"
+        );
+        let codec = Codec::default();
+        let a = m.shared_in(Encoding::BareDeflate, &codec).clone();
+        assert!(a.ptr_eq(m.shared_in(Encoding::BareDeflate, &codec)));
+        assert_eq!(
+            a.bytes()[0],
+            0xC1,
+            "FIN, RSV1 and the text opcode (RFC 7692 §6)"
+        );
+        assert!(a.len() < m.frame(Encoding::Bare).len());
+        let mut inflated = Vec::new();
+        crate::proto::deflate::inflate(envelope::frame_payload(a.bytes()), 1 << 20, |c| {
+            inflated.extend_from_slice(c)
+        })
+        .unwrap();
+        assert_eq!(inflated, payload);
+        let e = m.shared_in(Encoding::EnvelopeDeflate, &codec);
+        let mut inflated = Vec::new();
+        crate::proto::deflate::inflate(envelope::frame_payload(e.bytes()), 1 << 20, |c| {
+            inflated.extend_from_slice(c)
+        })
+        .unwrap();
+        assert_eq!(
+            &inflated[..],
+            envelope::frame_payload(m.frame(Encoding::Envelope))
+        );
+    }
+
+    #[test]
+    fn small_or_incompressible_payloads_share_the_plain_frame() {
+        let codec = Codec {
+            level: 1,
+            min_bytes: 64,
+        };
+        let small = Message::new(Target::All, false, b"hi");
+        assert!(small
+            .shared_in(Encoding::BareDeflate, &codec)
+            .ptr_eq(small.shared_in(Encoding::Bare, &codec)));
+        let noise: Vec<u8> = (0..256u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let random = Message::new(Target::All, true, &noise);
+        let f = random.shared_in(Encoding::BareDeflate, &Codec::default());
+        assert!(f.ptr_eq(random.shared_in(Encoding::Bare, &codec)) || f.bytes()[0] & 0x40 != 0);
+    }
+
+    #[test]
+    fn the_sse_event_carries_the_position_when_stored() {
+        let m = Message::new(Target::User("42".into()), false, b"a\nb").stamped("Ep".into(), 7, 1);
+        assert_eq!(
+            m.frame(Encoding::Sse),
+            &Bytes::from_static(b"id: user:42@Ep:7\ndata: a\ndata: b\n\n")
+        );
+        let live = Message::new(Target::All, true, &[1, 2]);
+        assert_eq!(
+            live.frame(Encoding::Sse),
+            &Bytes::from_static(b"event: binary\ndata: AQI=\n\n")
+        );
+        assert_eq!(Encoding::pick(true, true, true), Encoding::Sse);
+        assert_eq!(Encoding::pick(false, true, true), Encoding::EnvelopeDeflate);
     }
 }

@@ -85,6 +85,10 @@ pub struct ReactorMetrics {
     pub connections_open: AtomicU64,
     /// Gauge: TCP connections still in the handshake.
     pub connections_handshaking: AtomicU64,
+    /// Gauge: open connections that are Server-Sent Events streams (counted in `connections_open` too).
+    pub sse_open: AtomicU64,
+    /// Gauge: open WebSocket connections that negotiated permessage-deflate (counted in `connections_open`).
+    pub deflate_open: AtomicU64,
     /// Gauge: connections currently owning a heap buffer (partial frame or unsent bytes).
     pub buffers_live: AtomicU64,
     /// Gauge: publishes, kicks and queries sent to this reactor and not yet applied.
@@ -114,6 +118,8 @@ pub struct ReactorMetrics {
     pub bytes_written: AtomicU64,
     /// Counter: connections closed for exceeding `max_outbox_bytes`.
     pub slow_consumer_closes: AtomicU64,
+    /// Counter: SSE streams ended for exceeding `max_outbox_bytes` (counted in `slow_consumer_closes` too).
+    pub sse_slow_consumer_closes: AtomicU64,
     /// Counter: connections failed for a protocol violation.
     pub protocol_error_closes: AtomicU64,
     /// Counter: connections closed with 1013 because the buffer budget refused a partial frame's buffer.
@@ -206,11 +212,21 @@ pub fn render(
 ) -> String {
     let mut text = String::with_capacity(4096);
     let mut out = Exposition::new(&mut text);
-    let gauges: [(&str, &str, Field); 8] = [
+    let gauges: [(&str, &str, Field); 10] = [
         (
             "densepush_connections_open",
-            "Upgraded WebSocket connections.",
+            "Upgraded WebSocket connections and open SSE streams.",
             |m| &m.connections_open,
+        ),
+        (
+            "densepush_connections_sse",
+            "Open Server-Sent Events streams (also in densepush_connections_open).",
+            |m| &m.sse_open,
+        ),
+        (
+            "densepush_connections_deflate",
+            "Open WebSocket connections with permessage-deflate (also in densepush_connections_open).",
+            |m| &m.deflate_open,
         ),
         (
             "densepush_connections_handshaking",
@@ -251,7 +267,7 @@ pub fn render(
     for (name, help, get) in gauges {
         per_reactor(&mut out, name, help, MetricType::Gauge, reactors, get);
     }
-    let counters: [(&str, &str, Field); 20] = [
+    let counters: [(&str, &str, Field); 21] = [
         (
             "densepush_tcp_accepted_total",
             "Accepted TCP connections.",
@@ -286,6 +302,11 @@ pub fn render(
             "densepush_slow_consumer_closes_total",
             "Connections closed over max_outbox_bytes.",
             |m| &m.slow_consumer_closes,
+        ),
+        (
+            "densepush_sse_slow_consumer_closes_total",
+            "SSE streams ended over max_outbox_bytes (also in densepush_slow_consumer_closes_total).",
+            |m| &m.sse_slow_consumer_closes,
         ),
         (
             "densepush_protocol_error_closes_total",
@@ -352,6 +373,12 @@ pub fn render(
     for (name, help, get) in counters {
         per_reactor(&mut out, name, help, MetricType::Counter, reactors, get);
     }
+
+    out.counter(
+        "densepush_deflate_compressions_total",
+        "Messages compressed for permessage-deflate (once per message and encoding, however many recipients).",
+        crate::proto::deflate::compressions(),
+    );
 
     if let Some(budget) = &admin.buffer_budget {
         out.gauge(

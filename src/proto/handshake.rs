@@ -31,6 +31,17 @@ pub struct HandshakeLimits {
     pub max_headers: usize,
     /// The only request path served, compared byte for byte without the query (e.g. `"/ws"`).
     pub path: String,
+    /// The Server-Sent Events path on the same listeners (e.g. `"/sse"`), when SSE is on.
+    pub sse_path: Option<String>,
+}
+
+/// What a request asks for: a WebSocket upgrade, or a Server-Sent Events stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `GET /ws` with the RFC 6455 upgrade headers.
+    WebSocket,
+    /// `GET /sse`: a `text/event-stream` response that stays open (WHATWG HTML §9.2).
+    Sse,
 }
 
 /// A validated Upgrade request. Every field borrows from the buffer given to [`parse_request`].
@@ -48,6 +59,13 @@ pub struct Request<'a> {
     pub authorization: Option<&'a str>,
     /// Raw `Sec-WebSocket-Protocol` value (a comma list, RFC 6455 §4.1 item 10).
     pub protocols: Option<&'a str>,
+    /// Raw `Sec-WebSocket-Extensions` value (RFC 6455 §9.1); `None` when absent or sent on several lines (then
+    /// no extension is negotiated: the offers would have to be merged in order, and browsers send one line).
+    pub extensions: Option<&'a str>,
+    /// Raw `Last-Event-ID` (an SSE client reconnecting, WHATWG HTML §9.2.4).
+    pub last_event_id: Option<&'a str>,
+    /// WebSocket upgrade or SSE stream.
+    pub kind: Kind,
 }
 
 /// Why a handshake is refused; each variant is one HTTP status.
@@ -214,6 +232,9 @@ struct RawHead<'a> {
     origin: Option<&'a str>,
     authorization: Option<&'a str>,
     protocols: Option<&'a str>,
+    extensions: Option<&'a str>,
+    extension_lines: u8,
+    last_event_id: Option<&'a str>,
 }
 
 /// Runs httparse and collects the fields we care about. Errors here are all "malformed" (400/431).
@@ -245,6 +266,9 @@ fn parse_head<'a>(
         origin: None,
         authorization: None,
         protocols: None,
+        extensions: None,
+        extension_lines: 0,
+        last_event_id: None,
     };
     for header in req.headers.iter() {
         // Field names are case-insensitive (RFC 9110 §5.1).
@@ -302,6 +326,19 @@ fn parse_head<'a>(
                 "repeated Sec-WebSocket-Protocol header",
                 "invalid Sec-WebSocket-Protocol header",
             )?;
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            head.extension_lines = head.extension_lines.saturating_add(1);
+            head.extensions = Some(field_str(
+                header.value,
+                "invalid Sec-WebSocket-Extensions header",
+            )?);
+        } else if name.eq_ignore_ascii_case("last-event-id") {
+            set_once(
+                &mut head.last_event_id,
+                header.value,
+                "duplicate Last-Event-ID header",
+                "invalid Last-Event-ID header",
+            )?;
         }
     }
     Ok(Some((head, head_len)))
@@ -325,6 +362,20 @@ fn validate<'a>(head: RawHead<'a>, limits: &HandshakeLimits) -> Result<Request<'
     // RFC 9112 §3.2.1, §3.2.2: origin-form, or absolute-form which a server must accept; anything else is 400.
     let (path, query) = http::split_target(head.target)
         .map_err(|_| Reject::BadRequest("unsupported request target"))?;
+    // An SSE stream is a plain GET (WHATWG HTML §9.2): none of the upgrade headers apply.
+    if limits.sse_path.as_deref() == Some(path) {
+        return Ok(Request {
+            path,
+            query,
+            key: "",
+            origin: head.origin,
+            authorization: head.authorization,
+            protocols: None,
+            extensions: None,
+            last_event_id: head.last_event_id,
+            kind: Kind::Sse,
+        });
+    }
     // RFC 6455 §4.2.1 item 1 / §3: the resource name must be one the server serves.
     if path != limits.path {
         return Err(Reject::NotFound);
@@ -357,6 +408,9 @@ fn validate<'a>(head: RawHead<'a>, limits: &HandshakeLimits) -> Result<Request<'
         origin: head.origin,
         authorization: head.authorization,
         protocols: head.protocols,
+        extensions: head.extensions.filter(|_| head.extension_lines == 1),
+        last_event_id: None,
+        kind: Kind::WebSocket,
     })
 }
 
@@ -400,7 +454,7 @@ pub fn accept_key(key: &str) -> String {
 /// `protocol` must be one of the client's offered subprotocols (§4.2.2 item 5.3), chosen by the
 /// caller; it must be an HTTP token. A value that is not a token is left out rather than written
 /// (it would otherwise allow header injection).
-pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
+pub fn accept_response(key: &str, protocol: Option<&str>, deflate: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -419,8 +473,89 @@ pub fn accept_response(key: &str, protocol: Option<&str>) -> Vec<u8> {
             out.extend_from_slice(b"\r\n");
         }
     }
+    if deflate {
+        out.extend_from_slice(b"Sec-WebSocket-Extensions: ");
+        out.extend_from_slice(DEFLATE_RESPONSE.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// The one permessage-deflate answer densepush gives (RFC 7692 §7.1): neither side keeps its LZ77 window
+/// between messages, so every message is compressed once for all its recipients and every client message is
+/// inflated by one inflater the whole reactor shares. §7.1.1.1 and §7.1.1.2 let the server add both parameters
+/// even when the offer lacks them; the windows stay at the 15-bit default, so `*_max_window_bits` are left out.
+pub const DEFLATE_RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Whether to accept permessage-deflate (RFC 7692) given the client's `Sec-WebSocket-Extensions` offers: true
+/// when some `permessage-deflate` offer can be honoured exactly with [`DEFLATE_RESPONSE`]. An offer is declined
+/// (RFC 7692 §5: the server then negotiates no extension from it) when it
+/// - names a parameter RFC 7692 does not define, or one twice (§7.1: "MUST decline");
+/// - gives `server_no_context_takeover` or `client_no_context_takeover` a value (§7.1.1.1, §7.1.1.2);
+/// - asks for `server_max_window_bits` below 15 (§7.1.2.1): every recipient shares one compressed frame built
+///   with a 15-bit window, so a smaller window cannot be honoured without compressing again for that client;
+/// - gives `server_max_window_bits` or `client_max_window_bits` a value outside 8..=15 (§7.1.2).
+///
+/// `client_max_window_bits` with or without a value is accepted and not answered: our inflater takes any window
+/// up to 15 bits (§7.1.2.2: the server need not include it). Chrome offers
+/// `permessage-deflate; client_max_window_bits`, Firefox a bare `permessage-deflate`; both are accepted.
+pub fn negotiate_deflate(offers: &str) -> bool {
+    http::list_items(offers).any(deflate_offer_acceptable)
+}
+
+/// One comma-separated item of `Sec-WebSocket-Extensions`: an extension name and its `;` parameters.
+fn deflate_offer_acceptable(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(http::trim_ows);
+    if !parts
+        .next()
+        .is_some_and(|n| n.eq_ignore_ascii_case("permessage-deflate"))
+    {
+        return false;
+    }
+    let mut seen = 0u8;
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (http::trim_ows(n), Some(unquote(http::trim_ows(v)))),
+            None => (param, None),
+        };
+        let bit = match name.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" if value.is_none() => 1,
+            "client_no_context_takeover" if value.is_none() => 2,
+            "server_max_window_bits" => match value.and_then(window_bits) {
+                Some(15) => 4,
+                _ => return false,
+            },
+            "client_max_window_bits" => match value {
+                None => 8,
+                Some(v) if window_bits(v).is_some() => 8,
+                Some(_) => return false,
+            },
+            _ => return false,
+        };
+        if seen & bit != 0 {
+            return false;
+        }
+        seen |= bit;
+    }
+    true
+}
+
+/// A window size parameter (RFC 7692 §7.1.2: a decimal 8 to 15, no leading zeros).
+fn window_bits(value: &str) -> Option<u8> {
+    if value.is_empty() || value.len() > 2 || value.starts_with('0') {
+        return None;
+    }
+    value.parse().ok().filter(|bits| (8..=15).contains(bits))
+}
+
+/// An extension parameter's value with its quotes removed (RFC 6455 §9.1 allows a quoted-string).
+fn unquote(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value)
 }
 
 /// Origin allow-list check (RFC 6455 §4.2.2, §10.2). An empty list allows every origin; otherwise the
@@ -447,6 +582,7 @@ mod tests {
             max_head_bytes: 4096,
             max_headers: 16,
             path: "/ws".to_string(),
+            sse_path: Some("/sse".to_string()),
         }
     }
 
@@ -863,7 +999,7 @@ mod tests {
 
     #[test]
     fn accept_response_without_protocol() {
-        let resp = String::from_utf8(accept_response(KEY, None)).unwrap();
+        let resp = String::from_utf8(accept_response(KEY, None, false)).unwrap();
         assert_eq!(
             resp,
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -873,7 +1009,7 @@ mod tests {
 
     #[test]
     fn accept_response_with_protocol() {
-        let resp = String::from_utf8(accept_response(KEY, Some("chat.v1"))).unwrap();
+        let resp = String::from_utf8(accept_response(KEY, Some("chat.v1"), false)).unwrap();
         assert!(resp.ends_with(
             "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat.v1\r\n\r\n"
         ));
@@ -884,7 +1020,7 @@ mod tests {
     #[should_panic(expected = "subprotocol must be an HTTP token")]
     fn accept_response_with_non_token_protocol_is_a_caller_bug() {
         // In release builds the header is left out instead; never written with CR/LF inside.
-        let _ = accept_response(KEY, Some("chat\r\nSet-Cookie: x"));
+        let _ = accept_response(KEY, Some("chat\r\nSet-Cookie: x"), false);
     }
 
     #[test]
@@ -974,7 +1110,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..600),
                                        max_head in 0usize..700, max_headers in 0usize..40) {
-            let lim = HandshakeLimits { max_head_bytes: max_head, max_headers, path: "/ws".into() };
+            let lim = HandshakeLimits { max_head_bytes: max_head, max_headers, path: "/ws".into(), sse_path: None };
             if let Ok(Some((_, len))) = parse_request(&buf, &lim) {
                 prop_assert!(len <= buf.len());
                 prop_assert!(len <= max_head);
@@ -999,5 +1135,124 @@ mod tests {
                 prop_assert!(len <= buf.len());
             }
         }
+    }
+
+    // ---- permessage-deflate (RFC 7692) ----
+
+    #[test]
+    fn chrome_and_firefox_deflate_offers_are_accepted() {
+        // Chrome 120+: one offer with client_max_window_bits and no value.
+        assert!(negotiate_deflate(
+            "permessage-deflate; client_max_window_bits"
+        ));
+        // Firefox: the bare offer.
+        assert!(negotiate_deflate("permessage-deflate"));
+        // Python websockets' default offer.
+        assert!(negotiate_deflate(
+            "permessage-deflate; server_max_window_bits=15; client_max_window_bits"
+        ));
+        // Node ws with perMessageDeflate: true.
+        assert!(negotiate_deflate(
+            "permessage-deflate; client_max_window_bits"
+        ));
+        assert!(negotiate_deflate(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ));
+        assert!(negotiate_deflate(
+            "permessage-deflate; client_max_window_bits=\"10\""
+        ));
+    }
+
+    #[test]
+    fn offers_that_cannot_be_honoured_exactly_are_declined() {
+        // A smaller server window: one shared frame per message is built with 15 bits.
+        assert!(!negotiate_deflate(
+            "permessage-deflate; server_max_window_bits=10"
+        ));
+        assert!(!negotiate_deflate(
+            "permessage-deflate; server_max_window_bits"
+        ));
+        assert!(!negotiate_deflate(
+            "permessage-deflate; server_max_window_bits=16"
+        ));
+        assert!(!negotiate_deflate(
+            "permessage-deflate; client_max_window_bits=7"
+        ));
+        assert!(!negotiate_deflate(
+            "permessage-deflate; client_max_window_bits=010"
+        ));
+        // §7.1: unknown or duplicated parameters, and values on flags, are declined.
+        assert!(!negotiate_deflate("permessage-deflate; foo"));
+        assert!(!negotiate_deflate(
+            "permessage-deflate; client_max_window_bits; client_max_window_bits"
+        ));
+        assert!(!negotiate_deflate(
+            "permessage-deflate; server_no_context_takeover=1"
+        ));
+        assert!(!negotiate_deflate("x-webkit-deflate-frame"));
+        assert!(!negotiate_deflate(""));
+    }
+
+    #[test]
+    fn a_later_offer_is_taken_when_the_first_is_declined() {
+        assert!(negotiate_deflate(
+            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
+        ));
+        assert!(negotiate_deflate("x-foo, PerMessage-Deflate"));
+    }
+
+    #[test]
+    fn the_extension_header_is_reported_and_answered() {
+        let head = good_head().replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
+        let (req, _) = parse_request(head.as_bytes(), &limits()).unwrap().unwrap();
+        assert_eq!(
+            req.extensions,
+            Some("permessage-deflate; client_max_window_bits")
+        );
+        let twice = good_head().replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Extensions: x\r\n\r\n",
+        );
+        let (req, _) = parse_request(twice.as_bytes(), &limits()).unwrap().unwrap();
+        assert_eq!(
+            req.extensions, None,
+            "offers on several lines: none negotiated"
+        );
+        let response = String::from_utf8(accept_response(KEY, None, true)).unwrap();
+        assert!(response.contains(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
+        ));
+        let plain = String::from_utf8(accept_response(KEY, None, false)).unwrap();
+        assert!(!plain.contains("Extensions"));
+    }
+
+    // ---- Server-Sent Events ----
+
+    #[test]
+    fn an_sse_request_needs_no_upgrade_headers() {
+        let head =
+            "GET /sse?user=a&lastEventId=x HTTP/1.1\r\nHost: h\r\nAccept: text/event-stream\r\n\
+                    Last-Event-ID: user:a@E:3\r\n\r\n";
+        let (req, len) = parse_request(head.as_bytes(), &limits()).unwrap().unwrap();
+        assert_eq!(len, head.len());
+        assert_eq!(req.kind, Kind::Sse);
+        assert_eq!(req.query, "user=a&lastEventId=x");
+        assert_eq!(req.last_event_id, Some("user:a@E:3"));
+        let off = HandshakeLimits {
+            sse_path: None,
+            ..limits()
+        };
+        assert_eq!(parse_request(head.as_bytes(), &off), Err(Reject::NotFound));
+        let post = head.replace("GET", "POST");
+        assert!(matches!(
+            parse_request(post.as_bytes(), &limits()),
+            Err(Reject::BadRequest(_))
+        ));
+        let good = good_head();
+        let (ws, _) = parse_request(good.as_bytes(), &limits()).unwrap().unwrap();
+        assert_eq!(ws.kind, Kind::WebSocket);
     }
 }

@@ -4,6 +4,8 @@
 //! Owns wire syntax and the RFC rules about it. Does not own sockets, clocks, configuration or what a request
 //! is for: imports point down, so nothing here uses `admin`, `history`, `reactor` or `cluster`; they use this.
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod http;
+pub mod sse;

@@ -7,7 +7,7 @@ Connects (with `Authorization: Bearer TOKEN` when given, so the token can also s
 wss:// URL trusting only the CA certificates in FILE when given, the system's otherwise), then prints one
 JSON object per line on stdout for everything that happens:
 
-  {"event": "open"}
+  {"event": "open", "extensions": "..."}   (the Sec-WebSocket-Extensions the server answered, or null)
   {"event": "message", "type": "text", "data": "..."}
   {"event": "message", "type": "binary", "hex": "0a0b"}
   {"event": "close", "code": 4000, "reason": "...", "by": "server"|"client"}
@@ -47,7 +47,7 @@ def main():
     except Exception as exc:  # refused upgrade, connection error
         report(event="error", error=str(exc))
         return 1
-    report(event="open")
+    report(event="open", extensions=ws.response.headers.get("Sec-WebSocket-Extensions"))
     try:
         for message in ws:
             if isinstance(message, str):

@@ -25,7 +25,8 @@ const report = (event) => process.stdout.write(JSON.stringify(event) + "\n");
 
 const ws = new WebSocket(url, options);
 let closedByUs = false;
-ws.on("open", () => report({ event: "open" }));
+// `extensions`: the negotiated extensions (e.g. "permessage-deflate"), "" when none.
+ws.on("open", () => report({ event: "open", extensions: ws.extensions }));
 ws.on("ping", () => report({ event: "ping" }));
 ws.on("message", (data, isBinary) => {
   if (isBinary) {

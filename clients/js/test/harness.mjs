@@ -56,14 +56,14 @@ function websocketSection(lines) {
 
 /** A densepush process with fixed ports (so it can be restarted in place) and history on. */
 export class DensepushServer {
-  static async create({ extra = "", apiKey = "", websocket = "", admin = "" } = {}) {
+  static async create({ extra = "", apiKey = "", websocket = "", admin = "", server: serverLines = "" } = {}) {
     const dir = mkdtempSync(join(tmpdir(), "densepush-js-"));
-    const server = new DensepushServer(dir, await freePort(), await freePort(), extra, apiKey, websocket, admin);
+    const server = new DensepushServer(dir, await freePort(), await freePort(), extra, apiKey, websocket, admin, serverLines);
     await server.start();
     return server;
   }
 
-  constructor(dir, clientPort, adminPort, extra, apiKey, websocket, admin) {
+  constructor(dir, clientPort, adminPort, extra, apiKey, websocket, admin, serverLines = "") {
     this.dir = dir;
     this.apiKey = apiKey;
     this.clientPort = clientPort;
@@ -75,6 +75,7 @@ export class DensepushServer {
 listen = "127.0.0.1:${clientPort}"
 reactors = 2
 shutdown_timeout_ms = 2000
+${serverLines}
 
 [websocket]
 ${websocketSection(websocket)}
@@ -185,7 +186,9 @@ ${extra}
 /**
  * A TCP proxy in front of the server. `cut()` kills every proxied connection (a network drop), `freeze()` stops
  * forwarding on them without closing (a dead path: only a read timeout notices), and `refuse` closes new
- * connections at once (the network is still down).
+ * connections at once (the network is still down). With `refuseUpgrades` it plays a proxy that blocks
+ * WebSocket: a request carrying `Upgrade: websocket` is answered 403 and closed, plain HTTP (SSE) goes through.
+ * `requests` keeps the head of every request it forwarded.
  */
 export class Proxy {
   static async create(targetPort) {
@@ -198,6 +201,8 @@ export class Proxy {
   constructor(targetPort) {
     this.targetPort = targetPort;
     this.refuse = false;
+    this.refuseUpgrades = false;
+    this.requests = [];
     this.pairs = new Set();
     this.accepted = 0;
     this.server = net.createServer((client) => {
@@ -205,25 +210,44 @@ export class Proxy {
         client.destroy();
         return;
       }
-      this.accepted += 1;
-      const upstream = net.connect(this.targetPort, "127.0.0.1");
-      const pair = { client, upstream, frozen: false };
-      this.pairs.add(pair);
-      const forward = (from, to) =>
-        from.on("data", (chunk) => {
-          if (!pair.frozen) to.write(chunk);
+      if (this.refuseUpgrades) {
+        client.once("data", (first) => {
+          const head = first.toString("latin1");
+          if (/^upgrade:\s*websocket/im.test(head)) {
+            client.end("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            return;
+          }
+          client.pause();
+          this.#pipe(client, first);
+          client.resume();
         });
-      forward(client, upstream);
-      forward(upstream, client);
-      const end = () => {
-        if (pair.frozen) return;
-        client.destroy();
-        upstream.destroy();
-        this.pairs.delete(pair);
-      };
-      client.on("close", end).on("error", end);
-      upstream.on("close", end).on("error", end);
+        return;
+      }
+      this.#pipe(client, null);
     });
+  }
+
+  #pipe(client, first) {
+    this.accepted += 1;
+    if (first) this.requests.push(first.toString("latin1"));
+    const upstream = net.connect(this.targetPort, "127.0.0.1");
+    if (first) upstream.write(first);
+    const pair = { client, upstream, frozen: false };
+    this.pairs.add(pair);
+    const forward = (from, to) =>
+      from.on("data", (chunk) => {
+        if (!pair.frozen) to.write(chunk);
+      });
+    forward(client, upstream);
+    forward(upstream, client);
+    const end = () => {
+      if (pair.frozen) return;
+      client.destroy();
+      upstream.destroy();
+      this.pairs.delete(pair);
+    };
+    client.on("close", end).on("error", end);
+    upstream.on("close", end).on("error", end);
   }
 
   url(path = "/ws") {

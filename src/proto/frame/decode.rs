@@ -60,6 +60,8 @@ pub struct Decoder {
     opcode: u8,
     /// FIN bit of the current frame.
     fin: bool,
+    /// The message in progress is compressed (RFC 7692: RSV1 on its first frame).
+    compressed: bool,
     /// The next Data event is the first of its message.
     first: bool,
     /// Leading bytes of a code point split across chunks of a text message.
@@ -79,6 +81,7 @@ impl Default for Decoder {
             msg: Message::None,
             opcode: 0,
             fin: false,
+            compressed: false,
             first: false,
             utf8: Utf8Carry::default(),
             buf_len: 0,
@@ -101,11 +104,13 @@ impl Decoder {
         w.u64(self.remaining);
         w.u64(self.msg_len);
         w.raw(&self.mask);
+        // A compressed message in progress (permessage-deflate) adds 2: values a snapshot without compression
+        // never has, so one written before compression existed still reads the same.
         w.u8(match self.msg {
             Message::None => 0,
             Message::Text => 1,
             Message::Binary => 2,
-        });
+        } + if self.compressed { 2 } else { 0 });
         w.u8(self.opcode);
         w.bool(self.fin);
         w.bool(self.first);
@@ -128,10 +133,12 @@ impl Decoder {
         let remaining = r.u64("decoder remaining")?;
         let msg_len = r.u64("decoder message length")?;
         let mask = r.raw(4, "decoder mask")?.try_into().expect("4 bytes");
-        let msg = match r.u8("decoder message")? {
-            0 => Message::None,
-            1 => Message::Text,
-            2 => Message::Binary,
+        let (msg, compressed) = match r.u8("decoder message")? {
+            0 => (Message::None, false),
+            1 => (Message::Text, false),
+            2 => (Message::Binary, false),
+            3 => (Message::Text, true),
+            4 => (Message::Binary, true),
             _ => return Err(Invalid("decoder message")),
         };
         let opcode = r.u8("decoder opcode")?;
@@ -151,6 +158,7 @@ impl Decoder {
             msg,
             opcode,
             fin,
+            compressed,
             first,
             utf8,
             buf_len: partial.len() as u8,
@@ -166,6 +174,12 @@ impl Decoder {
         let idle = self.phase == Phase::Header && self.buf_len == 0 && self.msg == Message::None;
         debug_assert!(!idle || (self.utf8.is_empty() && self.msg_len == 0));
         idle
+    }
+
+    /// Whether a compressed message (permessage-deflate) is in progress: its DEFLATE bytes so far are kept by
+    /// the caller until its last frame.
+    pub fn in_compressed_message(&self) -> bool {
+        self.msg != Message::None && self.compressed
     }
 
     /// Feed wire bytes (masked as received). Unmasks in place (hence &mut). Calls `on_event` for each event in
@@ -233,7 +247,7 @@ impl Decoder {
             }
             // The first two bytes carry every rule that does not need the length or the key, so check them
             // now rather than after up to 12 more bytes (fail fast).
-            self.check_fixed_header()?;
+            self.check_fixed_header(limits)?;
         }
         let need = 2 + extended_length_bytes(self.buf[1]) + 4;
         used += self.buffer(&input[used..], need);
@@ -255,14 +269,22 @@ impl Decoder {
     }
 
     /// Checks the first two header bytes, `buf[0]` and `buf[1]`.
-    fn check_fixed_header(&self) -> Result<(), ProtocolError> {
+    fn check_fixed_header(&self, limits: &Limits) -> Result<(), ProtocolError> {
         let (b0, b1) = (self.buf[0], self.buf[1]);
         // §5.1: "The server MUST close the connection upon receiving a frame that is not masked."
         if b1 & 0x80 == 0 {
             return Err(ProtocolError::UnmaskedFrame);
         }
-        // §5.2: RSV1-3 "MUST be 0 unless an extension is negotiated that defines meanings"; we negotiate none.
-        if b0 & 0x70 != 0 {
+        // §5.2: RSV1-3 "MUST be 0 unless an extension is negotiated that defines meanings". permessage-deflate
+        // defines RSV1 only on the first frame of a data message (RFC 7692 §6: "An endpoint MUST NOT set the
+        // Per-Message Compressed bit of control frames and non-first fragments of a data message"; §6.1: the
+        // receiver fails the connection on one).
+        let rsv1_allowed = limits.deflate
+            && matches!(
+                OpCode::from(b0 & 0x0F),
+                OpCode::Data(Data::Text | Data::Binary)
+            );
+        if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !rsv1_allowed) {
             return Err(ProtocolError::ReservedBits);
         }
         let fin = b0 & 0x80 != 0;
@@ -341,6 +363,7 @@ impl Decoder {
                 if kind != Data::Continue {
                     self.first = true;
                     self.msg_len = 0;
+                    self.compressed = b0 & 0x40 != 0;
                 }
                 // §10.4: endpoints limit message size. The header announces the frame's length, so reject the
                 // message now rather than after receiving bytes that would be dropped anyway.
@@ -370,7 +393,8 @@ impl Decoder {
         let frame_done = self.remaining == 0;
         let last = frame_done && self.fin;
         let text = self.msg == Message::Text;
-        if text {
+        // A compressed message's text is checked after it is inflated, by the inflater's caller.
+        if text && !self.compressed {
             self.utf8.check(chunk, last)?;
         }
         // Zero-length continuation frames in the middle of a message carry nothing worth an event.
@@ -380,6 +404,7 @@ impl Decoder {
                 chunk,
                 first: self.first,
                 last,
+                compressed: self.compressed,
             });
             self.first = false;
         }
@@ -499,6 +524,62 @@ mod tests {
         }
     }
 
+    /// Feeds `wire` with permessage-deflate negotiated; the events and the result.
+    fn feed_deflate(wire: &[u8]) -> (Vec<(bool, bool)>, Result<Feed, ProtocolError>) {
+        let limits = Limits {
+            max_message_bytes: 1 << 20,
+            deflate: true,
+        };
+        let mut input = wire.to_vec();
+        let mut seen = Vec::new();
+        let result = Decoder::default().feed(&mut input, &limits, |e| {
+            if let Event::Data {
+                compressed, last, ..
+            } = e
+            {
+                seen.push((compressed, last));
+            }
+        });
+        (seen, result)
+    }
+
+    #[test]
+    fn with_deflate_rsv1_marks_a_compressed_message_and_nothing_else() {
+        // RFC 7692 §7.2.3.1 "Hello", compressed, RSV1 on a text frame: not UTF-8 checked here.
+        let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        let (seen, result) = feed_deflate(&client(true, TEXT | 0x40, &hello));
+        assert_eq!(result, Ok(Feed::More));
+        assert_eq!(seen, vec![(true, true)]);
+        // Fragmented: RSV1 on the first frame only; the continuation carries the flag along.
+        let mut wire = client(false, TEXT | 0x40, &hello[..3]);
+        wire.extend(client(true, 0x0, &hello[3..]));
+        let (seen, result) = feed_deflate(&wire);
+        assert_eq!(result, Ok(Feed::More));
+        assert_eq!(seen, vec![(true, false), (true, true)]);
+        // An uncompressed message still is checked as UTF-8.
+        let (seen, _) = feed_deflate(&client(true, TEXT, b"hi"));
+        assert_eq!(seen, vec![(false, true)]);
+    }
+
+    #[test]
+    fn with_deflate_rsv1_on_control_or_continuation_frames_is_a_protocol_error() {
+        // RFC 7692 §6.1.
+        for frame in [client(true, 0x9 | 0x40, b""), client(true, 0x8 | 0x40, b"")] {
+            assert_eq!(feed_deflate(&frame).1, Err(ProtocolError::ReservedBits));
+        }
+        let mut wire = client(false, BINARY, b"ab");
+        wire.extend(client(true, 0x40, b"cd"));
+        assert_eq!(feed_deflate(&wire).1, Err(ProtocolError::ReservedBits));
+        // RSV2 and RSV3 stay reserved.
+        for rsv in [0x20, 0x10] {
+            assert_eq!(
+                feed_deflate(&client(true, TEXT | rsv, b"hi")).1,
+                Err(ProtocolError::ReservedBits)
+            );
+        }
+        assert_eq!(ProtocolError::ReservedBits.close_code(), 1002);
+    }
+
     #[test]
     fn reserved_opcodes_are_rejected() {
         for opcode in (0x3..=0x7).chain(0xB..=0xF) {
@@ -566,6 +647,7 @@ mod tests {
     fn too_big_message_is_rejected_on_its_header() {
         let limits = Limits {
             max_message_bytes: 1000,
+            deflate: false,
         };
         let wire = client(true, BINARY, &[0; 1001]);
         // Only the header: no payload byte is needed to decide.
@@ -582,6 +664,7 @@ mod tests {
     fn too_big_message_counts_all_fragments() {
         let limits = Limits {
             max_message_bytes: 10,
+            deflate: false,
         };
         let wire = [
             client(false, TEXT, b"123456"),
@@ -917,7 +1000,7 @@ mod tests {
             splits in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
             max in 0u64..1000,
         ) {
-            let limits = Limits { max_message_bytes: max };
+            let limits = Limits { max_message_bytes: max, deflate: false };
             let (decoder, _, result) = feed_cut(&bytes, &cut_points(&splits, bytes.len()), &limits);
             if result.is_err() {
                 prop_assert!(!decoder.is_idle());

@@ -32,15 +32,15 @@ pub fn header_len(payload_len: usize) -> usize {
 /// A server frame: FIN set (the server never fragments), RSV 0, never masked (§5.1: "A server MUST NOT mask
 /// any frames"), in one allocation of exactly its size.
 fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
-    encode_frame_parts(opcode, &[payload])
+    encode_frame_with(0, opcode, &[payload])
 }
 
-/// A frame whose payload is `parts` one after another: one allocation of exactly its size, each part copied
-/// once.
-fn encode_frame_parts(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
+/// A frame with `rsv` (bits 0x40, 0x20, 0x10 of the first byte) set as an extension defines them, whose
+/// payload is `parts` one after another: one allocation of exactly its size, each part copied once.
+fn encode_frame_with(rsv: u8, opcode: OpCode, parts: &[&[u8]]) -> Bytes {
     let len = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(header_len(len) + len);
-    out.push(0x80 | u8::from(opcode));
+    out.push(0x80 | rsv | u8::from(opcode));
     // §5.2: the minimal length encoding.
     match len {
         0..=125 => out.push(len as u8),
@@ -70,7 +70,14 @@ pub fn encode_message(text: bool, payload: &[u8]) -> Bytes {
 /// [`encode_message`] of the concatenation of `parts`, without building it first.
 pub fn encode_message_parts(text: bool, parts: &[&[u8]]) -> Bytes {
     let kind = if text { Data::Text } else { Data::Binary };
-    encode_frame_parts(OpCode::Data(kind), parts)
+    encode_frame_with(0, OpCode::Data(kind), parts)
+}
+
+/// A whole message compressed by permessage-deflate (`deflated`: the DEFLATE bytes without their final
+/// `00 00 ff ff`), in one unfragmented frame with RSV1 set: "the Per-Message Compressed bit" (RFC 7692 §6).
+pub fn encode_compressed_message(text: bool, deflated: &[u8]) -> Bytes {
+    let kind = if text { Data::Text } else { Data::Binary };
+    encode_frame_with(0x40, OpCode::Data(kind), &[deflated])
 }
 
 /// A ping. `payload` must be at most [`MAX_CONTROL_PAYLOAD`] bytes (§5.5); longer is truncated in release builds

@@ -23,9 +23,10 @@ pub use close::{
 };
 pub use decode::Decoder;
 pub use encode::{
-    encode_close, encode_message, encode_message_parts, encode_ping, encode_pong, header_len,
-    EMPTY_CLOSE_FRAME, PING_FRAME,
+    encode_close, encode_compressed_message, encode_message, encode_message_parts, encode_ping,
+    encode_pong, header_len, EMPTY_CLOSE_FRAME, PING_FRAME,
 };
+pub use utf8::Utf8Carry;
 
 /// Largest control-frame payload (RFC 6455 §5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
@@ -36,8 +37,11 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 pub enum ProtocolError {
     /// §5.1: the client did not mask a frame.
     UnmaskedFrame,
-    /// §5.2: an RSV bit was set, and no extension that defines it was negotiated.
+    /// §5.2: an RSV bit was set, and no extension that defines it was negotiated (or, with permessage-deflate,
+    /// RSV1 on a control frame or a continuation frame, RFC 7692 §6.1).
     ReservedBits,
+    /// RFC 7692 §8: a compressed message that does not inflate (invalid DEFLATE data).
+    BadCompression,
     /// §5.2: opcode 0x3-0x7 or 0xB-0xF.
     ReservedOpcode,
     /// §5.5: a control frame without FIN.
@@ -66,7 +70,7 @@ impl ProtocolError {
     pub fn close_code(self) -> u16 {
         match self {
             // 1007: "data within a message that was not consistent with the type of the message".
-            ProtocolError::InvalidUtf8 => 1007,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadCompression => 1007,
             // 1009: "a message that is too big for it to process".
             ProtocolError::MessageTooBig => 1009,
             // 1002: "terminating the connection due to a protocol error".
@@ -89,6 +93,7 @@ impl ProtocolError {
             ProtocolError::InvalidCloseCode => "invalid close code",
             ProtocolError::InvalidUtf8 => "invalid UTF-8 in text",
             ProtocolError::MessageTooBig => "message too big",
+            ProtocolError::BadCompression => "compressed message does not inflate",
         }
     }
 }
@@ -96,8 +101,12 @@ impl ProtocolError {
 /// Limits the decoder enforces; passed to every [`Decoder::feed`] so the decoder does not store them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest whole data message in bytes, summed over all its fragments.
+    /// Largest whole data message in bytes, summed over all its fragments (for a compressed message, its
+    /// compressed bytes here; whoever inflates it bounds the inflated size the same way).
     pub max_message_bytes: u64,
+    /// permessage-deflate was negotiated (RFC 7692 §6): RSV1 on the first frame of a data message marks it
+    /// compressed. Per connection: the caller sets it for each feed.
+    pub deflate: bool,
 }
 
 /// What the decoder found in the input, in wire order. Slices borrow the fed input (unmasked in place) or
@@ -128,6 +137,9 @@ pub enum Event<'a> {
         first: bool,
         /// Last chunk of the message.
         last: bool,
+        /// The message is compressed (RSV1 on its first frame, RFC 7692 §6): `chunk` is DEFLATE data, not yet
+        /// checked as UTF-8 (the inflater's caller checks the inflated text).
+        compressed: bool,
     },
 }
 
@@ -159,10 +171,11 @@ mod tests {
             ProtocolError::InvalidCloseCode,
             ProtocolError::InvalidUtf8,
             ProtocolError::MessageTooBig,
+            ProtocolError::BadCompression,
         ];
         for err in all {
             let expected = match err {
-                ProtocolError::InvalidUtf8 => 1007,
+                ProtocolError::InvalidUtf8 | ProtocolError::BadCompression => 1007,
                 ProtocolError::MessageTooBig => 1009,
                 _ => 1002,
             };

@@ -9,6 +9,7 @@ use super::{Decoder, Event, Feed, Limits, ProtocolError};
 
 pub(super) const LIMITS: Limits = Limits {
     max_message_bytes: 1 << 24,
+    deflate: false,
 };
 pub(super) const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 pub(super) const TEXT: u8 = 0x1;
@@ -51,6 +52,7 @@ pub(super) fn owned(event: Event<'_>) -> Ev {
             chunk,
             first,
             last,
+            ..
         } => Ev::Data {
             text,
             chunk: chunk.to_vec(),

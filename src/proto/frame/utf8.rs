@@ -10,7 +10,7 @@ use super::ProtocolError;
 /// Leading bytes of a code point split across chunks of a text message: `bytes[..len]`. Four bytes inline,
 /// so the decoder stays small.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Utf8Carry {
+pub struct Utf8Carry {
     bytes: [u8; 3],
     len: u8,
 }
@@ -33,14 +33,14 @@ impl Utf8Carry {
     }
 
     /// True when no code point is waiting for its continuation bytes.
-    pub(super) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Validates the next `chunk` of a text message, carrying a code point split across chunks (and so across
     /// fragments). `last` is set on the message's final chunk. §8.1: invalid UTF-8 fails the connection; it is
     /// reported on the chunk holding the first byte that makes it invalid, not at the end of the message.
-    pub(super) fn check(&mut self, chunk: &[u8], last: bool) -> Result<(), ProtocolError> {
+    pub fn check(&mut self, chunk: &[u8], last: bool) -> Result<(), ProtocolError> {
         let mut rest = chunk;
         if self.len > 0 {
             let have = usize::from(self.len);
