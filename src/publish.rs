@@ -223,11 +223,16 @@ mod tests {
             let racer = {
                 let (publisher, stop) = (publisher.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    let (mut accepted, mut refused) = (0usize, 0usize);
+                    // Accepted publishes per user u0, u1, u2 (each goes to its user's home mailbox only).
+                    let (mut accepted, mut refused) = ([0usize; 3], 0usize);
+                    let mut n = 0;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) || refused == 0 {
-                        let target = Target::User(format!("u{}", accepted % 3));
+                        let target = Target::User(format!("u{}", n % 3));
                         match publisher.publish(target, false, b"x") {
-                            Ok(_) => accepted += 1,
+                            Ok(_) => {
+                                accepted[n % 3] += 1;
+                                n += 1;
+                            }
                             Err(ShuttingDown) => refused += 1,
                         }
                     }
@@ -237,8 +242,12 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_micros(50 + round * 3));
             publisher.reactors().shutdown(std::time::Duration::ZERO);
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let accepted = racer.join().unwrap();
-            for mailbox in &mailboxes {
+            let per_user = racer.join().unwrap();
+            for (i, mailbox) in mailboxes.iter().enumerate() {
+                let accepted: usize = (0..3)
+                    .filter(|u| publisher.reactors().home(&format!("u{u}")) == i)
+                    .map(|u| per_user[u])
+                    .sum();
                 let mut commands = Vec::new();
                 mailbox.take_all(&mut commands);
                 let shutdown = commands
@@ -301,14 +310,16 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        // Each user's messages go to its home reactor only; each mailbox gets them once, in sequence order.
+        let mut all: Vec<u64> = Vec::new();
         for mailbox in &mailboxes {
             let seqs: Vec<u64> = received(mailbox).iter().map(|m| m.seq()).collect();
-            let expected: Vec<u64> = (1..=2 * EACH as u64).collect();
-            assert_eq!(
-                seqs, expected,
-                "each stored message once, in sequence order"
-            );
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in sequence order");
+            all.extend(seqs);
         }
+        all.sort();
+        let expected: Vec<u64> = (1..=2 * EACH as u64).collect();
+        assert_eq!(all, expected, "each stored message once");
     }
 
     /// The batches a mailbox received, in order.
@@ -360,10 +371,23 @@ mod tests {
         assert_eq!(offsets, [Some(1), None, Some(1), Some(2)]);
         let seqs: Vec<u64> = sent.iter().map(|m| m.seq()).collect();
         assert_eq!(seqs, [1, 0, 2, 3]);
-        for mailbox in &mailboxes {
+        // One command per reactor, holding the messages it has recipients for (a channel's everywhere, a
+        // user's at its home), in the batch's order.
+        let reactors = publisher.reactors();
+        for (i, mailbox) in mailboxes.iter().enumerate() {
             let got = batches(mailbox);
             assert_eq!(got.len(), 1, "one command per reactor");
-            assert!(Arc::ptr_eq(&got[0], &sent));
+            let expected: Vec<&Arc<Message>> = sent
+                .iter()
+                .filter(|m| match m.target() {
+                    Target::User(u) => reactors.home(u) == i,
+                    _ => true,
+                })
+                .collect();
+            assert_eq!(got[0].len(), expected.len());
+            for (g, e) in got[0].iter().zip(expected) {
+                assert!(Arc::ptr_eq(g, e));
+            }
         }
         let page = publisher.history().read("user:a", 0, 10).unwrap();
         assert_eq!(page.entries.len(), 2);
@@ -391,9 +415,12 @@ mod tests {
         let sent = publisher
             .publish(Target::User("u".into()), false, b"hi")
             .unwrap();
-        for mailbox in &mailboxes {
-            assert!(Arc::ptr_eq(&received(mailbox)[0], &sent));
-        }
+        let home = publisher.reactors().home("u");
+        assert!(Arc::ptr_eq(&received(&mailboxes[home])[0], &sent));
+        assert!(
+            received(&mailboxes[1 - home]).is_empty(),
+            "only the user's home"
+        );
         let page = publisher.history().read("user:u", 0, 10).unwrap();
         assert!(Arc::ptr_eq(&page.entries[0].item, &sent));
         assert_eq!(page.entries[0].item.payload(), b"hi");
@@ -437,11 +464,9 @@ mod tests {
         let live =
             publisher.publish_stamped(Target::User("u".into()), false, b"7", stamp, &backfill);
         assert_eq!(live.stamp(), Some(stamp));
-        for mailbox in &mailboxes {
-            let got = received(mailbox);
-            assert_eq!(got.len(), 1, "backfill is for replay only");
-            assert!(Arc::ptr_eq(&got[0], &live));
-        }
+        let got: Vec<Arc<Message>> = mailboxes.iter().flat_map(|m| received(m)).collect();
+        assert_eq!(got.len(), 1, "backfill is for replay only");
+        assert!(Arc::ptr_eq(&got[0], &live));
         let page = publisher.history().read("user:u", 0, 10).unwrap();
         let stored: Vec<(u64, Option<&str>, &[u8])> = page
             .entries

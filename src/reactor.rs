@@ -5,7 +5,10 @@
 //! and the clock. It moves bytes, events and time into each connection's machine (`conn::Machine`) and
 //! carries out what the machine answers: removing a connection, scheduling its timer. It also owns what spans
 //! connections: the upgrade decision (origin, identity, connection slots), the fanout index, replays from
-//! history, and the commands other threads send through the mailbox. Sockets are registered once,
+//! history, and the commands other threads send through the mailbox. Every connection of a user lives on the
+//! user's home reactor (`dispatch::home`): a reactor that accepts an upgrade for a user homed elsewhere hands
+//! the admitted connection over (`Command::Adopt`) before answering it, and the home reactor finishes the
+//! upgrade as if it had accepted it. Sockets are registered once,
 //! edge-triggered, for read and write, and every readiness is drained until `WouldBlock`.
 
 use crate::accept::Acceptor;
@@ -14,7 +17,7 @@ use crate::budget::Budget;
 use crate::conn::state::Wire;
 use crate::conn::transport::{self, Plain, Transport};
 use crate::conn::{Close, Conn, Ctx, Ending, Expired, Head, Machine, Next, Phase, Rules};
-use crate::dispatch::{Command, Mailbox, Subscribed, Subscription};
+use crate::dispatch::{Adoption, Command, Mailbox, Reactors, Subscribed, Subscription};
 use crate::events;
 use crate::fanout::{Fanout, Joined};
 use crate::handoff::{self, channel::MAX_FDS, Order, Part};
@@ -53,6 +56,15 @@ const SENDS_PER_TURN: usize = 8_192;
 
 /// Bytes a connection's socket is read and discarded at most before it is closed (see `discard_unread`).
 const DISCARD_BEFORE_CLOSE_BYTES: usize = 64 << 10;
+
+/// How often reactor 0 hands free heap pages back to the kernel after connections came or went
+/// (`metrics::heap::release_free_pages`): rare enough that walking the allocator's free lists costs nothing
+/// measurable, soon enough that a server at rest after a connection storm holds only what it uses.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Change of the heap gauge (`densepush_heap_allocated_bytes`) since the last trim that makes the next one worth
+/// its walk.
+const TRIM_AFTER_BYTES: u64 = 64 << 10;
 
 /// Reads per readiness event before the connection yields to others (each read fills up to the scratch
 /// buffer); the rest is read on the next turn of the loop, so one flooding client cannot starve the reactor.
@@ -96,6 +108,16 @@ pub struct Settings {
     pub sse_retry_ms: u64,
 }
 
+/// What an admitted upgrade carries to the home reactor, besides its socket and session (see [`Adoption`]).
+struct Upgrade {
+    identity: Identity,
+    response: Vec<u8>,
+    recover: bool,
+    wire: Wire,
+    since: Vec<envelope::Position>,
+    rest: Vec<u8>,
+}
+
 /// A publish being delivered: its recipients are written to over as many turns of the loop as they need, so
 /// one publish to a million connections does not keep sockets and timers waiting for a million writes.
 struct Delivery {
@@ -125,6 +147,9 @@ pub struct Reactor {
     tls_out: Vec<u8>,
     conns: Slab<Conn>,
     fanout: Fanout,
+    /// This reactor's number among `reactors`, the handle that reaches every reactor (its own included).
+    index: usize,
+    reactors: Reactors,
     wheel: TimerWheel,
     mailbox: Arc<Mailbox>,
     auth: Arc<Authenticator>,
@@ -140,12 +165,16 @@ pub struct Reactor {
     backlog: VecDeque<Command>,
     /// The publish being delivered, when its recipients did not all fit in one turn.
     delivery: Option<Delivery>,
-    /// Sequence number of the last stored message this reactor delivered (see `history`): replays stop there,
-    /// later ones are still in the mailbox and arrive live.
+    /// Replay horizon (see `history`): every stored message that concerns this reactor (its users' streams,
+    /// channels, `all`) up to this sequence number has been delivered here, and every later one is still in
+    /// the mailbox and arrives live, so replays stop here. It is the last stored message applied, or more: the
+    /// node's last sequence number when the mailbox was drained up to a point where it was read.
     applied_seq: u64,
     /// Reusable list of replay frames.
     replay: Vec<SharedFrame>,
     started: Instant,
+    /// When reactor 0 last looked at the heap, and the heap gauge when it last handed free pages back.
+    trimmed: (Instant, u64),
     next_generation: u32,
     shutdown_deadline: Option<Instant>,
     /// A live upgrade asked this reactor to freeze: it stops accepting at once and freezes once TLS
@@ -156,13 +185,14 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    /// A reactor around an already bound, non-blocking listener and a poll whose waker feeds `mailbox`.
-    /// `listener` serves ws:// and `tls_listener` wss:// (at least one of them is given).
+    /// Reactor number `index` of `reactors`, around an already bound, non-blocking listener and a poll whose
+    /// waker feeds its mailbox (`reactors.mailbox(index)`). `listener` serves ws:// and `tls_listener` wss://
+    /// (at least one of them is given).
     pub fn new(
         poll: Poll,
         listener: Option<std::net::TcpListener>,
         tls_listener: Option<std::net::TcpListener>,
-        mailbox: Arc<Mailbox>,
+        (index, reactors): (usize, Reactors),
         auth: Arc<Authenticator>,
         metrics: Arc<ReactorMetrics>,
         settings: Settings,
@@ -192,8 +222,10 @@ impl Reactor {
             // so there is no doubling slack and no copy of millions of records while clients connect.
             conns: Slab::with_capacity(settings.max_tracked),
             fanout: Fanout::with_capacity(settings.max_tracked),
+            mailbox: reactors.mailbox(index).clone(),
+            index,
+            reactors,
             wheel: TimerWheel::new(settings.rules.max_delay_ticks()),
-            mailbox,
             auth,
             metrics,
             scratch: vec![0; settings.read_buffer_bytes],
@@ -205,6 +237,7 @@ impl Reactor {
             applied_seq: 0,
             replay: Vec::new(),
             started: Instant::now(),
+            trimmed: (Instant::now(), 0),
             next_generation: 0,
             shutdown_deadline: None,
             freeze: None,
@@ -219,19 +252,29 @@ impl Reactor {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            let mut timeout = self.poll_timeout();
+            // Senders ring the waker only while the reactor says it may sleep; mail that came before that is
+            // taken below without a wake-up.
+            if !timeout.is_zero() && !self.mailbox.going_to_sleep() {
+                timeout = Duration::ZERO;
+            }
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.mailbox.awake();
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 log::error!("poll failed, reactor stops: {e}");
                 return;
             }
+            if self.mailbox.has_mail() {
+                self.take_mailbox();
+            }
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(false),
                     TLS_LISTENER => self.accept_all(true),
-                    WAKER => self.take_mailbox(),
+                    WAKER => {}
                     token => {
                         let (key, generation) = split_token(token);
                         // An error or hang-up surfaces through the read or write that follows.
@@ -690,6 +733,9 @@ impl Reactor {
             applied_seq: self.applied_seq,
         };
         if freeze.parts.send(ready).is_ok() && freeze.orders.recv() == Ok(Order::Export) {
+            // Every reactor is frozen now, but one that froze after this one may have handed a connection over
+            // to it meanwhile (an upgrade request it read before freezing): take those in, so they move too.
+            self.take_over_queued();
             self.export(&freeze.parts);
             // The successor takes over and this process exits while we wait here; an order (or the driver
             // going away) means the upgrade rolled back.
@@ -699,6 +745,26 @@ impl Reactor {
         // Edges that came while accepts were held back are gone: look at the backlogs now.
         self.accept_all(false);
         self.accept_all(true);
+    }
+
+    /// Takes over the connections other reactors handed to this one and that are still queued, leaving every
+    /// other command where it is (the admin API and the bus are frozen: nothing else can be there but what the
+    /// freeze already applied).
+    fn take_over_queued(&mut self) {
+        self.take_mailbox();
+        let mut kept = VecDeque::with_capacity(self.backlog.len());
+        let mut taken = 0;
+        while let Some(command) = self.backlog.pop_front() {
+            match command {
+                Command::Adopt(adoption) => {
+                    self.take_over(*adoption);
+                    taken += 1;
+                }
+                other => kept.push_back(other),
+            }
+        }
+        self.backlog = kept;
+        self.mailbox.applied(taken);
     }
 
     /// Streams this reactor's listeners and connections, in batches of at most `MAX_FDS`, to `parts`.
@@ -757,6 +823,117 @@ impl Reactor {
         let _ = parts.send(Part::Done { moved, stayed });
     }
 
+    /// After a live upgrade's connections were adopted reactor by reactor (the predecessor's reactor i into
+    /// reactor i), moves each connection whose user is homed on another reactor there: a predecessor without
+    /// user affinity spread a user's connections over its reactors. Uses the upgrade's own snapshot (state,
+    /// queued frames, identity and runtime channels, TLS keys), in batches per destination. Called before any
+    /// reactor runs; returns how many moved.
+    pub fn rehome_all(reactors: &mut [Reactor]) -> Result<usize, SnapshotError> {
+        let mut moved = 0;
+        for from in 0..reactors.len() {
+            for (to, payload, fds) in reactors[from].export_strays() {
+                // The destination's table of the predecessor's frames is no longer needed (its queues hold
+                // them), and the stray batch numbers its frames afresh.
+                reactors[to].adopting = FrameTable::default();
+                moved += reactors[to].adopt(&payload, fds)?;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Takes out of this reactor, without closing them, the indexed connections whose user is homed on
+    /// another reactor: their snapshots in one batch per destination (as `export` writes them) and their
+    /// sockets. What this reactor counted for them (open connections, TLS sessions and their budget, the
+    /// user's presence here) is given back, since the destination's `adopt` counts them again.
+    fn export_strays(&mut self) -> Vec<(usize, Vec<u8>, Vec<OwnedFd>)> {
+        let strays: Vec<(u32, usize)> = self
+            .conns
+            .iter()
+            .filter_map(|(key, _)| {
+                let (user, _) = self.fanout.identity(key as u32)?;
+                let home = self.reactors.home(user);
+                (home != self.index).then_some((key as u32, home))
+            })
+            .collect();
+        let mut batches: Vec<Option<(FrameTable, Writer, Vec<OwnedFd>)>> =
+            (0..self.reactors.len()).map(|_| None).collect();
+        for (key, home) in strays {
+            let (frames, records, fds) = batches[home]
+                .get_or_insert_with(|| (FrameTable::default(), Writer::new(), Vec::new()));
+            let conn = &self.conns[key as usize];
+            conn.machine.snapshot(records, frames);
+            let (user, client, channels) = self.fanout.membership(key).expect("strays are indexed");
+            records.bool(true);
+            records.str(user);
+            records.opt_str(client);
+            records.u32(channels.len() as u32);
+            for channel in channels {
+                records.str(channel);
+            }
+            let session = self.sessions.get(key).map(|slot| &slot.session);
+            records.bool(session.is_some());
+            if let Some(session) = session {
+                session.snapshot(records);
+            }
+            if let Some(events) = &self.settings.events {
+                events.moving(user, self.fanout.alone(key));
+            }
+            fds.push(self.release(key));
+        }
+        batches
+            .into_iter()
+            .enumerate()
+            .filter_map(|(to, batch)| {
+                let (mut frames, records, fds) = batch?;
+                let mut payload = Writer::new();
+                frames.write_fresh(&mut payload);
+                payload.u32(fds.len() as u32);
+                payload.raw(records.bytes());
+                Some((to, payload.take(), fds))
+            })
+            .collect()
+    }
+
+    /// Removes connection `key` from this reactor without closing its socket, which it returns: out of the
+    /// poll, the index, the slab and the TLS table, its buffers and counts given back.
+    fn release(&mut self, key: u32) -> OwnedFd {
+        self.fanout.remove(key);
+        let mut conn = self.conns.remove(key as usize);
+        let fd = conn.stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            log::warn!("deregister failed: {e}");
+        }
+        let cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        conn.machine.teardown(&cx);
+        if let Some(slot) = self.sessions.remove(key) {
+            let tls = self
+                .settings
+                .tls
+                .as_ref()
+                .expect("TLS connections imply [tls]");
+            self.settings.budget.release(slot.charged);
+            if slot.counted {
+                tls.metrics.sessions.fetch_sub(1, Relaxed);
+            }
+            tls.metrics
+                .bytes
+                .fetch_sub((tls::table::SLOT_BYTES + slot.charged) as u64, Relaxed);
+        }
+        if conn.machine.was_upgraded() {
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            self.metrics.connections_open.fetch_sub(1, Relaxed);
+        } else {
+            self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
+        }
+        OwnedFd::from(conn.stream)
+    }
+
     /// Connections of a predecessor's reactor (a batch its `export` wrote), registered here as if accepted
     /// here, with their state, index entries, TLS keys and timers. Called before this reactor runs.
     pub fn adopt(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<usize, SnapshotError> {
@@ -790,7 +967,7 @@ impl Reactor {
                     .collect::<Result<Vec<String>, _>>()?;
                 self.fanout.add(key, &user, client.as_deref(), &channels);
                 if let Some(events) = &self.settings.events {
-                    events.adopted(&user, self.fanout.user_count(&user) == 1);
+                    events.adopted(&user, self.fanout.alone(key));
                 }
             }
             if r.bool("tls present")? {
@@ -883,7 +1060,7 @@ impl Reactor {
             }
             Err(reject) => self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject))),
             Ok(Some((request, head_len))) => {
-                if !self.upgrade(key, request) {
+                if !self.upgrade(key, request, &buf[head_len..]) {
                     return false;
                 }
                 // Bytes after the head are the client's first frames, sent without waiting for our 101.
@@ -896,9 +1073,11 @@ impl Reactor {
         }
     }
 
-    /// Decides a complete upgrade request: origin, identity and a connection slot; then indexes the
-    /// connection, answers 101 and replays what a recovering client missed. Returns false if it is gone.
-    fn upgrade(&mut self, key: u32, request: Request<'_>) -> bool {
+    /// Decides a complete upgrade request: origin, identity and a connection slot; then hands the connection
+    /// to its user's home reactor if that is another one, or indexes it, answers 101 and replays what a
+    /// recovering client missed. `early` is what the client sent after the request head. Returns false if the
+    /// connection is gone from this reactor.
+    fn upgrade(&mut self, key: u32, request: Request<'_>, early: &[u8]) -> bool {
         let generation = self.conns[key as usize].generation;
         let sse = request.kind == Kind::Sse;
         let since = if self.settings.history.any_enabled() {
@@ -912,19 +1091,6 @@ impl Reactor {
                 return self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
             }
         };
-        if !since.is_empty() {
-            // Apply what was published before reading history (see `history`): the client may have had
-            // those messages on another reactor's connection before it reconnected here. Only up to the last
-            // message stored by now: every earlier one is in this mailbox already, and later ones reach the
-            // connection live, so the work done here is bounded by what was queued, not by what keeps coming.
-            let upto = self.settings.history.last_seq();
-            self.apply_until(upto);
-            if !self.live(key, generation) {
-                // A shutdown in the mailbox closed it; give its slot back.
-                self.settings.open_total.fetch_sub(1, Relaxed);
-                return false;
-            }
-        }
         let (response, recover, wire) = if sse {
             // SSE clients always get ids (their position) and resync events: EventSource sends the last id back.
             // The Origin passed the allow-list (`admit_request`): let that page read the stream (CORS).
@@ -943,7 +1109,46 @@ impl Reactor {
             };
             (response, recover, wire)
         };
+        let home = self.reactors.home(&identity.user);
+        if home != self.index {
+            let parts = Upgrade {
+                identity,
+                response,
+                recover,
+                wire,
+                since,
+                rest: early.to_vec(),
+            };
+            self.hand_over(key, home, parts);
+            return false;
+        }
+        if !since.is_empty() {
+            // Apply what was published before reading history (see `history`): the client may have had
+            // those messages on another reactor's connection before it reconnected here. Only up to the last
+            // message stored by now: every earlier one is in this mailbox already, and later ones reach the
+            // connection live, so the work done here is bounded by what was queued, not by what keeps coming.
+            let upto = self.settings.history.last_seq();
+            self.apply_until(upto);
+            if !self.live(key, generation) {
+                // A shutdown in the mailbox closed it; give its slot back.
+                self.settings.open_total.fetch_sub(1, Relaxed);
+                return false;
+            }
+        }
+        self.open(key, &identity, response, recover, wire, &since)
+    }
 
+    /// Indexes an admitted connection, answers 101 and replays what it missed (from the replay horizon
+    /// `applied_seq`). Returns false if the connection is gone.
+    fn open(
+        &mut self,
+        key: u32,
+        identity: &Identity,
+        response: Vec<u8>,
+        recover: bool,
+        wire: Wire,
+        since: &[envelope::Position],
+    ) -> bool {
         self.fanout.add(
             key,
             &identity.user,
@@ -951,7 +1156,7 @@ impl Reactor {
             &identity.channels,
         );
         if let Some(events) = &self.settings.events {
-            let first = self.fanout.user_count(&identity.user) == 1;
+            let first = self.fanout.alone(key);
             events.connected(&identity.user, identity.client.as_deref(), first);
         }
         self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
@@ -965,7 +1170,127 @@ impl Reactor {
         if !self.drive(key, |m, cx, t| m.accept_as(cx, t, response, recover, wire)) {
             return false;
         }
-        since.is_empty() || self.replay_missed(key, &since, &identity)
+        since.is_empty() || self.replay_missed(key, since, identity)
+    }
+
+    /// Takes an admitted connection out of this reactor (its socket out of this poll, its slab record and
+    /// buffers, its TLS session out of the table) and queues it for its user's home reactor `home`. Nothing
+    /// was answered and nothing indexed, so it leaves no trace here but a stale timer entry (stamped, ignored).
+    fn hand_over(&mut self, key: u32, home: usize, parts: Upgrade) {
+        let mut conn = self.conns.remove(key as usize);
+        let fd = conn.stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
+            log::warn!("deregister failed: {e}");
+        }
+        let cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        conn.machine.teardown(&cx);
+        self.metrics.connections_handshaking.fetch_sub(1, Relaxed);
+        ReactorMetrics::inc(&self.metrics.handed_over);
+        let tls = self.sessions.remove(key);
+        // Read last, just before queueing: every stored message up to it that concerns the home reactor is in
+        // its mailbox already, ahead of the adoption.
+        let stored_upto = self.settings.history.last_seq();
+        let Upgrade {
+            identity,
+            response,
+            recover,
+            wire,
+            since,
+            rest,
+        } = parts;
+        self.reactors.adopt(
+            home,
+            Adoption {
+                stream: conn.stream,
+                tls,
+                identity,
+                response,
+                recover,
+                wire,
+                since,
+                stored_upto,
+                rest,
+            },
+        );
+    }
+
+    /// Takes over a connection another reactor admitted for a user homed here (see [`Adoption`]): registers
+    /// it, and finishes its upgrade as [`Reactor::upgrade`] does (not to be confused with [`Reactor::adopt`], a
+    /// predecessor's connections in a live upgrade). No `apply_until` is needed before its replay:
+    /// every stored message up to `stored_upto` that concerns this reactor was queued ahead of the adoption
+    /// and has been applied, and every later one is behind it, so the replay horizon is at least
+    /// `stored_upto`. Returns the connections it touched (for the turn's budget).
+    fn take_over(&mut self, adoption: Adoption) -> usize {
+        let Adoption {
+            stream,
+            tls,
+            identity,
+            response,
+            recover,
+            wire,
+            since,
+            stored_upto,
+            rest,
+        } = adoption;
+        self.applied_seq = self.applied_seq.max(stored_upto);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key() as u32;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let fd = stream.as_raw_fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            make_token(key, generation),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("register failed: {e}");
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            if let Some(mut slot) = tls {
+                self.end_tls(&stream, &mut slot, Ending::Abrupt);
+            }
+            return 1;
+        }
+        let is_tls = tls.is_some();
+        if let Some(slot) = tls {
+            self.sessions.insert(key, slot);
+        }
+        let mut cx = Ctx {
+            key,
+            rules: &self.settings.rules,
+            budget: &self.settings.budget,
+            wheel: &mut self.wheel,
+            metrics: &self.metrics,
+        };
+        let machine = Machine::new(&mut cx, is_tls);
+        entry.insert(Conn {
+            stream,
+            generation,
+            machine,
+        });
+        self.metrics.connections_handshaking.fetch_add(1, Relaxed);
+        if self.shutdown_deadline.is_some() {
+            // It came after the shutdown: the slot it holds goes back, and it gets the 503 a late client gets.
+            self.settings.open_total.fetch_sub(1, Relaxed);
+            let reject = Reject::Unavailable("server shutting down");
+            self.drive(key, |m, cx, t| m.close(cx, t, Close::Refuse(&reject)));
+            return 1;
+        }
+        if !self.open(key, &identity, response, recover, wire, &since) {
+            return 1;
+        }
+        if !rest.is_empty() {
+            let mut rest = rest;
+            self.drive(key, |m, cx, t| m.handle_frames(cx, t, &mut rest));
+        }
+        // Bytes that arrived after the accepting reactor's last read are reported by the registration above
+        // (epoll reports a socket that is readable when it is added, edge-triggered or not).
+        1
     }
 
     /// The checks that decide an upgrade, in the order that names the most specific refusal; takes a
@@ -1026,6 +1351,9 @@ impl Reactor {
         if now <= self.wheel.now_tick() {
             return;
         }
+        if self.index == 0 && self.trimmed.0.elapsed() >= TRIM_EVERY {
+            self.trim_heap();
+        }
         if self.acceptor.is_paused() {
             self.accept_all(false);
         }
@@ -1079,6 +1407,18 @@ impl Reactor {
             .store(sizes.channels as u64, Relaxed);
     }
 
+    /// Hands free heap pages back when the heap changed by [`TRIM_AFTER_BYTES`] since the last time (a
+    /// connection storm grows it; handshake deadlines firing, tables at their old sizes and hand-overs being
+    /// freed shrink it); a heap at rest is not walked again.
+    fn trim_heap(&mut self) {
+        let allocated = crate::metrics::heap::allocated_bytes().unwrap_or(0);
+        if allocated.abs_diff(self.trimmed.1) >= TRIM_AFTER_BYTES {
+            crate::metrics::heap::release_free_pages();
+            self.trimmed.1 = allocated;
+        }
+        self.trimmed.0 = Instant::now();
+    }
+
     // ---- commands from other threads -------------------------------------------------------------------
 
     /// Applies commands in order until the stored message with sequence `seq` has been delivered (every
@@ -1096,6 +1436,9 @@ impl Reactor {
                 break;
             }
             let Some(command) = self.backlog.pop_front() else {
+                // Everything queued when `seq` was read has been applied; the stored messages up to it that
+                // concern this reactor were among it (the others went to their users' home reactors only).
+                self.applied_seq = seq;
                 break;
             };
             if self.take_command(command).is_some() {
@@ -1207,6 +1550,7 @@ impl Reactor {
                 let _ = reply.send(self.fanout.user_count(&user));
                 Some(1)
             }
+            Command::Adopt(adoption) => Some(self.take_over(*adoption)),
             Command::Freeze(freeze) => {
                 self.freeze = Some((freeze, Instant::now() + handoff::TLS_HANDSHAKE_GRACE));
                 Some(1)
@@ -1414,7 +1758,7 @@ impl Reactor {
             .get(key as usize)
             .and_then(|c| c.machine.close_code())
             .unwrap_or(1006);
-        let last = self.fanout.user_count(user) == 1;
+        let last = self.fanout.alone(key);
         events.disconnected(user, client, code, last);
     }
 

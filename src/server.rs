@@ -171,10 +171,20 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         (tls_addr, secure) = bind_listeners(config.tls.listen, reactor_count, "tls.listen")?;
     }
 
+    // Every reactor reaches the others (to hand a connection to its user's home reactor), so the mailboxes and
+    // their handle exist before the reactors.
+    let mut polls = Vec::new();
     let mut mailboxes = Vec::new();
+    for _ in 0..reactor_count {
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), Reactor::WAKER_TOKEN)?;
+        mailboxes.push(Mailbox::new(waker));
+        polls.push(poll);
+    }
+    let reactors = Reactors::new(mailboxes.clone(), settings.budget.clone());
     let mut reactor_metrics = Vec::new();
     let mut built = Vec::new();
-    for i in 0..reactor_count {
+    for (i, poll) in polls.into_iter().enumerate() {
         let (listener, tls_listener) = match taker.as_mut() {
             None => (plain.pop(), secure.pop()),
             Some(taker) => {
@@ -189,15 +199,12 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
         if tls_addr.is_none() {
             tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         }
-        let poll = mio::Poll::new()?;
-        let waker = mio::Waker::new(poll.registry(), Reactor::WAKER_TOKEN)?;
-        let mailbox = Mailbox::new(waker);
         let metrics = Arc::new(ReactorMetrics::default());
         let mut reactor = Reactor::new(
             poll,
             listener,
             tls_listener,
-            mailbox.clone(),
+            (i, reactors.clone()),
             auth.clone(),
             metrics.clone(),
             settings.clone(),
@@ -211,19 +218,28 @@ pub fn start(config: &Config, mut taker: Option<Taker>) -> anyhow::Result<Runnin
                 registering += t.elapsed();
                 n
             })?;
-            reactor.adopted(applied_seq);
             log::info!(
                 "upgrade: reactor {i}: {adopted} connections in {} ms ({} ms registering them)",
                 started.elapsed().as_millis(),
                 registering.as_millis()
             );
         }
-        mailboxes.push(mailbox);
         reactor_metrics.push(metrics);
         built.push(reactor);
     }
+    if taker.is_some() {
+        // The predecessor's reactor i handed its connections to reactor i here; those whose user is homed on
+        // another reactor (a predecessor without affinity, or another home function) move there now, before any
+        // reactor runs, through the same snapshot as the upgrade itself.
+        let moved = Reactor::rehome_all(&mut built)?;
+        if moved > 0 {
+            log::info!("upgrade: {moved} connections moved to their users' home reactors");
+        }
+        for reactor in &mut built {
+            reactor.adopted(applied_seq);
+        }
+    }
 
-    let reactors = Reactors::new(mailboxes, settings.budget.clone());
     let publisher = Publisher::new(history.clone(), reactors.clone());
     let admin_listener = match taker.as_mut() {
         None => {

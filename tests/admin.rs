@@ -148,8 +148,9 @@ fn presence_sums_a_users_connections_over_both_reactors_and_drops_after_disconne
     let server = Server::start(&[("server.reactors", "2")]);
     let mut alice: Vec<Ws> = Vec::new();
     let on_reactor =
-        |server: &Server, r: &str| server.metric("densepush_connections_open", &[("reactor", r)]);
-    // Open alice connections until both reactors hold some (the kernel picks the listener by hash).
+        |server: &Server, r: &str| server.metric("densepush_tcp_accepted_total", &[("reactor", r)]);
+    // Open alice connections until both reactors accepted some (the kernel picks the listener by hash; they
+    // all live on alice's home reactor).
     while alice.len() < 6 || on_reactor(&server, "0") == 0 || on_reactor(&server, "1") == 0 {
         assert!(
             alice.len() < 200,

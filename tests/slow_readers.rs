@@ -323,8 +323,11 @@ fn readers_that_leave_with_their_backlog_queued_leave_no_charge_behind() {
         assert_eq!(response.status, 202);
         assert_eq!(recv_text(&mut staying), numbered(i));
     }
+    // 202 means queued for the reactor, which applies it on its own thread: wait until it has.
     assert!(
-        server.metric("densepush_outbox_bytes", &[]) > 0,
+        wait_until(Duration::from_secs(5), || server
+            .metric("densepush_outbox_bytes", &[])
+            > 0),
         "nothing queued"
     );
     assert!(server.metric("densepush_buffered_bytes", &[]) > 0);
@@ -376,8 +379,11 @@ fn sigterm_flushes_queued_backlogs_within_the_shutdown_timeout_then_1001_for_eve
     assert!(wait_until(Duration::from_secs(5), || {
         server.metric("densepush_commands_pending", &[]) == 0
     }));
+    // 202 means queued for the reactor, which applies it on its own thread: wait until it has.
     assert!(
-        server.metric("densepush_outbox_bytes", &[]) > 0,
+        wait_until(Duration::from_secs(5), || server
+            .metric("densepush_outbox_bytes", &[])
+            > 0),
         "nothing queued"
     );
     let signalled = Instant::now();
@@ -416,8 +422,11 @@ fn a_kicked_slow_reader_gets_its_close_code_at_once_behind_its_started_message()
         let response = admin.request("POST", "/publish/user/slow", numbered(i).as_bytes(), &[]);
         assert_eq!(response.status, 202);
     }
+    // 202 means queued for the reactor, which applies it on its own thread: wait until it has.
     assert!(
-        server.metric("densepush_outbox_bytes", &[]) > 0,
+        wait_until(Duration::from_secs(5), || server
+            .metric("densepush_outbox_bytes", &[])
+            > 0),
         "nothing queued"
     );
     let response = server.request(
@@ -452,7 +461,10 @@ fn a_close_behind_a_remainder_too_large_to_hand_over_is_given_up_at_the_deadline
     // One message of 512 KiB: the socket takes a part; the rest (far over 64 KiB) must wait for the reader.
     let big = "b".repeat(512 << 10);
     server.publish("/publish/user/slow", &big);
-    assert!(server.metric("densepush_outbox_bytes", &[]) > 64 << 10);
+    // 202 means queued for the reactor, which applies it on its own thread: wait until it has.
+    assert!(wait_until(Duration::from_secs(5), || server
+        .metric("densepush_outbox_bytes", &[])
+        > 64 << 10));
     let response = server.request("DELETE", "/connections/user/slow", b"", &[]);
     assert_eq!(response.status, 200);
     assert!(
@@ -496,8 +508,11 @@ fn a_ping_waiting_behind_a_backlog_does_not_drop_a_reader_that_reads_and_one_tha
         let response = admin.request("POST", "/publish/all", numbered(i).as_bytes(), &[]);
         assert_eq!(response.status, 202);
     }
+    // 202 means queued for the reactor, which applies it on its own thread: wait until it has.
     assert!(
-        server.metric("densepush_outbox_bytes", &[]) > 0,
+        wait_until(Duration::from_secs(5), || server
+            .metric("densepush_outbox_bytes", &[])
+            > 0),
         "nothing queued"
     );
     // One reads about 800 KB/s: it reaches its ping more than one pong timeout after the ping was due. It

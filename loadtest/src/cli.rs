@@ -88,7 +88,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4)]
     pub source_ips: u8,
     /// Connections per user: connection i belongs to user u{i / K}.
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::PossibleValuesParser::new(["1", "2", "5"])
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::PossibleValuesParser::new(["1", "2", "5", "10", "100"])
         .map(|s| s.parse::<u64>().expect("listed values are numbers")))]
     pub conns_per_user: u64,
     /// Number of the first user: connection i belongs to user u{F + i / K}. Generators that share a cluster
@@ -299,6 +299,7 @@ mod tests {
     #[test]
     fn conns_per_user_accepts_only_listed_values() {
         assert_eq!(parse(&["--conns-per-user", "5"]).conns_per_user, 5);
+        assert_eq!(parse(&["--conns-per-user", "100"]).conns_per_user, 100);
         let mut argv = vec!["x", "--conns-per-user", "3"];
         assert!(Cli::try_parse_from(argv.drain(..)).is_err());
     }

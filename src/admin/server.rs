@@ -235,20 +235,24 @@ impl AdminServer {
             if self.acceptor.is_paused() {
                 self.accept_all();
             }
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    CONTROL => {
-                        while let Ok(freeze) = self.control.try_recv() {
-                            self.freeze(freeze);
-                            log::info!("admin: upgrade did not complete; serving again");
-                            self.accept_all();
+            // Commands reach the mailboxes as each request is handled, in order; the reactors are woken once
+            // each when the turn is over, after the answers went out (`dispatch::hold_wakes`).
+            crate::dispatch::hold_wakes(|| {
+                for event in events.iter() {
+                    match event.token() {
+                        LISTENER => self.accept_all(),
+                        CONTROL => {
+                            while let Ok(freeze) = self.control.try_recv() {
+                                self.freeze(freeze);
+                                log::info!("admin: upgrade did not complete; serving again");
+                                self.accept_all();
+                            }
                         }
+                        // Every event gets the same treatment: the connection's state says what can move.
+                        Token(key) => self.drive(key),
                     }
-                    // Every event gets the same treatment: the connection's state says what can move.
-                    Token(key) => self.drive(key),
                 }
-            }
+            });
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);

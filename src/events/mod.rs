@@ -231,6 +231,22 @@ impl Events {
         }
     }
 
+    /// A connection of `user` leaves this reactor for another of this process (a live upgrade placing it on
+    /// its user's home reactor), where it is counted again with [`Events::adopted`]; `last` when it was the
+    /// user's last on the reactor it leaves. No event: the user stays online.
+    pub fn moving(&self, user: &str, last: bool) {
+        if !last {
+            return;
+        }
+        let mut shard = self.online.shard(user);
+        if let Some(reactors) = shard.get_mut(user) {
+            *reactors -= 1;
+            if *reactors == 0 {
+                shard.remove(user);
+            }
+        }
+    }
+
     /// An upgraded connection of `user` is gone with close `code`; `last` when the user has no other one on the
     /// calling reactor. The user's `offline` follows when no other reactor holds one either.
     pub fn disconnected(&self, user: &str, client: Option<&str>, code: u16, last: bool) {

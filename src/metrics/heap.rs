@@ -19,6 +19,20 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 
+/// Hands whole free pages inside the allocator's heaps back to the kernel (glibc `malloc_trim(0)`; a no-op
+/// elsewhere). A connection storm leaves freed memory behind that nothing at rest reuses — the handshake
+/// deadlines' timer entries, the index's hash table at each of its previous sizes, hand-over messages — about
+/// 15-25 bytes per connection measured at 15,000 connections, resident until trimmed. It walks the free
+/// chunks of every arena under that arena's lock, so it is called rarely (see `reactor::TRIM_EVERY`) and only
+/// after the heap changed (`reactor::TRIM_AFTER_BYTES`).
+pub fn release_free_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bytes a thread's own count may drift before it is folded into the shared one.
 pub const FLUSH_BYTES: i64 = 64 * 1024;
 

@@ -108,6 +108,8 @@ pub struct ReactorMetrics {
     pub accept_errors: AtomicU64,
     /// Counter: completed upgrades.
     pub handshakes_accepted: AtomicU64,
+    /// Counter: admitted upgrades this reactor accepted and handed to their user's home reactor.
+    pub handed_over: AtomicU64,
     /// Counter: refused handshakes by [`RejectKind`].
     pub handshakes_rejected: [AtomicU64; REJECT_LABELS.len()],
     /// Counter: data frames written to clients (one per message per recipient).
@@ -265,7 +267,7 @@ pub fn render(
     for (name, help, get) in gauges {
         per_reactor(&mut out, name, help, MetricType::Gauge, reactors, get);
     }
-    let counters: [(&str, &str, Field); 20] = [
+    let counters: [(&str, &str, Field); 21] = [
         (
             "densepush_tcp_accepted_total",
             "Accepted TCP connections.",
@@ -280,6 +282,11 @@ pub fn render(
             "densepush_handshakes_accepted_total",
             "Completed WebSocket upgrades.",
             |m| &m.handshakes_accepted,
+        ),
+        (
+            "densepush_connections_handed_over_total",
+            "Admitted upgrades handed from the accepting reactor to the user's home reactor.",
+            |m| &m.handed_over,
         ),
         (
             "densepush_frames_delivered_total",

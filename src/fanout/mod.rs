@@ -2,22 +2,30 @@
 //!
 //! It owns the user and channel names (interned once per reactor, not once per connection) and each
 //! connection's membership record, kept in a vector indexed by slab key beside the connection slab. It does
-//! not own connections or decide what to send. Memory per connection is the point: a user's connections are
-//! an intrusive doubly linked list threaded through the membership records, so a user with one or two
-//! connections costs one table entry and no allocation; channel member lists are vectors with each member's
-//! position remembered, so joining and leaving are O(1) even for a channel with a million members. Client
-//! tokens are per device, so they are kept inline in the membership record and matched while walking the
-//! user's (short) list, instead of being interned in a table that would share nothing.
+//! not own connections or decide what to send. Memory per connection is the point (issue 15: an idle
+//! connection under 100 bytes, index included):
+//!
+//! - a membership record is 24 bytes of 4-byte fields: the user's name (an arena offset), the links of the user's intrusive doubly
+//!   linked list of connections, the client token's offset in the reactor's string arena (`arena`) and the first
+//!   channel membership inline;
+//! - user ids and client tokens are strings in that arena (a short one costs 8 bytes, no allocation);
+//! - a user is one slot of a hash table holding the slab key of its list's head (the name is the arena string
+//!   its records point to); a user's connection count is not kept but walked, only presence asks for it;
+//! - channel member lists are vectors with each member's position remembered, so joining and leaving are O(1)
+//!   even for a channel with a million members.
 //!
 //! Channel memberships can also change while a connection is open (`join`, `leave`: the admin API's runtime
 //! subscriptions). A connection pays for a link only while it uses one: the first membership takes the inline
-//! slot, only a second allocates, and leaving gives the allocation back, so an idle connection that never
-//! changes subscription costs exactly what it did before.
+//! slot, a second and later ones go to a side table keyed by slab key, and leaving gives them back, so an idle
+//! connection that never changes subscription costs exactly what it did before.
 //!
 //! The caller must `remove` a key before the slab frees it, so a reused key never inherits memberships.
 
+pub mod arena;
+
+use arena::{Arena, Offset};
 use compact_str::CompactString;
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use slab::Slab;
 use std::hash::BuildHasher;
 
@@ -25,11 +33,14 @@ use std::hash::BuildHasher;
 pub type ConnKey = u32;
 /// Interned name id inside one table.
 type NameId = u32;
-/// "No key / no id".
+/// "No key / no id / no string".
 const NIL: u32 = u32::MAX;
 
-/// Names interned once per reactor: a hash table of ids over a slab of (name, value).
-/// Short names (up to 24 bytes) live inline in the entry, so an interned id costs no extra allocation.
+/// Arena bytes reserved (address space) per slab key: a user id and a client token of up to 7 bytes each.
+const ARENA_BYTES_PER_KEY: usize = 16;
+
+/// Channel names interned once per reactor: a hash table of ids over a slab of (name, members). Channels are
+/// few next to connections, so their entries are not squeezed.
 #[derive(Debug)]
 struct NameTable<V> {
     hasher: DefaultHashBuilder,
@@ -39,16 +50,10 @@ struct NameTable<V> {
 
 impl<V> NameTable<V> {
     fn new() -> Self {
-        Self::with_capacity(0)
-    }
-
-    /// Reserves the entries' slab (address space; the hash index still grows as needed, since a reserved
-    /// hash table would initialise its control bytes and make them resident).
-    fn with_capacity(entries: usize) -> Self {
         NameTable {
             hasher: DefaultHashBuilder::default(),
             index: HashTable::new(),
-            entries: Slab::with_capacity(entries),
+            entries: Slab::new(),
         }
     }
 
@@ -97,11 +102,35 @@ impl<V> NameTable<V> {
     }
 }
 
-/// A user's connections: head of the intrusive list and its length.
+/// The users of one reactor: a hash table whose only content is, per user, the slab key of the head of its
+/// connections' list (4 bytes and a control byte). The user's name is not stored beside it: it is the arena
+/// string every membership record of the user points to, read through the head's record.
 #[derive(Debug)]
-struct UserList {
-    head: ConnKey,
-    count: u32,
+struct Users {
+    hasher: DefaultHashBuilder,
+    index: HashTable<ConnKey>,
+}
+
+impl Users {
+    fn new() -> Users {
+        Users {
+            hasher: DefaultHashBuilder::default(),
+            // Grows as needed: a reserved hash table would initialise its control bytes and make them resident.
+            index: HashTable::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The head of `name`'s list, if the user has connections here.
+    fn head(&self, name: &str, members: &[Member], arena: &Arena) -> Option<ConnKey> {
+        let hash = self.hasher.hash_one(name);
+        self.index
+            .find(hash, |&head| arena.get(members[head as usize].user) == name)
+            .copied()
+    }
 }
 
 /// One channel membership of a connection, with its position in the channel's member vector.
@@ -111,25 +140,21 @@ struct ChannelLink {
     pos: u32,
 }
 
-/// Membership record of one connection (indexed by slab key). `user == NIL` means "not indexed".
+/// Membership record of one connection (indexed by slab key), 24 bytes. `user` is the offset of the user's
+/// name in the arena, shared by every record of the user; `user == NIL` means "not indexed".
 ///
-/// Laid out for the common connection: one user, at most one channel, and a client token that is unique
-/// to its device. The token is kept inline (up to 24 bytes without allocating) rather than interned: a
-/// per-reactor table of device tokens would cost a table entry per connection for nothing shared. The
-/// first channel membership is inline too; only connections in two or more channels allocate.
-#[derive(Debug)]
+/// Laid out for the common connection: one user, at most one channel, and a client token that is unique to
+/// its device. The token is an offset in the arena (`NIL` without one) rather than interned: a per-reactor
+/// table of device tokens would cost a table entry per connection for nothing shared. The first channel
+/// membership is inline; only connections in two or more channels have more, in `Fanout::more`.
+#[derive(Debug, Clone, Copy)]
 struct Member {
-    user: NameId,
+    user: Offset,
     prev: ConnKey,
     next: ConnKey,
+    client: Offset,
     /// First channel membership; `channel == NIL` when there is none.
     first: ChannelLink,
-    /// Memberships after the first, only for connections in two or more channels. Boxed on purpose: a thin
-    /// 8-byte pointer in every record, where a `Vec` would be 24 bytes for the rare connection that needs it.
-    #[allow(clippy::box_collection)]
-    more: Option<Box<Vec<ChannelLink>>>,
-    /// Client token; empty when the connection has none (an empty token is refused at the handshake).
-    client: CompactString,
 }
 
 impl Member {
@@ -138,74 +163,13 @@ impl Member {
         pos: 0,
     };
 
-    fn empty() -> Member {
-        Member {
-            user: NIL,
-            prev: NIL,
-            next: NIL,
-            first: Self::NO_CHANNEL,
-            more: None,
-            client: CompactString::default(),
-        }
-    }
-
-    fn links_mut(&mut self) -> impl Iterator<Item = &mut ChannelLink> {
-        let first = (self.first.channel != NIL).then_some(&mut self.first);
-        first
-            .into_iter()
-            .chain(self.more.iter_mut().flat_map(|more| more.iter_mut()))
-    }
-
-    /// Memberships held: the inline one and the spilled ones.
-    fn link_count(&self) -> usize {
-        usize::from(self.first.channel != NIL) + self.more.as_ref().map_or(0, |more| more.len())
-    }
-
-    fn has_channel(&self, channel: NameId) -> bool {
-        self.first.channel == channel
-            || self
-                .more
-                .as_ref()
-                .is_some_and(|more| more.iter().any(|l| l.channel == channel))
-    }
-
-    /// Adds a membership: the inline slot when it is free, else the spilled list (allocated on first use).
-    fn push_link(&mut self, link: ChannelLink) {
-        if self.first.channel == NIL {
-            self.first = link;
-        } else {
-            self.more.get_or_insert_with(Box::default).push(link);
-        }
-    }
-
-    /// Takes the membership of `channel` out of the record, if it has one. A spilled link moves into a freed
-    /// inline slot, and an emptied spill list is freed: leaving gives back what joining allocated.
-    fn take_link(&mut self, channel: NameId) -> Option<ChannelLink> {
-        let taken = if self.first.channel == channel {
-            let link = self.first;
-            self.first = self
-                .more
-                .as_mut()
-                .and_then(|more| more.pop())
-                .unwrap_or(Self::NO_CHANNEL);
-            link
-        } else {
-            let more = self.more.as_mut()?;
-            let at = more.iter().position(|l| l.channel == channel)?;
-            more.swap_remove(at)
-        };
-        if self.more.as_ref().is_some_and(|more| more.is_empty()) {
-            self.more = None;
-        }
-        Some(taken)
-    }
-
-    fn into_links(self) -> impl Iterator<Item = ChannelLink> {
-        let first = (self.first.channel != NIL).then_some(self.first);
-        first
-            .into_iter()
-            .chain(self.more.into_iter().flat_map(|more| *more))
-    }
+    const EMPTY: Member = Member {
+        user: NIL,
+        prev: NIL,
+        next: NIL,
+        client: NIL,
+        first: Self::NO_CHANNEL,
+    };
 }
 
 /// What [`Fanout::join`] did to a connection.
@@ -235,9 +199,13 @@ pub struct FanoutSizes {
 /// The fanout index of one reactor.
 #[derive(Debug)]
 pub struct Fanout {
-    users: NameTable<UserList>,
+    /// User ids and client tokens.
+    arena: Arena,
+    users: Users,
     channels: NameTable<Vec<ConnKey>>,
     members: Vec<Member>,
+    /// Memberships after the first, only for connections in two or more channels.
+    more: HashMap<ConnKey, Vec<ChannelLink>>,
     indexed: usize,
     /// Indexed connections with a client token.
     with_client: usize,
@@ -260,10 +228,11 @@ impl Fanout {
     /// while idle and spares the index the doubling slack and the copies of a growing vector.
     pub fn with_capacity(keys: usize) -> Self {
         Fanout {
-            // At most one user per connection: reserve as many entries as keys.
-            users: NameTable::with_capacity(keys),
+            arena: Arena::with_capacity(keys.saturating_mul(ARENA_BYTES_PER_KEY)),
+            users: Users::new(),
             channels: NameTable::new(),
             members: Vec::with_capacity(keys),
+            more: HashMap::new(),
             indexed: 0,
             with_client: 0,
         }
@@ -273,27 +242,45 @@ impl Fanout {
     pub fn add(&mut self, key: ConnKey, user: &str, client: Option<&str>, channels: &[String]) {
         let k = key as usize;
         if self.members.len() <= k {
-            self.members.resize_with(k + 1, Member::empty);
+            self.members.resize(k + 1, Member::EMPTY);
         }
         debug_assert_eq!(self.members[k].user, NIL, "connection {key} indexed twice");
 
-        let user_id = self.users.get_or_insert_with(user, || UserList {
-            head: NIL,
-            count: 0,
-        });
-        let list = self.users.value_mut(user_id);
-        let old_head = list.head;
-        list.head = key;
-        list.count += 1;
+        // The user's list gets `key` as its new head: the table's slot is repointed, or made, with the name the
+        // old head's record points to, or a new one.
+        let hash = self.users.hasher.hash_one(user);
+        let (arena, members) = (&self.arena, &self.members);
+        let found = self
+            .users
+            .index
+            .find_mut(hash, |&head| arena.get(members[head as usize].user) == user);
+        let (name, old_head) = match found {
+            Some(head) => {
+                let old = std::mem::replace(head, key);
+                (self.members[old as usize].user, old)
+            }
+            None => (self.arena.insert(user), NIL),
+        };
         if old_head != NIL {
             self.members[old_head as usize].prev = key;
         }
-
-        let client = client.unwrap_or_default();
-        debug_assert!(client.len() <= u32::MAX as usize);
-        if !client.is_empty() {
-            self.with_client += 1;
+        // The record must name the user before the table may rehash through it.
+        self.members[k].user = name;
+        if old_head == NIL {
+            let (arena, members, hasher) = (&self.arena, &self.members, &self.users.hasher);
+            self.users.index.insert_unique(hash, key, |&head| {
+                hasher.hash_one(arena.get(members[head as usize].user))
+            });
         }
+
+        // An empty token is refused at the handshake; here it means none.
+        let client = match client.filter(|c| !c.is_empty()) {
+            Some(c) => {
+                self.with_client += 1;
+                self.arena.insert(c)
+            }
+            None => NIL,
+        };
 
         let mut links = channels.iter().map(|name| {
             let channel = self.channels.get_or_insert_with(name, Vec::new);
@@ -306,15 +293,16 @@ impl Fanout {
         });
         let first = links.next().unwrap_or(Member::NO_CHANNEL);
         let rest: Vec<ChannelLink> = links.collect();
-        let more = (!rest.is_empty()).then(|| Box::new(rest));
+        if !rest.is_empty() {
+            self.more.insert(key, rest);
+        }
 
         self.members[k] = Member {
-            user: user_id,
+            user: name,
             prev: NIL,
             next: old_head,
+            client,
             first,
-            more,
-            client: CompactString::from(client),
         };
         self.indexed += 1;
     }
@@ -327,7 +315,7 @@ impl Fanout {
         if member.user == NIL {
             return;
         }
-        let member = std::mem::replace(member, Member::empty());
+        let member = std::mem::replace(member, Member::EMPTY);
         self.indexed -= 1;
 
         if member.prev != NIL {
@@ -336,22 +324,49 @@ impl Fanout {
         if member.next != NIL {
             self.members[member.next as usize].prev = member.prev;
         }
-        let list = self.users.value_mut(member.user);
-        if list.head == key {
-            list.head = member.next;
-        }
-        list.count -= 1;
-        if list.count == 0 {
-            self.users.remove(member.user);
+        if member.prev == NIL {
+            // It was the head: the table's slot moves to the next one, or the user is gone with its name.
+            let hash = self.users.hasher.hash_one(self.arena.get(member.user));
+            match self.users.index.find_entry(hash, |&head| head == key) {
+                Ok(mut slot) if member.next != NIL => *slot.get_mut() = member.next,
+                Ok(slot) => {
+                    slot.remove();
+                    self.arena.remove(member.user);
+                }
+                Err(_) => debug_assert!(false, "the head of a list is in the table"),
+            }
         }
 
-        if !member.client.is_empty() {
+        if member.client != NIL {
             self.with_client -= 1;
+            self.arena.remove(member.client);
         }
 
-        for link in member.into_links() {
-            self.unlink(key, link);
+        if member.first.channel != NIL {
+            self.unlink(key, member.first);
+            if let Some(more) = self.more.remove(&key) {
+                for link in more {
+                    self.unlink(key, link);
+                }
+            }
         }
+    }
+
+    /// The memberships of `key`: the inline one, then those in the side table.
+    fn links_mut<'a>(
+        first: &'a mut ChannelLink,
+        more: &'a mut HashMap<ConnKey, Vec<ChannelLink>>,
+        key: ConnKey,
+    ) -> impl Iterator<Item = &'a mut ChannelLink> {
+        let spilled = if first.channel != NIL && !more.is_empty() {
+            more.get_mut(&key)
+        } else {
+            None
+        };
+        let first = (first.channel != NIL).then_some(first);
+        first
+            .into_iter()
+            .chain(spilled.into_iter().flat_map(|v| v.iter_mut()))
     }
 
     /// Takes `key` out of the member vector of `link`'s channel (its record no longer holds the link).
@@ -361,8 +376,10 @@ impl Fanout {
         debug_assert_eq!(removed, key);
         if let Some(&moved) = list.get(link.pos as usize) {
             // The last member moved into our slot: fix its remembered position.
-            let moved_member = &mut self.members[moved as usize];
-            if let Some(l) = moved_member.links_mut().find(|l| l.channel == link.channel) {
+            let first = &mut self.members[moved as usize].first;
+            if let Some(l) =
+                Self::links_mut(first, &mut self.more, moved).find(|l| l.channel == link.channel)
+            {
                 l.pos = link.pos;
             }
         }
@@ -371,21 +388,35 @@ impl Fanout {
         }
     }
 
+    /// Memberships held by indexed connection `key`.
+    fn link_count(&self, key: ConnKey) -> usize {
+        let member = &self.members[key as usize];
+        usize::from(member.first.channel != NIL) + self.more.get(&key).map_or(0, |more| more.len())
+    }
+
+    fn has_channel(&self, key: ConnKey, channel: NameId) -> bool {
+        self.members[key as usize].first.channel == channel
+            || self
+                .more
+                .get(&key)
+                .is_some_and(|more| more.iter().any(|l| l.channel == channel))
+    }
+
     /// Subscribes indexed connection `key` to `channel`, unless it is a member already or holds
     /// `max_channels` memberships (the same bound a token's channels have, `auth.max_channels`).
     pub fn join(&mut self, key: ConnKey, channel: &str, max_channels: usize) -> Joined {
-        let Some(member) = self.members.get(key as usize).filter(|m| m.user != NIL) else {
+        if self.members.get(key as usize).is_none_or(|m| m.user == NIL) {
             debug_assert!(false, "join of connection {key}, which is not indexed");
             return Joined::Already;
-        };
+        }
         if self
             .channels
             .find(channel)
-            .is_some_and(|id| member.has_channel(id))
+            .is_some_and(|id| self.has_channel(key, id))
         {
             return Joined::Already;
         }
-        if member.link_count() >= max_channels {
+        if self.link_count(key) >= max_channels {
             return Joined::AtLimit;
         }
         let id = self.channels.get_or_insert_with(channel, Vec::new);
@@ -395,7 +426,12 @@ impl Fanout {
             channel: id,
             pos: (list.len() - 1) as u32,
         };
-        self.members[key as usize].push_link(link);
+        let member = &mut self.members[key as usize];
+        if member.first.channel == NIL {
+            member.first = link;
+        } else {
+            self.more.entry(key).or_default().push(link);
+        }
         Joined::Added
     }
 
@@ -404,14 +440,31 @@ impl Fanout {
         let Some(id) = self.channels.find(channel) else {
             return false;
         };
-        let Some(link) = self
-            .members
-            .get_mut(key as usize)
-            .filter(|m| m.user != NIL)
-            .and_then(|m| m.take_link(id))
-        else {
+        let Some(member) = self.members.get_mut(key as usize).filter(|m| m.user != NIL) else {
             return false;
         };
+        // Take the link out of the record: a spilled link moves into a freed inline slot, and an emptied side
+        // entry is dropped, so leaving gives back what joining took.
+        let link = if member.first.channel == id {
+            let link = member.first;
+            member.first = self
+                .more
+                .get_mut(&key)
+                .and_then(|more| more.pop())
+                .unwrap_or(Member::NO_CHANNEL);
+            link
+        } else {
+            let Some(more) = self.more.get_mut(&key) else {
+                return false;
+            };
+            let Some(at) = more.iter().position(|l| l.channel == id) else {
+                return false;
+            };
+            more.swap_remove(at)
+        };
+        if self.more.get(&key).is_some_and(|more| more.is_empty()) {
+            self.more.remove(&key);
+        }
         self.unlink(key, link);
         true
     }
@@ -419,25 +472,25 @@ impl Fanout {
     /// The user and client token connection `key` is indexed under; `None` when it is not indexed.
     pub fn identity(&self, key: ConnKey) -> Option<(&str, Option<&str>)> {
         let member = self.members.get(key as usize).filter(|m| m.user != NIL)?;
-        let client = (!member.client.is_empty()).then_some(member.client.as_str());
-        Some((self.users.name(member.user), client))
+        let client = (member.client != NIL).then(|| self.arena.get(member.client));
+        let user = self.arena.get(member.user);
+        Some((user, client))
+    }
+
+    /// Whether indexed connection `key` is the only one of its user here (so its arrival is the user's first,
+    /// and its departure the user's last): its list has no other link.
+    pub fn alone(&self, key: ConnKey) -> bool {
+        self.members
+            .get(key as usize)
+            .is_some_and(|m| m.user != NIL && m.prev == NIL && m.next == NIL)
     }
 
     /// How connection `key` is indexed (user, client token, channels), for a successor process to index it the
     /// same way (the live upgrade); `None` if it is not indexed.
     pub fn membership(&self, key: ConnKey) -> Option<(&str, Option<&str>, Vec<&str>)> {
-        let member = self.members.get(key as usize)?;
-        if member.user == NIL {
-            return None;
-        }
-        let user = self.users.entries[member.user as usize].0.as_str();
-        let client = (!member.client.is_empty()).then_some(member.client.as_str());
-        let first = (member.first.channel != NIL).then_some(member.first);
-        let channels = first
-            .iter()
-            .chain(member.more.iter().flat_map(|more| more.iter()))
-            .map(|link| self.channels.entries[link.channel as usize].0.as_str())
-            .collect();
+        let (user, channels) = self.names_of(key)?;
+        let channels = channels.collect();
+        let client = self.identity(key)?.1;
         Some((user, client, channels))
     }
 
@@ -454,17 +507,31 @@ impl Fanout {
         }
     }
 
-    fn collect_user(&self, user: &str, client: Option<&str>, out: &mut Vec<ConnKey>) {
-        let Some(user_id) = self.users.find(user) else {
-            return;
-        };
-        let mut key = self.users.value(user_id).head;
-        while key != NIL {
+    fn user_keys(&self, user: &str) -> impl Iterator<Item = (ConnKey, &Member)> {
+        let mut key = self
+            .users
+            .head(user, &self.members, &self.arena)
+            .unwrap_or(NIL);
+        std::iter::from_fn(move || {
+            if key == NIL {
+                return None;
+            }
             let member = &self.members[key as usize];
-            if client.is_none_or(|c| member.client == c) {
+            let this = key;
+            key = member.next;
+            Some((this, member))
+        })
+    }
+
+    fn collect_user(&self, user: &str, client: Option<&str>, out: &mut Vec<ConnKey>) {
+        for (key, member) in self.user_keys(user) {
+            let matches = match client {
+                None => true,
+                Some(c) => member.client != NIL && self.arena.get(member.client) == c,
+            };
+            if matches {
                 out.push(key);
             }
-            key = member.next;
         }
     }
 
@@ -480,18 +547,18 @@ impl Fanout {
     pub fn names_of(&self, key: ConnKey) -> Option<(&str, impl Iterator<Item = &str> + '_)> {
         let member = self.members.get(key as usize).filter(|m| m.user != NIL)?;
         let first = (member.first.channel != NIL).then_some(&member.first);
+        let spilled = first.and_then(|_| self.more.get(&key));
         let channels = first
             .into_iter()
-            .chain(member.more.iter().flat_map(|more| more.iter()))
+            .chain(spilled.into_iter().flat_map(|more| more.iter()))
             .map(|link| self.channels.name(link.channel));
-        Some((self.users.name(member.user), channels))
+        let user = self.arena.get(member.user);
+        Some((user, channels))
     }
 
-    /// Number of connections of `user` in this reactor.
+    /// Number of connections of `user` in this reactor (walked: O(its connections)).
     pub fn user_count(&self, user: &str) -> usize {
-        self.users
-            .find(user)
-            .map_or(0, |id| self.users.value(id).count as usize)
+        self.user_keys(user).count()
     }
 
     /// Sizes of the index.
@@ -700,9 +767,9 @@ mod tests {
 
     #[test]
     fn membership_record_stays_small() {
-        // One per connection: user, list links, one inline channel, a pointer for more, an inline token.
+        // One per connection: user, list links, the token's offset, one inline channel.
         assert!(
-            std::mem::size_of::<Member>() <= 56,
+            std::mem::size_of::<Member>() <= 24,
             "Member is {} bytes",
             std::mem::size_of::<Member>()
         );
@@ -769,7 +836,7 @@ mod tests {
         let mut f = Fanout::new();
         f.add(0, "a", None, &[]);
         f.add(1, "b", None, &[]);
-        let spilled = |f: &Fanout, k: usize| f.members[k].more.is_some();
+        let spilled = |f: &Fanout, k: u32| f.more.contains_key(&k);
         assert_eq!(f.join(0, "c1", 8), Joined::Added);
         assert!(
             !spilled(&f, 0),
